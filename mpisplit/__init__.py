@@ -1,3 +1,25 @@
-"""Layer-split (tensor-parallel) training and serving of neural networks on MPI."""
+"""mpisplit: layer-split (tensor-parallel) training and serving of neural networks on MPI.
+
+    import mpisplit as ms
+    grid = ms.ProcessGrid(tp=2)
+    model = ms.GPT(ms.GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64), grid)
+    opt = ms.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = model.loss(idx, targets); loss.backward(); opt.step(); opt.zero_grad()
+"""
 
 __version__ = "0.1.0"
+
+from . import ops, optim  # noqa: E402
+from .backend import get_array_module, limit_blas_threads, to_numpy  # noqa: E402
+from .comm import Communicator  # noqa: E402
+from .grid import ProcessGrid  # noqa: E402
+from .layers import ColumnParallelLinear, LayerNorm, Linear, ParallelMLP, RowParallelLinear  # noqa: E402
+from .models.gpt import GPT, GPTConfig  # noqa: E402
+from .module import Module, Parameter  # noqa: E402
+from .tensor import Function, Tensor, no_grad  # noqa: E402
+
+__all__ = [
+    "GPT", "ColumnParallelLinear", "Communicator", "Function", "GPTConfig", "LayerNorm", "Linear", "Module",
+    "ParallelMLP", "Parameter", "ProcessGrid", "RowParallelLinear", "Tensor", "get_array_module",
+    "limit_blas_threads", "no_grad", "ops", "optim", "to_numpy",
+]

@@ -123,7 +123,7 @@ def _parse_threads(value: Any, source: str) -> int:
         n = int(value)
     except (TypeError, ValueError):
         n = 0
-    if isinstance(value, bool) or isinstance(value, float) or n < 1:
+    if isinstance(value, (bool, float)) or n < 1:
         raise ValueError(f"{source} must be a positive integer, got {value!r}")
     return n
 

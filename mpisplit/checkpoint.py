@@ -39,11 +39,14 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpisplit.errors import agree
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 FORMAT = "mpisplit-checkpoint"
 FORMAT_VERSION = 1
@@ -372,7 +375,7 @@ def save_checkpoint(
                         arrays[name], shards[name] = info.array[tuple(rows)], (lo, hi)
                 # safetensors stores little-endian, C-contiguous data.
                 arrays = {
-                    n: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+                    n: np.require(a, a.dtype.newbyteorder("<"), "C")  # keeps 0-d arrays 0-d
                     for n, a in arrays.items()
                 }
                 fname = _shard_file_name(tp_rank, tp)
@@ -515,6 +518,12 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _require(ok: bool, message: str) -> None:
+    # A malformed index is a ValueError whatever the field, wrong JSON types included.
+    if not ok:
+        raise ValueError(message)
+
+
 def _validate_index(path: Path, index: Any) -> dict:
     """Check the structure of a parsed index.json; return it with shards sorted."""
     where = path / INDEX_NAME
@@ -528,17 +537,20 @@ def _validate_index(path: Path, index: Any) -> dict:
         if not _is_int(index.get(key)) or index[key] < 0:
             raise ValueError(f"{where}: {key} must be an int >= 0, got {index.get(key)!r}")
     files, tensors = index.get("files"), index.get("tensors")
-    if not isinstance(files, dict) or not isinstance(tensors, dict):
-        raise ValueError(f"{where}: 'files' and 'tensors' must be objects")
-    if not isinstance(index.get("meta"), dict) or not isinstance(index.get("rank_meta"), list):
-        raise ValueError(f"{where}: 'meta' must be an object and 'rank_meta' a list")
+    _require(
+        isinstance(files, dict) and isinstance(tensors, dict),
+        f"{where}: 'files' and 'tensors' must be objects",
+    )
+    _require(
+        isinstance(index.get("meta"), dict) and isinstance(index.get("rank_meta"), list),
+        f"{where}: 'meta' must be an object and 'rank_meta' a list",
+    )
     for fname, digest in files.items():
         _check_file_name(fname)
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise ValueError(f"{where}: file {fname!r} has no valid sha256 (got {digest!r})")
     for name, t in tensors.items():
-        if not isinstance(t, dict):
-            raise ValueError(f"{where}: entry of tensor {name!r} is not an object")
+        _require(isinstance(t, dict), f"{where}: entry of tensor {name!r} is not an object")
         gshape, axis, dtype, shards = (
             t.get("global_shape"),
             t.get("split_axis"),
@@ -839,7 +851,7 @@ class CheckpointReader:
         """Release the memory maps of the shard files (local)."""
         self._handles.clear()
 
-    def __enter__(self) -> CheckpointReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,12 +11,15 @@ methods are the one place a device-aware transport would replace.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mpi4py import MPI
 
 from mpisplit.backend import is_cupy_array
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # MPI counts are C ints: a message of more elements is sent in slices of at most this many.
 MAX_COUNT = 2**31 - 1
@@ -87,7 +90,7 @@ class Communicator:
         if self.mpi != MPI.COMM_NULL:
             self.mpi.Free()
 
-    def __enter__(self) -> Communicator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -79,9 +79,7 @@ def install_abort_on_exception(comm: Any = None) -> Callable[..., Any]:
     previous = sys.excepthook
     state = {"handled": False}
 
-    def hook(
-        exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
-    ) -> None:
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         if state["handled"]:  # a failure while aborting: do not print again
             return
         state["handled"] = True

@@ -12,11 +12,14 @@ so that a TP group holds consecutive ranks and, with the usual block placement, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpi4py import MPI
 
 from mpisplit.comm import Communicator
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def _divisors(n: int) -> list[int]:
@@ -72,7 +75,7 @@ class ProcessGrid:
         for c in (self.tp_comm, self.dp_comm, self.world):
             c.free()
 
-    def __enter__(self) -> ProcessGrid:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

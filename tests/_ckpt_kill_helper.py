@@ -20,13 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mpi4py import MPI
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mpi4py import MPI  # noqa: E402
-
-from mpisplit import checkpoint as ckpt  # noqa: E402
-from mpisplit.grid import ProcessGrid  # noqa: E402
+from mpisplit import checkpoint as ckpt
+from mpisplit.grid import ProcessGrid
 
 BIG_ELEMENTS = 24 << 20  # 96 MiB of float32: the write takes a while
 

@@ -1,7 +1,9 @@
 """Shared test setup: per-test timeout defaults, the `gpu` marker, helpers for MPI subprocesses.
 
-Run the suite at several world sizes with `python tests/run_mpi.py`; one size by hand with
-`mpiexec -n N python -m pytest --with-mpi tests` (add --only-mpi for N > 1).
+Run the suite at several world sizes with `python tests/run_mpi.py`; by hand:
+`mpiexec -n 1 python -m pytest --with-mpi tests` (every test) and, for N > 1,
+`mpiexec -n N python -m pytest --only-mpi tests` (the MPI tests; pytest-mpi ignores
+--only-mpi when --with-mpi is also given).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def gpu_available() -> bool:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, no device
+    except (ImportError, RuntimeError, OSError):  # no CuPy, no driver, no device
         return False
 
 
@@ -38,6 +40,13 @@ DEFAULT_TIMEOUT_S = 120
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--only-mpi", False) and not config.getoption("--with-mpi", False):
+        # Under --only-mpi (world sizes > 1 in run_mpi.py) the non-MPI tests already ran at
+        # size 1: deselect them rather than report them as skipped on every rank.
+        deselected = [item for item in items if item.get_closest_marker("mpi") is None]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if item.get_closest_marker("mpi") is not None]
     if not config.getini("timeout") and config.getoption("timeout", None) is None:
         for item in items:
             if item.get_closest_marker("timeout") is None:
@@ -58,6 +67,12 @@ def mpiexec_path() -> str:
     return found
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def clean_mpi_env() -> dict[str, str]:
-    """os.environ without the launcher's per-rank variables, for a nested mpiexec."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV_PREFIXES)}
+    """os.environ for a child Python or a nested mpiexec: without the launcher's per-rank
+    variables, and with this checkout first on PYTHONPATH so the child imports this mpisplit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    return env

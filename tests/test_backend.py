@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ class FakeCupyArray:
     """Looks like a CuPy array to the type-module check, without CuPy."""
 
     __module__ = "cupy._core.core"
-    __cuda_array_interface__ = {"shape": (2,), "typestr": "<f8", "data": (0, False)}
+    __cuda_array_interface__: ClassVar[dict] = {"shape": (2,), "typestr": "<f8", "data": (0, False)}
 
     def __init__(self, values: np.ndarray) -> None:
         self._values = values
@@ -105,7 +106,11 @@ def test_backend_import_does_not_import_cupy() -> None:
         "assert 'cupy' not in sys.modules, 'cupy imported'\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], env=clean_mpi_env(), capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        check=False,
+        env=clean_mpi_env(),
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -151,7 +156,7 @@ class _FakeNode:
     def allgather(self, mine: list[int]) -> list[list[int]]:
         return self.sets
 
-    def Free(self) -> None:  # noqa: N802 - mpi4py's name
+    def Free(self) -> None:
         self.freed = True
 
 
@@ -159,13 +164,13 @@ class _FakeComm:
     def __init__(self, node: _FakeNode) -> None:
         self.node = node
 
-    def Get_size(self) -> int:  # noqa: N802
+    def Get_size(self) -> int:
         return len(self.node.sets)
 
-    def Get_rank(self) -> int:  # noqa: N802
+    def Get_rank(self) -> int:
         return 0
 
-    def Split_type(self, split_type: int, key: int = 0) -> _FakeNode:  # noqa: N802
+    def Split_type(self, split_type: int, key: int = 0) -> _FakeNode:
         return self.node
 
 

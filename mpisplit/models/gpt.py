@@ -1,0 +1,227 @@
+"""A GPT-2 style language model, split over the TP ranks of a ProcessGrid.
+
+    tokens (B, T) -> wte (vocab-parallel) + wpe -> n_layer x [x + attn(ln_1(x)); x + mlp(ln_2(x))]
+    -> ln_f -> logits = x @ wte^T (tied head, vocab-parallel)
+
+Parameter names follow the Hugging Face GPT-2 layout without its "transformer."
+prefix (h.0.attn.c_attn.weight, ...). `model(idx)` gathers the logits on every
+rank; `model.loss(idx, targets)` keeps them split (vocab-parallel loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import ops
+from ..attention import KVCache, ParallelSelfAttention, valid_tp_degrees
+from ..backend import resolve_dtype
+from ..cross_entropy import vocab_parallel_cross_entropy
+from ..embedding import VocabParallelEmbedding, check_ids
+from ..layers import LayerNorm, ParallelMLP
+from ..mappings import gather_from_tp
+from ..module import Module, Parameter
+from ..tensor import Tensor, no_grad
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # real (unpadded) vocabulary size
+    block_size: int = 1024  # longest sequence: rows of the position table
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads (the TP degree must divide it)
+    n_embd: int = 768  # hidden size (a multiple of n_head)
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches while training
+    layer_norm_eps: float = 1e-5
+
+    def validate(self, tp: int = 1) -> None:
+        """ValueError naming the values when the shape cannot be built at this TP degree."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if self.n_head % tp:
+            raise ValueError(
+                f"n_head={self.n_head} cannot be split over tp={tp} ranks; "
+                f"tp values that work: {valid_tp_degrees(self.n_head)}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PositionEmbedding(Module):
+    """Learned absolute positions (block_size, h), replicated on every rank."""
+
+    def __init__(self, block_size: int, hidden: int, dtype: np.dtype, std: float = 0.02) -> None:
+        self.weight = Parameter(np.zeros((block_size, hidden), dtype=dtype), init=("normal", std))
+
+    def forward(self, length: int, offset: int = 0) -> Tensor:
+        return self.weight[offset: offset + length]
+
+
+class Block(Module):
+    """Pre-LayerNorm transformer block: two all-reduces forward, two backward."""
+
+    def __init__(self, cfg: GPTConfig, tp_comm: Any, dtype: np.dtype) -> None:
+        proj_std = 0.02 / np.sqrt(2 * cfg.n_layer)  # residual projections, GPT-2 scaling
+        self.ln_1 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.attn = ParallelSelfAttention(
+            cfg.n_embd, cfg.n_head, tp_comm, dropout=cfg.dropout, dtype=dtype, proj_std=proj_std,
+        )
+        self.ln_2 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.mlp = ParallelMLP(cfg.n_embd, 4 * cfg.n_embd, tp_comm, dtype=dtype, proj_std=proj_std)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, rngs: tuple[Any, Any], cache: KVCache | None = None) -> Tensor:
+        shared, local = rngs  # shared: the same stream on every TP rank (replicated activations)
+        p = self.dropout if self.training and cache is None else 0.0
+        a = self.attn(self.ln_1(x), rng=local, cache=cache)
+        x = x + ops.dropout(a, p, shared)
+        m = self.mlp(self.ln_2(x))
+        return x + ops.dropout(m, p, shared)
+
+
+class GPT(Module):
+    """GPT-2 architecture over `grid.tp_comm`; see the module docstring."""
+
+    def __init__(
+        self, config: GPTConfig, grid: Any, *, dtype: Any = "float32", seed: int = 0, init: bool = True,
+    ) -> None:
+        config.validate(grid.tp)
+        self.config, self.grid = config, grid
+        self.dtype = resolve_dtype(dtype)
+        comm = grid.tp_comm
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, comm, dtype=self.dtype)
+        self.wpe = PositionEmbedding(config.block_size, config.n_embd, self.dtype)
+        self.h = [Block(config, comm, self.dtype) for _ in range(config.n_layer)]
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_eps, dtype=self.dtype)
+        # Dropout streams: replicated activations need the same mask on every TP rank;
+        # attention weights belong to each rank's own heads.
+        self.rng_shared = np.random.default_rng([seed, 1, grid.dp_rank])
+        self.rng_local = np.random.default_rng([seed, 2, grid.dp_rank, grid.tp_rank])
+        if init:
+            self.reset_parameters(seed)
+
+    # ------------------------------------------------------------ forward
+    def _check_idx(self, idx: Any, offset: int = 0) -> Any:
+        idx = idx.data if isinstance(idx, Tensor) else idx
+        if not hasattr(idx, "ndim") or idx.ndim != 2:
+            raise ValueError(f"token ids must be a 2-d integer array (batch, time), got {getattr(idx, 'shape', idx)!r}")
+        if offset + idx.shape[1] > self.config.block_size:
+            raise ValueError(
+                f"sequence of {offset + idx.shape[1]} positions exceeds block_size={self.config.block_size}"
+            )
+        check_ids(idx, self.config.vocab_size)
+        return idx
+
+    def hidden_states(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
+        """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank."""
+        offset = caches[0].length if caches else 0
+        idx = self._check_idx(idx, offset)
+        p = self.config.dropout if self.training and caches is None else 0.0
+        x = self.wte(idx) + self.wpe(idx.shape[1], offset)  # (B, T, h)
+        x = ops.dropout(x, p, self.rng_shared)
+        rngs = (self.rng_shared, self.rng_local)
+        for i, block in enumerate(self.h):
+            x = block(x, rngs, None if caches is None else caches[i])
+        return self.ln_f(x)
+
+    def forward(self, idx: Any) -> Tensor:
+        """idx (B, T) -> full logits (B, T, vocab_size) on every rank (all-gathered)."""
+        local = self.wte.logits(self.hidden_states(idx))  # (B, T, Vp/t)
+        full = gather_from_tp(local, self.grid.tp_comm)  # (B, T, Vp)
+        V = self.config.vocab_size
+        return full if full.shape[-1] == V else full[..., :V]
+
+    def loss(self, idx: Any, targets: Any, ignore_index: int = -100) -> Tensor:
+        """Mean next-token cross-entropy; the logits stay split over the TP ranks."""
+        targets = targets.data if isinstance(targets, Tensor) else targets
+        idx = self._check_idx(idx)
+        if tuple(targets.shape) != tuple(idx.shape):
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        local = self.wte.logits(self.hidden_states(idx))
+        return vocab_parallel_cross_entropy(
+            local, targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
+            vocab_size=self.config.vocab_size, ignore_index=ignore_index,
+        )
+
+    # --------------------------------------------------------- generation
+    def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        n = self.config.block_size if max_len is None else max_len
+        return [block.attn.new_cache(batch, n) for block in self.h]
+
+    def generate(
+        self, idx: Any, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+        seed: int = 0, use_cache: bool = True, callback: Any = None,
+    ) -> np.ndarray:
+        """Append `max_new_tokens` tokens to each row of idx (B, T0); returns (B, T0 + n) ids.
+
+        temperature 0 is greedy; otherwise sample from softmax(logits / temperature),
+        restricted to the `top_k` most likely tokens when given, with a generator
+        seeded by `seed` (the same on every rank, so every rank draws the same token).
+        With `use_cache`, each rank keeps the keys and values of its own heads; when
+        the context fills the position table, the cache is rebuilt from the newest
+        block_size // 2 tokens. `callback(step, new_ids)` is called after each token.
+        """
+        idx = np.array(self._check_idx(idx), dtype=np.int64)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        rng = np.random.default_rng(seed)
+        S = self.config.block_size
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                caches = None
+                for step in range(max_new_tokens):
+                    if not use_cache:
+                        logits = self(idx[:, -S:]).data[:, -1]
+                    else:
+                        if caches is None or caches[0].length >= S:
+                            keep = idx.shape[1] if caches is None else max(1, S // 2)
+                            caches = self.new_caches(idx.shape[0])
+                            feed = idx[:, -keep:]
+                        else:
+                            feed = idx[:, -1:]
+                        local = self.wte.logits(self.hidden_states(feed, caches))
+                        logits = gather_from_tp(local[:, -1:], self.grid.tp_comm).data[:, 0, : self.config.vocab_size]
+                    nxt = _choose(np.asarray(_host(logits), dtype=np.float64), temperature, top_k, rng)
+                    idx = np.concatenate([idx, nxt[:, None]], axis=1)
+                    if callback is not None:
+                        callback(step, nxt)
+        finally:
+            self.train(was_training)
+        return idx
+
+    def num_parameters(self) -> int:
+        """Parameters of the global (unsplit, unpadded) model; the tied head counted once."""
+        return int(sum(np.prod(p.global_shape) for p in self.parameters()))
+
+
+def _host(x: Any) -> np.ndarray:
+    from ..backend import to_numpy
+
+    return to_numpy(x)
+
+
+def _choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row of logits (B, V): argmax, or a sample at `temperature` from the top k."""
+    if temperature == 0.0:
+        return logits.argmax(axis=-1)
+    z = logits / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)

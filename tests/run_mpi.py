@@ -1,0 +1,208 @@
+"""Run the test suite under MPI at several world sizes.
+
+    python tests/run_mpi.py                       # sizes 1, 2 and 4
+    python tests/run_mpi.py --sizes 1 2 3 4 -x -k comm
+
+Size 1 runs every test (`pytest --with-mpi`); larger sizes run the MPI-marked tests
+(`pytest --only-mpi`). Arguments this script does not know go to pytest; test paths among them
+replace the default `tests`. Each size has a wall-clock limit: on expiry the whole process
+group is killed and the size fails. Exit status 0 only when every size passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# pytest's closing line, e.g. "136 passed, 2 skipped, 36 deselected in 1.65s".
+SUMMARY = re.compile(r"((?:\d+ [a-z]+(?:, )?)+) in [\d.]+s")
+COUNT = re.compile(r"(\d+) ([a-z]+)")
+
+# MPICH settings for ranks that share cores (more ranks than cores on a laptop or CI box).
+# Measured on 2 cores, 4 ranks; see tests/README or the report in the commit history.
+MPICH_OVERSUBSCRIBED_ENV: dict[str, str] = {}
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def find_mpiexec() -> str:
+    local = Path(sys.executable).parent / "mpiexec"
+    if os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which("mpiexec")
+    if found is None:
+        sys.exit("run_mpi.py: no mpiexec (pip install -e '.[mpich]' brings one)")
+    return found
+
+
+def is_hydra(mpiexec: str) -> bool:
+    """MPICH's Hydra launcher can write each rank's output to its own file."""
+    try:
+        out = subprocess.run(
+            [mpiexec, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "HYDRA" in out.stdout
+
+
+def rank_env(size: int) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = max(1, usable_cores() // size)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if size > 1:
+            env.setdefault(var, str(threads))
+    if size > usable_cores():
+        for key, value in MPICH_OVERSUBSCRIBED_ENV.items():
+            env.setdefault(key, value)
+    return env
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@dataclass
+class SizeResult:
+    size: int
+    returncode: int | None  # None: timed out
+    seconds: float
+    counts: list[dict[str, int] | None] = field(default_factory=list)  # per rank
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def parse_counts(text: str) -> dict[str, int] | None:
+    found = None
+    for line in text.splitlines():
+        m = SUMMARY.search(line)
+        if m:
+            found = {kind: int(n) for n, kind in COUNT.findall(m.group(1))}
+    if found is not None and "error" in found:
+        found["errors"] = found.pop("error")
+    return found
+
+
+def run_size(
+    size: int, mpiexec: str, hydra: bool, pytest_args: list[str], timeout: float
+) -> SizeResult:
+    mode = ["--with-mpi"] if size == 1 else ["--only-mpi"]
+    with tempfile.TemporaryDirectory(prefix=f"run_mpi_{size}_") as logdir:
+        redirect = []
+        if hydra:
+            redirect = [
+                "-outfile-pattern",
+                os.path.join(logdir, "rank%r.out"),
+                "-errfile-pattern",
+                os.path.join(logdir, "rank%r.out"),
+            ]
+        cmd = [mpiexec, *redirect, "-n", str(size), sys.executable, "-m", "pytest", *mode]
+        cmd += ["-q", "-p", "no:cacheprovider", *pytest_args]
+        print(f"--- size {size}: {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=rank_env(size), start_new_session=True)
+        try:
+            returncode: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            returncode = None
+        except BaseException:
+            kill_group(proc)
+            raise
+        seconds = time.perf_counter() - start
+        result = SizeResult(size, returncode, seconds)
+        if hydra:
+            for rank in range(size):
+                path = Path(logdir) / f"rank{rank}.out"
+                text = path.read_text(errors="replace") if path.exists() else ""
+                counts = parse_counts(text)
+                result.counts.append(counts)
+                failed = counts is None or counts.get("failed", 0) or counts.get("errors", 0)
+                # Rank 0 always; another rank only when it tells something rank 0 may not.
+                if rank == 0 or (failed and not result.ok):
+                    print(f"--- size {size}, rank {rank} output:")
+                    print(text, end="" if text.endswith("\n") else "\n", flush=True)
+    return result
+
+
+def describe(result: SizeResult) -> str:
+    if result.returncode is None:
+        state = "TIMEOUT"
+    else:
+        state = "passed" if result.ok else f"FAILED (exit {result.returncode})"
+    rank0 = result.counts[0] if result.counts else None
+    detail = ", ".join(f"{n} {k}" for k, n in rank0.items()) if rank0 else "no summary"
+    return f"size {result.size}: {state}, rank 0: {detail}, {result.seconds:.1f}s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], metavar="N")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per world size (default 600)"
+    )
+    args, pytest_args = parser.parse_known_args(argv)
+    if any(n < 1 for n in args.sizes):
+        parser.error(f"world sizes must be >= 1, got {args.sizes}")
+    # Test paths are made absolute (pytest runs in the repository root); none given -> tests.
+    has_path = False
+    for i, arg in enumerate(pytest_args):
+        head, sep, rest = arg.partition("::")
+        if not arg.startswith("-") and Path(head).exists():
+            pytest_args[i] = str(Path(head).resolve()) + sep + rest
+            has_path = True
+    if not has_path:
+        pytest_args.append("tests")
+    mpiexec = find_mpiexec()
+    hydra = is_hydra(mpiexec)
+    results = [run_size(n, mpiexec, hydra, pytest_args, args.timeout) for n in args.sizes]
+
+    print("=== run_mpi summary")
+    for r in results:
+        print(describe(r))
+    # One closing line over all sizes, counting rank 0's tests; a size that failed or timed out
+    # without a failed test on record still counts one failure.
+    totals = {"passed": 0, "failed": 0, "skipped": 0}
+    for r in results:
+        rank0 = (r.counts[0] if r.counts else None) or {}
+        totals["passed"] += rank0.get("passed", 0)
+        totals["skipped"] += rank0.get("skipped", 0)
+        worst = max(
+            ((c or {}).get("failed", 0) + (c or {}).get("errors", 0) for c in r.counts), default=0
+        )
+        totals["failed"] += worst if worst or r.ok else 1
+    print(
+        f"total: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped"
+    )
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
