@@ -110,6 +110,23 @@ def parse_counts(text: str) -> dict[str, int] | None:
     return found
 
 
+def without_mpi_information(text: str) -> str:
+    """The output less pytest-mpi's "MPI Information" section (library build details), which
+    stands between the test report and pytest's closing line."""
+    lines = text.rstrip("\n").splitlines()
+    out: list[str] = []
+    skipping = False
+    for line in lines:
+        if "MPI Information" in line and line.startswith("="):
+            skipping = True
+            continue
+        if skipping and SUMMARY.search(line):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "\n".join(out)
+
+
 def run_size(
     size: int, mpiexec: str, hydra: bool, pytest_args: list[str], timeout: float
 ) -> SizeResult:
@@ -148,7 +165,7 @@ def run_size(
                 # Rank 0 always; another rank only when it tells something rank 0 may not.
                 if rank == 0 or (failed and not result.ok):
                     print(f"--- size {size}, rank {rank} output:")
-                    print(text, end="" if text.endswith("\n") else "\n", flush=True)
+                    print(without_mpi_information(text), flush=True)
     return result
 
 
@@ -162,15 +179,42 @@ def describe(result: SizeResult) -> str:
     return f"size {result.size}: {state}, rank 0: {detail}, {result.seconds:.1f}s"
 
 
+def take_sizes(argv: list[str]) -> tuple[list[int] | None, list[str]]:
+    """Pull `--sizes N [N ...]` out of argv (only the integers after it), so that pytest
+    arguments may follow it directly."""
+    sizes: list[int] | None = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--sizes":
+            sizes = []
+            i += 1
+            while i < len(argv) and argv[i].isdigit():
+                sizes.append(int(argv[i]))
+                i += 1
+            continue
+        rest.append(argv[i])
+        i += 1
+    return sizes, rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], metavar="N")
+    sizes, argv = take_sizes(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        usage="run_mpi.py [--sizes N [N ...]] [--size-timeout S] [pytest arguments]",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds per world size (default 600)"
+        "--size-timeout",
+        type=float,
+        default=600.0,
+        help="seconds per world size (default 600); --timeout goes to pytest-timeout",
     )
     args, pytest_args = parser.parse_known_args(argv)
-    if any(n < 1 for n in args.sizes):
-        parser.error(f"world sizes must be >= 1, got {args.sizes}")
+    if sizes is None:
+        sizes = [1, 2, 4]
+    if not sizes or any(n < 1 for n in sizes):
+        parser.error(f"--sizes needs world sizes >= 1, got {sizes}")
     # Test paths are made absolute (pytest runs in the repository root); none given -> tests.
     has_path = False
     for i, arg in enumerate(pytest_args):
@@ -182,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         pytest_args.append("tests")
     mpiexec = find_mpiexec()
     hydra = is_hydra(mpiexec)
-    results = [run_size(n, mpiexec, hydra, pytest_args, args.timeout) for n in args.sizes]
+    results = [run_size(n, mpiexec, hydra, pytest_args, args.size_timeout) for n in sizes]
 
     print("=== run_mpi summary")
     for r in results:

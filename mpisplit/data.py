@@ -1,0 +1,121 @@
+"""Text data for character-level language models: corpus, tokenizer, batches.
+
+Batches are a pure function of (seed, step): step s draws B_global windows from
+the training tokens with a generator seeded by (seed, s), and data-parallel rank
+d takes rows [d*B/dp, (d+1)*B/dp). Any dp x tp layout therefore sees the same
+global batch at the same step, and a resumed run needs only the step number to
+continue the data stream exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def default_corpus() -> str:
+    """English prose present on every machine with Python: the CPython reference
+    documentation topics that `help()` shows (pydoc_data.topics), about 0.5 MB."""
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+
+
+def load_text(path: str | Path) -> str:
+    """Read a UTF-8 text file; clear errors for a missing, empty or binary file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"data path {str(path)!r} is not a file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ValueError(f"data file {str(path)!r} is empty")
+    if b"\x00" in raw:
+        raise ValueError(f"data file {str(path)!r} looks binary (it contains NUL bytes); expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+class CharTokenizer:
+    """One token per distinct character of the training text, in sorted order."""
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars) or not chars:
+            raise ValueError("tokenizer alphabet must be a non-empty string of distinct characters")
+        self.chars = chars
+        self.index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        unknown = sorted(set(text) - self.index.keys())
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            raise ValueError(f"{len(unknown)} character(s) not in the model's vocabulary: {shown}")
+        return np.fromiter((self.index[c] for c in text), dtype=np.int64, count=len(text))
+
+    def decode(self, ids: Any) -> str:
+        return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy in nats of the token frequencies: the loss of the best model that ignores context."""
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+class TextDataset:
+    """Encoded text split into train (first 90 %) and validation (last 10 %) tokens."""
+
+    def __init__(self, text: str, tokenizer: CharTokenizer | None = None, val_fraction: float = 0.1) -> None:
+        self.tokenizer = tokenizer or CharTokenizer.from_text(text)
+        tokens = self.tokenizer.encode(text)
+        n_val = int(len(tokens) * val_fraction)
+        self.train, self.val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+
+    def check_seq_len(self, seq_len: int) -> None:
+        shortest = min(len(self.train), len(self.val))
+        if seq_len + 1 > shortest:
+            raise ValueError(
+                f"sequence length {seq_len} needs at least {seq_len + 1} tokens per split; "
+                f"the data has {len(self.train)} train and {len(self.val)} validation tokens"
+            )
+
+    def batch(
+        self, split: str, seed: int, step: int, batch_size: int, seq_len: int, dp_rank: int = 0, dp: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """This DP rank's rows of the global batch of step `step`: idx, targets (B/dp, T) int64."""
+        if batch_size % dp:
+            raise ValueError(f"batch size {batch_size} is not divisible by dp={dp}")
+        tokens = self.train if split == "train" else self.val
+        stream = 0 if split == "train" else 1
+        rng = np.random.default_rng([seed, stream, step])
+        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size, endpoint=True)
+        per = batch_size // dp
+        mine = starts[dp_rank * per: (dp_rank + 1) * per]
+        offsets = mine[:, None] + np.arange(seq_len + 1)[None, :]
+        window = tokens[offsets]  # (B/dp, T+1)
+        return window[:, :-1].copy(), window[:, 1:].copy()
+
+
+def tokens_per_char_bits(loss_nats: float) -> float:
+    """Loss in bits per token, for display."""
+    return loss_nats / math.log(2)
+
+
+def char_counts(text: str) -> Counter:
+    return Counter(text)

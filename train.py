@@ -1,0 +1,293 @@
+"""Train a character-level GPT split over MPI ranks.
+
+    mpirun -n 4 python train.py                  # tp=4 on CPython's documentation text
+    mpirun -n 4 python train.py --tp 2 --dp 2    # 2-way data x 2-way tensor parallel
+    mpirun -n 2 python train.py --data input.txt --steps 2000 --out runs/shakespeare
+    mpirun -n 4 python train.py --out runs/x --resume   # continue from runs/x/latest
+
+Rank 0 shows progress, prints train/validation loss against the corpus's unigram
+entropy, and writes DIR/metrics.jsonl (one JSON object per logged step), sharded
+checkpoints DIR/step-XXXXXXXX/ and DIR/sample.txt. `python train.py --help` lists
+every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Train a character-level GPT with tensor (layer-split) and data parallelism over MPI.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
+    g.add_argument("--dp", type=int, default=None, help="data-parallel degree (default: world size / tp)")
+    g.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where slabs live")
+    g = p.add_argument_group("model")
+    g.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    g.add_argument("--hidden", type=int, default=128, help="hidden size (multiple of --heads)")
+    g.add_argument("--heads", type=int, default=4, help="attention heads (--tp must divide it)")
+    g.add_argument("--seq-len", type=int, default=64, help="context length in characters")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout probability while training")
+    g.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step, over all DP ranks)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
+    g.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--seed", type=int, default=1337)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", type=str, default=None, help="UTF-8 text file (default: CPython's documentation text)")
+    g.add_argument("--out", type=str, default="out", help="run folder: metrics, checkpoints, sample")
+    g.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
+    g.add_argument("--eval-iters", type=int, default=8, help="validation batches per evaluation")
+    g.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--sample-len", type=int, default=300, help="characters generated at the end (0: none)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """ValueError naming the values; identical on every rank, so every rank raises it."""
+    for name in ("layers", "hidden", "heads", "seq_len", "steps", "batch_size", "eval_iters", "log_every", "keep_last"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("eval_every", "save_every", "sample_len", "warmup"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    tp = world_size if args.tp is None else args.tp
+    if tp <= 0 or world_size % tp:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(f"--tp {tp} does not divide the world size {world_size}; tp values that work: {divisors}")
+    dp = world_size // tp if args.dp is None else args.dp
+    if dp * tp != world_size:
+        raise ValueError(f"--dp {dp} x --tp {tp} = {dp * tp} does not match the world size {world_size}")
+    if args.batch_size % dp:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by dp={dp}")
+    if args.hidden % args.heads:
+        raise ValueError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
+    if args.heads % tp:
+        works = [d for d in range(1, args.heads + 1) if args.heads % d == 0]
+        raise ValueError(f"--heads {args.heads} cannot be split over tp={tp}; tp values that work: {works}")
+    if args.lr < 0 or not 0 <= args.dropout < 1:
+        raise ValueError(f"need --lr >= 0 and 0 <= --dropout < 1, got {args.lr} and {args.dropout}")
+    args.tp, args.dp = tp, dp
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mpi4py import MPI
+
+    import mpisplit as ms
+    from mpisplit.data import TextDataset, default_corpus, load_text, unigram_entropy
+    from mpisplit.errors import agree, install_abort_on_exception
+    from mpisplit.state import load_model, load_optimizer, resolve_checkpoint, save_training_state
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    install_abort_on_exception(world)  # an unexpected exception on one rank must not hang the others
+
+    def say(*msg: object) -> None:
+        if rank == 0:
+            print(*msg, flush=True)
+
+    # ---- configuration and data: validated identically on every rank
+    with agree(world):
+        validate_args(args, world.Get_size())
+        text = default_corpus() if args.data is None else load_text(args.data)
+        data = TextDataset(text)
+        data.check_seq_len(args.seq_len)
+        out = Path(args.out)
+        ckpt_path = resolve_checkpoint(out) if args.resume else None
+    threads = ms.limit_blas_threads(world)
+    grid = ms.ProcessGrid(tp=args.tp, dp=args.dp)
+
+    resume_meta = None
+    reader = None
+    if ckpt_path is not None:
+        from mpisplit.checkpoint import CheckpointReader
+
+        reader = CheckpointReader(ckpt_path, grid.world)
+        resume_meta = reader.meta
+        with agree(world):
+            if resume_meta.get("tokenizer") != data.tokenizer.chars:
+                raise ValueError(f"checkpoint {ckpt_path} was trained on another alphabet (another --data?)")
+        cfg = ms.GPTConfig(**resume_meta["config"])
+    else:
+        cfg = ms.GPTConfig(
+            vocab_size=data.tokenizer.vocab_size, block_size=args.seq_len, n_layer=args.layers,
+            n_head=args.heads, n_embd=args.hidden, dropout=args.dropout,
+        )
+    with agree(world):
+        cfg.validate(grid.tp)
+        if args.seq_len > cfg.block_size:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds the checkpoint's block_size {cfg.block_size}")
+    model = ms.GPT(cfg, grid, dtype=args.dtype, seed=args.seed, init=reader is None)
+    if args.optimizer == "adamw":
+        opt = ms.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    else:
+        opt = ms.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start_step = 0
+    if reader is not None:
+        load_model(reader, model)
+        with agree(world):
+            saved_opt = resume_meta.get("optimizer", {}).get("type")
+            if saved_opt != type(opt).__name__:
+                raise ValueError(f"checkpoint optimizer {saved_opt} differs from --optimizer {args.optimizer}")
+        load_optimizer(reader, model, opt)
+        start_step = int(resume_meta["step"])
+        _restore_rng(model, reader, grid)
+        reader.close()
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+
+    entropy = unigram_entropy(data.train, data.tokenizer.vocab_size)
+    say(
+        f"mpisplit {ms.__version__}: world {world.Get_size()} = dp {grid.dp} x tp {grid.tp}, "
+        f"{threads} BLAS thread(s) per rank, {args.dtype}, device {args.device}"
+    )
+    say(
+        f"data: {'CPython documentation text' if args.data is None else args.data}, "
+        f"{len(data.train):,} train / {len(data.val):,} val characters, vocabulary {data.tokenizer.vocab_size}"
+    )
+    say(
+        f"model: {cfg.n_layer} layers, hidden {cfg.n_embd}, {cfg.n_head} heads, context {args.seq_len}, "
+        f"{model.num_parameters():,} parameters"
+    )
+    say(f"unigram entropy of the training characters: {entropy:.4f} nats (the loss of a context-free model)")
+    if start_step:
+        say(f"resumed from {ckpt_path} at step {start_step}")
+
+    base_meta = {
+        "config": cfg.to_dict(), "tokenizer": data.tokenizer.chars, "args": vars(args),
+        "data": {"seed": args.seed, "sampler": "random-windows-v1", "source": args.data or "pydoc_data.topics"},
+        "dtype": args.dtype,
+    }
+    out.mkdir(parents=True, exist_ok=True) if rank == 0 else None
+    world.Barrier()
+    metrics = open(out / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None  # noqa: SIM115
+
+    def evaluate() -> float:
+        model.eval()
+        losses = []
+        with ms.no_grad():
+            for i in range(args.eval_iters):
+                x, y = data.batch("val", args.seed, i, args.batch_size, args.seq_len, grid.dp_rank, grid.dp)
+                losses.append(float(ms.to_numpy(model.loss(x, y).data)))
+        model.train()
+        local = np.array([np.mean(losses)])
+        return float(grid.dp_comm.allreduce(local)[0] / grid.dp)
+
+    def save(step: int) -> Path:
+        return save_training_state(
+            out, step, model, opt, grid, meta={**base_meta, "step": step}, rank_meta=_rng_state(model),
+            keep_last=args.keep_last,
+        )
+
+    progress = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    val_loss = None
+    t0, tokens_seen = time.perf_counter(), 0
+    for step in range(start_step, args.steps):
+        opt.lr = ms.optim.cosine_lr(step, max_lr=args.lr, warmup=args.warmup, total=args.steps, min_lr=min_lr)
+        x, y = data.batch("train", args.seed, step, args.batch_size, args.seq_len, grid.dp_rank, grid.dp)
+        loss = model.loss(x, y)
+        loss.backward()
+        ms.optim.average_gradients(model.parameters(), grid.dp_comm)
+        norm = ms.optim.clip_grad_norm(model.parameters(), args.grad_clip, grid.tp_comm)
+        opt.step()
+        opt.zero_grad()
+        loss_value = float(ms.to_numpy(loss.data))
+        if grid.dp > 1:
+            loss_value = float(grid.dp_comm.allreduce(np.array([loss_value]))[0] / grid.dp)
+        tokens_seen += args.batch_size * args.seq_len
+        done = step + 1
+        evaluated = args.eval_every and (done % args.eval_every == 0 or done == args.steps)
+        if evaluated:
+            val_loss = evaluate()
+        if rank == 0:
+            record = {"step": done, "loss": loss_value, "lr": opt.lr, "grad_norm": norm}
+            if evaluated:
+                record["val_loss"] = val_loss
+            if done % args.log_every == 0 or evaluated or done == args.steps:
+                record["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{val_loss:.3f}"} if val_loss else {}))
+                progress.update(1)
+            elif evaluated:
+                print(f"step {done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}", flush=True)
+        if evaluated and progress is not None:
+            progress.write(f"step {done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
+        if args.save_every and done % args.save_every == 0 and done != args.steps:
+            save(done)
+    if progress is not None:
+        progress.close()
+
+    elapsed = time.perf_counter() - t0
+    if val_loss is None:
+        val_loss = evaluate()
+    path = save(args.steps)
+    say(f"saved checkpoint {path}")
+    say(
+        f"final: validation loss {val_loss:.4f} nats vs unigram entropy {entropy:.4f} nats "
+        f"({val_loss / math.log(2):.3f} vs {entropy / math.log(2):.3f} bits per character); "
+        f"{tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s"
+    )
+    if args.sample_len:
+        prompt = data.tokenizer.encode("\n")[None, :] if "\n" in data.tokenizer.index else data.val[None, :1]
+        ids = model.generate(prompt, args.sample_len, temperature=0.8, top_k=20, seed=args.seed)
+        sample = data.tokenizer.decode(ids[0])
+        if rank == 0:
+            (out / "sample.txt").write_text(sample, encoding="utf-8")
+            print(f"sample (temperature 0.8, top-k 20) -> {out / 'sample.txt'}:\n{sample}", flush=True)
+    if metrics is not None:
+        metrics.close()
+    grid.free()
+    return 0
+
+
+def _rng_state(model) -> dict:
+    return {"shared": model.rng_shared.bit_generator.state, "local": model.rng_local.bit_generator.state}
+
+
+def _restore_rng(model, reader, grid) -> None:
+    """Dropout streams continue exactly when the layout is unchanged; otherwise they are reseeded."""
+    if reader.tp == grid.tp and reader.dp == grid.dp:
+        state = reader.rank_meta(grid.rank)
+        if state:
+            model.rng_shared.bit_generator.state = state["shared"]
+            model.rng_local.bit_generator.state = state["local"]
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # Raised on every rank alike (validated collectively): one clear line, no traceback wall.
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
