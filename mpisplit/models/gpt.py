@@ -202,6 +202,20 @@ class GPT(Module):
             self.train(was_training)
         return idx
 
+    @classmethod
+    def from_pretrained(cls, folder: Any, grid: Any, dtype: Any = "float32") -> GPT:
+        """Load GPT-2 weights saved in the Hugging Face layout (config.json + model.safetensors);
+        each rank reads only its slices. See mpisplit.models.hf_gpt2."""
+        from . import hf_gpt2
+
+        return hf_gpt2.from_pretrained(cls, folder, grid, dtype)
+
+    def save_pretrained(self, folder: Any) -> None:
+        """Write config.json + model.safetensors in the Hugging Face GPT-2 layout (unpadded). Collective."""
+        from . import hf_gpt2
+
+        hf_gpt2.save_pretrained(self, folder)
+
     def num_parameters(self) -> int:
         """Parameters of the global (unsplit, unpadded) model; the tied head counted once."""
         return int(sum(np.prod(p.global_shape) for p in self.parameters()))
