@@ -18,7 +18,10 @@ past the logical length (the padding of the new layout).
 
 Atomicity: files go to a temporary sibling folder `root/.tmp-step-...`, are fsynced,
 the index is written last, the folder is renamed into place, then `latest` is
-replaced. A crash at any moment leaves `latest` naming a complete checkpoint.
+replaced. A crash at any moment leaves `latest` naming a complete checkpoint. Re-saving
+an existing step swaps the folders atomically (Linux renameat2); where the filesystem
+cannot, the previous copy waits in `root/.old-step-...` between two renames, and
+`latest_checkpoint` finds it there after a crash.
 
 Errors are collective: every function that takes a communicator raises on all its
 ranks when any rank fails ("rank r: ..."), so one bad file never hangs a job.

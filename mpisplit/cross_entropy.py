@@ -61,6 +61,17 @@ class _VocabParallelCrossEntropy(Function):
         return e.reshape(self.shape)
 
 
+def check_targets(targets: Any, vocab_size: int, ignore_index: int = -100) -> None:
+    """TypeError/ValueError unless targets are integers in [0, vocab_size) or ignore_index.
+
+    Local and identical on every TP rank, so callers run it before any collective."""
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+
+
 def vocab_parallel_cross_entropy(
     logits: Tensor, targets: Any, comm: Any, *, vocab_start: int, vocab_size: int, ignore_index: int = -100,
 ) -> Tensor:
@@ -73,11 +84,7 @@ def vocab_parallel_cross_entropy(
     targets = targets.data if isinstance(targets, Tensor) else targets
     if tuple(targets.shape) != logits.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits shape {logits.shape[:-1]}")
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if bool(bad.any()):
-        raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+    check_targets(targets, vocab_size, ignore_index)
     return _VocabParallelCrossEntropy.apply(
         logits, targets=targets, comm=comm, vocab_start=vocab_start, vocab_size=vocab_size, ignore_index=ignore_index,
     )

@@ -10,17 +10,16 @@ with a key/value cache against the full causal forward.
 import re
 from types import SimpleNamespace
 
+import _dense_gpt as dense
 import numpy as np
 import pytest
+from _mpi import all_ranks_equal, gather_grad, gather_slab, grids, max_rel
 from mpi4py import MPI
 
-import _dense_gpt as dense
 from mpisplit.attention import ParallelSelfAttention
 from mpisplit.comm import Communicator
 from mpisplit.tensor import Tensor, no_grad
 from mpisplit.testing import numerical_grad
-
-from _mpi import all_ranks_equal, gather_grad, gather_slab, grids, max_rel
 
 pytestmark = pytest.mark.mpi
 

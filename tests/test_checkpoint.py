@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from mpisplit import checkpoint as ckpt
 from mpisplit.checkpoint import (
     CheckpointReader,
     ShardInfo,
@@ -150,7 +151,8 @@ def saved(shared_dir: Path) -> Path:
 
 
 def on_rank0(fn: Callable[[], None]) -> None:
-    """Mutate the disk on rank 0 only, then let every rank see the result."""
+    """Mutate the disk on rank 0 only, once every rank is done looking, then let all see it."""
+    COMM.Barrier()
     if COMM.rank == 0:
         fn()
     COMM.Barrier()
@@ -237,11 +239,14 @@ def check_round_trip(shared_dir: Path, path: Path, tp: int, reader: CheckpointRe
 
 
 def test_read_with_mpi4py_comm_and_alone(saved: Path) -> None:
+    before = snapshot(saved)
     with CheckpointReader(saved, COMM) as reader:
         assert_holds_step(reader, 1)
+        reader.verify()
     with CheckpointReader(saved) as reader:  # no communicator: this process alone
         assert_holds_step(reader, 1)
         reader.verify(["embed/weight"])
+    assert snapshot(saved) == before  # loading never writes
 
 
 def test_meta_and_rank_meta(shared_dir: Path) -> None:
@@ -288,6 +293,17 @@ def test_keep_last_and_resave(shared_dir: Path) -> None:
         save_checkpoint(shared_dir, 6, make_shards(g, 6), grid=g, meta={}, keep_last=1)
         assert sorted(os.listdir(shared_dir)) == ["latest", "step-00000006"]
         assert_holds_step(CheckpointReader(shared_dir / "step-00000006", COMM), 6)
+
+
+def test_resave_without_atomic_swap(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filesystems without renameat2(RENAME_EXCHANGE) (NFS, macOS) take the two-rename path."""
+    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    with grid_of(COMM.size) as g:
+        save_checkpoint(shared_dir, 5, make_shards(g, 5), grid=g, meta={})
+        path = save_checkpoint(shared_dir, 5, make_shards(g, 55), grid=g, meta={})
+    assert sorted(os.listdir(shared_dir)) == ["latest", "step-00000005"]
+    assert latest_checkpoint(shared_dir) == path
+    assert_holds_step(CheckpointReader(path, COMM), 55)
 
 
 # ------------------------------------------------------------------------- atomicity

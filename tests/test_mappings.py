@@ -8,6 +8,7 @@ also counted: the collectives of forward and of backward, their calls and bytes.
 
 import numpy as np
 import pytest
+from _mpi import grids
 from mpi4py import MPI
 
 from mpisplit.comm import Communicator
@@ -20,8 +21,6 @@ from mpisplit.mappings import (
     scatter_to_tp,
 )
 from mpisplit.tensor import Tensor
-
-from _mpi import grids
 
 pytestmark = pytest.mark.mpi
 

@@ -18,7 +18,7 @@ import numpy as np
 from .. import ops
 from ..attention import KVCache, ParallelSelfAttention, valid_tp_degrees
 from ..backend import resolve_dtype
-from ..cross_entropy import vocab_parallel_cross_entropy
+from ..cross_entropy import check_targets, vocab_parallel_cross_entropy
 from ..embedding import VocabParallelEmbedding, check_ids
 from ..layers import LayerNorm, ParallelMLP
 from ..mappings import gather_from_tp
@@ -146,6 +146,7 @@ class GPT(Module):
         idx = self._check_idx(idx)
         if tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
         local = self.wte.logits(self.hidden_states(idx))
         return vocab_parallel_cross_entropy(
             local, targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
