@@ -382,9 +382,9 @@ def save_checkpoint(
                     for n, a in arrays.items()
                 }
                 fname = _shard_file_name(tp_rank, tp)
-                digest = _write_safetensors(
-                    tmp / fname, arrays, {"format": FORMAT, "step": str(step)}
-                )
+                # One metadata key: safetensors orders several keys arbitrarily, and the
+                # same state must give the same bytes (and checksum) every time.
+                digest = _write_safetensors(tmp / fname, arrays, {"format": FORMAT})
                 record = (tp_rank, fname, digest, shards)
         gathered = world.gather((record, rank_meta), root=0)
 
