@@ -73,14 +73,14 @@ class ModelShape:
 
     def gpt_config_kwargs(self) -> dict[str, int | float]:
         """Keyword arguments of mpisplit's GPTConfig."""
-        return dict(
-            vocab_size=self.vocab_size,
-            block_size=self.block_size,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_embd=self.n_embd,
-            dropout=0.0,
-        )
+        return {
+            "vocab_size": self.vocab_size,
+            "block_size": self.block_size,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "dropout": 0.0,
+        }
 
     def n_params(self) -> int:
         """Global parameter count (unpadded vocabulary, tied head counted once)."""
@@ -270,6 +270,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "thread_env": {k: os.environ[k] for k in THREAD_ENV_VARS if k in os.environ},
+        # other work on the machine skews every timing: record how busy it was
+        "load_average_1_5_15min": list(os.getloadavg()),
     }
     try:
         from threadpoolctl import threadpool_info

@@ -35,13 +35,14 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import ModelShape  # noqa: E402
+from benchmarks import common
+from benchmarks.common import ModelShape
 
 LN_EPS = 1e-5
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
 IGNORE_INDEX = -1  # targets equal to this do not count in the loss
+ADAMW_CHUNK = 1 << 17  # elements per AdamW chunk: 5 arrays x 512 KiB (float32)
 
 BLOCK_PARAMS = (
     "ln1_w", "ln1_b", "attn_w", "attn_b", "attn_proj_w", "attn_proj_b",
@@ -85,18 +86,21 @@ def param_specs(shape: ModelShape) -> list[tuple[str, tuple[int, ...], str, floa
     return specs
 
 
+def init_full_param(shape: ModelShape, seed: int, k: int) -> np.ndarray:
+    """Global float64 value of parameter k of `param_specs(shape)`, drawn from its own
+    generator seeded (seed, k): independent of the TP degree and of which rank builds it."""
+    _, gshape, _, std = param_specs(shape)[k]
+    if std == 0.0:
+        return np.zeros(gshape)
+    if std == -1.0:
+        return np.ones(gshape)
+    return np.random.default_rng([seed, k]).normal(0.0, std, size=gshape)
+
+
 def init_full_params(shape: ModelShape, seed: int = 0) -> dict[str, np.ndarray]:
-    """Global float64 weights; parameter k draws from its own generator seeded (seed, k), so
-    the weights do not depend on the TP degree or on which rank builds them."""
-    out: dict[str, np.ndarray] = {}
-    for k, (name, gshape, _, std) in enumerate(param_specs(shape)):
-        if std == 0.0:
-            out[name] = np.zeros(gshape)
-        elif std == -1.0:
-            out[name] = np.ones(gshape)
-        else:
-            out[name] = np.random.default_rng([seed, k]).normal(0.0, std, size=gshape)
-    return out
+    """All global float64 weights (see init_full_param)."""
+    return {spec[0]: init_full_param(shape, seed, k)
+            for k, spec in enumerate(param_specs(shape))}
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -244,17 +248,19 @@ class RawGPT:
         # local columns >= n_valid are padding (global index >= V)
         self.n_valid_cols = max(0, min(self.vl, shape.vocab_size - self.v0))
 
-        if full_params is None:
-            full_params = init_full_params(shape, seed)
         self.specs = param_specs(shape)
-        local = {n: shard(full_params[n], kind, shape, tp, self.tp_rank)
-                 for n, _, kind, _ in self.specs}
+        local = {}
+        for k, (name, _, kind, _) in enumerate(self.specs):
+            # one global float64 array at a time, so peak memory stays near the model's own
+            full = init_full_param(shape, seed, k) if full_params is None else full_params[name]
+            local[name] = shard(full, kind, shape, tp, self.tp_rank).astype(self.dtype)
+            del full
         total = sum(a.size for a in local.values())
         self.flat_p = np.empty(total, self.dtype)
         self.flat_g = np.zeros(total, self.dtype)
         self.flat_m = np.zeros(total, self.dtype)
         self.flat_v = np.zeros(total, self.dtype)
-        self.flat_s = np.empty(total, self.dtype)  # AdamW scratch
+        self.flat_s = np.empty(min(total, ADAMW_CHUNK), self.dtype)  # AdamW scratch
         self.p: dict[str, np.ndarray] = {}
         self.g: dict[str, np.ndarray] = {}
         off = 0
@@ -327,7 +333,7 @@ class RawGPT:
             raise ValueError(f"sequence length {T} exceeds block_size {s.block_size}")
         ws = self._ws_for(B, T)
         p, h, hs = self.p, s.n_embd, s.head_size
-        nh, hl = s.n_head // self.tp, s.n_embd // self.tp
+        nh = s.n_head // self.tp
         N = B * T
         ids = idx.reshape(N)
         if ids.size and (ids.min() < 0 or ids.max() >= s.vocab_size):
@@ -544,27 +550,37 @@ class RawGPT:
             self.flat_g *= 1.0 / self.dp
 
     def adamw_step(self) -> None:
-        """torch.optim.AdamW's update on the flat arrays: decoupled decay, bias correction."""
+        """torch.optim.AdamW's update on the flat arrays: decoupled decay, bias correction.
+
+        Processed in chunks that stay in cache across the dozen passes (about a third faster
+        than whole-array passes, which are memory-bound).
+        """
         c = self.adamw
         self.step_count += 1
         bc1 = 1.0 - c.beta1**self.step_count
         bc2 = 1.0 - c.beta2**self.step_count
-        p, g, m, v, s = self.flat_p, self.flat_g, self.flat_m, self.flat_v, self.flat_s
-        m *= c.beta1
-        np.multiply(g, 1.0 - c.beta1, out=s)
-        m += s
-        v *= c.beta2
-        np.multiply(g, g, out=s)
-        s *= 1.0 - c.beta2
-        v += s
-        p *= 1.0 - c.lr * c.weight_decay
-        # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-        np.sqrt(v, out=s)
-        s *= 1.0 / math.sqrt(bc2)
-        s += c.eps
-        np.divide(m, s, out=s)
-        s *= c.lr / bc1
-        p -= s
+        # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) = step * m / (sqrt(v) + eps*sqrt(bc2))
+        step = c.lr * math.sqrt(bc2) / bc1
+        eps = c.eps * math.sqrt(bc2)
+        decay = 1.0 - c.lr * c.weight_decay
+        size = self.flat_p.size
+        for lo in range(0, size, ADAMW_CHUNK):
+            hi = min(size, lo + ADAMW_CHUNK)
+            p, g = self.flat_p[lo:hi], self.flat_g[lo:hi]
+            m, v, s = self.flat_m[lo:hi], self.flat_v[lo:hi], self.flat_s[: hi - lo]
+            m *= c.beta1
+            np.multiply(g, 1.0 - c.beta1, out=s)
+            m += s
+            v *= c.beta2
+            np.multiply(g, g, out=s)
+            s *= 1.0 - c.beta2
+            v += s
+            p *= decay
+            np.sqrt(v, out=s)
+            s += eps
+            np.divide(m, s, out=s)
+            s *= step
+            p -= s
 
     def train_step(self, idx: np.ndarray, targets: np.ndarray) -> float:
         """Forward, backward, DP gradient average, AdamW. Returns this replica's loss."""

@@ -24,12 +24,12 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common, raw_gpt  # noqa: E402
-from benchmarks.common import ModelShape  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from benchmarks import common, raw_gpt
+from benchmarks.common import ModelShape
 
 LN_EPS = raw_gpt.LN_EPS
 
@@ -153,7 +153,8 @@ class TorchGPT(torch.nn.Module):
     are needed when loading the same global weights."""
 
     def __init__(self, shape: ModelShape, groups: TPGroups,
-                 full_params: dict[str, np.ndarray], dtype: torch.dtype = torch.float32) -> None:
+                 full_params: dict[str, np.ndarray] | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.shape, self.g = shape, groups
         tp = groups.tp
@@ -162,8 +163,12 @@ class TorchGPT(torch.nn.Module):
         self.n_valid_cols = max(0, min(self.vl, shape.vocab_size - self.v0))
         self.p: dict[str, torch.nn.Parameter] = {}
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        for name, _, kind, _ in raw_gpt.param_specs(shape):
-            slab = raw_gpt.shard(full_params[name], kind, shape, tp, groups.tp_rank)
+        for k, (name, _, kind, _) in enumerate(raw_gpt.param_specs(shape)):
+            # one global float64 array at a time (peak memory near the model's own)
+            full = (raw_gpt.init_full_param(shape, seed, k) if full_params is None
+                    else full_params[name])
+            slab = raw_gpt.shard(full, kind, shape, tp, groups.tp_rank)
+            del full
             param = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(slab, np_dtype)))
             self.register_parameter(name.replace(".", "_"), param)
             self.p[name] = param
@@ -214,13 +219,11 @@ class TorchTrainer:
         if threads is not None:
             torch.set_num_threads(threads)
         self.groups = TPGroups(comm, tp)
-        if full_params is None:
-            full_params = raw_gpt.init_full_params(shape, seed)
         tdtype = {"float32": torch.float32, "float64": torch.float64}[str(np.dtype(dtype))]
-        self.model = TorchGPT(shape, self.groups, full_params, tdtype)
+        self.model = TorchGPT(shape, self.groups, full_params, seed, tdtype)
         c = adamw or raw_gpt.AdamWConfig()
-        kw: dict[str, Any] = dict(lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                                  weight_decay=c.weight_decay)
+        kw: dict[str, Any] = {"lr": c.lr, "betas": (c.beta1, c.beta2), "eps": c.eps,
+                              "weight_decay": c.weight_decay}
         try:  # the fused CPU kernel is the fastest torch AdamW where this torch has it
             self.opt = torch.optim.AdamW(self.model.parameters(), fused=True, **kw)
             self.adamw_impl = "fused"

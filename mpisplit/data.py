@@ -9,8 +9,6 @@ continue the data stream exactly.
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +76,51 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def load_token_ids(path: str | Path, vocab_size: int) -> np.ndarray:
+    """Token ids from a .npy integer array or a text file of integers separated by
+    whitespace or commas (for models whose tokenizer is not available, e.g. GPT-2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {str(path)!r} does not exist")
+    if path.suffix == ".npy":
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"{str(path)!r} is not a plain .npy array: {exc}") from None
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{str(path)!r} holds {ids.dtype} values; token ids must be integers")
+        ids = ids.reshape(-1).astype(np.int64)
+    else:
+        words = load_text(path).replace(",", " ").split()
+        try:
+            ids = np.array([int(w) for w in words], dtype=np.int64)
+        except ValueError:
+            raise ValueError(f"{str(path)!r} must hold integer token ids separated by spaces or commas") from None
+    if ids.size == 0:
+        raise ValueError(f"token file {str(path)!r} holds no ids")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"token ids in {str(path)!r} lie in [{ids.min()}, {ids.max()}]; the model has {vocab_size}")
+    return ids
+
+
 class TextDataset:
-    """Encoded text split into train (first 90 %) and validation (last 10 %) tokens."""
+    """Encoded text split into train (first 90 %) and validation (last 10 %) tokens.
+
+    `TextDataset.from_ids(ids, vocab_size)` wraps already-tokenized data (no tokenizer)."""
 
     def __init__(self, text: str, tokenizer: CharTokenizer | None = None, val_fraction: float = 0.1) -> None:
-        self.tokenizer = tokenizer or CharTokenizer.from_text(text)
-        tokens = self.tokenizer.encode(text)
+        self.tokenizer: CharTokenizer | None = tokenizer or CharTokenizer.from_text(text)
+        self.vocab_size = self.tokenizer.vocab_size
+        self._split(self.tokenizer.encode(text), val_fraction)
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray, vocab_size: int, val_fraction: float = 0.1) -> TextDataset:
+        data = cls.__new__(cls)
+        data.tokenizer, data.vocab_size = None, vocab_size
+        data._split(np.asarray(ids, dtype=np.int64), val_fraction)
+        return data
+
+    def _split(self, tokens: np.ndarray, val_fraction: float) -> None:
         n_val = int(len(tokens) * val_fraction)
         self.train, self.val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
 
@@ -112,10 +149,3 @@ class TextDataset:
         return window[:, :-1].copy(), window[:, 1:].copy()
 
 
-def tokens_per_char_bits(loss_nats: float) -> float:
-    """Loss in bits per token, for display."""
-    return loss_nats / math.log(2)
-
-
-def char_counts(text: str) -> Counter:
-    return Counter(text)

@@ -62,10 +62,13 @@ def agree(comm: Any) -> Iterator[None]:
     if not failed:
         return
     first_rank, (name, message) = failed[0]
-    text = f"rank {first_rank}: {message}"
-    others = len(failed) - 1
-    if others:
-        text += f", and {others} other rank{'s' if others > 1 else ''}"
+    if len(failed) == len(reports) and all(rep == failed[0][1] for _, rep in failed):
+        text = message  # the same error on every rank: a rank number would only distract
+    else:
+        text = f"rank {first_rank}: {message}"
+        others = len(failed) - 1
+        if others:
+            text += f", and {others} other rank{'s' if others > 1 else ''}"
     raise PORTABLE_EXCEPTIONS[name](text) from error
 
 

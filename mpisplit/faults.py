@@ -109,7 +109,9 @@ def _parse_int(key: str, value: str, part: str, minimum: int) -> int:
     except ValueError:
         n = minimum - 1
     if n < minimum:
-        raise ValueError(f"{FAULT_ENV}: {key} must be an integer >= {minimum}, got {value!r} in {part!r}")
+        raise ValueError(
+            f"{FAULT_ENV}: {key} must be an integer >= {minimum}, got {value!r} in {part!r}"
+        )
     return n
 
 
@@ -137,14 +139,18 @@ def parse_faults(spec: str) -> list[Fault]:
         kind, _, rest = part.partition("@")
         kind = kind.strip().lower()
         if kind not in FAULT_KINDS:
-            raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r} in {part!r}; kinds: {', '.join(FAULT_KINDS)}")
+            raise ValueError(
+                f"{FAULT_ENV}: unknown fault {kind!r} in {part!r}; kinds: {', '.join(FAULT_KINDS)}"
+            )
         fields: dict[str, Any] = {}
         for item in (x.strip() for x in rest.split(",")):
             if not item:
                 continue
             key, eq, value = (s.strip() for s in item.partition("="))
             if not eq or key in fields:
-                raise ValueError(f"{FAULT_ENV}: expected distinct key=value items, got {item!r} in {part!r}")
+                raise ValueError(
+                    f"{FAULT_ENV}: expected distinct key=value items, got {item!r} in {part!r}"
+                )
             if key == "rank":
                 fields[key] = _parse_int(key, value, part, 0)
             elif key == "step":
@@ -155,17 +161,23 @@ def parse_faults(spec: str) -> list[Fault]:
                 except ValueError:
                     seconds = -1.0
                 if not (seconds >= 0 and math.isfinite(seconds)):
-                    raise ValueError(f"{FAULT_ENV}: seconds must be a number >= 0, got {value!r} in {part!r}")
+                    raise ValueError(
+                        f"{FAULT_ENV}: seconds must be a number >= 0, got {value!r} in {part!r}"
+                    )
                 fields[key] = seconds
             elif key == "sig":
                 name = value.upper().removeprefix("SIG")
                 if name not in _SIGNAL_NAMES:
-                    raise ValueError(f"{FAULT_ENV}: sig must be one of {_SIGNAL_NAMES}, got {value!r} in {part!r}")
+                    raise ValueError(
+                        f"{FAULT_ENV}: sig must be one of {_SIGNAL_NAMES}, got {value!r} in {part!r}"
+                    )
                 fields[key] = name
             elif key in ("target", "error"):
                 allowed = ("grad", "loss") if key == "target" else ("runtime", "value")
                 if value not in allowed:
-                    raise ValueError(f"{FAULT_ENV}: {key} must be one of {allowed}, got {value!r} in {part!r}")
+                    raise ValueError(
+                        f"{FAULT_ENV}: {key} must be one of {allowed}, got {value!r} in {part!r}"
+                    )
                 fields[key] = value
             else:
                 raise ValueError(
@@ -210,7 +222,9 @@ class FaultInjector:
                 os.kill(os.getpid(), getattr(signal, "SIG" + f.sig))
             elif f.kind == "raise":
                 error = ValueError if f.error == "value" else RuntimeError
-                raise error(f"injected fault ({FAULT_ENV}): rank {self.rank} raises before step {step}")
+                raise error(
+                    f"injected fault ({FAULT_ENV}): rank {self.rank} raises before step {step}"
+                )
             elif f.kind == "hang":
                 _hang()
             elif f.kind == "kill":
@@ -220,6 +234,7 @@ class FaultInjector:
 
     def poison_grads(self, step: int, params: Iterable[Any]) -> None:
         """nan/inf with target=grad: the first element of the first gradient becomes it."""
+        params = list(params)
         for f in self._due(step, ("nan", "inf")):
             if f.target == "grad":
                 for p in params:
@@ -292,8 +307,8 @@ def thread_location(ident: int | None) -> tuple[str, bool]:
     if frame is None:
         return "(thread gone)", False
     code = frame.f_code
-    line = linecache.getline(code.co_filename, frame.f_lineno)
-    return f"{_short_path(code.co_filename)}:{frame.f_lineno} ({code.co_name})", bool(_MPI_CALL.search(line))
+    in_mpi = bool(_MPI_CALL.search(linecache.getline(code.co_filename, frame.f_lineno)))
+    return f"{_short_path(code.co_filename)}:{frame.f_lineno} ({code.co_name})", in_mpi
 
 
 class Watchdog:
@@ -308,12 +323,22 @@ class Watchdog:
     """
 
     def __init__(
-        self, folder: str | os.PathLike, *, rank: int, size: int, timeout: float, run_id: str,
-        abort: Callable[[], None] | None = None, stream: TextIO | None = None,
+        self,
+        folder: str | os.PathLike,
+        *,
+        rank: int,
+        size: int,
+        timeout: float,
+        run_id: str,
+        abort: Callable[[], None] | None = None,
+        stream: TextIO | None = None,
     ) -> None:
         if not (timeout > 0 and math.isfinite(timeout)):
-            raise ValueError(f"watchdog timeout must be a positive number of seconds, got {timeout!r}")
-        self.folder, self.rank, self.size, self.timeout, self.run_id = Path(folder), rank, size, timeout, run_id
+            raise ValueError(
+                f"watchdog timeout must be a positive number of seconds, got {timeout!r}"
+            )
+        self.folder = Path(folder)
+        self.rank, self.size, self.timeout, self.run_id = rank, size, timeout, run_id
         self.interval = min(max(timeout / 10, 0.1), 5.0)
         self.refresh = max(self.interval, min(timeout / 4, 60.0))
         self.grace = max(2.0, 2 * self.interval)
@@ -322,12 +347,17 @@ class Watchdog:
         self._main = threading.main_thread().ident
         self._step = 0
         self._last_beat = time.monotonic()
-        self._written: tuple[int, float] = (-1, -math.inf)  # (step, monotonic time) of the last write
+        self._written: tuple[int, float] = (
+            -1,
+            -math.inf,
+        )  # (step, monotonic time) of the last write
         self._write_error: str | None = None
         self._stop = threading.Event()
         self.folder.mkdir(parents=True, exist_ok=True)
         self._write(stalled=False)
-        self._thread = threading.Thread(target=self._run, name=f"mpisplit-watchdog-{rank}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"mpisplit-watchdog-{rank}", daemon=True
+        )
         self._thread.start()
 
     def beat(self, step: int) -> None:
@@ -350,9 +380,16 @@ class Watchdog:
         where, in_mpi = thread_location(self._main)
         now = time.monotonic()
         record = {
-            "run": self.run_id, "rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
-            "step": self._step, "idle": now - self._last_beat, "where": where, "in_mpi": in_mpi,
-            "stalled": stalled, "time": time.time(),
+            "run": self.run_id,
+            "rank": self.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "step": self._step,
+            "idle": now - self._last_beat,
+            "where": where,
+            "in_mpi": in_mpi,
+            "stalled": stalled,
+            "time": time.time(),
         }
         path = self._path(self.rank)
         tmp = path.with_name(path.name + ".tmp")
@@ -372,7 +409,9 @@ class Watchdog:
                 idle = now - self._last_beat
                 stalled = idle >= self.timeout / 2
                 step_changed = self._step != self._written[0]
-                if stalled or now - self._written[1] >= (self.interval if step_changed else self.refresh):
+                if stalled or now - self._written[1] >= (
+                    self.interval if step_changed else self.refresh
+                ):
                     self._write(stalled)
                 if idle < self.timeout:
                     fired_at = None
@@ -420,16 +459,21 @@ class Watchdog:
                 missing.append(r)
                 details.append(f"    rank {r}: no heartbeat in {self.folder}")
                 continue
-            head = f"    rank {r} (host {b.get('host')}, pid {b.get('pid')}): after step {b.get('step')}, "
+            head = f"    rank {r} (host {b.get('host')}, pid {b.get('pid')}): after step {b.get('step')}"
             age = now - float(b.get("time", 0.0))
             if age > silent_after:
                 missing.append(r)
-                details.append(head + f"silent for {age:.1f} s (dead, frozen, or folder not shared)")
+                details.append(
+                    f"{head}, silent for {age:.1f} s (dead, frozen, or folder not shared)"
+                )
             elif b.get("in_mpi"):
                 waiting.append(r)
             else:
                 missing.append(r)
-                details.append(head + f"outside MPI at {b.get('where')}, no progress for {float(b.get('idle', 0)):.1f} s")
+                idle_there = float(b.get("idle", 0.0))
+                details.append(
+                    f"{head}, outside MPI at {b.get('where')}, no progress for {idle_there:.1f} s"
+                )
         lines = [
             (
                 f"[rank {self.rank}] collective timeout: no progress for {idle:.1f} s "
@@ -441,9 +485,7 @@ class Watchdog:
             lines.append(f"  missing ranks: {format_ranks(missing)}")
             lines += details
         else:
-            lines.append(
-                "  no rank is missing: every rank waits in MPI (mismatched collectives, or a lost message)"
-            )
+            lines.append("  no rank is missing: every rank waits in MPI (mismatched collectives?)")
         lines.append(f"  waiting ranks: {format_ranks(waiting)}")
         if self._write_error:
             lines.append(f"  (could not write this rank's heartbeat: {self._write_error})")
@@ -485,7 +527,11 @@ class JobGuard:
     """
 
     def __init__(
-        self, comm: Any, *, save_every_seconds: float = 0.0, signals: Sequence[str] = DEFAULT_SIGNALS,
+        self,
+        comm: Any,
+        *,
+        save_every_seconds: float = 0.0,
+        signals: Sequence[str] = DEFAULT_SIGNALS,
         pending_signal: int = 0,
     ) -> None:
         mpi = _mpi(comm)
@@ -524,7 +570,9 @@ class JobGuard:
         if timeout <= 0:
             return
         run_id = self.control.bcast(secrets.token_hex(8) if self.rank == 0 else None, root=0)
-        self.watchdog = Watchdog(folder, rank=self.rank, size=self.size, timeout=timeout, run_id=run_id)
+        self.watchdog = Watchdog(
+            folder, rank=self.rank, size=self.size, timeout=timeout, run_id=run_id
+        )
         self.beat(step)
 
     def beat(self, step: int) -> None:
@@ -568,7 +616,9 @@ class ConsistencyError(ValueError):
     """Ranks of one job disagree on configuration, code or data."""
 
 
-def file_digests(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> dict[str, str]:
+def file_digests(
+    paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None
+) -> dict[str, str]:
     """{name: sha256 hex} of files; names relative to `root` (default: the file name)."""
     out: dict[str, str] = {}
     for p in paths:
@@ -593,7 +643,11 @@ def text_digest(text: str | bytes) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = value[:12] if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else repr(value)
+    text = (
+        value[:12]
+        if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)
+        else repr(value)
+    )
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -618,8 +672,13 @@ def check_consistent(comm: Any, **parts: Any) -> None:
         values = [e.get(name) for e in everyone]
         if isinstance(values[0], dict):
             keys = sorted({k for v in values if isinstance(v, dict) for k in v}, key=str)
-            items = [(f"{name} {k}", [v.get(k, _MISSING) if isinstance(v, dict) else _MISSING for v in values])
-                     for k in keys]
+            items = [
+                (
+                    f"{name} {k}",
+                    [v.get(k, _MISSING) if isinstance(v, dict) else _MISSING for v in values],
+                )
+                for k in keys
+            ]
         else:
             items = [(name, values)]
         for label, per_rank in items:

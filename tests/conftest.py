@@ -34,8 +34,7 @@ def gpu_available() -> bool:
         return False
 
 
-# Used when neither setup.cfg's [tool:pytest] nor --timeout sets one: a rank stuck in a
-# collective must end the job (the "thread" method dumps stacks and exits the process).
+# Used when neither setup.cfg's [tool:pytest] nor --timeout sets one.
 DEFAULT_TIMEOUT_S = 120
 
 
@@ -47,9 +46,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if item.get_closest_marker("mpi") is not None]
-    if not config.getini("timeout") and config.getoption("timeout", None) is None:
-        for item in items:
-            if item.get_closest_marker("timeout") is None:
+    # pytest-timeout's "signal" method (its default) cannot interrupt a rank blocked inside an
+    # MPI call, so a hung collective would hang the job: every test uses the "thread" method,
+    # which dumps the stacks and exits the process (the launcher then ends the other ranks).
+    has_timeout = bool(config.getini("timeout")) or config.getoption("timeout", None) is not None
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            if has_timeout:
+                item.add_marker(pytest.mark.timeout(method="thread"))
+            else:
                 item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT_S, method="thread"))
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not gpu_available():

@@ -203,6 +203,15 @@ class GPT(Module):
             self.train(was_training)
         return idx
 
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout probability of every layer (e.g. after loading pretrained weights)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.config.dropout = p
+        for block in self.h:
+            block.dropout = p
+            block.attn.dropout = p
+
     @classmethod
     def from_pretrained(cls, folder: Any, grid: Any, dtype: Any = "float32") -> GPT:
         """Load GPT-2 weights saved in the Hugging Face layout (config.json + model.safetensors);
