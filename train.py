@@ -447,5 +447,5 @@ if __name__ == "__main__":
         if isinstance(exc, ConsistencyError):
             print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)
         elif rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {getattr(exc, 'plain', None) or exc}", file=sys.stderr, flush=True)
         sys.exit(2)

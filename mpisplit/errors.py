@@ -62,14 +62,15 @@ def agree(comm: Any) -> Iterator[None]:
     if not failed:
         return
     first_rank, (name, message) = failed[0]
-    if len(failed) == len(reports) and all(rep == failed[0][1] for _, rep in failed):
-        text = message  # the same error on every rank: a rank number would only distract
-    else:
-        text = f"rank {first_rank}: {message}"
-        others = len(failed) - 1
-        if others:
-            text += f", and {others} other rank{'s' if others > 1 else ''}"
-    raise PORTABLE_EXCEPTIONS[name](text) from error
+    text = f"rank {first_rank}: {message}"
+    others = len(failed) - 1
+    if others:
+        text += f", and {others} other rank{'s' if others > 1 else ''}"
+    agreed = PORTABLE_EXCEPTIONS[name](text)
+    # The same error on every rank: command-line tools print `plain` without rank numbers.
+    same_everywhere = len(failed) == len(reports) and all(rep == failed[0][1] for _, rep in failed)
+    agreed.plain = message if same_everywhere else None  # type: ignore[attr-defined]
+    raise agreed from error
 
 
 def install_abort_on_exception(comm: Any = None) -> Callable[..., Any]:

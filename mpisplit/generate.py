@@ -110,5 +110,5 @@ if __name__ == "__main__":
         from mpi4py import MPI
 
         if MPI.COMM_WORLD.Get_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {getattr(exc, 'plain', None) or exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -11,13 +11,36 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
 
-# Environment variables with which a launcher (Hydra/PMI) tells a process it is an MPI rank.
-# A test that starts its own mpiexec removes them, or the child would join the parent's job.
-_LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCAL", "OMPI_")
+# Environment variables with which a launcher (Hydra/PMI, Open MPI/PMIx) tells a process that
+# it is a rank of a job. A test that starts a Python or an mpiexec of its own removes them, or
+# the child would try to join the parent's job; user settings (OMPI_MCA_*, PMIX_MCA_*) stay.
+_LAUNCHER_ENV_PREFIXES = (
+    "PMI_",
+    "HYDI_",
+    "HYDRA_",
+    "MPI_LOCALNRANKS",
+    "MPI_LOCALRANKID",
+    "PMIX_",
+    "OMPI_COMM_WORLD_",
+    "OMPI_MCA_orte_",
+    "OMPI_MCA_ess",
+    "OMPI_MCA_pmix",
+    "OMPI_MCA_initial_wdir",
+    "OMPI_MCA_shmem_RUNTIME_QUERY_hint",
+    "OMPI_UNIVERSE_SIZE",
+    "OMPI_FIRST_RANKS",
+    "OMPI_APP_CTX_NUM_PROCS",
+    "OMPI_NUM_APP_CTX",
+    "OMPI_COMMAND",
+    "OMPI_ARGV",
+    "OMPI_FILE_LOCATION",
+)
+_KEPT_ENV_PREFIXES = ("PMIX_MCA_",)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -72,12 +95,31 @@ def mpiexec_path() -> str:
     return found
 
 
+def mpiexec_command(n: int) -> list[str]:
+    """[mpiexec, options..., -n, n] for a job of n ranks on this machine. Open MPI's launcher
+    refuses root and more ranks than cores unless told; MPICH's needs nothing."""
+    mpiexec = mpiexec_path()
+    version = subprocess.run(
+        [mpiexec, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    options = []
+    if "Open MPI" in version or "OpenRTE" in version:
+        options.append("--oversubscribe")
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            options.append("--allow-run-as-root")
+    return [mpiexec, *options, "-n", str(n)]
+
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def clean_mpi_env() -> dict[str, str]:
     """os.environ for a child Python or a nested mpiexec: without the launcher's per-rank
     variables, and with this checkout first on PYTHONPATH so the child imports this mpisplit."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV_PREFIXES)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(_KEPT_ENV_PREFIXES) or not k.startswith(_LAUNCHER_ENV_PREFIXES)
+    }
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     return env

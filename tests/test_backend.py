@@ -224,3 +224,18 @@ def test_limit_blas_threads_default_world(monkeypatch: pytest.MonkeyPatch) -> No
     n = limit_blas_threads(world)
     assert n == max(1, len(mine) // world.size)
     assert all(k == n for k in _blas_thread_counts())
+
+
+@pytest.mark.gpu
+def test_real_cupy_arrays() -> None:
+    import cupy
+
+    d = cupy.arange(6, dtype=cupy.float32).reshape(2, 3)
+    assert is_cupy_array(d) and not is_cupy_array(np.zeros(2))
+    assert get_array_module(d) is cupy and get_array_module(TensorLike(d), 1.0) is cupy
+    host = to_numpy(d)
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_array_equal(host, np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(to_numpy(TensorLike(d)), host)
+    with pytest.raises(TypeError, match="cannot mix NumPy and CuPy"):
+        get_array_module(d, np.zeros(2))

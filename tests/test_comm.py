@@ -327,3 +327,38 @@ def test_reduce_scatter_not_divisible(comm: Communicator) -> None:
     assert f"({3}, {comm.size + 1})" in msg and f"size {comm.size}" in msg
     assert f"length {comm.size + 1}" in msg
     comm.barrier()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_collectives_on_cupy_arrays(comm: Communicator, dtype: type) -> None:
+    # Same references as the NumPy tests; results must stay on the device.
+    import cupy
+
+    p, r = comm.size, comm.rank
+    everyone = all_data(p, (2 * p, 3), dtype)
+    x = cupy.asarray(everyone[r])
+
+    out = comm.allreduce(x, op="max")
+    assert isinstance(out, cupy.ndarray) and out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out.get(), np.max(everyone, axis=0))
+
+    y = x.copy()
+    assert comm.allreduce_(y) is y
+    np.testing.assert_array_equal(y.get(), np.sum(everyone, axis=0))
+
+    view = x.copy()[:, ::2]  # strided device view, reduced in place
+    comm.allreduce_(view, op="min")
+    np.testing.assert_array_equal(view.get(), np.min([d[:, ::2] for d in everyone], axis=0))
+
+    g = comm.allgather(x, axis=1)
+    assert isinstance(g, cupy.ndarray) and g.flags.c_contiguous
+    np.testing.assert_array_equal(g.get(), np.concatenate(everyone, axis=1))
+
+    rs = comm.reduce_scatter(x, axis=0)
+    assert isinstance(rs, cupy.ndarray)
+    np.testing.assert_array_equal(rs.get(), np.split(np.sum(everyone, axis=0), p, axis=0)[r])
+
+    b = x.copy()
+    assert comm.bcast(b, root=p - 1) is b
+    np.testing.assert_array_equal(b.get(), everyone[p - 1])

@@ -46,8 +46,7 @@ def test_one_rank_fails_all_raise(raised: Exception, expected: type) -> None:
         if world.rank == culprit:
             raise raised
     assert type(info.value) is expected
-    prefix = f"rank {culprit}: " if world.size > 1 else ""  # one rank: every rank failed alike
-    assert str(info.value) == str(expected(f"{prefix}{raised}"))
+    assert str(info.value) == str(expected(f"rank {culprit}: {raised}"))
     if world.rank == culprit:
         assert info.value.__cause__ is raised
     else:
@@ -69,10 +68,7 @@ def test_first_failing_rank_wins_and_others_are_counted() -> None:
             raise types[c.rank % 3](f"problem {c.rank}")
     first = failing[0]
     others = len(failing) - 1
-    if c.size == 1:  # every rank failed with the same message: no rank prefix
-        text = str(types[first](f"problem {first}"))
-    else:
-        text = f"rank {first}: " + str(types[first](f"problem {first}"))
+    text = f"rank {first}: " + str(types[first](f"problem {first}"))
     if others:
         text += f", and {others} other rank{'s' if others > 1 else ''}"
     assert str(info.value) == str(types[first](text))
@@ -86,15 +82,7 @@ def test_every_rank_fails() -> None:
         raise ValueError(f"bad on {world.rank}")
     suffix = "" if world.size == 1 else f", and {world.size - 1} other rank"
     suffix += "s" if world.size > 2 else ""
-    prefix = "" if world.size == 1 else "rank 0: "  # one rank: the message alone
-    assert str(info.value) == f"{prefix}bad on 0{suffix}"
-
-
-@pytest.mark.mpi
-def test_the_same_error_on_every_rank_is_reported_plainly() -> None:
-    with pytest.raises(FileNotFoundError) as info, agree(MPI.COMM_WORLD):
-        raise FileNotFoundError("no such folder 'x'")
-    assert str(info.value) == "no such folder 'x'"
+    assert str(info.value) == f"rank 0: bad on 0{suffix}"
 
 
 def test_portable_name_walks_the_mro() -> None:
@@ -169,3 +157,16 @@ def test_uncaught_exception_aborts_the_job_instead_of_hanging(tmp_path) -> None:
     assert "[rank 1] Traceback (most recent call last):" in result.stderr
     assert "[rank 1] ValueError: rank one failed" in result.stderr
     assert result.stderr.count("[rank 1] Traceback") == 1
+
+
+@pytest.mark.mpi
+def test_the_same_error_on_every_rank_has_a_plain_form() -> None:
+    world = MPI.COMM_WORLD
+    with pytest.raises(FileNotFoundError) as info, agree(world):
+        raise FileNotFoundError("no such folder 'x'")
+    assert str(info.value).startswith("rank 0: no such folder 'x'")
+    assert info.value.plain == "no such folder 'x'"
+    with pytest.raises(ValueError) as info, agree(world):
+        raise ValueError(f"bad on {world.rank}")
+    assert info.value.plain == (None if world.size > 1 else "bad on 0")
+
