@@ -156,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, world, guard) -> int:
     import mpisplit as ms
     from mpisplit.checkpoint import latest_checkpoint
-    from mpisplit.data import TextDataset, default_corpus, load_text, load_token_ids, unigram_entropy
-    from mpisplit.models.hf_gpt2 import read_config as load_hf_config
+    from mpisplit.data import (
+        TextDataset,
+        default_corpus,
+        load_text,
+        load_token_ids,
+        unigram_entropy,
+    )
     from mpisplit.errors import agree
     from mpisplit.faults import (
         EXIT_NONFINITE,
@@ -166,6 +171,7 @@ def _train(args: argparse.Namespace, world, guard) -> int:
         code_digests,
         text_digest,
     )
+    from mpisplit.models.hf_gpt2 import read_config as load_hf_config
     from mpisplit.state import load_model, load_optimizer, resolve_checkpoint, save_training_state
 
     rank = world.Get_rank()

@@ -9,14 +9,14 @@
 
 __version__ = "0.1.0"
 
-from . import ops, optim  # noqa: E402
-from .backend import get_array_module, limit_blas_threads, to_numpy  # noqa: E402
-from .comm import Communicator  # noqa: E402
-from .grid import ProcessGrid  # noqa: E402
-from .layers import ColumnParallelLinear, LayerNorm, Linear, ParallelMLP, RowParallelLinear  # noqa: E402
-from .models.gpt import GPT, GPTConfig  # noqa: E402
-from .module import Module, Parameter  # noqa: E402
-from .tensor import Function, Tensor, no_grad  # noqa: E402
+from . import ops, optim
+from .backend import get_array_module, limit_blas_threads, to_numpy
+from .comm import Communicator
+from .grid import ProcessGrid
+from .layers import ColumnParallelLinear, LayerNorm, Linear, ParallelMLP, RowParallelLinear
+from .models.gpt import GPT, GPTConfig
+from .module import Module, Parameter
+from .tensor import Function, Tensor, no_grad
 
 __all__ = [
     "GPT", "ColumnParallelLinear", "Communicator", "Function", "GPTConfig", "LayerNorm", "Linear", "Module",

@@ -46,8 +46,9 @@ def agree(comm: Any) -> Iterator[None]:
 
     The raised exception has the first failing rank's type (see PORTABLE_EXCEPTIONS) and the
     message "rank {r}: {message}", plus ", and N other ranks" when several failed. On the
-    failing rank it is chained to the original. `comm` is a Communicator or mpi4py comm; with
-    one rank nothing is communicated.
+    failing rank it is chained to the original. Its attribute `plain` is the message without
+    the rank prefix when every rank raised the same, else None. `comm` is a Communicator or
+    mpi4py comm; with one rank nothing is communicated.
     """
     mpi = _mpi_comm(comm)
     error: Exception | None = None

@@ -36,9 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mpi4py import MPI
-
     import numpy as np
+    from mpi4py import MPI
 
     import mpisplit as ms
     from mpisplit.checkpoint import CheckpointReader

@@ -546,7 +546,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return Linear.apply(x, weight, bias)
 
 
-def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:  # noqa: A001
+def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
     return Sum.apply(a, axis=axis, keepdims=keepdims)
 
 

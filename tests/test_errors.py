@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import clean_mpi_env, mpiexec_path
+from conftest import clean_mpi_env, mpiexec_command
 from mpi4py import MPI
 
 from mpisplit import errors
@@ -146,7 +146,7 @@ def test_uncaught_exception_aborts_the_job_instead_of_hanging(tmp_path) -> None:
     script = tmp_path / "abort_job.py"
     script.write_text(ABORT_SCRIPT)
     result = subprocess.run(
-        [mpiexec_path(), "-n", "2", sys.executable, str(script)],
+        [*mpiexec_command(2), sys.executable, str(script)],
         check=False,
         env=clean_mpi_env(),
         capture_output=True,
@@ -169,4 +169,3 @@ def test_the_same_error_on_every_rank_has_a_plain_form() -> None:
     with pytest.raises(ValueError) as info, agree(world):
         raise ValueError(f"bad on {world.rank}")
     assert info.value.plain == (None if world.size > 1 else "bad on 0")
-

@@ -4,13 +4,12 @@ divides the world size, with feature counts that tp divides and that it does not
 
 import numpy as np
 import pytest
+from _mpi import all_ranks_equal, gather_grad, gather_slab, grids, max_rel
 from mpi4py import MPI
 
 from mpisplit import ops
 from mpisplit.layers import ColumnParallelLinear, LayerNorm, Linear, ParallelMLP, RowParallelLinear
 from mpisplit.tensor import Tensor
-
-from _mpi import all_ranks_equal, gather_grad, gather_slab, grids, max_rel
 
 TOL = {np.float64: 1e-10, np.float32: 1e-5}
 pytestmark = pytest.mark.mpi
