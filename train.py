@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
     g.add_argument("--dp", type=int, default=None, help="data-parallel degree (default: world size / tp)")
     g.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where slabs live")
+    g.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default="auto",
+                   help="how collectives move GPU buffers: CUDA-aware MPI, pinned host staging or NCCL "
+                   "(auto: nccl, else CUDA-aware MPI when the library reports it, else staged)")
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=int, default=4, help="transformer blocks")
     g.add_argument("--hidden", type=int, default=128, help="hidden size (multiple of --heads)")
@@ -48,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seq-len", type=int, default=64, help="context length in characters")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout probability while training")
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    g.add_argument("--amp", choices=["float16", "bfloat16"], default=None,
+                   help="mixed precision: compute in this dtype with float32 master weights and dynamic "
+                   "loss scaling (bfloat16 needs --device gpu)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=600, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step, over all DP ranks)")
@@ -115,6 +121,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.heads % tp:
         works = [d for d in range(1, args.heads + 1) if args.heads % d == 0 and world_size % d == 0]
         raise ValueError(f"--heads {args.heads} cannot be split over tp={tp}; tp values that work: {works}")
+    if args.comm != "auto" and args.device != "gpu":
+        raise ValueError(f"--comm {args.comm} applies to --device gpu (CPU arrays always go to MPI directly)")
+    if args.amp is not None and args.dtype != "float32":
+        raise ValueError(f"--amp keeps float32 master weights: use it with --dtype float32, not {args.dtype}")
+    if args.amp == "bfloat16" and args.device != "gpu":
+        raise ValueError("--amp bfloat16 needs --device gpu: NumPy has no bfloat16 arithmetic (use --amp float16)")
     if args.lr < 0 or not 0 <= args.dropout < 1:
         raise ValueError(f"need --lr >= 0 and 0 <= --dropout < 1, got {args.lr} and {args.dropout}")
     args.tp, args.dp = tp, dp
@@ -208,6 +220,10 @@ def _train(args: argparse.Namespace, world, guard) -> int:
     check_consistent(world, data={"sha256": text_digest(text)})
     threads = ms.limit_blas_threads(world)
     grid = ms.ProcessGrid(tp=args.tp, dp=args.dp)
+    if args.device == "gpu":
+        from mpisplit.device import use_gpu
+
+        say(use_gpu(grid, comm=args.comm).summary())
 
     resume_meta = None
     reader = None
@@ -238,10 +254,10 @@ def _train(args: argparse.Namespace, world, guard) -> int:
         if args.seq_len > cfg.block_size:
             raise ValueError(f"--seq-len {args.seq_len} exceeds the checkpoint's block_size {cfg.block_size}")
     if args.init_from is not None and reader is None:
-        model = ms.GPT.from_pretrained(args.init_from, grid, dtype=args.dtype)
+        model = ms.GPT.from_pretrained(args.init_from, grid, dtype=args.dtype).to(args.device)
         model.set_dropout(args.dropout)
     else:
-        model = ms.GPT(cfg, grid, dtype=args.dtype, seed=args.seed, init=reader is None)
+        model = ms.GPT(cfg, grid, dtype=args.dtype, seed=args.seed, init=reader is None, device=args.device)
     if args.optimizer == "adamw":
         opt = ms.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     else:
@@ -258,11 +274,22 @@ def _train(args: argparse.Namespace, world, guard) -> int:
         _restore_rng(model, reader, grid)
         reader.close()
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    # With --amp, `net` (16-bit) runs forward and backward; `model` keeps the float32 master
+    # weights that the optimizer steps and checkpoints save. They share the dropout streams.
+    net, mp = model, None
+    if args.amp is not None:
+        from mpisplit.amp import MixedPrecision
+
+        net = ms.GPT(cfg, grid, dtype="float32", init=False, device=args.device)
+        net.rng_shared, net.rng_local = model.rng_shared, model.rng_local
+        with agree(world):
+            mp = MixedPrecision(net, model, args.amp, grid.world)
 
     entropy = unigram_entropy(data.train, data.vocab_size)
     say(
         f"mpisplit {ms.__version__}: world {world.Get_size()} = dp {grid.dp} x tp {grid.tp}, "
-        f"{threads} BLAS thread(s) per rank, {args.dtype}, device {args.device}"
+        f"{threads} BLAS thread(s) per rank, {args.dtype}"
+        f"{f' master weights, {args.amp} compute' if args.amp else ''}, device {args.device}"
     )
     say(
         f"data: {'CPython documentation text' if args.data is None else args.data}, "
@@ -289,13 +316,13 @@ def _train(args: argparse.Namespace, world, guard) -> int:
     metrics = open(out / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None  # noqa: SIM115
 
     def evaluate() -> float:
-        model.eval()
+        net.eval()
         losses = []
         with ms.no_grad():
             for i in range(args.eval_iters):
                 x, y = data.batch("val", args.seed, i, args.batch_size, args.seq_len, grid.dp_rank, grid.dp)
-                losses.append(float(ms.to_numpy(model.loss(x, y).data)))
-        model.train()
+                losses.append(float(ms.to_numpy(net.loss(x, y).data)))
+        net.train()
         local = np.array([np.mean(losses)])
         return float(grid.dp_comm.allreduce(local)[0] / grid.dp)
 
@@ -321,7 +348,7 @@ def _train(args: argparse.Namespace, world, guard) -> int:
 
         progress = tqdm(total=args.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     guard.start_watchdog(out / ".heartbeat", args.collective_timeout, step=start_step)
-    model.train()
+    net.train()
     val_loss = None
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start_step, args.steps):
@@ -329,17 +356,24 @@ def _train(args: argparse.Namespace, world, guard) -> int:
         faults.before_step(done)
         opt.lr = ms.optim.cosine_lr(step, max_lr=args.lr, warmup=args.warmup, total=args.steps, min_lr=min_lr)
         x, y = data.batch("train", args.seed, step, args.batch_size, args.seq_len, grid.dp_rank, grid.dp)
-        loss = model.loss(x, y)
-        loss.backward()
-        faults.poison_grads(done, model.parameters())
-        ms.optim.average_gradients(model.parameters(), grid.dp_comm)
-        norm = ms.optim.clip_grad_norm(model.parameters(), args.grad_clip, grid.tp_comm)
+        loss = net.loss(x, y)
+        if mp is None:
+            loss.backward()
+        else:
+            mp.backward(loss)  # d(scale * loss)
+        faults.poison_grads(done, net.parameters())
+        # Mixed precision: a gradient overflow on any rank skips the step on every rank.
+        skipped = mp is not None and not mp.unscale_()
+        norm = float("nan")
+        if not skipped:
+            ms.optim.average_gradients(model.parameters(), grid.dp_comm)
+            norm = ms.optim.clip_grad_norm(model.parameters(), args.grad_clip, grid.tp_comm)
         loss_value = float(ms.to_numpy(loss.data))
         if grid.dp > 1:
             loss_value = float(grid.dp_comm.allreduce(np.array([loss_value]))[0] / grid.dp)
         loss_value = faults.poison_loss(done, loss_value)
         # Every rank learns the same: a signal anywhere, a non-finite value anywhere, save time.
-        decision = guard.agree(done, finite=math.isfinite(loss_value) and math.isfinite(norm))
+        decision = guard.agree(done, finite=math.isfinite(loss_value) and (skipped or math.isfinite(norm)))
         if decision.nonfinite:
             finish()
             last = latest_checkpoint(out)
@@ -351,7 +385,13 @@ def _train(args: argparse.Namespace, world, guard) -> int:
             )
             grid.free()
             return EXIT_NONFINITE
-        opt.step()
+        if not skipped:
+            opt.step()
+            if mp is not None:
+                mp.update_model()
+        if mp is not None:
+            mp.update_scale(skipped)
+            mp.zero_grad()
         opt.zero_grad()
         tokens_seen += args.batch_size * args.seq_len
         # The last step is always evaluated, so metrics.jsonl ends with a validation loss.
@@ -361,6 +401,8 @@ def _train(args: argparse.Namespace, world, guard) -> int:
             guard.beat(done)
         if rank == 0:
             record = {"step": done, "loss": loss_value, "lr": opt.lr, "grad_norm": norm}
+            if mp is not None:
+                record.update(loss_scale=mp.scale, skipped=skipped, grad_norm=None if skipped else norm)
             if evaluated:
                 record["val_loss"] = val_loss
             if done % args.log_every == 0 or evaluated or done == args.steps or decision.stop:

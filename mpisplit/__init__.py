@@ -9,6 +9,10 @@
 
 __version__ = "0.1.0"
 
+from .allocator import tune_malloc  # noqa: E402
+
+tune_malloc()  # reuse freed activation buffers instead of page-faulting them back each step
+
 from . import ops, optim
 from .backend import get_array_module, limit_blas_threads, to_numpy
 from .comm import Communicator

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import ops
-from .backend import get_array_module, resolve_dtype
+from .backend import get_array_module, is_low_precision, resolve_dtype
 from .layers import RowParallelLinear, _check_input
 from .mappings import copy_to_tp
 from .module import Module, Parameter
@@ -46,14 +46,19 @@ class _HeadAttention(Function):
         v = qkv[:, :, 2].transpose(0, 2, 1, 3)
         self.scale = 1.0 / math.sqrt(hs)
         att = q @ k.transpose(0, 1, 3, 2)  # (B, nh, T, T)
+        low = is_low_precision(att.dtype)  # 16-bit compute: the softmax runs in float32
+        if low:
+            att = att.astype(xp.float32)
         att *= self.scale
         att += ops.causal_mask(T, T, 0, xp, att.dtype)
         att -= att.max(axis=-1, keepdims=True)
         xp.exp(att, out=att)
         att /= att.sum(axis=-1, keepdims=True)
+        if low:
+            att = att.astype(qkv.dtype)  # weights kept (and multiplied) in 16 bits
         mask = None
         if p > 0.0:
-            mask = (rng.random(att.shape, dtype=att.dtype) >= p).astype(att.dtype)
+            mask = (rng.random(att.shape, dtype=ops.draw_dtype(att.dtype)) >= p).astype(att.dtype)
             mask *= 1.0 / (1.0 - p)
         y = (att if mask is None else att * mask) @ v  # (B, nh, T, hs)
         self.save(qkv, att, mask)
@@ -73,9 +78,14 @@ class _HeadAttention(Function):
         ga = gy @ v.transpose(0, 1, 3, 2)  # d loss / d (dropped) attention
         if mask is not None:
             ga *= mask
+        low = is_low_precision(ga.dtype)
+        if low:  # softmax backward in float32
+            ga, att = ga.astype(xp.float32), att.astype(xp.float32)
         ga -= (ga * att).sum(axis=-1, keepdims=True)  # softmax backward
         ga *= att
         ga *= self.scale
+        if low:
+            ga = ga.astype(qkv.dtype)
         gqkv[:, :, 0] = (ga @ k).transpose(0, 2, 1, 3)
         gqkv[:, :, 1] = (ga.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)
         return gqkv

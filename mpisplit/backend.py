@@ -94,6 +94,31 @@ def resolve_dtype(name_or_dtype: Any) -> np.dtype:
     return dtype
 
 
+def is_low_precision(dtype: Any) -> bool:
+    """True for 16-bit floats (float16, bfloat16): compute dtypes whose reductions run in float32."""
+    dtype = np.dtype(dtype)
+    return dtype.name in ("float16", "bfloat16")
+
+
+def scatter_add(target: Any, index: Any, values: Any) -> None:
+    """target[index] += values with repeated indices accumulated (numpy.add.at semantics).
+
+    NumPy: np.add.at. CuPy: cupyx.scatter_add (atomic adds); a 16-bit target accumulates in a
+    float32 copy, since atomic adds of float16 round at every addition.
+    """
+    if isinstance(target, np.ndarray):
+        np.add.at(target, index, values)
+        return
+    import cupyx
+
+    if is_low_precision(target.dtype):
+        wide = target.astype(np.float32)
+        cupyx.scatter_add(wide, index, values.astype(np.float32))
+        target[...] = wide.astype(target.dtype)
+        return
+    cupyx.scatter_add(target, index, values)
+
+
 def _mpi_comm(comm: Any) -> Any:
     # A Communicator wraps its mpi4py communicator in `.mpi`.
     return getattr(comm, "mpi", comm)

@@ -4,8 +4,11 @@ Every collective is a capitalised (buffer) mpi4py call on C-contiguous arrays. E
 call with the same shape and dtype (MPI semantics; not checked, it would cost a collective).
 A communicator of one rank returns at once and counts nothing.
 
-CuPy arrays are staged through host memory (`_host` / `_device` / `_write_back`); those three
-methods are the one place a device-aware transport would replace.
+NumPy arrays go to MPI as they are. CuPy arrays go through the communicator's device path
+(mpisplit.device: CUDA-aware MPI, pinned host staging or NCCL; staging unless
+`set_device_path` or `mpisplit.device.use_gpu` chose another). The path only moves flat
+contiguous buffers; layout (axis moves, contiguity) and counting happen here, the same for
+every path.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
-from mpisplit.backend import is_cupy_array
+from mpisplit.backend import get_array_module, is_cupy_array
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -58,6 +61,7 @@ class Communicator:
         self.rank: int = owned.Get_rank()
         self.size: int = owned.Get_size()
         self.max_count = max_count
+        self._device_path: Any = None  # created on the first CuPy collective (staged) or set
         self._stats: dict[str, dict[str, int]] = {}
         self.reset_stats()
 
@@ -87,8 +91,31 @@ class Communicator:
 
     def free(self) -> None:
         """Free the duplicated MPI communicator (collective); further calls are errors."""
+        if self._device_path is not None:
+            self._device_path.close()
+            self._device_path = None
         if self.mpi != MPI.COMM_NULL:
             self.mpi.Free()
+
+    # ---- device arrays -----------------------------------------------------------------------
+
+    @property
+    def device_path(self) -> str:
+        """How CuPy arrays travel: "staged" (default), "mpi" or "nccl"."""
+        return "staged" if self._device_path is None else self._device_path.name
+
+    def set_device_path(self, path: Any) -> None:
+        """Use `path` (a mpisplit.device path object) for CuPy arrays from now on."""
+        if self._device_path is not None and self._device_path is not path:
+            self._device_path.close()
+        self._device_path = path
+
+    def _path(self) -> Any:
+        if self._device_path is None:
+            from mpisplit.device import StagedPath
+
+            self._device_path = StagedPath()
+        return self._device_path
 
     def __enter__(self) -> Self:
         return self
@@ -127,36 +154,8 @@ class Communicator:
             raise ValueError(f"{what} axis {axis} out of range for shape {tuple(x.shape)}")
         return int(axis) % x.ndim
 
-    # ---- host <-> device staging -------------------------------------------------------------
-
-    @staticmethod
-    def _host(x: Any) -> np.ndarray:
-        """C-contiguous host array with x's values: x itself for a contiguous NumPy array."""
-        if isinstance(x, np.ndarray):
-            return np.ascontiguousarray(x)
-        return np.ascontiguousarray(x.get())  # CuPy: synchronous device-to-host copy
-
-    @staticmethod
-    def _device(h: np.ndarray, like: Any) -> Any:
-        """h as an array of like's kind (NumPy: h itself; CuPy: host-to-device copy)."""
-        if isinstance(like, np.ndarray):
-            return h
-        import cupy
-
-        return cupy.asarray(h)
-
-    @staticmethod
-    def _write_back(dst: Any, h: np.ndarray) -> None:
-        """Copy the host result h into dst unless h already is dst's memory."""
-        if isinstance(dst, np.ndarray):
-            if h is not dst:
-                dst[...] = h
-            return
-        import cupy
-
-        dst[...] = cupy.asarray(h)
-
-    # ---- raw collectives on flat host buffers, sliced to max_count ---------------------------
+    # ---- raw collectives on flat buffers (host, or device for CUDA-aware MPI), sliced to
+    # ---- max_count ---------------------------------------------------------------------------
 
     def _allreduce_flat(self, send: Any, recv: np.ndarray, op: MPI.Op) -> None:
         # send is a flat array or MPI.IN_PLACE (then recv holds the input).
@@ -173,8 +172,9 @@ class Communicator:
         if n <= self.max_count:
             self.mpi.Allgather(send, recv)
             return
+        xp = get_array_module(recv)
         for s in _slices(n, self.max_count):
-            part = np.empty((self.size, s.stop - s.start), dtype=recv.dtype)
+            part = xp.empty((self.size, s.stop - s.start), dtype=recv.dtype)
             self.mpi.Allgather(send[s], part)
             recv[:, s] = part
 
@@ -184,8 +184,9 @@ class Communicator:
         if m <= self.max_count:
             self.mpi.Reduce_scatter_block(send, recv, op=op)
             return
+        xp = get_array_module(recv)
         for s in _slices(m, self.max_count):
-            self.mpi.Reduce_scatter_block(np.ascontiguousarray(send[:, s]), recv[s], op=op)
+            self.mpi.Reduce_scatter_block(xp.ascontiguousarray(send[:, s]), recv[s], op=op)
 
     # ---- public collectives ------------------------------------------------------------------
 
@@ -195,11 +196,16 @@ class Communicator:
         mpi_op = self._check_op(op)
         if self.size == 1:
             return x.copy()
-        h = self._host(x)
-        out = np.empty_like(h)
-        self._allreduce_flat(h.reshape(-1), out.reshape(-1), mpi_op)
+        if isinstance(x, np.ndarray):
+            h = np.ascontiguousarray(x)
+            out = np.empty_like(h)
+            self._allreduce_flat(h.reshape(-1), out.reshape(-1), mpi_op)
+        else:
+            h = get_array_module(x).ascontiguousarray(x)
+            out = get_array_module(x).empty_like(h)
+            self._path().allreduce(self, h.reshape(-1), out.reshape(-1), op)
         self._count("allreduce", x.nbytes)
-        return self._device(out, like=x)
+        return out
 
     def allreduce_(self, x: Any, op: str = "sum") -> Any:
         """In place: x = op over all ranks of x. Returns x."""
@@ -209,9 +215,15 @@ class Communicator:
             raise ValueError(f"allreduce_ needs a writeable array (shape {x.shape})")
         if self.size == 1:
             return x
-        h = self._host(x)
-        self._allreduce_flat(MPI.IN_PLACE, h.reshape(-1), mpi_op)
-        self._write_back(x, h)
+        if isinstance(x, np.ndarray):
+            h = np.ascontiguousarray(x)
+            self._allreduce_flat(MPI.IN_PLACE, h.reshape(-1), mpi_op)
+        else:
+            h = x if x.flags.c_contiguous else get_array_module(x).ascontiguousarray(x)
+            flat = h.reshape(-1)
+            self._path().allreduce(self, flat, flat, op)
+        if h is not x:  # x was not contiguous: h is a copy
+            x[...] = h
         self._count("allreduce", x.nbytes)
         return x
 
@@ -221,18 +233,22 @@ class Communicator:
         ax = self._check_axis(x, axis, "allgather")
         if self.size == 1:
             return x.copy()
-        h = self._host(x)
-        gathered = np.empty((self.size, *h.shape), dtype=h.dtype)
-        self._allgather_flat(h.reshape(-1), gathered.reshape(self.size, -1))
+        xp = get_array_module(x)
+        h = xp.ascontiguousarray(x)
+        gathered = xp.empty((self.size, *h.shape), dtype=h.dtype)
+        if xp is np:
+            self._allgather_flat(h.reshape(-1), gathered.reshape(self.size, -1))
+        else:
+            self._path().allgather(self, h.reshape(-1), gathered.reshape(self.size, -1))
         out_shape = list(h.shape)
         out_shape[ax] *= self.size
         if ax == 0:
             out = gathered.reshape(out_shape)  # (size, n0, ...) -> (size*n0, ...): a view
         else:
             # (size, ..., n_ax, ...) -> (..., size, n_ax, ...) -> (..., size*n_ax, ...)
-            out = np.ascontiguousarray(np.moveaxis(gathered, 0, ax)).reshape(out_shape)
+            out = xp.ascontiguousarray(xp.moveaxis(gathered, 0, ax)).reshape(out_shape)
         self._count("allgather", out.nbytes)
-        return self._device(out, like=x)
+        return out
 
     def reduce_scatter(self, x: Any, axis: int = 0, op: str = "sum") -> Any:
         """A new array: this rank's block (along `axis`, rank order) of op over the ranks' x.
@@ -249,16 +265,19 @@ class Communicator:
             )
         if self.size == 1:
             return x.copy()
-        h = self._host(x)
-        if ax != 0:
-            h = np.ascontiguousarray(np.moveaxis(h, ax, 0))  # (n_ax, ...) with axis in front
+        xp = get_array_module(x)
+        # (n_ax, ...) with the axis in front
+        h = xp.ascontiguousarray(x if ax == 0 else xp.moveaxis(x, ax, 0))
         block_shape = (h.shape[0] // self.size, *h.shape[1:])
-        block = np.empty(block_shape, dtype=h.dtype)
-        self._reduce_scatter_flat(h.reshape(self.size, -1), block.reshape(-1), mpi_op)
+        block = xp.empty(block_shape, dtype=h.dtype)
+        if xp is np:
+            self._reduce_scatter_flat(h.reshape(self.size, -1), block.reshape(-1), mpi_op)
+        else:
+            self._path().reduce_scatter(self, h.reshape(self.size, -1), block.reshape(-1), op)
         if ax != 0:
-            block = np.ascontiguousarray(np.moveaxis(block, 0, ax))
+            block = xp.ascontiguousarray(xp.moveaxis(block, 0, ax))
         self._count("reduce_scatter", x.nbytes)
-        return self._device(block, like=x)
+        return block
 
     def bcast(self, x: Any, root: int = 0) -> Any:
         """In place: x = root's x. Returns x."""
@@ -271,9 +290,14 @@ class Communicator:
             raise ValueError(f"bcast needs a writeable array (shape {x.shape})")
         if self.size == 1:
             return x
-        h = self._host(x)
-        self._bcast_flat(h.reshape(-1), int(root))
-        self._write_back(x, h)
+        xp = get_array_module(x)
+        h = x if x.flags.c_contiguous else xp.ascontiguousarray(x)
+        if xp is np:
+            self._bcast_flat(h.reshape(-1), int(root))
+        else:
+            self._path().bcast(self, h.reshape(-1), int(root))
+        if h is not x:
+            x[...] = h
         self._count("bcast", x.nbytes)
         return x
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import get_array_module
+import numpy as np
+
+from .backend import get_array_module, is_low_precision
 from .tensor import Function, Tensor
 
 
@@ -27,6 +29,8 @@ class _VocabParallelCrossEntropy(Function):
         xp = get_array_module(logits)
         n = logits.shape[-1]
         z = logits.reshape(-1, n)
+        if is_low_precision(z.dtype):  # 16-bit logits: softmax statistics and loss in float32
+            z = z.astype(xp.float32)
         t = targets.reshape(-1)
         real = max(0, min(n, vocab_size - vocab_start))  # columns of this rank inside the vocabulary
         if real < n:
@@ -45,20 +49,25 @@ class _VocabParallelCrossEntropy(Function):
         zt = xp.where(owned, z[rows, local_t] - m, 0.0)
         zt = comm.allreduce(zt)
 
-        count = int(valid.sum())
-        self.count = max(count, 1)
+        if xp is np:
+            self.count = max(int(valid.sum()), 1)
+        else:  # stays on the device: no host sync in the forward pass
+            self.count = xp.maximum(valid.sum(), 1)
         nll = (xp.log(s) - zt) * valid
         self.save(e, s, local_t, owned, valid)
-        self.shape = logits.shape
-        return xp.asarray(nll.sum() / self.count, dtype=logits.dtype)
+        self.shape, self.dtype = logits.shape, logits.dtype
+        return xp.asarray(nll.sum() / self.count, dtype=z.dtype)
 
     def backward(self, g: Any) -> Any:
         e, s, local_t, owned, valid = self.saved
         xp = get_array_module(e)
         e /= s[:, None]  # softmax over the whole vocabulary, this rank's block
-        e[xp.arange(e.shape[0])[owned], local_t[owned]] -= 1.0
+        if xp is np:
+            e[xp.arange(e.shape[0])[owned], local_t[owned]] -= 1.0
+        else:  # no boolean selection on a GPU: subtract 0 where this rank does not own the target
+            e[xp.arange(e.shape[0]), local_t] -= owned.astype(e.dtype)
         e *= (valid * (g / self.count)).astype(e.dtype)[:, None]
-        return e.reshape(self.shape)
+        return e.reshape(self.shape).astype(self.dtype, copy=False)
 
 
 def check_targets(targets: Any, vocab_size: int, ignore_index: int = -100) -> None:
@@ -85,6 +94,7 @@ def vocab_parallel_cross_entropy(
     if tuple(targets.shape) != logits.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits shape {logits.shape[:-1]}")
     check_targets(targets, vocab_size, ignore_index)
+    targets = get_array_module(logits.data).asarray(targets)  # host targets go to the logits' device
     return _VocabParallelCrossEntropy.apply(
         logits, targets=targets, comm=comm, vocab_start=vocab_start, vocab_size=vocab_size, ignore_index=ignore_index,
     )

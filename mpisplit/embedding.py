@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import ops
-from .backend import get_array_module, resolve_dtype, to_numpy
+from .backend import get_array_module, resolve_dtype, scatter_add, to_numpy
 from .layers import local_size
 from .mappings import copy_to_tp, reduce_from_tp
 from .module import Module, Parameter
@@ -38,7 +38,11 @@ class _LocalLookup(Function):
         xp = get_array_module(g)
         inside = ~self.outside.reshape(-1)
         gw = xp.zeros(self.wshape, dtype=g.dtype)
-        xp.add.at(gw, self.local.reshape(-1)[inside], g.reshape(-1, self.wshape[1])[inside])
+        rows = g.reshape(-1, self.wshape[1])
+        if xp is np:
+            np.add.at(gw, self.local.reshape(-1)[inside], rows[inside])
+        else:  # no boolean selection on a GPU (its size needs a host sync): add zeros instead
+            scatter_add(gw, self.local.reshape(-1), rows * inside[:, None])
         return gw
 
 
@@ -73,10 +77,11 @@ class VocabParallelEmbedding(Module):
         """ids (...) integers, the same on every TP rank -> (..., h), the same on every TP rank."""
         ids = ids.data if isinstance(ids, Tensor) else ids
         check_ids(to_numpy(ids) if not isinstance(ids, np.ndarray) else ids, self.vocab_size)
+        ids = get_array_module(self.weight.data).asarray(ids)  # host ids go to the weight's device
         if self.comm.size == 1:
             return ops.embedding(self.weight, ids)
         return reduce_from_tp(_LocalLookup.apply(self.weight, ids=ids, start=self.vocab_start), self.comm)
 
     def logits(self, x: Tensor) -> Tensor:
         """The tied LM head: x (..., h) -> this rank's logits (..., Vp/t) = x @ W_local^T."""
-        return ops.linear(copy_to_tp(x, self.comm), ops.transpose(self.weight, (1, 0)))
+        return ops.linear_t(copy_to_tp(x, self.comm), self.weight)

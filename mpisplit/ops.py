@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, is_low_precision, scatter_add
 from .tensor import Function, Tensor
 
 # ----------------------------------------------------------------- helpers
@@ -169,6 +169,23 @@ class Linear(Function):
         return gx, gw, gb
 
 
+class LinearT(Function):
+    """x @ w^T for x (..., k) and w (n, k) stored row-major (a tied embedding table):
+    both gradients come out contiguous in their parameter's own layout."""
+
+    def forward(self, x: Any, w: Any) -> Any:
+        self.save(x, w)
+        out = x.reshape(-1, x.shape[-1]) @ w.T  # (M, n)
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
+    def backward(self, g: Any) -> tuple[Any, Any]:
+        x, w = self.saved
+        g2 = g.reshape(-1, g.shape[-1])  # (M, n)
+        gx = (g2 @ w).reshape(x.shape) if self.needs_input_grad[0] else None
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None  # (n, k)
+        return gx, gw
+
+
 # -------------------------------------------------------------- reductions
 
 
@@ -224,7 +241,7 @@ class GetItem(Function):
         if _is_basic_index(self.index):
             out[self.index] = g
         else:  # advanced indexing may repeat positions: accumulate
-            xp.add.at(out, self.index, g)
+            scatter_add(out, self.index, g)
         return out
 
 
@@ -372,6 +389,9 @@ class LayerNorm(Function):
 
     def forward(self, x: Any, w: Any, b: Any, eps: float = 1e-5) -> Any:
         xp = get_array_module(x)
+        low = is_low_precision(x.dtype)  # float16/bfloat16: statistics and xhat in float32
+        if low:
+            x = x.astype(xp.float32)
         mu = x.mean(axis=-1, keepdims=True)
         xhat = x - mu
         var = (xhat * xhat).mean(axis=-1, keepdims=True)
@@ -380,11 +400,14 @@ class LayerNorm(Function):
         self.save(xhat, rstd, w)
         out = xhat * w
         out += b
-        return out
+        return out.astype(w.dtype) if low else out
 
     def backward(self, g: Any) -> tuple[Any, Any, Any]:
         xhat, rstd, w = self.saved
         h = xhat.shape[-1]
+        low = is_low_precision(w.dtype)  # 16-bit weights, float32 statistics
+        if low:
+            g = g.astype(xhat.dtype)
         gx = gw = gb = None
         if self.needs_input_grad[1]:
             gw = (g * xhat).reshape(-1, h).sum(axis=0)
@@ -397,14 +420,21 @@ class LayerNorm(Function):
             gx = gxhat - gxhat.mean(axis=-1, keepdims=True)
             gx -= xhat * proj
             gx *= rstd
+        if low:
+            gx, gw, gb = (None if a is None else a.astype(w.dtype) for a in (gx, gw, gb))
         return gx, gw, gb
+
+
+def draw_dtype(dtype: Any) -> Any:
+    """Generators draw float32 or float64 only: 16-bit compute dtypes draw float32."""
+    return dtype if np.dtype(dtype).itemsize >= 4 else np.float32
 
 
 class Dropout(Function):
     """Zero each element with probability p and scale the rest by 1/(1-p)."""
 
     def forward(self, x: Any, p: float = 0.0, rng: Any = None) -> Any:
-        keep = rng.random(x.shape, dtype=x.dtype) >= p
+        keep = rng.random(x.shape, dtype=draw_dtype(x.dtype)) >= p
         mask = keep.astype(x.dtype)
         mask *= 1.0 / (1.0 - p)
         self.save(mask)
@@ -426,7 +456,7 @@ class Embedding(Function):
     def backward(self, g: Any) -> Any:
         xp = get_array_module(g)
         gw = xp.zeros(self.wshape, dtype=self.dtype)
-        xp.add.at(gw, self.ids.reshape(-1), g.reshape(-1, self.wshape[-1]))
+        scatter_add(gw, self.ids.reshape(-1), g.reshape(-1, self.wshape[-1]))
         return gw
 
 
@@ -544,6 +574,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is None:
         return Linear.apply(x, weight)
     return Linear.apply(x, weight, bias)
+
+
+def linear_t(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight^T with weight stored (out_features, in_features), e.g. a tied LM head."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_t: input features {x.shape[-1]} != weight columns {weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"linear_t: input dtype {x.dtype} != weight dtype {weight.dtype}")
+    return LinearT.apply(x, weight)
 
 
 def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, is_low_precision, to_numpy
 from .module import Parameter
 
 
@@ -136,22 +136,36 @@ class AdamW(Optimizer):
                 continue
             xp = get_array_module(p.data)
             m, v = self.exp_avg[i], self.exp_avg_sq[i]
-            m *= b1
-            m += (1 - b1) * g
+            tmp = self._scratch(p.data)  # one reused buffer: no temporaries per parameter
+            # m = b1 m + (1 - b1) g  ==  m += (1 - b1) (g - m)
+            xp.subtract(g, m, out=tmp)
+            tmp *= 1 - b1
+            m += tmp
+            # v = b2 v + (1 - b2) g^2
+            xp.multiply(g, g, out=tmp)
+            tmp *= 1 - b2
             v *= b2
-            v += (1 - b2) * (g * g)
+            v += tmp
             if self.weight_decay and self.decay[i]:
                 p.data *= 1 - self.lr * self.weight_decay
-            denom = xp.sqrt(v)
-            denom /= root_bias
-            denom += self.eps
-            # p -= step_size * m / denom, without another full-size temporary
-            update = xp.divide(m, denom, out=denom)
-            update *= step_size
-            p.data -= update
+            # p -= step_size * m / (sqrt(v) / root_bias + eps)
+            xp.sqrt(v, out=tmp)
+            tmp *= 1.0 / root_bias
+            tmp += self.eps
+            xp.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p.data -= tmp
 
     def state_arrays(self) -> dict[str, list[Any]]:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def _scratch(self, like: Any) -> Any:
+        """A work buffer of like's shape and dtype, kept for the next parameter of that shape."""
+        key = (tuple(like.shape), str(like.dtype))
+        cache = self.__dict__.setdefault("_scratch_buffers", {})
+        if key not in cache:
+            cache[key] = get_array_module(like).empty_like(like)
+        return cache[key]
 
 
 def cosine_lr(step: int, *, max_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
@@ -183,15 +197,25 @@ def average_gradients(params: Iterable[Parameter], dp_comm: Any) -> None:
 def global_grad_norm(params: Iterable[Parameter], tp_comm: Any) -> float:
     """L2 norm of the gradient of the global model: split slabs summed over TP, replicated ones once."""
     split_sq, replicated_sq = 0.0, 0.0
+    xp = np
     for p in params:
         if p.grad is None:
             continue
         flat = p.grad.reshape(-1)
-        sq = float(get_array_module(flat).vdot(flat, flat))
+        if is_low_precision(flat.dtype):  # sum the squares in float32 at least
+            flat = flat.astype(np.float32)
+        xp = get_array_module(flat)
+        if xp is np:
+            sq = float(np.vdot(flat, flat))
+        else:  # a device scalar: one host read for all parameters below, not one each
+            sq = xp.vdot(flat, flat).astype(np.float64)
         if p.split_axis is None:
             replicated_sq += sq
         else:
             split_sq += sq
+    if xp is not np:
+        both = to_numpy(xp.stack([xp.asarray(split_sq), xp.asarray(replicated_sq)]))
+        split_sq, replicated_sq = float(both[0]), float(both[1])
     if tp_comm.size > 1:
         split_sq = float(tp_comm.allreduce(np.array([split_sq]))[0])
     return math.sqrt(split_sq + replicated_sq)

@@ -33,6 +33,7 @@ def randn(*shape):
         (ops.matmul, [(2, 1, 3, 4), (3, 4, 2)]),
         (ops.linear, [(2, 3, 4), (4, 5), (5,)]),
         (ops.linear, [(3, 4), (4, 2)]),
+        (ops.linear_t, [(2, 3, 4), (5, 4)]),
         (lambda a: ops.sum(a, axis=1), [(2, 3, 4)]),
         (lambda a: ops.sum(a, axis=(0, 2), keepdims=True), [(2, 3, 4)]),
         (lambda a: ops.mean(a, axis=-1), [(2, 3, 4)]),

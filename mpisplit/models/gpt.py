@@ -93,7 +93,10 @@ class GPT(Module):
 
     def __init__(
         self, config: GPTConfig, grid: Any, *, dtype: Any = "float32", seed: int = 0, init: bool = True,
+        device: str = "cpu",
     ) -> None:
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         config.validate(grid.tp)
         self.config, self.grid = config, grid
         self.dtype = resolve_dtype(dtype)
@@ -106,8 +109,23 @@ class GPT(Module):
         # attention weights belong to each rank's own heads.
         self.rng_shared = np.random.default_rng([seed, 1, grid.dp_rank])
         self.rng_local = np.random.default_rng([seed, 2, grid.dp_rank, grid.tp_rank])
+        self.device = "cpu"
+        self.to(device)
         if init:
             self.reset_parameters(seed)
+
+    def to(self, device: str) -> GPT:
+        """Move the parameters to the current GPU ("gpu"; once bound by mpisplit.device.use_gpu)
+        and draw dropout masks there, from the same host generators. In place."""
+        if device == "gpu" and self.device != "gpu":
+            from ..device import DeviceRandom, to_device
+
+            to_device(self)
+            self.rng_shared, self.rng_local = DeviceRandom(self.rng_shared), DeviceRandom(self.rng_local)
+            self.device = "gpu"
+        elif device != self.device:
+            raise ValueError(f"cannot move a model from {self.device!r} to {device!r}")
+        return self
 
     # ------------------------------------------------------------ forward
     def _check_idx(self, idx: Any, offset: int = 0) -> Any:
