@@ -329,13 +329,12 @@ class NcclPath:
         uid = comm.mpi.bcast(uid, root=0)  # 128 bytes of metadata: pickled bcast
         self._comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
         self.version = nccl.get_version()
-        self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
-        types = {
-            "int8": nccl.NCCL_INT8, "uint8": nccl.NCCL_UINT8, "bool": nccl.NCCL_UINT8,
-            "int32": nccl.NCCL_INT32, "uint32": nccl.NCCL_UINT32, "int64": nccl.NCCL_INT64,
-            "uint64": nccl.NCCL_UINT64, "float16": nccl.NCCL_FLOAT16,
-            "float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
-        }
+        # nccl.h's enum values, should this CuPy not export a name.
+        self._ops = {op: getattr(nccl, f"NCCL_{op.upper()}", v) for op, v in (("sum", 0), ("max", 2), ("min", 3))}
+        codes = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5,
+                 "float16": 6, "float32": 7, "float64": 8}
+        types = {name: getattr(nccl, f"NCCL_{name.upper()}", v) for name, v in codes.items()}
+        types["bool"] = types["uint8"]
         if self.version >= 21000:  # ncclBfloat16 (= 9) from NCCL 2.10
             types["bfloat16"] = getattr(nccl, "NCCL_BFLOAT16", 9)
         self._types = types
@@ -413,11 +412,11 @@ class DeviceRandom:
 
 
 def require_cupy() -> Any:
-    """The cupy module, or RuntimeError saying what is missing."""
+    """The cupy module, or ValueError (a setup the user must change) saying what is missing."""
     try:
         import cupy
     except ImportError as exc:
-        raise RuntimeError(
+        raise ValueError(
             f"--device gpu needs CuPy (pip install cupy-cuda12x or cupy-cuda13x): {exc}"
         ) from exc
     return cupy
