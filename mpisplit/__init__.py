@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-from .allocator import tune_malloc  # noqa: E402
+from .allocator import tune_malloc
 
 tune_malloc()  # reuse freed activation buffers instead of page-faulting them back each step
 
@@ -23,7 +23,25 @@ from .module import Module, Parameter
 from .tensor import Function, Tensor, no_grad
 
 __all__ = [
-    "GPT", "ColumnParallelLinear", "Communicator", "Function", "GPTConfig", "LayerNorm", "Linear", "Module",
-    "ParallelMLP", "Parameter", "ProcessGrid", "RowParallelLinear", "Tensor", "get_array_module",
-    "limit_blas_threads", "no_grad", "ops", "optim", "to_numpy",
+    "GPT",
+    "ColumnParallelLinear",
+    "Communicator",
+    "Function",
+    "GPTConfig",
+    "LayerNorm",
+    "Linear",
+    "Module",
+    "ParallelMLP",
+    "Parameter",
+    "ProcessGrid",
+    "RowParallelLinear",
+    "Tensor",
+    "amp",
+    "device",
+    "get_array_module",
+    "limit_blas_threads",
+    "no_grad",
+    "ops",
+    "optim",
+    "to_numpy",
 ]

@@ -21,14 +21,14 @@ def _mpiexec() -> str:
 
 @pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own MPI job")
 def test_python_api_example_runs_at_two_ranks(tmp_path):
-    block = re.search(r"## Python API.*?```python\n(.*?)```", README, re.S)
+    block = re.search(r"## Python API.*?```python\n(.*?)```", README, re.DOTALL)
     assert block, "README has no Python API example"
     script = tmp_path / "example.py"
     script.write_text(block.group(1), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run(
         [_mpiexec(), "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-        env=env, cwd=tmp_path,
+        env=env, cwd=tmp_path, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     losses = re.findall(r"(SGD|AdamW) loss ([\d.]+)", proc.stdout)
