@@ -211,6 +211,24 @@ def test_bench_gpt_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_scaling_smoke(tmp_path: Path) -> None:
+    _single_rank_with_mpiexec()
+    r = _run_script(["benchmarks/scaling.py", "--smoke", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "scaling.json").read_text())
+    assert [(row["question"], row["ranks"]) for row in res["rows"]] == [
+        ("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2), ("dp", 1), ("dp", 2)]
+    weak = [row for row in res["rows"] if row["question"] == "weak"]
+    assert weak[1]["shape"]["n_embd"] == 2 * weak[0]["shape"]["n_embd"]
+    # the reported figures follow from the measured times
+    by = {(row["question"], row["ranks"]): row for row in res["rows"]}
+    assert res["summary"]["strong_speedup"] == pytest.approx(
+        by["strong", 1]["median_s"] / by["strong", 2]["median_s"])
+    assert res["summary"]["dp_throughput_ratio"] == pytest.approx(
+        by["dp", 2]["tokens_per_s"] / by["dp", 1]["tokens_per_s"])
+
+
+@pytest.mark.timeout(300)
 def test_bench_gpt_comm_counts_match_spec(tmp_path: Path) -> None:
     """One mpisplit step at dp2 x tp1 and dp1 x tp2 moves exactly the spec's collectives."""
     _single_rank_with_mpiexec()
