@@ -211,6 +211,18 @@ def test_bench_gpt_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_blas_threads_smoke(tmp_path: Path) -> None:
+    _single_rank_with_mpiexec()
+    r = _run_script(["benchmarks/blas_threads.py", "--smoke", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "blas_threads_smoke.json").read_text())
+    limited = next(c for c in res["configs"] if c["ranks"] == 2 and c["limit"] != "none")
+    # with ranks sharing the cores, the limit gives each rank its share of them
+    assert all(t == [max(1, res["usable_cores"] // 2)] for t in limited["blas_threads_per_rank"])
+    assert res["ratio_limited"] > 0
+
+
+@pytest.mark.timeout(300)
 def test_scaling_smoke(tmp_path: Path) -> None:
     _single_rank_with_mpiexec()
     r = _run_script(["benchmarks/scaling.py", "--smoke", "--out", str(tmp_path)])
