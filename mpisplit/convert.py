@@ -123,12 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, TypeError, OSError) as exc:
-        # Raised on every rank alike (agreed collectively): one clear line, no traceback wall.
-        from mpi4py import MPI
+    from mpisplit.errors import run_cli
 
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            print(f"error: {getattr(exc, 'plain', None) or exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli(main)

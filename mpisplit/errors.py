@@ -96,3 +96,16 @@ def install_abort_on_exception(comm: Any = None) -> Callable[..., Any]:
 
     sys.excepthook = hook
     return previous
+
+
+def run_cli(main: Callable[[], int], errors: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)) -> None:
+    """Run a command-line entry point: a user error raised on every rank alike (agreed
+    collectively) becomes one "error: ..." line from rank 0 and exit status 2, no traceback."""
+    try:
+        sys.exit(main())
+    except errors as exc:
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"error: {getattr(exc, 'plain', None) or exc}", file=sys.stderr, flush=True)
+        sys.exit(2)

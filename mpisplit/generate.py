@@ -11,7 +11,6 @@ own heads; the checkpoint may have been saved at any TP degree. Rank 0 prints.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,11 +102,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        from mpi4py import MPI
+    from mpisplit.errors import run_cli
 
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            print(f"error: {getattr(exc, 'plain', None) or exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli(main, (ValueError, TypeError, FileNotFoundError))

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import get_array_module, resolve_dtype, to_numpy
+from ..checkpoint import _fsync_dir
 from ..errors import agree
 from ..module import Parameter
 
@@ -550,16 +551,3 @@ def save_pretrained(model: GPT, folder: str | os.PathLike) -> None:
                 if leftover is not None:
                     leftover.unlink(missing_ok=True)
         raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync a directory
-    finally:
-        os.close(fd)
