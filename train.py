@@ -284,6 +284,8 @@ def _train(args: argparse.Namespace, world, guard) -> int:
         net.rng_shared, net.rng_local = model.rng_shared, model.rng_local
         with agree(world):
             mp = MixedPrecision(net, model, args.amp, grid.world)
+            if resume_meta is not None and resume_meta.get("loss_scaler"):
+                mp.scaler.load_state_dict(resume_meta["loss_scaler"])  # continue with the saved scale
 
     entropy = unigram_entropy(data.train, data.vocab_size)
     say(
@@ -329,7 +331,9 @@ def _train(args: argparse.Namespace, world, guard) -> int:
     def save(step: int) -> Path:
         guard.beat(step)  # the watchdog measures the save on its own
         path = save_training_state(
-            out, step, model, opt, grid, meta={**base_meta, "step": step}, rank_meta=_rng_state(model),
+            out, step, model, opt, grid,
+            meta={**base_meta, "step": step, **({"loss_scaler": mp.scaler.state_dict()} if mp else {})},
+            rank_meta=_rng_state(model),
             keep_last=args.keep_last,
         )
         guard.saved()

@@ -38,16 +38,18 @@ TINY = [
 STEPS = 12
 
 
-def env() -> dict[str, str]:
+def env(fault: str | None = None) -> dict[str, str]:
     e = clean_mpi_env()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         e[var] = "1"
     e.pop("MPISPLIT_FAULT", None)
+    if fault is not None:
+        e["MPISPLIT_FAULT"] = fault
     return e
 
 
 def launch(
-    n: int | None, argv: list[str], cwd: Path, timeout: float = 60
+    n: int | None, argv: list[str], cwd: Path, timeout: float = 60, fault: str | None = None
 ) -> subprocess.CompletedProcess:
     """`mpiexec -n n python argv...` (plain `python` when n is None); on timeout the whole
     process group is killed and the test fails, so a hang never outlives the test."""
@@ -59,7 +61,7 @@ def launch(
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=env(),
+        env=env(fault),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -76,8 +78,10 @@ def launch(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def train(n: int, args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    result = launch(n, [str(TRAIN), *args], cwd, timeout)
+def train(
+    n: int, args: list[str], cwd: Path, timeout: float = 60, fault: str | None = None
+) -> subprocess.CompletedProcess:
+    result = launch(n, [str(TRAIN), *args], cwd, timeout, fault)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -406,3 +410,20 @@ def test_generate_bad_input(default_run: tuple[Path, subprocess.CompletedProcess
     assert_one_error_line(result, "not in the model's vocabulary", repr(foreign))
     result = generate(2, ["--ckpt", str(out.parent / "absent"), "--prompt", "The "], out.parent)
     assert_one_error_line(result, "absent", "does not exist")
+
+
+def test_mixed_precision_resume_keeps_the_loss_scale(work: Path) -> None:
+    """float16 compute, float32 master: an overflow injected at step 2 halves the dynamic loss
+    scale before the step-4 checkpoint; the scale is saved and restored, so the resumed --amp
+    run continues the uninterrupted one bit for bit (same layout)."""
+    amp = ["--dtype", "float32", "--amp", "float16", "--tp", "2"]
+    overflow = "inf@step=2"  # one gradient element becomes inf: the step is skipped on every rank
+    train(2, tiny("amp-straight", "--steps", "8", "--save-every", "4", *amp), work, fault=overflow)
+    train(2, tiny("amp-half", "--steps", "4", *amp), work, fault=overflow)
+    train(2, tiny("amp-half", "--steps", "8", "--resume", *amp), work)
+    straight, resumed = records(work / "amp-straight"), records(work / "amp-half")
+    assert straight[2]["skipped"] and straight[3]["loss_scale"] == straight[1]["loss_scale"] / 2
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        for key in ("loss", "loss_scale", "skipped"):
+            assert resumed[step][key] == straight[step][key], (step, key)
