@@ -104,8 +104,6 @@ def run_cli(main: Callable[[], int], errors: tuple[type[BaseException], ...] = (
     try:
         sys.exit(main())
     except errors as exc:
-        from mpi4py import MPI
-
         if MPI.COMM_WORLD.Get_rank() == 0:
             print(f"error: {getattr(exc, 'plain', None) or exc}", file=sys.stderr, flush=True)
         sys.exit(2)

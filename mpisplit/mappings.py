@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import ops
 from .backend import get_array_module
 from .tensor import Function, Tensor
 
@@ -122,8 +123,6 @@ def pad_last(x: Tensor, size: int) -> Tensor:
     n = x.shape[-1]
     if n == size:
         return x
-    from . import ops
-
     xp = get_array_module(x.data)
     zeros = Tensor(xp.zeros((*x.shape[:-1], size - n), dtype=x.dtype))
     return ops.concat([x, zeros], axis=-1)

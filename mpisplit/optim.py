@@ -54,18 +54,6 @@ class Optimizer:
         """Per-parameter state by kind, each list aligned with `self.params` (for checkpoints)."""
         return {}
 
-    def load_state_arrays(self, state: dict[str, list[Any]], step_count: int) -> None:
-        mine = self.state_arrays()
-        if set(state) != set(mine):
-            raise ValueError(f"optimizer state kinds {sorted(state)} do not match {sorted(mine)}")
-        for kind, arrays in state.items():
-            for p, dst, src in zip(self.params, mine[kind], arrays):
-                if tuple(src.shape) != p.shape:
-                    raise ValueError(f"optimizer state {kind}: shape {tuple(src.shape)} != parameter {p.shape}")
-                xp = get_array_module(dst)
-                dst[...] = xp.asarray(src, dtype=dst.dtype)
-        self.step_count = int(step_count)
-
 
 class SGD(Optimizer):
     """p -= lr * (g + wd p), with heavy-ball momentum buf = mu buf + (g + wd p) when momentum > 0."""

@@ -95,7 +95,9 @@ class Tensor:
         return to_numpy(self.data)
 
     def item(self) -> float:
-        return float(self.numpy().reshape(-1)[0]) if self.size == 1 else _raise_item(self.shape)
+        if self.size != 1:
+            raise ValueError(f"item() needs a single-element tensor, got shape {self.shape}")
+        return float(self.numpy().reshape(-1)[0])
 
     def detach(self) -> Tensor:
         """The same data, cut from the graph."""
@@ -252,10 +254,6 @@ class Tensor:
         from . import ops
 
         return ops.log(self)
-
-
-def _raise_item(shape: tuple[int, ...]) -> float:
-    raise ValueError(f"item() needs a single-element tensor, got shape {shape}")
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:

@@ -17,9 +17,9 @@ import numpy as np
 
 from .. import ops
 from ..attention import KVCache, ParallelSelfAttention, valid_tp_degrees
-from ..backend import resolve_dtype
+from ..backend import resolve_dtype, to_numpy
 from ..cross_entropy import check_targets, vocab_parallel_cross_entropy
-from ..embedding import VocabParallelEmbedding, check_ids
+from ..embedding import VocabParallelEmbedding
 from ..layers import LayerNorm, ParallelMLP
 from ..mappings import gather_from_tp
 from ..module import Module, Parameter
@@ -136,8 +136,7 @@ class GPT(Module):
             raise ValueError(
                 f"sequence of {offset + idx.shape[1]} positions exceeds block_size={self.config.block_size}"
             )
-        check_ids(idx, self.config.vocab_size)
-        return idx
+        return idx  # the values are checked by the embedding lookup, before its all-reduce
 
     def hidden_states(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
         """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank."""
@@ -213,7 +212,7 @@ class GPT(Module):
                             feed = idx[:, -1:]
                         local = self.wte.logits(self.hidden_states(feed, caches))
                         logits = gather_from_tp(local[:, -1:], self.grid.tp_comm).data[:, 0, : self.config.vocab_size]
-                    nxt = _choose(np.asarray(_host(logits), dtype=np.float64), temperature, top_k, rng)
+                    nxt = _choose(np.asarray(to_numpy(logits), dtype=np.float64), temperature, top_k, rng)
                     idx = np.concatenate([idx, nxt[:, None]], axis=1)
                     if callback is not None:
                         callback(step, nxt)
@@ -247,12 +246,6 @@ class GPT(Module):
     def num_parameters(self) -> int:
         """Parameters of the global (unsplit, unpadded) model; the tied head counted once."""
         return int(sum(np.prod(p.global_shape) for p in self.parameters()))
-
-
-def _host(x: Any) -> np.ndarray:
-    from ..backend import to_numpy
-
-    return to_numpy(x)
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
