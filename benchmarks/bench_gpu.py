@@ -103,8 +103,8 @@ def mpisplit_step(shape: ModelShape, amp: str | None) -> tuple[Any, Any]:
     from mpi4py import MPI
 
     import mpisplit as ms
-    from mpisplit.amp import MixedPrecision
-    from mpisplit.device import use_gpu
+    from mpisplit.parallel.gpu import use_gpu
+    from mpisplit.training.amp import MixedPrecision
 
     grid = ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF)
     use_gpu(grid)
@@ -275,8 +275,9 @@ def part_comm(args: argparse.Namespace) -> dict[str, Any] | None:
     import cupy as cp
     from mpi4py import MPI
 
-    from mpisplit.comm import Communicator
-    from mpisplit.device import mpi_cuda_support, use_gpu
+    from mpisplit.parallel.comm import Communicator
+    from mpisplit.parallel.gpu import use_gpu
+    from mpisplit.runtime.device import mpi_cuda_support
 
     world = MPI.COMM_WORLD
     probe = Communicator(world)
@@ -328,8 +329,9 @@ def part_nccl_probe(args: argparse.Namespace) -> dict[str, Any] | None:
     import cupy as cp
     from mpi4py import MPI
 
-    from mpisplit.comm import Communicator
-    from mpisplit.device import NcclPath, use_gpu
+    from mpisplit.parallel.comm import Communicator
+    from mpisplit.parallel.device_paths import NcclPath
+    from mpisplit.parallel.gpu import use_gpu
 
     world = MPI.COMM_WORLD
     c = Communicator(world)

@@ -47,7 +47,7 @@ def worker(n: int, reps: int, limit: str, out_file: Path) -> None:
     from mpi4py import MPI
     from threadpoolctl import threadpool_info
 
-    from mpisplit.backend import limit_blas_threads
+    from mpisplit.runtime.backend import limit_blas_threads
 
     comm = MPI.COMM_WORLD
     if limit == "auto":

@@ -78,8 +78,8 @@ from mpi4py import MPI
 print('python', sys.version.split()[0], 'numpy', numpy.__version__, 'cupy', cupy.__version__, 'mpi4py', mpi4py.__version__, mpi4py.__file__)
 print(MPI.Get_library_version().splitlines()[0])
 print('devices', cupy.cuda.runtime.getDeviceCount(), 'CUDA runtime', cupy.cuda.runtime.runtimeGetVersion())
-from mpisplit.device import mpi_cuda_support, _nccl_available
-print('CUDA-aware MPI:', mpi_cuda_support(), '| NCCL:', _nccl_available())
+from mpisplit.runtime.device import mpi_cuda_support, nccl_available
+print('CUDA-aware MPI:', mpi_cuda_support(), '| NCCL:', nccl_available())
 try:
     import ml_dtypes; print('ml_dtypes', ml_dtypes.__version__)
 except ImportError as e: print('ml_dtypes missing', e)

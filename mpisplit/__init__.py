@@ -5,22 +5,34 @@
     model = ms.GPT(ms.GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64), grid)
     opt = ms.optim.AdamW(model.parameters(), lr=1e-3)
     loss = model.loss(idx, targets); loss.backward(); opt.step(); opt.zero_grad()
+
+The layers, from the bottom: runtime/ (arrays, devices, errors, faults), autograd/, parallel/
+(communicators, grid, differentiable collectives), nn/ (split layers), models/, training/
+(the loop, optimizers, checkpoints), cli/ (the `mpisplit` command). Each imports only those below.
 """
 
 __version__ = "0.1.0"
 
-from .allocator import tune_malloc
+from mpisplit.runtime.allocator import tune_malloc
 
 tune_malloc()  # reuse freed activation buffers instead of page-faulting them back each step
 
-from . import ops, optim
-from .backend import get_array_module, limit_blas_threads, to_numpy
-from .comm import Communicator
-from .grid import ProcessGrid
-from .layers import ColumnParallelLinear, LayerNorm, Linear, ParallelMLP, RowParallelLinear
-from .models.gpt import GPT, GPTConfig
-from .module import Module, Parameter
-from .tensor import Function, Tensor, no_grad
+from mpisplit.autograd import Function, Tensor, no_grad, ops
+from mpisplit.models import GPT, GPTConfig
+from mpisplit.nn import (
+    ColumnParallelLinear,
+    LayerNorm,
+    Linear,
+    Module,
+    ParallelMLP,
+    Parameter,
+    RowParallelLinear,
+)
+from mpisplit.parallel import Communicator, ProcessGrid
+from mpisplit.parallel.gpu import use_gpu
+from mpisplit.runtime import device
+from mpisplit.runtime.backend import get_array_module, limit_blas_threads, to_numpy
+from mpisplit.training import TrainConfig, Trainer, amp, optim, train
 
 __all__ = [
     "GPT",
@@ -36,6 +48,8 @@ __all__ = [
     "ProcessGrid",
     "RowParallelLinear",
     "Tensor",
+    "TrainConfig",
+    "Trainer",
     "amp",
     "device",
     "get_array_module",
@@ -44,4 +58,6 @@ __all__ = [
     "ops",
     "optim",
     "to_numpy",
+    "train",
+    "use_gpu",
 ]

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from mpisplit import checkpoint as ckpt
-from mpisplit.grid import ProcessGrid
+from mpisplit.parallel.grid import ProcessGrid
+from mpisplit.training.checkpoint import writer as ckpt
 
 BIG_ELEMENTS = 24 << 20  # 96 MiB of float32: the write takes a while
 
@@ -44,7 +44,7 @@ def main() -> None:
         marker.touch()
         time.sleep(600)
 
-    real_replace, real_fsync_file = os.replace, ckpt._fsync_file
+    real_replace, real_fsync_file = os.replace, ckpt.fsync_file
 
     def replace(src: os.PathLike, dst: os.PathLike) -> None:
         src_name, dst_name = Path(src).name, Path(dst).name
@@ -62,9 +62,9 @@ def main() -> None:
             stall()
 
     os.replace = replace
-    ckpt._fsync_file = fsync_file
+    ckpt.fsync_file = fsync_file
     if stage == "resave":
-        ckpt._exchange = lambda a, b: False
+        ckpt.exchange = lambda a, b: False
 
     arrays = helper_tensors(step, big=stage == "asap")
     tensors = {n: ckpt.ShardInfo(a, a.shape, None) for n, a in arrays.items()}

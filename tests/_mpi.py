@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from mpisplit.grid import ProcessGrid
+from mpisplit.parallel.grid import ProcessGrid
 
 
 def divisors(n: int) -> list[int]:

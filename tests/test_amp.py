@@ -3,30 +3,28 @@
 References: float64 NumPy formulas (layer norm, cross-entropy, gradient norm); a float32
 AdamW step on float32 copies of the master weights fed the unscaled float16 gradients (must
 match bit for bit); the float32 run of the same tiny GPT (a float16 run must track its loss);
-the loss-scaling rules of mpisplit/amp.py's docstring.
+the loss-scaling rules of mpisplit/training/amp.py's docstring.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
 from _mpi import all_ranks_equal, grids
-from conftest import REPO_ROOT
 from mpi4py import MPI
 
-from mpisplit import ops
-from mpisplit.amp import LossScaler, MixedPrecision, cast_module_, compute_dtype
-from mpisplit.comm import Communicator
-from mpisplit.cross_entropy import vocab_parallel_cross_entropy
-from mpisplit.grid import ProcessGrid
-from mpisplit.models.gpt import GPT, GPTConfig
-from mpisplit.module import Parameter
-from mpisplit.optim import AdamW, global_grad_norm
-from mpisplit.tensor import Tensor
+from mpisplit.autograd import ops
+from mpisplit.autograd.tensor import Tensor
+from mpisplit.models.config import GPTConfig
+from mpisplit.models.gpt import GPT
+from mpisplit.nn.cross_entropy import vocab_parallel_cross_entropy
+from mpisplit.nn.module import Parameter
+from mpisplit.parallel.comm import Communicator
+from mpisplit.parallel.grid import ProcessGrid
+from mpisplit.training.amp import LossScaler, MixedPrecision, cast_module_, compute_dtype
+from mpisplit.training.optim import AdamW, global_grad_norm
 
 pytestmark = pytest.mark.mpi
 
@@ -105,10 +103,9 @@ def test_compute_dtypes() -> None:
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("train", os.path.join(REPO_ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mpisplit.cli import train
+
+    return train
 
 
 def test_train_flags_are_checked_before_anything_runs() -> None:

@@ -16,10 +16,10 @@ import pytest
 from _mpi import all_ranks_equal, gather_grad, gather_slab, grids, max_rel
 from mpi4py import MPI
 
-from mpisplit.attention import ParallelSelfAttention
-from mpisplit.comm import Communicator
-from mpisplit.tensor import Tensor, no_grad
-from mpisplit.testing import numerical_grad
+from mpisplit.autograd.gradcheck import numerical_grad
+from mpisplit.autograd.tensor import Tensor, no_grad
+from mpisplit.nn.attention import ParallelSelfAttention
+from mpisplit.parallel.comm import Communicator
 
 pytestmark = pytest.mark.mpi
 

@@ -1,4 +1,4 @@
-"""mpisplit.backend: dtypes, host copies, namespace choice, BLAS thread counts."""
+"""mpisplit.runtime.backend: dtypes, host copies, namespace choice, BLAS thread counts."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from conftest import clean_mpi_env
 from mpi4py import MPI
 from threadpoolctl import threadpool_info
 
-from mpisplit import backend
-from mpisplit.backend import (
+from mpisplit.runtime import backend
+from mpisplit.runtime.backend import (
     get_array_module,
     is_cupy_array,
     limit_blas_threads,
@@ -100,7 +100,7 @@ def test_get_array_module_mixing_is_type_error() -> None:
 
 def test_backend_import_does_not_import_cupy() -> None:
     code = (
-        "import sys, numpy as np, mpisplit.backend as b\n"
+        "import sys, numpy as np, mpisplit.runtime.backend as b\n"
         "assert b.get_array_module(np.ones(2)) is np\n"
         "b.to_numpy(np.ones(2))\n"
         "assert 'cupy' not in sys.modules, 'cupy imported'\n"

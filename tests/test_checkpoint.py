@@ -26,15 +26,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpisplit import checkpoint as ckpt
-from mpisplit.checkpoint import (
+from mpisplit.parallel.grid import ProcessGrid
+from mpisplit.training.checkpoint import (
     CheckpointReader,
     ShardInfo,
     latest_checkpoint,
     load_shard,
     save_checkpoint,
 )
-from mpisplit.grid import ProcessGrid
+from mpisplit.training.checkpoint import writer as ckpt
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120)]
 
@@ -297,7 +297,7 @@ def test_keep_last_and_resave(shared_dir: Path) -> None:
 
 def test_resave_without_atomic_swap(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Filesystems without renameat2(RENAME_EXCHANGE) (NFS, macOS) take the two-rename path."""
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(ckpt, "exchange", lambda a, b: False)
     with grid_of(COMM.size) as g:
         save_checkpoint(shared_dir, 5, make_shards(g, 5), grid=g, meta={})
         path = save_checkpoint(shared_dir, 5, make_shards(g, 55), grid=g, meta={})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpisplit.comm import KINDS, MAX_COUNT, Communicator
+from mpisplit.parallel.comm import KINDS, MAX_COUNT, Communicator
 
 pytestmark = pytest.mark.mpi
 

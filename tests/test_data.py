@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpisplit.data import CharTokenizer, TextDataset, default_corpus, load_text, unigram_entropy
+from mpisplit.training.data import (
+    CharTokenizer,
+    TextDataset,
+    default_corpus,
+    load_text,
+    unigram_entropy,
+)
 
 TEXT = (
     "the quick brown fox jumps over the lazy dog.\nPack my box with five dozen liquor jugs!\n" * 4

@@ -2,7 +2,7 @@
 staged and CUDA-aware paths' host logic with NumPy arrays standing in for device arrays, and
 that the CPU path never imports CuPy.
 
-References: the choice table of mpisplit/device.py's docstring; Communicator collectives on
+References: the choice table of mpisplit/parallel/device_paths.py's docstring; Communicator collectives on
 the same data (the plain MPI path) and NumPy sums of every rank's data.
 """
 
@@ -17,17 +17,14 @@ import pytest
 from conftest import clean_mpi_env
 from mpi4py import MPI
 
-from mpisplit.comm import Communicator
-from mpisplit.device import (
+from mpisplit.parallel.comm import Communicator
+from mpisplit.parallel.device_paths import CudaAwarePath, StagedPath, check_path, choose_path
+from mpisplit.parallel.gpu import use_gpu
+from mpisplit.runtime.device import (
     CUDA_AWARE_ENV,
-    CudaAwarePath,
-    StagedPath,
-    check_path,
-    choose_path,
     device_index,
     launcher_local_rank,
     mpi_cuda_support,
-    use_gpu,
 )
 
 pytestmark = pytest.mark.mpi
@@ -279,7 +276,7 @@ CPU_STEP = textwrap.dedent(
     import sys
     import numpy as np
     import mpisplit as ms
-    import mpisplit.amp, mpisplit.device
+    import mpisplit.runtime.device, mpisplit.training.amp
     from mpi4py import MPI
 
     grid = ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF)

@@ -10,9 +10,9 @@ import pytest
 from conftest import clean_mpi_env, mpiexec_command
 from mpi4py import MPI
 
-from mpisplit import errors
-from mpisplit.comm import Communicator
-from mpisplit.errors import agree, install_abort_on_exception
+from mpisplit.parallel.comm import Communicator
+from mpisplit.runtime import errors
+from mpisplit.runtime.errors import agree, install_abort_on_exception
 
 
 class CustomError(Exception):
@@ -129,7 +129,7 @@ def test_excepthook_prints_once_with_rank_and_aborts(
 ABORT_SCRIPT = textwrap.dedent(
     """
     from mpi4py import MPI
-    from mpisplit.errors import install_abort_on_exception
+    from mpisplit.runtime.errors import install_abort_on_exception
 
     install_abort_on_exception()
     world = MPI.COMM_WORLD

@@ -1,4 +1,4 @@
-"""Failure handling: no hangs, no lost work (mpisplit.faults and train.py).
+"""Failure handling: no hangs, no lost work (mpisplit.runtime.faults and train.py).
 
 Unit tests of the pieces, then train.py launched with `mpiexec -n 2` / `-n 4` and failures
 injected through MPISPLIT_FAULT: an exception on one rank, a rank killed with SIGKILL, SIGTERM
@@ -23,9 +23,8 @@ import pytest
 from conftest import REPO_ROOT, clean_mpi_env, mpiexec_path
 from mpi4py import MPI
 
-from mpisplit import faults
-from mpisplit.checkpoint import CheckpointReader, latest_checkpoint
-from mpisplit.faults import (
+from mpisplit.runtime import faults
+from mpisplit.runtime.faults import (
     ConsistencyError,
     Fault,
     FaultInjector,
@@ -36,6 +35,7 @@ from mpisplit.faults import (
     format_ranks,
     parse_faults,
 )
+from mpisplit.training.checkpoint import CheckpointReader, latest_checkpoint
 
 pytestmark = pytest.mark.skipif(
     MPI.COMM_WORLD.Get_size() > 1, reason="launches its own MPI jobs; runs at world size 1"
@@ -608,7 +608,7 @@ def test_hang_on_one_rank_is_named_and_aborted(tmp_path: Path, corpus: Path) -> 
     assert timeout <= waited < timeout + 2.0  # the watchdog ticks every timeout / 10
     assert (
         "missing ranks: 1\n" in err
-        and "outside MPI at mpisplit/faults.py" in err
+        and "outside MPI at mpisplit/runtime/faults/injection.py" in err
         and "(_hang)" in err
     )
     assert "waiting ranks: 0\n" in err

@@ -17,10 +17,11 @@ import pytest
 from _mpi import all_ranks_equal, grids, max_rel
 from mpi4py import MPI
 
-from mpisplit.grid import ProcessGrid
-from mpisplit.models.gpt import GPT, GPTConfig
-from mpisplit.optim import AdamW, average_gradients, clip_grad_norm, cosine_lr
-from mpisplit.tensor import no_grad
+from mpisplit.autograd.tensor import no_grad
+from mpisplit.models.config import GPTConfig
+from mpisplit.models.gpt import GPT
+from mpisplit.parallel.grid import ProcessGrid
+from mpisplit.training.optim import AdamW, average_gradients, clip_grad_norm, cosine_lr
 
 pytestmark = pytest.mark.mpi
 

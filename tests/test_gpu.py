@@ -15,22 +15,19 @@ import pytest
 from _mpi import all_ranks_equal, divisors
 from mpi4py import MPI
 
-from mpisplit.amp import MixedPrecision, compute_dtype
-from mpisplit.backend import to_numpy
-from mpisplit.comm import KINDS, Communicator
-from mpisplit.device import (
-    CudaAwarePath,
-    DeviceRandom,
-    NcclPath,
-    StagedPath,
-    mpi_cuda_support,
-    use_gpu,
-)
-from mpisplit.grid import ProcessGrid
-from mpisplit.layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear
-from mpisplit.models.gpt import GPT, GPTConfig
-from mpisplit.optim import AdamW, average_gradients, clip_grad_norm
-from mpisplit.tensor import Tensor
+from mpisplit.autograd.tensor import Tensor
+from mpisplit.models.config import GPTConfig
+from mpisplit.models.gpt import GPT
+from mpisplit.nn.linear import ColumnParallelLinear, RowParallelLinear
+from mpisplit.nn.mlp import ParallelMLP
+from mpisplit.parallel.comm import KINDS, Communicator
+from mpisplit.parallel.device_paths import CudaAwarePath, NcclPath, StagedPath
+from mpisplit.parallel.gpu import use_gpu
+from mpisplit.parallel.grid import ProcessGrid
+from mpisplit.runtime.backend import to_numpy
+from mpisplit.runtime.device import DeviceRandom, mpi_cuda_support
+from mpisplit.training.amp import MixedPrecision, compute_dtype
+from mpisplit.training.optim import AdamW, average_gradients, clip_grad_norm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
 
@@ -257,7 +254,7 @@ def test_staged_path_reuses_pinned_buffers() -> None:
 def test_layers_on_cupy_equal_numpy_float64() -> None:
     import cupy
 
-    from mpisplit.device import to_device
+    from mpisplit.runtime.device import to_device
 
     for cpu, gpu, _ in _grid_pairs():
         rng = np.random.default_rng(4)

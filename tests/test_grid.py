@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpisplit.comm import Communicator
-from mpisplit.grid import ProcessGrid
+from mpisplit.parallel.comm import Communicator
+from mpisplit.parallel.grid import ProcessGrid
 
 pytestmark = pytest.mark.mpi
 

@@ -31,8 +31,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import mpisplit as ms
-from mpisplit.checkpoint import CheckpointReader
 from mpisplit.models import hf_gpt2
+from mpisplit.training.checkpoint import CheckpointReader
 
 COMM = MPI.COMM_WORLD
 TINY = {"V": 67, "S": 16, "L": 2, "H": 12, "h": 36}

@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO_ROOT, clean_mpi_env, mpiexec_path
 from mpi4py import MPI
 
-from mpisplit.checkpoint import CheckpointReader, latest_checkpoint
+from mpisplit.training.checkpoint import CheckpointReader, latest_checkpoint
 
 pytestmark = pytest.mark.skipif(
     MPI.COMM_WORLD.Get_size() > 1, reason="launches its own MPI jobs; runs at world size 1"

@@ -7,9 +7,11 @@ import pytest
 from _mpi import all_ranks_equal, gather_grad, gather_slab, grids, max_rel
 from mpi4py import MPI
 
-from mpisplit import ops
-from mpisplit.layers import ColumnParallelLinear, LayerNorm, Linear, ParallelMLP, RowParallelLinear
-from mpisplit.tensor import Tensor
+from mpisplit.autograd import ops
+from mpisplit.autograd.tensor import Tensor
+from mpisplit.nn.layernorm import LayerNorm
+from mpisplit.nn.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from mpisplit.nn.mlp import ParallelMLP
 
 TOL = {np.float64: 1e-10, np.float32: 1e-5}
 pytestmark = pytest.mark.mpi
@@ -172,6 +174,6 @@ def test_bad_input_raises_on_every_rank():
 
 
 def _self_comm():
-    from mpisplit.comm import Communicator
+    from mpisplit.parallel.comm import Communicator
 
     return Communicator(MPI.COMM_SELF)

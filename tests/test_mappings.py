@@ -11,8 +11,9 @@ import pytest
 from _mpi import grids
 from mpi4py import MPI
 
-from mpisplit.comm import Communicator
-from mpisplit.mappings import (
+from mpisplit.autograd.tensor import Tensor
+from mpisplit.parallel.comm import Communicator
+from mpisplit.parallel.mappings import (
     all_gather_from_sp,
     copy_to_tp,
     gather_from_tp,
@@ -20,7 +21,6 @@ from mpisplit.mappings import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
-from mpisplit.tensor import Tensor
 
 pytestmark = pytest.mark.mpi
 

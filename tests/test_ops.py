@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from mpisplit import ops
-from mpisplit.tensor import Tensor, no_grad
-from mpisplit.testing import gradcheck
+from mpisplit.autograd import ops
+from mpisplit.autograd.gradcheck import gradcheck
+from mpisplit.autograd.tensor import Tensor, no_grad
 
 TOL = 1e-6
 rng = np.random.default_rng(1234)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from _mpi import all_ranks_equal, gather_grad, grids
 
-from mpisplit.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear
-from mpisplit.module import Parameter
-from mpisplit.optim import (
+from mpisplit.nn.layernorm import LayerNorm
+from mpisplit.nn.linear import ColumnParallelLinear, RowParallelLinear
+from mpisplit.nn.module import Parameter
+from mpisplit.training.optim import (
     SGD,
     AdamW,
     average_gradients,

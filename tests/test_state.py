@@ -23,10 +23,10 @@ from _mpi import divisors, grids
 from mpi4py import MPI
 
 import mpisplit as ms
-from mpisplit.checkpoint import CheckpointReader, save_checkpoint
-from mpisplit.grid import ProcessGrid
-from mpisplit.optim import AdamW, average_gradients
-from mpisplit.state import (
+from mpisplit.parallel.grid import ProcessGrid
+from mpisplit.training.checkpoint import CheckpointReader, save_checkpoint
+from mpisplit.training.optim import AdamW, average_gradients
+from mpisplit.training.state import (
     load_model,
     load_optimizer,
     resolve_checkpoint,

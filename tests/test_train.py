@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO_ROOT, clean_mpi_env, mpiexec_path
 from safetensors.numpy import load_file
 
-from mpisplit.data import default_corpus
+from mpisplit.training.data import default_corpus
 
 TRAIN = Path(REPO_ROOT) / "train.py"
 README = Path(REPO_ROOT) / "README.md"
@@ -386,9 +386,9 @@ def generate_here(out: Path, prompt: str, n: int, **kw: float) -> str:
     from mpi4py import MPI
 
     import mpisplit as ms
-    from mpisplit.checkpoint import CheckpointReader
-    from mpisplit.data import CharTokenizer
-    from mpisplit.state import load_model, resolve_checkpoint
+    from mpisplit.training.checkpoint import CheckpointReader
+    from mpisplit.training.data import CharTokenizer
+    from mpisplit.training.state import load_model, resolve_checkpoint
 
     with (
         ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF) as grid,

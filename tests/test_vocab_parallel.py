@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from _mpi import all_ranks_equal, gather_grad, gather_slab, grids, max_rel
 
-from mpisplit.cross_entropy import vocab_parallel_cross_entropy
-from mpisplit.embedding import VocabParallelEmbedding
-from mpisplit.tensor import Tensor
+from mpisplit.autograd.tensor import Tensor
+from mpisplit.nn.cross_entropy import vocab_parallel_cross_entropy
+from mpisplit.nn.embedding import VocabParallelEmbedding
 
 pytestmark = pytest.mark.mpi
 

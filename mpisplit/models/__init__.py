@@ -1,5 +1,7 @@
-"""Whole models built from the split layers."""
+"""Whole models built from the split layers: GPT (gpt.py), its shape (config.py) and the Hugging
+Face GPT-2 folder layout (hf_gpt2.py). Imports nn/ and below."""
 
-from .gpt import GPT, GPTConfig
+from mpisplit.models.config import GPTConfig
+from mpisplit.models.gpt import GPT
 
 __all__ = ["GPT", "GPTConfig"]

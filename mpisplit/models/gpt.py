@@ -10,50 +10,21 @@ rank; `model.loss(idx, targets)` keeps them split (vocab-parallel loss).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from .. import ops
-from ..attention import KVCache, ParallelSelfAttention, valid_tp_degrees
-from ..backend import resolve_dtype, to_numpy
-from ..cross_entropy import check_targets, vocab_parallel_cross_entropy
-from ..embedding import VocabParallelEmbedding
-from ..layers import LayerNorm, ParallelMLP
-from ..mappings import gather_from_tp
-from ..module import Module, Parameter
-from ..tensor import Tensor, no_grad
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50257  # real (unpadded) vocabulary size
-    block_size: int = 1024  # longest sequence: rows of the position table
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads (the TP degree must divide it)
-    n_embd: int = 768  # hidden size (a multiple of n_head)
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches while training
-    layer_norm_eps: float = 1e-5
-
-    def validate(self, tp: int = 1) -> None:
-        """ValueError naming the values when the shape cannot be built at this TP degree."""
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        if self.n_head % tp:
-            raise ValueError(
-                f"n_head={self.n_head} cannot be split over tp={tp} ranks; "
-                f"tp values that work: {valid_tp_degrees(self.n_head)}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from mpisplit.autograd import Tensor, no_grad, ops
+from mpisplit.models import hf_gpt2
+from mpisplit.models.config import GPTConfig
+from mpisplit.nn.attention import KVCache, ParallelSelfAttention
+from mpisplit.nn.cross_entropy import check_targets, vocab_parallel_cross_entropy
+from mpisplit.nn.embedding import VocabParallelEmbedding
+from mpisplit.nn.layernorm import LayerNorm
+from mpisplit.nn.mlp import ParallelMLP
+from mpisplit.nn.module import Module, Parameter
+from mpisplit.parallel.mappings import gather_from_tp
+from mpisplit.runtime.backend import resolve_dtype, to_numpy
 
 
 class PositionEmbedding(Module):
@@ -115,10 +86,10 @@ class GPT(Module):
             self.reset_parameters(seed)
 
     def to(self, device: str) -> GPT:
-        """Move the parameters to the current GPU ("gpu"; once bound by mpisplit.device.use_gpu)
+        """Move the parameters to the current GPU ("gpu"; once bound by mpisplit.parallel.gpu.use_gpu)
         and draw dropout masks there, from the same host generators. In place."""
         if device == "gpu" and self.device != "gpu":
-            from ..device import DeviceRandom, to_device
+            from mpisplit.runtime.device import DeviceRandom, to_device
 
             to_device(self)
             self.rng_shared, self.rng_local = DeviceRandom(self.rng_shared), DeviceRandom(self.rng_local)
@@ -233,14 +204,10 @@ class GPT(Module):
     def from_pretrained(cls, folder: Any, grid: Any, dtype: Any = "float32") -> GPT:
         """Load GPT-2 weights saved in the Hugging Face layout (config.json + model.safetensors);
         each rank reads only its slices. See mpisplit.models.hf_gpt2."""
-        from . import hf_gpt2
-
         return hf_gpt2.from_pretrained(cls, folder, grid, dtype)
 
     def save_pretrained(self, folder: Any) -> None:
         """Write config.json + model.safetensors in the Hugging Face GPT-2 layout (unpadded). Collective."""
-        from . import hf_gpt2
-
         hf_gpt2.save_pretrained(self, folder)
 
     def num_parameters(self) -> int:

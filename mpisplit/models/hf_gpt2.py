@@ -51,13 +51,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backend import get_array_module, resolve_dtype, to_numpy
-from ..checkpoint import _fsync_dir
-from ..errors import agree
-from ..module import Parameter
+from mpisplit.models.config import GPTConfig
+from mpisplit.nn.module import Parameter
+from mpisplit.runtime.backend import get_array_module, resolve_dtype, to_numpy
+from mpisplit.runtime.errors import agree
+from mpisplit.runtime.files import fsync_dir
 
 if TYPE_CHECKING:
-    from .gpt import GPT, GPTConfig
+    from mpisplit.nn.module import (
+        Module as GPT,  # the model class is passed in: no import of gpt.py
+    )
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -119,8 +122,6 @@ def _number(cfg: dict, key: str, default: float, where: Path) -> float:
 
 def _parse_config(folder: Path) -> tuple[GPTConfig, bool]:
     """(GPTConfig, tie_word_embeddings) of config.json in `folder`."""
-    from .gpt import GPTConfig
-
     if not folder.is_dir():
         raise FileNotFoundError(f"Hugging Face model folder {str(folder)!r} does not exist")
     path = folder / CONFIG_NAME
@@ -542,7 +543,7 @@ def save_pretrained(model: GPT, folder: str | os.PathLike) -> None:
                     os.fsync(f.fileno())
                 os.replace(tmp, folder / WEIGHTS_NAME)
                 os.replace(config_tmp, folder / CONFIG_NAME)
-                _fsync_dir(folder)
+                fsync_dir(folder)
     except BaseException:
         if fd is not None:
             os.close(fd)

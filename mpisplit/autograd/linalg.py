@@ -1,0 +1,99 @@
+"""Matrix products: a @ b with batch broadcasting, the fused x @ W + b, and the tied-head x @ W^T."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpisplit.autograd.operands import _operands, _unbroadcast
+from mpisplit.autograd.tensor import Function, Tensor
+from mpisplit.runtime.backend import get_array_module
+
+
+class MatMul(Function):
+    """a @ b with NumPy broadcasting of the batch dimensions."""
+
+    def forward(self, a: Any, b: Any) -> Any:
+        self.save(a, b)
+        return a @ b
+
+    def backward(self, g: Any) -> tuple[Any, Any]:
+        a, b = self.saved
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = _unbroadcast(g @ b.swapaxes(-1, -2), a.shape)
+        if self.needs_input_grad[1]:
+            if b.ndim == 2:
+                # (..., m, k) x (..., m, n): fold the batch into one GEMM instead of a sum of GEMMs.
+                gb = a.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+            else:
+                gb = _unbroadcast(a.swapaxes(-1, -2) @ g, b.shape)
+        return ga, gb
+
+
+class Linear(Function):
+    """x @ w (+ b) for x (..., k), w (k, n), b (n,): one GEMM each way."""
+
+    def forward(self, x: Any, w: Any, b: Any = None) -> Any:
+        self.save(x, w)
+        self.has_bias = b is not None
+        out = x.reshape(-1, x.shape[-1]) @ w  # (M, n)
+        if b is not None:
+            out += b
+        return out.reshape(*x.shape[:-1], w.shape[-1])
+
+    def backward(self, g: Any) -> tuple[Any, ...]:
+        x, w = self.saved
+        g2 = g.reshape(-1, g.shape[-1])  # (M, n)
+        gx = (g2 @ w.T).reshape(x.shape) if self.needs_input_grad[0] else None
+        gw = x.reshape(-1, x.shape[-1]).T @ g2 if self.needs_input_grad[1] else None
+        if not self.has_bias:
+            return gx, gw
+        gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+class LinearT(Function):
+    """x @ w^T for x (..., k) and w (n, k) stored row-major (a tied embedding table):
+    both gradients come out contiguous in their parameter's own layout."""
+
+    def forward(self, x: Any, w: Any) -> Any:
+        self.save(x, w)
+        out = x.reshape(-1, x.shape[-1]) @ w.T  # (M, n)
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
+    def backward(self, g: Any) -> tuple[Any, Any]:
+        x, w = self.saved
+        g2 = g.reshape(-1, g.shape[-1])  # (M, n)
+        gx = (g2 @ w).reshape(x.shape) if self.needs_input_grad[0] else None
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None  # (n, k)
+        return gx, gw
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    a, b = _operands(a, b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul needs operands of at least 2 dimensions, got shapes {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul shape mismatch: {a.shape} @ {b.shape}")
+    return MatMul.apply(a, b)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight + bias with weight stored (in_features, out_features)."""
+    if x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"linear: input features {x.shape[-1]} != weight rows {weight.shape[0]} (weight {weight.shape})")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"linear: input dtype {x.dtype} != weight dtype {weight.dtype}")
+    get_array_module(x.data, weight.data)
+    if bias is None:
+        return Linear.apply(x, weight)
+    return Linear.apply(x, weight, bias)
+
+
+def linear_t(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight^T with weight stored (out_features, in_features), e.g. a tied LM head."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_t: input features {x.shape[-1]} != weight columns {weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"linear_t: input dtype {x.dtype} != weight dtype {weight.dtype}")
+    return LinearT.apply(x, weight)

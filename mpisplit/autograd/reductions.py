@@ -1,0 +1,125 @@
+"""Reductions and normalisation: sum and mean, softmax and log-softmax, layer norm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpisplit.autograd.elementwise import mul
+from mpisplit.autograd.operands import _normalize_axes
+from mpisplit.autograd.tensor import Function, Tensor
+from mpisplit.runtime.backend import get_array_module, is_low_precision
+
+
+class Sum(Function):
+    def forward(self, a: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        self.shape = a.shape
+        self.axes = _normalize_axes(axis, a.ndim)
+        self.keepdims = keepdims
+        xp = get_array_module(a)
+        return xp.asarray(a.sum(axis=self.axes, keepdims=keepdims))
+
+    def backward(self, g: Any) -> Any:
+        xp = get_array_module(g)
+        if not self.keepdims:
+            g = g.reshape([1 if i in self.axes else n for i, n in enumerate(self.shape)])
+        return xp.broadcast_to(g, self.shape)
+
+
+class Softmax(Function):
+    def forward(self, a: Any, axis: int = -1) -> Any:
+        xp = get_array_module(a)
+        self.axis = axis
+        out = a - a.max(axis=axis, keepdims=True)
+        xp.exp(out, out=out)
+        out /= out.sum(axis=axis, keepdims=True)
+        self.save(out)
+        return out
+
+    def backward(self, g: Any) -> Any:
+        (out,) = self.saved
+        gx = g * out
+        gx -= out * gx.sum(axis=self.axis, keepdims=True)
+        return gx
+
+
+class LogSoftmax(Function):
+    def forward(self, a: Any, axis: int = -1) -> Any:
+        xp = get_array_module(a)
+        self.axis = axis
+        shifted = a - a.max(axis=axis, keepdims=True)
+        out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        self.save(out)
+        return out
+
+    def backward(self, g: Any) -> Any:
+        (out,) = self.saved
+        xp = get_array_module(g)
+        return g - xp.exp(out) * g.sum(axis=self.axis, keepdims=True)
+
+
+# ---------------------------------------------------------- network pieces
+
+
+class LayerNorm(Function):
+    """(x - mean) / sqrt(var + eps) * w + b over the last axis; var is biased."""
+
+    def forward(self, x: Any, w: Any, b: Any, eps: float = 1e-5) -> Any:
+        xp = get_array_module(x)
+        low = is_low_precision(x.dtype)  # float16/bfloat16: statistics and xhat in float32
+        if low:
+            x = x.astype(xp.float32)
+        mu = x.mean(axis=-1, keepdims=True)
+        xhat = x - mu
+        var = (xhat * xhat).mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + eps)
+        xhat *= rstd
+        self.save(xhat, rstd, w)
+        out = xhat * w
+        out += b
+        return out.astype(w.dtype) if low else out
+
+    def backward(self, g: Any) -> tuple[Any, Any, Any]:
+        xhat, rstd, w = self.saved
+        h = xhat.shape[-1]
+        low = is_low_precision(w.dtype)  # 16-bit weights, float32 statistics
+        if low:
+            g = g.astype(xhat.dtype)
+        gx = gw = gb = None
+        if self.needs_input_grad[1]:
+            gw = (g * xhat).reshape(-1, h).sum(axis=0)
+        if self.needs_input_grad[2]:
+            gb = g.reshape(-1, h).sum(axis=0)
+        if self.needs_input_grad[0]:
+            gxhat = g * w
+            # dx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
+            proj = (gxhat * xhat).mean(axis=-1, keepdims=True)
+            gx = gxhat - gxhat.mean(axis=-1, keepdims=True)
+            gx -= xhat * proj
+            gx *= rstd
+        if low:
+            gx, gw, gb = (None if a is None else a.astype(w.dtype) for a in (gx, gw, gb))
+        return gx, gw, gb
+
+def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
+def mean(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    count = 1
+    for ax in _normalize_axes(axis, a.ndim):
+        count *= a.shape[ax]
+    return mul(Sum.apply(a, axis=axis, keepdims=keepdims), 1.0 / count)
+
+
+def softmax(a: Tensor, axis: int = -1) -> Tensor:
+    return Softmax.apply(a, axis=axis)
+
+
+def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(a, axis=axis)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        raise ValueError(f"layer_norm: weight {weight.shape} and bias {bias.shape} must be ({x.shape[-1]},)")
+    return LayerNorm.apply(x, weight, bias, eps=eps)

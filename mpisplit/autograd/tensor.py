@@ -1,0 +1,224 @@
+"""Tensor and a small explicit reverse-mode autograd.
+
+A `Tensor` wraps one array of the active backend (NumPy or CuPy). Every
+differentiable operation is a `Function` subclass with a `forward` on raw arrays
+and a `backward` that maps the output gradient to one gradient per input.
+`Tensor.backward()` sorts the graph topologically and walks it in reverse,
+accumulating gradients; the graph and the intermediates saved by each
+`Function` are released as the walk passes them.
+
+Arithmetic operators and methods (`a + b`, `a @ b`, `t.sum()`) are attached by
+`mpisplit.autograd.operators`, which sits above the primitives: this file imports none.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from mpisplit.runtime.backend import get_array_module
+
+_grad_mode = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    """Whether operations record the graph (False inside `no_grad`)."""
+    return getattr(_grad_mode, "enabled", True)
+
+
+@contextmanager
+def no_grad() -> Iterator[None]:
+    """Run the body without recording the graph (evaluation, decoding, updates)."""
+    previous = is_grad_enabled()
+    _grad_mode.enabled = False
+    try:
+        yield
+    finally:
+        _grad_mode.enabled = previous
+
+
+def _as_array(data: Any) -> Any:
+    """NumPy and CuPy arrays pass through; anything else becomes a NumPy array."""
+    if isinstance(data, np.ndarray) or type(data).__module__.split(".")[0] == "cupy":
+        return data
+    return np.asarray(data)
+
+
+class Tensor:
+    """An array with an optional gradient and the `Function` that produced it."""
+
+    # Let `np.float64(2) * tensor` reach Tensor.__rmul__ instead of NumPy.
+    __array_priority__ = 1000
+
+    def __init__(self, data: Any, requires_grad: bool = False, _ctx: Function | None = None) -> None:
+        if isinstance(data, Tensor):
+            data = data.data
+        self.data = _as_array(data)
+        self.grad: Any = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx = _ctx
+        self._freed = False  # set once backward() has walked (and dropped) this node's graph
+
+    # ----------------------------------------------------------------- views
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def xp(self) -> Any:
+        return get_array_module(self.data)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{grad})"
+
+    def numpy(self) -> np.ndarray:
+        """A host NumPy copy (or view, on the CPU) of the data."""
+        from mpisplit.runtime.backend import to_numpy
+
+        return to_numpy(self.data)
+
+    def item(self) -> float:
+        if self.size != 1:
+            raise ValueError(f"item() needs a single-element tensor, got shape {self.shape}")
+        return float(self.numpy().reshape(-1)[0])
+
+    def detach(self) -> Tensor:
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    # --------------------------------------------------------------- autograd
+    def backward(self, grad: Any = None) -> None:
+        """Accumulate d(self)/d(leaf) into `.grad` of every leaf that requires it.
+
+        With no argument the tensor must hold one element (a loss) and the seed
+        gradient is 1. The graph is freed as it is walked, so a second call on the
+        same graph raises.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad")
+        if self._freed:
+            raise RuntimeError("backward() through a graph that was already freed by an earlier backward()")
+        if grad is None:
+            if self.size != 1:
+                raise ValueError(f"backward() without a gradient needs a single-element tensor, got shape {self.shape}")
+            grad = self.xp.ones_like(self.data)
+        elif isinstance(grad, Tensor):
+            grad = grad.data
+        if tuple(grad.shape) != self.shape:
+            raise ValueError(f"gradient shape {tuple(grad.shape)} does not match tensor shape {self.shape}")
+
+        order = _topological_order(self)
+        grads: dict[int, Any] = {id(self): grad}
+        owned: set[int] = set()  # ids of tensors whose pending gradient this pass may modify in place
+        assigned: set[int] = set()  # array ids already stored in some leaf's .grad during this pass
+        for node in reversed(order):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            ctx = node._ctx
+            if ctx is None:  # a leaf
+                if node.grad is None:
+                    # Own the array: a view (broadcast, slice) or one shared with another leaf is copied.
+                    if id(g) in assigned or getattr(g, "base", None) is not None:
+                        g = g.copy()
+                    node.grad = g
+                    assigned.add(id(node.grad))
+                else:
+                    node.grad = node.grad + g
+                continue
+            in_grads = ctx.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            for parent, pg in zip(ctx.inputs, in_grads):
+                if pg is None or not parent.requires_grad:
+                    continue
+                assert tuple(pg.shape) == parent.shape, (type(ctx).__name__, pg.shape, parent.shape)
+                key = id(parent)
+                pending = grads.get(key)
+                if pending is None:
+                    grads[key] = pg
+                elif key in owned:
+                    pending += pg
+                else:
+                    grads[key] = pending + pg
+                    owned.add(key)
+            # Release the graph behind us: saved intermediates go with the Function.
+            ctx.saved = ()
+            ctx.inputs = ()
+            node._ctx = None
+            node._freed = True
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Tensors reachable from `root` through requires-grad edges, parents first."""
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            for parent in node._ctx.inputs:
+                if parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+    return order
+
+
+class Function:
+    """One differentiable operation.
+
+    Subclasses implement `forward(*arrays, **options)` returning an array and
+    `backward(grad)` returning one gradient (or None) per tensor input, in order.
+    `self.needs_input_grad[i]` says whether input i wants a gradient, so backward
+    can skip work; `self.save(...)` keeps what backward needs.
+    """
+
+    def __init__(self, *inputs: Tensor) -> None:
+        self.inputs: tuple[Tensor, ...] = inputs
+        self.needs_input_grad = tuple(t.requires_grad for t in inputs)
+        self.requires_grad = is_grad_enabled() and any(self.needs_input_grad)
+        self.saved: tuple[Any, ...] = ()
+
+    def save(self, *values: Any) -> None:
+        if self.requires_grad:
+            self.saved = values
+
+    def forward(self, *arrays: Any, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def backward(self, grad: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs: Tensor, **options: Any) -> Tensor:
+        fn = cls(*inputs)
+        out = fn.forward(*(t.data for t in inputs), **options)
+        if fn.requires_grad:
+            return Tensor(out, requires_grad=True, _ctx=fn)
+        return Tensor(out)

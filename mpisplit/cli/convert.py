@@ -1,0 +1,125 @@
+"""Convert between mpisplit checkpoints and Hugging Face GPT-2 folders.
+
+    mpirun -n 2 mpisplit convert --to-hf out/run1 gpt2-export
+    mpirun -n 4 mpisplit convert --from-hf gpt2-folder ckpt-root --step 0
+    mpisplit convert --to-hf out/run1/step-00000600 gpt2-export --dtype float32
+
+--to-hf reads an mpisplit checkpoint (a run folder's latest step, or one step folder; saved at
+any TP degree) and writes config.json + model.safetensors in the Hugging Face GPT-2 layout.
+--from-hf reads such a folder and writes an mpisplit checkpoint OUT_ROOT/step-XXXXXXXX (model
+weights and config; no tokenizer, no optimizer state); other checkpoints under OUT_ROOT are kept.
+
+Any world size works: each rank holds only its slabs. The TP degree is the largest one that
+divides both the world size and n_head unless --tp is given; the remaining ranks form data-parallel
+replicas that read but do not write. Rank 0 prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument(
+        "--to-hf", nargs=2, metavar=("CKPT", "OUT_FOLDER"),
+        help="mpisplit checkpoint (run folder or step folder) -> Hugging Face GPT-2 folder",
+    )
+    way.add_argument(
+        "--from-hf", nargs=2, metavar=("HF_FOLDER", "OUT_ROOT"),
+        help="Hugging Face GPT-2 folder -> mpisplit checkpoint under OUT_ROOT",
+    )
+    p.add_argument("--step", type=int, default=0, help="step number of the written checkpoint (--from-hf)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: see above)")
+    p.add_argument(
+        "--dtype", choices=["float32", "float64"], default=None,
+        help="dtype of the written weights (default: the source's; float16/bfloat16 become float32)",
+    )
+    return p.parse_args(argv)
+
+
+def choose_tp(requested: int | None, world_size: int, n_head: int) -> int:
+    """--tp if given (it must divide the world size), else gcd(world size, n_head)."""
+    if requested is None:
+        return math.gcd(world_size, n_head)
+    if requested <= 0 or world_size % requested:
+        raise ValueError(f"--tp {requested} does not divide the world size {world_size}")
+    return requested
+
+
+def to_hf(ckpt: str, out: str, tp: int | None, dtype: str | None, world: Any) -> str:
+    import mpisplit as ms
+    from mpisplit.runtime.errors import agree
+    from mpisplit.training.checkpoint import CheckpointReader
+    from mpisplit.training.state import load_model, resolve_checkpoint
+
+    with agree(world):
+        path = resolve_checkpoint(ckpt)
+    reader = CheckpointReader(path, world)
+    with agree(world):
+        if not isinstance(reader.meta.get("config"), dict) or "model/wte.weight" not in reader.names():
+            raise ValueError(f"{path} is not a GPT checkpoint (no meta config or no model/wte.weight)")
+        cfg = ms.GPTConfig(**reader.meta["config"])
+        tp = choose_tp(tp, world.Get_size(), cfg.n_head)
+        cfg.validate(tp)
+        stored = reader.dtype("model/wte.weight").name
+        dtype = dtype or (stored if stored in ("float32", "float64") else "float32")
+    grid = ms.ProcessGrid(tp=tp, comm=world)
+    model = ms.GPT(cfg, grid, dtype=dtype, init=False)
+    load_model(reader, model)
+    reader.close()
+    model.save_pretrained(out)
+    grid.free()
+    return (
+        f"wrote {out} (config.json, model.safetensors) from {path}: {model.num_parameters():,} parameters, "
+        f"{dtype}, tp={tp}"
+    )
+
+
+def from_hf(hf: str, out_root: str, step: int, tp: int | None, dtype: str | None, world: Any) -> str:
+    import mpisplit as ms
+    from mpisplit.models import hf_gpt2
+    from mpisplit.runtime.errors import agree
+    from mpisplit.training.state import save_training_state
+
+    with agree(world):
+        if step < 0:
+            raise ValueError(f"--step must be >= 0, got {step}")
+        cfg = hf_gpt2.read_config(hf)
+        tp = choose_tp(tp, world.Get_size(), cfg.n_head)
+        cfg.validate(tp)
+        dtype = dtype or hf_gpt2.weights_dtype(hf).name
+    grid = ms.ProcessGrid(tp=tp, comm=world)
+    model = ms.GPT.from_pretrained(hf, grid, dtype=dtype)
+    meta = {"config": model.config.to_dict(), "step": step, "dtype": dtype, "source": {"huggingface_gpt2": str(hf)}}
+    # keep_last=sys.maxsize: a conversion never deletes other checkpoints under OUT_ROOT.
+    path = save_training_state(out_root, step, model, None, grid, meta=meta, keep_last=sys.maxsize)
+    grid.free()
+    return f"wrote {path} from {hf}: {model.num_parameters():,} parameters, {dtype}, tp={tp}"
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    from mpi4py import MPI
+
+    from mpisplit.runtime.errors import install_abort_on_exception
+
+    world = MPI.COMM_WORLD
+    install_abort_on_exception(world)
+    if args.to_hf:
+        summary = to_hf(*args.to_hf, args.tp, args.dtype, world)
+    else:
+        summary = from_hf(*args.from_hf, args.step, args.tp, args.dtype, world)
+    if world.Get_rank() == 0:
+        print(summary, flush=True)
+    return 0
+

@@ -1,0 +1,104 @@
+"""Tensor-parallel text generation from a checkpoint.
+
+    mpirun -n 2 mpisplit generate --ckpt out --prompt "The "
+    mpirun -n 4 mpisplit generate --ckpt out/step-00000600 --prompt "def" --temperature 0.8 --top-k 20
+    mpisplit generate --hf gpt2-folder --prompt-ids 464,3290 --max-new-tokens 20
+
+Every rank holds its slab of each weight and caches the keys and values of its
+own heads; the checkpoint may have been saved at any TP degree. Rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
+    src.add_argument("--hf", help="a folder with config.json and model.safetensors in the Hugging Face GPT-2 layout")
+    p.add_argument("--prompt", default=None, help="prompt text (character-level checkpoints)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (models without a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; otherwise sample")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    import numpy as np
+    from mpi4py import MPI
+
+    import mpisplit as ms
+    from mpisplit.runtime.errors import agree, install_abort_on_exception
+    from mpisplit.training.checkpoint import CheckpointReader
+    from mpisplit.training.data import CharTokenizer
+    from mpisplit.training.state import load_model, resolve_checkpoint
+
+    world = MPI.COMM_WORLD
+    install_abort_on_exception(world)
+    with agree(world):
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        if (args.prompt is None) == (args.prompt_ids is None):
+            raise ValueError("give exactly one of --prompt and --prompt-ids")
+        tp = world.Get_size() if args.tp is None else args.tp
+        if tp <= 0 or world.Get_size() % tp:
+            raise ValueError(f"--tp {tp} does not divide the world size {world.Get_size()}")
+        path = resolve_checkpoint(args.ckpt) if args.ckpt else None
+    ms.limit_blas_threads(world)
+    grid = ms.ProcessGrid(tp=tp)
+    tokenizer = None
+    if path is not None:
+        reader = CheckpointReader(path, grid.world)
+        with agree(world):
+            cfg = ms.GPTConfig(**reader.meta["config"])
+            cfg.validate(grid.tp)
+            chars = reader.meta.get("tokenizer")
+            tokenizer = CharTokenizer(chars) if chars else None
+        model = ms.GPT(cfg, grid, dtype=args.dtype, init=False)
+        load_model(reader, model)
+        reader.close()
+    else:
+        model = ms.GPT.from_pretrained(args.hf, grid, dtype=args.dtype)
+        cfg = model.config
+    with agree(world):
+        if args.prompt is not None:
+            if tokenizer is None:
+                raise ValueError("this model has no character tokenizer: pass --prompt-ids")
+            prompt = tokenizer.encode(args.prompt)
+        else:
+            try:
+                prompt = np.array([int(t) for t in args.prompt_ids.split(",") if t.strip()], dtype=np.int64)
+            except ValueError:
+                raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        if prompt.size == 0:
+            raise ValueError("the prompt is empty")
+        if prompt.size > cfg.block_size:
+            raise ValueError(f"the prompt has {prompt.size} tokens; the model's context is {cfg.block_size}")
+        if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
+            raise ValueError(f"prompt ids must lie in [0, {cfg.vocab_size})")
+
+    ids = model.generate(
+        prompt[None, :], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        use_cache=not args.no_cache,
+    )[0]
+    if grid.rank == 0:
+        if tokenizer is not None and args.prompt is not None:
+            print(tokenizer.decode(ids), flush=True)
+        else:
+            print(",".join(str(int(i)) for i in ids), flush=True)
+    grid.free()
+    return 0
+

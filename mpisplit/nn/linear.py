@@ -1,0 +1,149 @@
+"""Layers, plain and tensor-parallel.
+
+Weights are stored (in_features, out_features) so that y = x @ W + b (the
+layout of GPT-2's Conv1D). A column-split layer holds a block of output
+features on each TP rank, a row-split layer a block of input features. A
+feature count that the TP degree does not divide is padded up to the next
+multiple: the padded columns/rows are zero, receive zero gradient and are never
+exposed (outputs are trimmed after a gather; checkpoints store only real rows).
+
+Every layer takes its TP communicator explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mpisplit.autograd import Tensor, ops
+from mpisplit.nn.module import Module, Parameter
+from mpisplit.parallel.mappings import (
+    copy_to_tp,
+    gather_from_tp,
+    pad_last,
+    reduce_from_tp,
+    scatter_to_tp,
+)
+from mpisplit.runtime.backend import resolve_dtype
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def local_size(n: int, tp: int) -> int:
+    """Features per rank when n is split over tp ranks (padded up: ceil(n / tp))."""
+    return -(-n // tp)
+
+
+def _check_input(x: Tensor, features: int, dtype: np.dtype, layer: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{layer}: expected a Tensor input, got {type(x).__name__}")
+    if x.shape[-1:] != (features,):
+        raise ValueError(f"{layer}: expected last dimension {features}, got input shape {x.shape}")
+    if x.dtype != dtype:
+        raise TypeError(f"{layer}: input dtype {x.dtype} does not match the layer's {dtype}")
+
+
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, xp: Any = np) -> Any:
+    return xp.zeros(shape, dtype=dtype)
+
+
+class Linear(Module):
+    """Unsplit y = x @ W + b (the same on every rank); W (in, out)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool = True, dtype: Any = "float32",
+        std: float = 0.02, seed: int | None = None,
+    ) -> None:
+        _check_positive(in_features=in_features, out_features=out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = resolve_dtype(dtype)
+        self.weight = Parameter(_zeros((in_features, out_features), self.dtype), init=("normal", std))
+        self.bias = Parameter(_zeros((out_features,), self.dtype)) if bias else None
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.in_features, self.dtype, "Linear")
+        return ops.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(Module):
+    """Y_i = X A_i: rank i holds output features [i*n, (i+1)*n) of A (n = ceil(out / tp)).
+
+    Input: the full X, the same on every rank (the f operator: identity forward,
+    all-reduce of dX backward). Output: this rank's block of features, or the whole
+    Y when `gather_output` (all-gather forward, split backward).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, tp_comm: Any, *, bias: bool = True,
+        gather_output: bool = False, dtype: Any = "float32", std: float = 0.02, seed: int | None = None,
+    ) -> None:
+        _check_positive(in_features=in_features, out_features=out_features)
+        self.comm = tp_comm
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output = gather_output
+        self.dtype = resolve_dtype(dtype)
+        tp, rank = tp_comm.size, tp_comm.rank
+        self.local_out_features = n = local_size(out_features, tp)
+        self.weight = Parameter(
+            _zeros((in_features, n), self.dtype), split_axis=1, start=rank * n,
+            global_shape=(in_features, out_features), init=("normal", std),
+        )
+        self.bias = (
+            Parameter(_zeros((n,), self.dtype), split_axis=0, start=rank * n, global_shape=(out_features,))
+            if bias else None
+        )
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.in_features, self.dtype, "ColumnParallelLinear")
+        y = ops.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # (..., n)
+        if not self.gather_output:
+            return y
+        y = gather_from_tp(y, self.comm)  # (..., tp * n)
+        return y if y.shape[-1] == self.out_features else y[..., : self.out_features]
+
+
+class RowParallelLinear(Module):
+    """Y = sum_i X_i A_i: rank i holds input features [i*n, (i+1)*n) of A (n = ceil(in / tp)).
+
+    Input: this rank's block of X (`input_is_parallel`, e.g. the output of a
+    ColumnParallelLinear), or the full X, which is split here. The partial
+    products are all-reduced (the g operator) and the bias, replicated, is added
+    once after the reduction.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, tp_comm: Any, *, bias: bool = True,
+        input_is_parallel: bool = True, dtype: Any = "float32", std: float = 0.02, seed: int | None = None,
+    ) -> None:
+        _check_positive(in_features=in_features, out_features=out_features)
+        self.comm = tp_comm
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel = input_is_parallel
+        self.dtype = resolve_dtype(dtype)
+        tp, rank = tp_comm.size, tp_comm.rank
+        self.local_in_features = n = local_size(in_features, tp)
+        self.weight = Parameter(
+            _zeros((n, out_features), self.dtype), split_axis=0, start=rank * n,
+            global_shape=(in_features, out_features), init=("normal", std),
+        )
+        self.bias = Parameter(_zeros((out_features,), self.dtype)) if bias else None
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_is_parallel:
+            _check_input(x, self.local_in_features, self.dtype, "RowParallelLinear (parallel input)")
+        else:
+            _check_input(x, self.in_features, self.dtype, "RowParallelLinear")
+            x = scatter_to_tp(pad_last(x, self.local_in_features * self.comm.size), self.comm)
+        y = reduce_from_tp(ops.linear(x, self.weight), self.comm)
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,306 @@
+"""Communicator: the collectives of the library on NumPy/CuPy arrays, with call and byte counters.
+
+Every collective is a capitalised (buffer) mpi4py call on C-contiguous arrays. Every rank must
+call with the same shape and dtype (MPI semantics; not checked, it would cost a collective).
+A communicator of one rank returns at once and counts nothing.
+
+NumPy arrays go to MPI as they are. CuPy arrays go through the communicator's device path
+(mpisplit.parallel.device_paths: CUDA-aware MPI, pinned host staging or NCCL; staging unless
+`set_device_path` or `mpisplit.parallel.gpu.use_gpu` chose another). The path only moves flat
+contiguous buffers; layout (axis moves, contiguity) and counting happen here, the same for
+every path.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from mpi4py import MPI
+
+from mpisplit.runtime.backend import get_array_module, is_cupy_array
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+# MPI counts are C ints: a message of more elements is sent in slices of at most this many.
+MAX_COUNT = 2**31 - 1
+
+KINDS = ("allreduce", "allgather", "reduce_scatter", "bcast")
+
+_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+
+
+def _slices(n: int, step: int) -> list[slice]:
+    # [0, n) in pieces of at most `step`; one empty slice for n == 0 so that every rank still
+    # enters the collective once.
+    return [slice(lo, min(n, lo + step)) for lo in range(0, max(n, 1), step)]
+
+
+class Communicator:
+    """Wraps (a Dup of) an mpi4py intracommunicator.
+
+    `mpi_comm` may be an mpi4py communicator or another Communicator. `max_count` is the most
+    elements one MPI call carries (smaller values exist for tests of the slicing).
+    """
+
+    def __init__(self, mpi_comm: Any, *, max_count: int = MAX_COUNT) -> None:
+        if isinstance(mpi_comm, Communicator):
+            mpi_comm = mpi_comm.mpi
+        if not isinstance(mpi_comm, MPI.Intracomm):
+            raise TypeError(
+                f"expected an mpi4py Intracomm or a Communicator, got {type(mpi_comm).__name__}"
+            )
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise ValueError(f"max_count must be a positive integer, got {max_count!r}")
+        self._init(mpi_comm.Dup(), max_count)
+
+    def _init(self, owned: MPI.Intracomm, max_count: int) -> None:
+        self.mpi: MPI.Intracomm = owned
+        self.rank: int = owned.Get_rank()
+        self.size: int = owned.Get_size()
+        self.max_count = max_count
+        self._device_path: Any = None  # created on the first CuPy collective (staged) or set
+        self._stats: dict[str, dict[str, int]] = {}
+        self.reset_stats()
+
+    @classmethod
+    def _adopt(cls, owned: MPI.Intracomm, max_count: int = MAX_COUNT) -> Communicator:
+        """Wrap a communicator this library just created (e.g. by Split) without a Dup."""
+        self = cls.__new__(cls)
+        self._init(owned, max_count)
+        return self
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """{kind: {"calls": n, "bytes": b}} for allreduce, allgather, reduce_scatter, bcast.
+
+        bytes = nbytes of the full array involved: allreduce and bcast the array, allgather the
+        result, reduce_scatter the input. Only collectives that ran (size > 1) count.
+        """
+        return copy.deepcopy(self._stats)
+
+    def reset_stats(self) -> None:
+        self._stats = {kind: {"calls": 0, "bytes": 0} for kind in KINDS}
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        self._stats[kind]["calls"] += 1
+        self._stats[kind]["bytes"] += int(nbytes)
+
+    def free(self) -> None:
+        """Free the duplicated MPI communicator (collective); further calls are errors."""
+        if self._device_path is not None:
+            self._device_path.close()
+            self._device_path = None
+        if self.mpi != MPI.COMM_NULL:
+            self.mpi.Free()
+
+    # ---- device arrays -----------------------------------------------------------------------
+
+    @property
+    def device_path(self) -> str:
+        """How CuPy arrays travel: "staged" (default), "mpi" or "nccl"."""
+        return "staged" if self._device_path is None else self._device_path.name
+
+    def set_device_path(self, path: Any) -> None:
+        """Use `path` (a mpisplit.parallel.device_paths path object) for CuPy arrays from now on."""
+        if self._device_path is not None and self._device_path is not path:
+            self._device_path.close()
+        self._device_path = path
+
+    def _path(self) -> Any:
+        if self._device_path is None:
+            from mpisplit.parallel.device_paths import StagedPath
+
+            self._device_path = StagedPath()
+        return self._device_path
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, size={self.size})"
+
+    # ---- validation (local, so every rank raises alike before any collective) ---------------
+
+    @staticmethod
+    def _check_array(x: Any, what: str, kinds: str = "fiu") -> None:
+        # Reductions take float and integer dtypes; pure data movement also takes bool.
+        if not (isinstance(x, np.ndarray) or is_cupy_array(x)):
+            raise TypeError(f"{what} expects a NumPy or CuPy array, got {type(x).__name__}")
+        if x.dtype.kind not in kinds:
+            allowed = "float, integer" + (" and bool" if "b" in kinds else "")
+            raise TypeError(
+                f"{what} supports {allowed} arrays, got dtype {x.dtype} (shape {tuple(x.shape)})"
+            )
+
+    @staticmethod
+    def _check_op(op: str) -> MPI.Op:
+        try:
+            return _OPS[op]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown reduction op {op!r}; expected one of {list(_OPS)}") from None
+
+    @staticmethod
+    def _check_axis(x: Any, axis: Any, what: str) -> int:
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"{what} axis must be an int, got {axis!r}")
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(f"{what} axis {axis} out of range for shape {tuple(x.shape)}")
+        return int(axis) % x.ndim
+
+    # ---- raw collectives on flat buffers (host, or device for CUDA-aware MPI), sliced to
+    # ---- max_count ---------------------------------------------------------------------------
+
+    def _allreduce_flat(self, send: Any, recv: np.ndarray, op: MPI.Op) -> None:
+        # send is a flat array or MPI.IN_PLACE (then recv holds the input).
+        for s in _slices(recv.size, self.max_count):
+            self.mpi.Allreduce(send if send is MPI.IN_PLACE else send[s], recv[s], op=op)
+
+    def _bcast_flat(self, buf: np.ndarray, root: int) -> None:
+        for s in _slices(buf.size, self.max_count):
+            self.mpi.Bcast(buf[s], root=root)
+
+    def _allgather_flat(self, send: np.ndarray, recv: np.ndarray) -> None:
+        # send (n,), recv (size, n): recv[r] = send of rank r.
+        n = send.size
+        if n <= self.max_count:
+            self.mpi.Allgather(send, recv)
+            return
+        xp = get_array_module(recv)
+        for s in _slices(n, self.max_count):
+            part = xp.empty((self.size, s.stop - s.start), dtype=recv.dtype)
+            self.mpi.Allgather(send[s], part)
+            recv[:, s] = part
+
+    def _reduce_scatter_flat(self, send: np.ndarray, recv: np.ndarray, op: MPI.Op) -> None:
+        # send (size, m), recv (m,): recv = op over ranks of send[this rank].
+        m = recv.size
+        if m <= self.max_count:
+            self.mpi.Reduce_scatter_block(send, recv, op=op)
+            return
+        xp = get_array_module(recv)
+        for s in _slices(m, self.max_count):
+            self.mpi.Reduce_scatter_block(xp.ascontiguousarray(send[:, s]), recv[s], op=op)
+
+    # ---- public collectives ------------------------------------------------------------------
+
+    def allreduce(self, x: Any, op: str = "sum") -> Any:
+        """A new array: op over all ranks of x (elementwise)."""
+        self._check_array(x, "allreduce")
+        mpi_op = self._check_op(op)
+        if self.size == 1:
+            return x.copy()
+        if isinstance(x, np.ndarray):
+            h = np.ascontiguousarray(x)
+            out = np.empty_like(h)
+            self._allreduce_flat(h.reshape(-1), out.reshape(-1), mpi_op)
+        else:
+            h = get_array_module(x).ascontiguousarray(x)
+            out = get_array_module(x).empty_like(h)
+            self._path().allreduce(self, h.reshape(-1), out.reshape(-1), op)
+        self._count("allreduce", x.nbytes)
+        return out
+
+    def allreduce_(self, x: Any, op: str = "sum") -> Any:
+        """In place: x = op over all ranks of x. Returns x."""
+        self._check_array(x, "allreduce_")
+        mpi_op = self._check_op(op)
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            raise ValueError(f"allreduce_ needs a writeable array (shape {x.shape})")
+        if self.size == 1:
+            return x
+        if isinstance(x, np.ndarray):
+            h = np.ascontiguousarray(x)
+            self._allreduce_flat(MPI.IN_PLACE, h.reshape(-1), mpi_op)
+        else:
+            h = x if x.flags.c_contiguous else get_array_module(x).ascontiguousarray(x)
+            flat = h.reshape(-1)
+            self._path().allreduce(self, flat, flat, op)
+        if h is not x:  # x was not contiguous: h is a copy
+            x[...] = h
+        self._count("allreduce", x.nbytes)
+        return x
+
+    def allgather(self, x: Any, axis: int = -1) -> Any:
+        """A new C-contiguous array: the ranks' x concatenated along `axis` in rank order."""
+        self._check_array(x, "allgather", "fiub")
+        ax = self._check_axis(x, axis, "allgather")
+        if self.size == 1:
+            return x.copy()
+        xp = get_array_module(x)
+        h = xp.ascontiguousarray(x)
+        gathered = xp.empty((self.size, *h.shape), dtype=h.dtype)
+        if xp is np:
+            self._allgather_flat(h.reshape(-1), gathered.reshape(self.size, -1))
+        else:
+            self._path().allgather(self, h.reshape(-1), gathered.reshape(self.size, -1))
+        out_shape = list(h.shape)
+        out_shape[ax] *= self.size
+        if ax == 0:
+            out = gathered.reshape(out_shape)  # (size, n0, ...) -> (size*n0, ...): a view
+        else:
+            # (size, ..., n_ax, ...) -> (..., size, n_ax, ...) -> (..., size*n_ax, ...)
+            out = xp.ascontiguousarray(xp.moveaxis(gathered, 0, ax)).reshape(out_shape)
+        self._count("allgather", out.nbytes)
+        return out
+
+    def reduce_scatter(self, x: Any, axis: int = 0, op: str = "sum") -> Any:
+        """A new array: this rank's block (along `axis`, rank order) of op over the ranks' x.
+
+        x.shape[axis] must be divisible by the communicator size.
+        """
+        self._check_array(x, "reduce_scatter")
+        ax = self._check_axis(x, axis, "reduce_scatter")
+        mpi_op = self._check_op(op)
+        if x.shape[ax] % self.size != 0:
+            raise ValueError(
+                f"reduce_scatter: axis {axis} of shape {tuple(x.shape)} has length "
+                f"{x.shape[ax]}, not divisible by communicator size {self.size}"
+            )
+        if self.size == 1:
+            return x.copy()
+        xp = get_array_module(x)
+        # (n_ax, ...) with the axis in front
+        h = xp.ascontiguousarray(x if ax == 0 else xp.moveaxis(x, ax, 0))
+        block_shape = (h.shape[0] // self.size, *h.shape[1:])
+        block = xp.empty(block_shape, dtype=h.dtype)
+        if xp is np:
+            self._reduce_scatter_flat(h.reshape(self.size, -1), block.reshape(-1), mpi_op)
+        else:
+            self._path().reduce_scatter(self, h.reshape(self.size, -1), block.reshape(-1), op)
+        if ax != 0:
+            block = xp.ascontiguousarray(xp.moveaxis(block, 0, ax))
+        self._count("reduce_scatter", x.nbytes)
+        return block
+
+    def bcast(self, x: Any, root: int = 0) -> Any:
+        """In place: x = root's x. Returns x."""
+        self._check_array(x, "bcast", "fiub")
+        if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
+            raise TypeError(f"bcast root must be an int, got {root!r}")
+        if not 0 <= root < self.size:
+            raise ValueError(f"bcast root {root} out of range for communicator size {self.size}")
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            raise ValueError(f"bcast needs a writeable array (shape {x.shape})")
+        if self.size == 1:
+            return x
+        xp = get_array_module(x)
+        h = x if x.flags.c_contiguous else xp.ascontiguousarray(x)
+        if xp is np:
+            self._bcast_flat(h.reshape(-1), int(root))
+        else:
+            self._path().bcast(self, h.reshape(-1), int(root))
+        if h is not x:
+            x[...] = h
+        self._count("bcast", x.nbytes)
+        return x
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.mpi.Barrier()

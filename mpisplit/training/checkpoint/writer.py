@@ -1,0 +1,324 @@
+"""Writing a checkpoint: every TP rank of DP replica 0 writes its own slabs in parallel; world
+rank 0 writes the index last and renames the folder into place (see layout.py for the layout and
+the atomicity guarantees).
+
+Errors are collective: a problem on any rank raises on all of them before any data moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpisplit.runtime.files import exchange, fsync_dir, fsync_file, sha256_file, write_text_atomic
+from mpisplit.training.checkpoint.layout import (
+    _DTYPES,
+    _STEP_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    LATEST_NAME,
+    ShardInfo,
+    _agree,
+    _mpi,
+    _shard_file_name,
+    _step_dir_name,
+)
+
+__all__ = ["LATEST_NAME", "ShardInfo", "save_checkpoint"]
+
+
+def _write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Write, fsync and return the sha256 of the bytes that reached the file."""
+    from safetensors.numpy import save_file
+
+    save_file(arrays, str(path), metadata=metadata)
+    fsync_file(path)
+    return sha256_file(path)
+
+
+def _check_shard(name: Any, info: Any) -> tuple[tuple[int, ...], int | None, str, int, int]:
+    """Validate one entry; return (global_shape, split_axis, dtype, lo, hi), where
+    [lo, hi) are the logical rows the slab holds along split_axis (hi <= lo: none)."""
+    if not isinstance(name, str) or not name or name == "__metadata__":
+        raise ValueError(
+            f"tensor name must be a non-empty string other than '__metadata__', got {name!r}"
+        )
+    if not isinstance(info, ShardInfo):
+        raise TypeError(f"tensor {name!r}: expected ShardInfo, got {type(info).__name__}")
+    arr = info.array
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(
+            f"tensor {name!r}: array must be a numpy.ndarray, got {type(arr).__module__}."
+            f"{type(arr).__name__} (convert with mpisplit.to_numpy)"
+        )
+    if arr.dtype.name not in _DTYPES:
+        raise TypeError(f"tensor {name!r}: dtype {arr.dtype} is not one of {sorted(_DTYPES)}")
+    try:
+        gshape = tuple(int(g) for g in info.global_shape)
+    except TypeError:
+        raise TypeError(
+            f"tensor {name!r}: global_shape must be a tuple of ints, got {info.global_shape!r}"
+        ) from None
+    if any(g < 0 for g in gshape) or len(gshape) != arr.ndim:
+        raise ValueError(
+            f"tensor {name!r}: global_shape {gshape} does not fit a slab of shape {arr.shape}"
+        )
+    axis = info.split_axis
+    if axis is None:
+        if arr.shape != gshape:
+            raise ValueError(
+                f"tensor {name!r}: replicated slab shape {arr.shape} != global_shape {gshape}"
+            )
+        return gshape, None, arr.dtype.name, 0, 0
+    if (
+        isinstance(axis, bool)
+        or not isinstance(axis, (int, np.integer))
+        or not 0 <= axis < arr.ndim
+    ):
+        raise ValueError(f"tensor {name!r}: split_axis {axis!r} is not an axis of shape {gshape}")
+    axis = int(axis)
+    other = tuple(s for i, s in enumerate(arr.shape) if i != axis)
+    if other != tuple(g for i, g in enumerate(gshape) if i != axis):
+        raise ValueError(
+            f"tensor {name!r}: slab shape {arr.shape} differs from global_shape {gshape} "
+            f"outside split_axis {axis}"
+        )
+    start = info.start
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"tensor {name!r}: start must be an int >= 0, got {start!r}")
+    start = int(start)
+    return gshape, axis, arr.dtype.name, start, min(start + arr.shape[axis], gshape[axis])
+
+
+def _check_tiling(name: str, length: int, ranges: list[tuple[int, int, int]]) -> None:
+    """ranges: (lo, hi, tp_rank) of the non-empty slabs; they must cover [0, length) once."""
+    pos = 0
+    for lo, hi, r in sorted(ranges):
+        if lo < pos:
+            raise ValueError(
+                f"tensor {name!r}: TP rank {r}'s rows [{lo}, {hi}) overlap rows below {pos}"
+            )
+        if lo > pos:
+            raise ValueError(
+                f"tensor {name!r}: rows [{pos}, {lo}) of {length} are held by no TP rank"
+            )
+        pos = hi
+    if pos != length:
+        raise ValueError(
+            f"tensor {name!r}: rows [{pos}, {length}) of {length} are held by no TP rank"
+        )
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    tensors: dict[str, ShardInfo],
+    *,
+    grid: Any,
+    meta: dict,
+    rank_meta: dict | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Save every rank's slabs as `root/step-{step:08d}/`; collective over grid.world.
+
+    Each TP rank of DP replica 0 writes its own split slabs (logical rows only) to
+    `tp{r:02d}-of-{tp:02d}.safetensors`; TP rank 0 also writes the replicated
+    tensors. World rank 0 writes `index.json` (schema, shard map, sha256 of each
+    file, `meta`, and the list of every rank's `rank_meta`), renames the folder into
+    place atomically (replacing an existing save of the same step), points
+    `root/latest` at it, then deletes stale temporary folders and all step folders
+    except this one and the `keep_last - 1` highest other steps.
+
+    `meta` and `rank_meta` must be JSON-serialisable. All ranks must pass the same
+    tensor names, global shapes, split axes and dtypes; the slabs of a TP group must
+    tile every split axis. `root` must be on a filesystem all ranks share.
+    Returns the folder's path on every rank.
+    """
+    world, tp_comm, dp_comm = _mpi(grid.world), _mpi(grid.tp_comm), _mpi(grid.dp_comm)
+    root = Path(root)
+    with _agree(world):  # 1. local validation, identical on every rank, before any data collective
+        step, checked = _check_arguments(step, tensors, meta, rank_meta, keep_last, world, tp_comm, dp_comm)
+    schema = {name: [list(g), axis, dt] for name, (g, axis, dt, _, _) in checked.items()}
+    _check_across_ranks(schema, checked, world, tp_comm, dp_comm)  # 2.
+    tmp_name = None
+    with _agree(world):  # 3. world rank 0 creates the temporary folder next to the final one
+        if world.Get_rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp_name = f".tmp-{_step_dir_name(step)}-{secrets.token_hex(6)}"
+            (root / tmp_name).mkdir()
+    tmp_name = world.bcast(tmp_name, root=0)
+    tmp, final = root / tmp_name, root / _step_dir_name(step)
+    try:
+        record = None
+        with _agree(world):  # 4. writers (DP replica 0) write their own slabs in parallel
+            if dp_comm.Get_rank() == 0:
+                record = _write_slabs(tmp, tensors, checked, tp_comm)
+        gathered = world.gather((record, rank_meta), root=0)
+        with _agree(world):  # 5. world rank 0: index, rename into place, `latest`, clean-up
+            if world.Get_rank() == 0:
+                index = _index(gathered, schema, step, tp_comm.Get_size(), world.Get_size(), meta)
+                _write_index(tmp, index)
+                _commit(root, tmp, final)
+                _cleanup(root, final, keep_last)
+    except BaseException:
+        if world.Get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _check_arguments(
+    step: Any, tensors: Any, meta: Any, rank_meta: Any, keep_last: Any, world: Any, tp_comm: Any, dp_comm: Any,
+) -> tuple[int, dict[str, tuple]]:
+    """The arguments of save_checkpoint checked locally; (step, {name: _check_shard(...)})."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+    tp = tp_comm.Get_size()
+    if tp * dp_comm.Get_size() != world.Get_size():
+        raise ValueError(f"grid: tp {tp} x dp {dp_comm.Get_size()} != world size {world.Get_size()}")
+    if not isinstance(tensors, dict):
+        raise TypeError(f"tensors must be a dict of ShardInfo, got {type(tensors).__name__}")
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    if rank_meta is not None and not isinstance(rank_meta, dict):
+        raise TypeError(f"rank_meta must be a dict or None, got {type(rank_meta).__name__}")
+    for what, obj in (("meta", meta), ("rank_meta", rank_meta)):
+        try:
+            json.dumps(obj)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{what} is not JSON-serialisable: {exc}") from None
+    return int(step), {name: _check_shard(name, info) for name, info in tensors.items()}
+
+
+def _check_across_ranks(schema: dict, checked: dict, world: Any, tp_comm: Any, dp_comm: Any) -> None:
+    """Same schema everywhere, same slabs across DP replicas, and each TP group's slabs tile
+    every split axis exactly once."""
+    bounds = {name: (lo, hi) for name, (_, axis, _, lo, hi) in checked.items() if axis is not None}
+    schema0 = world.bcast(schema, root=0)
+    bounds_dp0 = dp_comm.bcast(bounds, root=0)
+    bounds_tp = tp_comm.gather(bounds, root=0)
+    with _agree(world):
+        if schema != schema0:
+            diff = sorted(set(schema) ^ set(schema0)) or [n for n in schema if schema[n] != schema0[n]]
+            raise ValueError(
+                f"tensor {diff[0]!r}: names, global shapes, split axes or dtypes differ "
+                f"from world rank 0's (here {schema.get(diff[0])}, rank 0 {schema0.get(diff[0])})"
+            )
+        if bounds != bounds_dp0:
+            name = next(n for n in bounds if bounds[n] != bounds_dp0[n])
+            raise ValueError(
+                f"tensor {name!r}: DP replica {dp_comm.Get_rank()} holds rows {bounds[name]}, "
+                f"DP replica 0 holds {bounds_dp0[name]}"
+            )
+        if tp_comm.Get_rank() == 0:
+            for name, (gshape, axis, _) in schema.items():
+                if axis is not None:
+                    ranges = [(*b[name], r) for r, b in enumerate(bounds_tp) if b[name][1] > b[name][0]]
+                    _check_tiling(name, gshape[axis], ranges)
+
+
+def _write_slabs(tmp: Path, tensors: dict[str, ShardInfo], checked: dict, tp_comm: Any) -> tuple:
+    """This TP rank's file (its split slabs, logical rows only; TP rank 0 also the replicated
+    tensors); returns (tp_rank, file name, sha256, {name: (lo, hi) or None})."""
+    if not tmp.is_dir():
+        raise FileNotFoundError(
+            f"{tmp} created by world rank 0 is not visible here; the checkpoint root must be on a shared filesystem"
+        )
+    tp_rank = tp_comm.Get_rank()
+    arrays, shards = {}, {}
+    for name, info in tensors.items():
+        _, axis, _, lo, hi = checked[name]
+        if axis is None:
+            if tp_rank == 0:
+                arrays[name], shards[name] = info.array, None
+        elif hi > lo:
+            rows = [slice(None)] * info.array.ndim
+            rows[axis] = slice(0, hi - lo)  # drop the padding rows >= G
+            arrays[name], shards[name] = info.array[tuple(rows)], (lo, hi)
+    # safetensors stores little-endian, C-contiguous data.
+    arrays = {n: np.require(a, a.dtype.newbyteorder("<"), "C") for n, a in arrays.items()}  # keeps 0-d arrays 0-d
+    fname = _shard_file_name(tp_rank, tp_comm.Get_size())
+    # One metadata key: safetensors orders several keys arbitrarily, and the same state must
+    # give the same bytes (and checksum) every time.
+    digest = _write_safetensors(tmp / fname, arrays, {"format": FORMAT})
+    return tp_rank, fname, digest, shards
+
+
+def _index(gathered: list, schema: dict, step: int, tp: int, world_size: int, meta: dict) -> dict:
+    """The index.json content from every rank's (record, rank_meta)."""
+    records = sorted(rec for rec, _ in gathered if rec is not None)
+    index_tensors = {}
+    for name, (gshape, axis, dt) in schema.items():
+        shards = [
+            {"file": f, "start": sh[name][0], "stop": sh[name][1]}
+            for _, f, _, sh in records
+            if name in sh and sh[name] is not None
+        ]
+        if axis is None:
+            shards = [{"file": records[0][1], "start": None, "stop": None}]
+        index_tensors[name] = {"global_shape": gshape, "split_axis": axis, "dtype": dt, "shards": shards}
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "tp": tp,
+        "dp": world_size // tp,
+        "tensors": index_tensors,
+        "files": {f: digest for _, f, digest, _ in records},
+        "meta": meta,
+        "rank_meta": [rm for _, rm in gathered],
+    }
+
+
+def _write_index(tmp: Path, index: dict) -> None:
+    with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+
+
+def _commit(root: Path, tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`, then point `latest` at it."""
+    if final.exists():
+        # Re-saving a step: swap atomically where the filesystem can; otherwise the
+        # previous copy sits in `.old-step-...` between the two renames, where
+        # latest_checkpoint() finds it after a crash.
+        if not exchange(tmp, final):
+            old = root / f".old-{final.name}-{secrets.token_hex(6)}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    write_text_atomic(root / LATEST_NAME, final.name + "\n", f".tmp-latest-{secrets.token_hex(6)}")
+    fsync_dir(root)
+
+
+def _cleanup(root: Path, final: Path, keep_last: int) -> None:
+    """Delete temporaries and all step folders but `final` and the keep_last - 1 highest others."""
+    steps = []
+    for entry in os.scandir(root):
+        if entry.name.startswith((".tmp-", ".old-")):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        elif (
+            (m := _STEP_DIR.match(entry.name))
+            and entry.is_dir(follow_symlinks=False)
+            and entry.name != final.name
+        ):
+            steps.append((int(m.group(1)), entry.path))
+    for _, path in sorted(steps, reverse=True)[keep_last - 1 :]:
+        shutil.rmtree(path)
+    fsync_dir(root)

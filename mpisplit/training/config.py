@@ -1,0 +1,116 @@
+"""TrainConfig: everything one training run needs, one field per `mpisplit train` flag.
+
+    from mpisplit.training import TrainConfig, train
+    train(TrainConfig(steps=200, out="runs/a", tp=2))     # under mpiexec, on every rank
+
+Field names are the flags without their dashes (`--seq-len` is `seq_len`); the command line
+is built from this class, so the defaults below are the command's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_POSITIVE = ("layers", "hidden", "heads", "seq_len", "steps", "batch_size", "eval_iters", "log_every", "keep_last")
+_NON_NEGATIVE = ("eval_every", "save_every", "sample_len", "warmup", "save_every_minutes", "collective_timeout")
+
+
+@dataclass
+class TrainConfig:
+    # ---- parallelism
+    tp: int | None = None  # tensor-parallel degree (None: the world size)
+    dp: int | None = None  # data-parallel degree (None: world size / tp)
+    device: str = "cpu"  # where slabs live: cpu or gpu
+    comm: str = "auto"  # GPU collectives: auto, mpi (CUDA-aware), staged (pinned host) or nccl
+    # ---- model
+    layers: int = 4  # transformer blocks
+    hidden: int = 128  # hidden size (a multiple of heads)
+    heads: int = 4  # attention heads (tp must divide it)
+    seq_len: int = 64  # context length in tokens
+    dropout: float = 0.0  # dropout probability while training
+    dtype: str = "float32"  # float32 or float64
+    amp: str | None = None  # mixed precision compute dtype: float16 or bfloat16 (float32 master weights)
+    # ---- optimisation
+    steps: int = 600  # optimizer steps
+    batch_size: int = 16  # global batch: sequences per step over all DP ranks
+    optimizer: str = "adamw"  # adamw or sgd
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
+    warmup: int = 50  # linear warm-up steps
+    weight_decay: float = 0.1
+    momentum: float = 0.9  # SGD momentum
+    grad_clip: float = 1.0  # clip the global gradient norm (0: off)
+    seed: int = 1337
+    # ---- data and output
+    data: str | None = None  # UTF-8 text file (None: CPython's documentation text); token ids with init_from
+    init_from: str | None = None  # fine-tune GPT-2 weights from a Hugging Face folder
+    out: str = "out"  # run folder: metrics, checkpoints, sample, loss curve
+    eval_every: int = 100  # steps between validation evaluations
+    eval_iters: int = 8  # validation batches per evaluation
+    log_every: int = 10  # steps between metrics.jsonl lines
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3  # checkpoints to keep
+    resume: bool = False  # continue from the latest checkpoint in out
+    sample_len: int = 300  # tokens generated at the end (0: none)
+    progress: bool = True  # a progress bar on rank 0
+    plot: bool = True  # write out/loss.png at the end (when matplotlib is installed)
+    # ---- failure handling
+    save_every_minutes: float = 0.0  # also save when this many minutes passed since the last save (0: off)
+    collective_timeout: float = 600.0  # seconds in MPI without progress before the job aborts (0: off)
+
+    def validate(self, world_size: int) -> tuple[int, int]:
+        """(tp, dp) for this world size, or ValueError naming the values; the same on every rank."""
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE:
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):
+                raise ValueError(f"--{_flag(name)} must be >= 0, got {value}")
+        tp, dp = self._layout(world_size)
+        if self.batch_size % dp:
+            raise ValueError(f"--batch-size {self.batch_size} is not divisible by dp={dp}")
+        if self.hidden % self.heads:
+            raise ValueError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
+        if self.heads % tp:
+            works = [d for d in range(1, self.heads + 1) if self.heads % d == 0 and world_size % d == 0]
+            raise ValueError(f"--heads {self.heads} cannot be split over tp={tp}; tp values that work: {works}")
+        self._check_choices()
+        return tp, dp
+
+    def _layout(self, world_size: int) -> tuple[int, int]:
+        tp = world_size if self.tp is None else self.tp
+        if tp <= 0 or world_size % tp:
+            divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise ValueError(f"--tp {tp} does not divide the world size {world_size}; tp values that work: {divisors}")
+        dp = world_size // tp if self.dp is None else self.dp
+        if dp * tp != world_size:
+            raise ValueError(f"--dp {dp} x --tp {tp} = {dp * tp} does not match the world size {world_size}")
+        return tp, dp
+
+    def _check_choices(self) -> None:
+        for name, allowed in (("device", ("cpu", "gpu")), ("comm", ("auto", "mpi", "staged", "nccl")),
+                              ("dtype", ("float32", "float64")), ("amp", (None, "float16", "bfloat16")),
+                              ("optimizer", ("adamw", "sgd"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
+        if self.comm != "auto" and self.device != "gpu":
+            raise ValueError(f"--comm {self.comm} applies to --device gpu (CPU arrays always go to MPI directly)")
+        if self.amp is not None and self.dtype != "float32":
+            raise ValueError(f"--amp keeps float32 master weights: use it with --dtype float32, not {self.dtype}")
+        if self.amp == "bfloat16" and self.device != "gpu":
+            raise ValueError("--amp bfloat16 needs --device gpu: NumPy has no bfloat16 arithmetic (use --amp float16)")
+        if self.lr < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"need --lr >= 0 and 0 <= --dropout < 1, got {self.lr} and {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def flags(self) -> dict[str, Any]:
+        """{"--flag": value}: what every rank compares before training."""
+        return {f"--{_flag(k)}": v for k, v in sorted(asdict(self).items())}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

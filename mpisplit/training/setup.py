@@ -1,0 +1,144 @@
+"""Everything a run builds before its first step: the data, the model (fresh, fine-tuned from
+GPT-2 weights or resumed), the optimizer, mixed precision. Collective over the world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpisplit.models import GPT, GPTConfig
+from mpisplit.models.hf_gpt2 import read_config as read_hf_config
+from mpisplit.runtime.errors import agree
+from mpisplit.training.amp import MixedPrecision
+from mpisplit.training.checkpoint import CheckpointReader
+from mpisplit.training.config import TrainConfig
+from mpisplit.training.data import TextDataset, default_corpus, load_text, load_token_ids
+from mpisplit.training.optim import SGD, AdamW
+from mpisplit.training.state import load_model, load_optimizer
+
+
+@dataclass
+class Data:
+    dataset: TextDataset
+    text: str  # what the ranks compare (token ids as latin-1 for id data)
+    hf_config: GPTConfig | None  # the GPT-2 config of init_from
+
+
+def load_data(config: TrainConfig) -> Data:
+    """The training text or token ids; raises ValueError naming the problem (call under agree)."""
+    if config.init_from is not None:
+        if config.data is None:
+            raise ValueError(
+                "--init-from needs --data with token ids (.npy, or integers separated by spaces or commas): "
+                "no GPT-2 tokenizer ships offline with a well-kept package"
+            )
+        hf_config = read_hf_config(config.init_from)
+        ids = load_token_ids(config.data, hf_config.vocab_size)
+        data = Data(TextDataset.from_ids(ids, hf_config.vocab_size), ids.tobytes().decode("latin-1"), hf_config)
+    else:
+        text = default_corpus() if config.data is None else load_text(config.data)
+        data = Data(TextDataset(text), text, None)
+    data.dataset.check_seq_len(config.seq_len)
+    return data
+
+
+@dataclass
+class Model:
+    config: GPTConfig
+    model: GPT  # the weights the optimizer steps and checkpoints save
+    net: GPT  # the one that runs forward and backward (a 16-bit copy with amp, else model)
+    opt: Any
+    mp: MixedPrecision | None
+    start_step: int
+    resume_meta: dict | None
+
+
+def open_checkpoint(path: Path | None, config: TrainConfig, data: TextDataset, grid: Any) -> CheckpointReader | None:
+    """The reader of the checkpoint to resume from, after checking it fits this run."""
+    if path is None:
+        return None
+    reader = CheckpointReader(path, grid.world)
+    meta = reader.meta
+    with agree(grid.world):
+        if meta.get("tokenizer") != (data.tokenizer.chars if data.tokenizer else None):
+            raise ValueError(f"checkpoint {path} was trained on another alphabet (another --data?)")
+        if config.steps < int(meta["step"]):
+            raise ValueError(
+                f"--steps {config.steps} is below the checkpoint's step {meta['step']} ({path}); "
+                f"pass --steps > {meta['step']} to continue"
+            )
+    return reader
+
+
+def model_config(config: TrainConfig, data: Data, reader: CheckpointReader | None, grid: Any) -> GPTConfig:
+    if reader is not None:
+        cfg = GPTConfig(**reader.meta["config"])
+    elif data.hf_config is not None:
+        cfg = data.hf_config
+        cfg.dropout = config.dropout
+    else:
+        cfg = GPTConfig(
+            vocab_size=data.dataset.vocab_size, block_size=config.seq_len, n_layer=config.layers,
+            n_head=config.heads, n_embd=config.hidden, dropout=config.dropout,
+        )
+    with agree(grid.world):
+        cfg.validate(grid.tp)
+        if config.seq_len > cfg.block_size:
+            raise ValueError(f"--seq-len {config.seq_len} exceeds the checkpoint's block_size {cfg.block_size}")
+    return cfg
+
+
+def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None, grid: Any) -> Model:
+    cfg = model_config(config, data, reader, grid)
+    if config.init_from is not None and reader is None:
+        model = GPT.from_pretrained(config.init_from, grid, dtype=config.dtype).to(config.device)
+        model.set_dropout(config.dropout)
+    else:
+        model = GPT(cfg, grid, dtype=config.dtype, seed=config.seed, init=reader is None, device=config.device)
+    if config.optimizer == "adamw":
+        opt = AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    else:
+        opt = SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    start_step, meta = 0, None
+    if reader is not None:
+        meta = reader.meta
+        load_model(reader, model)
+        with agree(grid.world):
+            saved_opt = meta.get("optimizer", {}).get("type")
+            if saved_opt != type(opt).__name__:
+                raise ValueError(f"checkpoint optimizer {saved_opt} differs from --optimizer {config.optimizer}")
+        load_optimizer(reader, model, opt)
+        start_step = int(meta["step"])
+        restore_rng(model, reader, grid)
+        reader.close()
+    net, mp = _mixed_precision(config, cfg, model, meta, grid)
+    return Model(cfg, model, net, opt, mp, start_step, meta)
+
+
+def _mixed_precision(config: TrainConfig, cfg: GPTConfig, model: GPT, meta: dict | None, grid: Any) -> tuple:
+    """With amp, `net` (16-bit) runs forward and backward and `model` keeps the float32 master
+    weights that the optimizer steps and checkpoints save; they share the dropout streams."""
+    if config.amp is None:
+        return model, None
+    net = GPT(cfg, grid, dtype="float32", init=False, device=config.device)
+    net.rng_shared, net.rng_local = model.rng_shared, model.rng_local
+    with agree(grid.world):
+        mp = MixedPrecision(net, model, config.amp, grid.world)
+        if meta is not None and meta.get("loss_scaler"):
+            mp.scaler.load_state_dict(meta["loss_scaler"])  # continue with the saved scale
+    return net, mp
+
+
+def rng_state(model: GPT) -> dict:
+    return {"shared": model.rng_shared.bit_generator.state, "local": model.rng_local.bit_generator.state}
+
+
+def restore_rng(model: GPT, reader: CheckpointReader, grid: Any) -> None:
+    """Dropout streams continue exactly when the layout is unchanged; otherwise they are reseeded."""
+    if reader.tp == grid.tp and reader.dp == grid.dp:
+        state = reader.rank_meta(grid.rank)
+        if state:
+            model.rng_shared.bit_generator.state = state["shared"]
+            model.rng_local.bit_generator.state = state["local"]
