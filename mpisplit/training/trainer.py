@@ -79,8 +79,7 @@ class Trainer:
             self.out = Path(config.out)
             resume_from = resolve_checkpoint(self.out) if config.resume else None
             self.faults = FaultInjector.from_env(self.rank)  # MPISPLIT_FAULT: a testing aid, inactive when unset
-            if self.rank == 0:
-                _make_run_folder(self.out)
+            _make_run_folder(self.out, create=self.rank == 0)
         check_consistent(world, data={"sha256": text_digest(data.text)})
         self.data = data.dataset
         self.threads = limit_blas_threads(world)
@@ -288,10 +287,13 @@ class Trainer:
             print(f"sample (temperature 0.8, top-k 20) -> {self.out / 'sample.txt'}:\n{sample}", flush=True)
 
 
-def _make_run_folder(out: Path) -> None:
-    """The run folder (rank 0, under agree): an existing file or an unwritable place is a clear error."""
+def _make_run_folder(out: Path, create: bool) -> None:
+    """Under agree: an existing file is the same clear error on every rank; `create` (rank 0)
+    makes the folder, and a place it cannot be made is an error too."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder: pass a folder name")
+    if not create:
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
