@@ -47,20 +47,18 @@ import os
 import secrets
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from mpisplit.models.config import GPTConfig
-from mpisplit.nn.module import Parameter
+from mpisplit.nn.module import (  # the GPT class is passed in: gpt.py imports this file
+    Module,
+    Parameter,
+)
 from mpisplit.runtime.backend import get_array_module, resolve_dtype, to_numpy
 from mpisplit.runtime.errors import agree
 from mpisplit.runtime.files import fsync_dir
-
-if TYPE_CHECKING:
-    from mpisplit.nn.module import (
-        Module as GPT,  # the model class is passed in: no import of gpt.py
-    )
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -327,7 +325,7 @@ def _read_slab(files: _WeightFiles, key: str, name: str, p: Parameter) -> np.nda
     return out.reshape(p.shape)
 
 
-def from_pretrained(cls: type[GPT], folder: str | os.PathLike, grid: Any, dtype: Any = "float32") -> GPT:
+def from_pretrained(cls: type[Module], folder: str | os.PathLike, grid: Any, dtype: Any = "float32") -> Module:
     """A `cls` (GPT) over `grid` holding the weights of a Hugging Face GPT-2 folder, each rank
     reading only its slices. Collective over grid.world: any failure raises on every rank."""
     folder = Path(folder)
@@ -345,7 +343,7 @@ def from_pretrained(cls: type[GPT], folder: str | os.PathLike, grid: Any, dtype:
     return model
 
 
-def _load_weights(model: GPT, files: _WeightFiles, tied: bool) -> None:
+def _load_weights(model: Module, files: _WeightFiles, tied: bool) -> None:
     params = dict(model.named_parameters())
     prefix = PREFIX if PREFIX + "wte.weight" in files.entries else ""
     where = f"the weights in {files.folder}"
@@ -423,7 +421,7 @@ def _runs(p: Parameter, offset: int) -> list[tuple[int, tuple[slice, ...]]] | No
     return runs
 
 
-def _header(model: GPT) -> tuple[bytes, list[tuple[str, Parameter, int]], int]:
+def _header(model: Module) -> tuple[bytes, list[tuple[str, Parameter, int]], int]:
     """The safetensors header (length prefix and JSON padded to 8 bytes), (name, param,
     absolute data offset) per tensor, and the file's size. Computed from the config alone."""
     code = _WRITE_CODES[model.dtype]
@@ -473,7 +471,7 @@ def _gather_rows(p: Parameter, offset: int, tp_comm: Any, fd: int | None, error:
     return error
 
 
-def save_pretrained(model: GPT, folder: str | os.PathLike) -> None:
+def save_pretrained(model: Module, folder: str | os.PathLike) -> None:
     """Write `folder`/config.json and `folder`/model.safetensors (Hugging Face GPT-2 layout,
     "transformer." names, unpadded, the model's dtype). Collective over model.grid.world."""
     grid = model.grid

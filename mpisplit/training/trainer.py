@@ -117,7 +117,7 @@ class Trainer:
                 code = self._finish()
         finally:
             self.log.close()
-            self.grid.free()
+        self.grid.free()  # collective: not on the way out of an exception one rank alone may have
         return TrainResult(code, self.step, self.val_loss, self.last_saved, self.history)
 
     def _loop(self) -> int | None:

@@ -1,8 +1,7 @@
 """Before training, every rank compares its configuration, code and data with the others'.
 
-- `check_consistent`: before training, every rank compares its configuration, code and data
-  with the others' (a hash all-gathered; the details only on a mismatch); a difference raises
-  `ConsistencyError` on every rank, naming the ranks and the keys that differ.
+`check_consistent` all-gathers a hash of each part (the details only on a mismatch); a
+difference raises `ConsistencyError` on every rank, naming the ranks and the keys that differ.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """JobGuard: stop requests, per-step agreement, failure consensus and the watchdog of one job.
 
-- `JobGuard`: at each step, one Allreduce(MAX) of three numbers on a communicator of its own
-  (so the library's per-step collective counters stay exact): the signal any rank received,
-  whether any rank saw a non-finite loss or gradient norm, and rank 0's seconds since the last
-  save (one clock for every rank). Every rank gets the same `StepDecision`: all stop, save
-  or halt together. `failed_everywhere()` tells an error raised on every rank (exit cleanly)
-  from one raised on a single rank (abort, or the others wait forever).
+At each step, one Allreduce(MAX) of three numbers on a communicator of its own (so the
+library's per-step collective counters stay exact): the signal any rank received, whether any
+rank saw a non-finite loss or gradient norm, and rank 0's seconds since the last save (one
+clock for every rank). Every rank gets the same `StepDecision`: all stop, save or halt
+together. `failed_everywhere()` tells an error raised on every rank (exit cleanly) from one
+raised on a single rank (abort, or the others wait forever).
 """
 
 from __future__ import annotations
