@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="weights and arithmetic")
     p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429")

@@ -37,7 +37,8 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     if params.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]  # smallest set reaching top_p
+        # the smallest set reaching top_p (a sum that is top_p but for rounding reaches it)
+        keep = order[: int(np.searchsorted(cum, params.top_p * (1 - 1e-12))) + 1]
         cut = np.zeros_like(p)
         cut[keep] = p[keep]
         p = cut / cut.sum()
