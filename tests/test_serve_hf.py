@@ -109,3 +109,29 @@ def test_server_with_bpe_tokenizer(hf_folder, n):
 def test_transformers_reference_is_available_or_skipped():
     pytest.importorskip("transformers")
     pytest.importorskip("torch")
+
+
+def test_fine_tune_from_folder_on_text(hf_folder, tmp_path):
+    """train.py --init-from FOLDER --data file.txt trains on the text encoded by the folder's
+    tokenizer (the data set's ids are the tokenizer's own), and its loss goes down."""
+    from conftest import REPO_ROOT, mpiexec_command
+
+    folder, _, _, bpe = hf_folder
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*mpiexec_command(2), sys.executable, f"{REPO_ROOT}/train.py", "--init-from", str(folder), "--data",
+         str(data), "--steps", "6", "--seq-len", "16", "--batch-size", "4", "--eval-every", "0", "--sample-len",
+         "0", "--no-progress", "--log-every", "1", "--dtype", "float64", "--lr", "3e-3", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env=serve_env(), check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) >= 6 and losses[-1] < losses[0]
+    from mpisplit.training.config import TrainConfig
+    from mpisplit.training.setup import load_data
+
+    ds = load_data(TrainConfig(init_from=str(folder), data=str(data), seq_len=16)).dataset
+    assert np.concatenate([ds.train, ds.val]).tolist() == bpe.encode(TEXT).ids
