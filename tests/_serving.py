@@ -62,17 +62,18 @@ def write_char_checkpoint(root: Path, seed: int = 11) -> Path:
 class Server:
     """Context manager: the running server's base URL in `.url`; `.stop()` sends SIGTERM."""
 
-    def __init__(self, n: int, args: list[str]) -> None:
+    def __init__(self, n: int, args: list[str], env: dict[str, str] | None = None) -> None:
         from conftest import mpiexec_command
 
         self.cmd = [*mpiexec_command(n), sys.executable, "-m", "mpisplit.serve", "--port", "0", *args]
         self.lines: queue.Queue = queue.Queue()
         self.log: list[str] = []
         self.url = ""
+        self.env = serve_env() if env is None else env
 
     def __enter__(self) -> Self:
         self.proc = subprocess.Popen(
-            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=serve_env(),
+            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
             start_new_session=True,
         )
         threading.Thread(target=self._read, daemon=True).start()

@@ -290,3 +290,21 @@ def test_queue_full_disconnect_api_key_and_sigterm(ckpt):
         assert srv.proc.wait(timeout=30) == 0
         assert time.monotonic() - start < 20
         assert "server stopped" in "".join(srv.log)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_engine_failure_fails_requests_and_ends_the_job(ckpt, rank):
+    """An exception inside an engine step (injected at step 3): on rank 0 the request in flight
+    gets a 500; on either rank the whole job exits non-zero instead of hanging."""
+    from _serving import serve_env as base_env
+
+    env = {**base_env(), "MPISPLIT_FAULT": f"raise@rank={rank},step=3"}
+    with Server(2, ["--ckpt", str(ckpt), "--dtype", "float64"], env=env) as srv:
+        c = client(srv.url)
+        if rank == 0:
+            with pytest.raises(openai.InternalServerError, match="engine failed"):
+                c.completions.create(model="char", prompt="a", max_tokens=20)
+        else:
+            with pytest.raises((openai.APIConnectionError, openai.InternalServerError)):
+                c.completions.create(model="char", prompt="a", max_tokens=20, timeout=30)
+        assert srv.proc.wait(timeout=30) != 0

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mpisplit.runtime.faults.injection import FaultInjector
 from mpisplit.serving.batch import Segment, SlotCache, forward_segments
 from mpisplit.serving.sampling import SamplingParams, choose
 
@@ -72,6 +73,8 @@ class Engine:
         self.cache = SlotCache(model, max_batch)
         self.running: dict[int, Sequence] = {}  # rid -> sequence
         self.free_slots = list(range(max_batch))
+        self.steps = 0  # steps run (the "step" of MPISPLIT_FAULT, a testing aid inactive when unset)
+        self.faults = FaultInjector.from_env(model.grid.rank)
 
     @property
     def has_room(self) -> bool:
@@ -116,6 +119,9 @@ class Engine:
         """Feed every running sequence once; draw a token for each that has read its prompt."""
         if not self.running:
             return []
+        self.steps += 1
+        if self.faults:
+            self.faults.before_step(self.steps)
         seqs, segments, tokens = self._batch()
         logits = forward_segments(self.model, tokens, segments, self.cache)
         outputs = []
