@@ -67,7 +67,8 @@ def _attention(attn: Any, x: Tensor, layer: int, cache: SlotCache, segments: lis
         q = part[:, :, 0].transpose(0, 2, 1, 3)  # (1, nh, t, hs)
         k = k_all[seg.slot: seg.slot + 1, :, :end]  # (1, nh, end, hs), as a one-sequence cache holds it
         v = v_all[seg.slot: seg.slot + 1, :, :end]
-        out = ops.Attention().forward(q, k, v, causal=True, offset=seg.start)  # (1, nh, t, hs)
+        # one query at the newest position sees every cached key: its mask would add zeros
+        out = ops.Attention().forward(q, k, v, causal=seg.count > 1, offset=seg.start)  # (1, nh, t, hs)
         y[:, row: row + seg.count] = out.transpose(0, 2, 1, 3).reshape(1, seg.count, -1)
         row += seg.count
     return attn.c_proj(Tensor(y))
