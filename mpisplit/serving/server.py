@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpisplit.serving.batch import check_batch_invariance
 from mpisplit.serving.channel import SHUTDOWN, ControlChannel
 from mpisplit.serving.controller import Controller, follow
 from mpisplit.serving.engine import Engine
@@ -69,6 +70,7 @@ def _bound_port(server: Any, fallback: int) -> int:
 def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     """Serve `model` until SIGTERM; collective over the model's grid. Returns 0."""
     model.eval()
+    invariant = check_batch_invariance(model)  # collective
     engine = Engine(model, opts.max_batch, opts.prefill_chunk)
     channel = ControlChannel(model.grid.world)
     if channel.rank != 0:
@@ -88,6 +90,9 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stopping.set())
     port = _bound_port(server, opts.port)
+    if not invariant:
+        print("warning: this machine's BLAS gives a sequence different bits alone and in a batch; "
+              "greedy outputs may depend on the batch", file=sys.stderr, flush=True)
     print(f"serving {opts.model_name!r} on http://{opts.host}:{port} (pid {os.getpid()}, "
           f"{channel.size} rank{'s' if channel.size > 1 else ''})", flush=True)
     controller.run()
