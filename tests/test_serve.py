@@ -308,3 +308,22 @@ def test_engine_failure_fails_requests_and_ends_the_job(ckpt, rank):
             with pytest.raises((openai.APIConnectionError, openai.InternalServerError)):
                 c.completions.create(model="char", prompt="a", max_tokens=20, timeout=30)
         assert srv.proc.wait(timeout=30) != 0
+
+
+@pytest.mark.timeout(300)
+def test_four_ranks_greedy_equals_generate_and_concurrent_equals_alone(ckpt):
+    """tp = 4 (oversubscribed on a small machine: MPICH yields instead of spinning)."""
+    from _serving import serve_env as base_env
+
+    env = {**base_env(), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
+    expected = generate_command(ckpt, PROMPTS[0], 10)
+    with Server(4, ["--ckpt", str(ckpt), "--dtype", "float64"], env=env) as srv:
+        assert complete(srv.url, PROMPTS[0], max_tokens=10).choices[0].text == expected
+        jobs = [{"prompt": p, "max_tokens": 5, "logprobs": 1} for p in PROMPTS[:3]]
+        alone = [as_record(complete(srv.url, **job)) for job in jobs]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            together = [as_record(f.result()) for f in [pool.submit(complete, srv.url, **job) for job in jobs]]
+        assert [r[0] for r in together] == [r[0] for r in alone]  # the text; logprobs to 1e-12
+        for (_, _, a), (_, _, b) in zip(alone, together):
+            assert np.allclose(a[0], b[0], atol=1e-12, rtol=0)
+        assert srv.stop() == 0
