@@ -26,6 +26,7 @@ from mpisplit.serving.metrics import ServerMetrics
 from mpisplit.serving.validation import ModelInfo
 
 START_TIMEOUT_S = 30.0
+SWITCH_INTERVAL_S = 2e-4
 
 
 @dataclass
@@ -87,6 +88,10 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     except BaseException:
         channel.send(SHUTDOWN)
         raise
+    # The engine thread holds the GIL between steps' BLAS calls; with the default 5 ms switch
+    # interval the HTTP thread waits that long each time it needs it. Measured, 16 streaming
+    # clients, 64 tokens each: 425-481 tokens/s at 5 ms, 1012-1179 at 0.2 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stopping.set())
     port = _bound_port(server, opts.port)
