@@ -293,3 +293,18 @@ def test_scripts_help() -> None:
     for script in ("floors.py", "bench_gpt.py", "raw_gpt.py"):
         r = _run_script([f"benchmarks/{script}", "--help"], timeout=60)
         assert r.returncode == 0 and "--smoke" in r.stdout, script
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own server")
+def test_bench_serve_smoke() -> None:
+    """bench_serve.py --smoke: a real server, concurrency 1 and 4, every row complete."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "HYDI_", "PMIX_", "OMPI_"))}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--smoke", "--no-peer"],
+                         capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["tokens"] == 24 and r["tokens_per_s"] > 0 and r["ttft_ms_p50"] > 0
+    assert "CPU: " in out.stdout

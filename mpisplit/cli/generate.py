@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
     src.add_argument("--hf", help="a folder with config.json and model.safetensors in the Hugging Face GPT-2 layout")
-    p.add_argument("--prompt", default=None, help="prompt text (character-level checkpoints)")
+    p.add_argument("--prompt", default=None,
+                   help="prompt text (a character-level checkpoint, or a folder with a tokenizer)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (models without a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; otherwise sample")
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpi4py import MPI
 
     import mpisplit as ms
+    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
     from mpisplit.runtime.errors import agree, install_abort_on_exception
     from mpisplit.training.checkpoint import CheckpointReader
     from mpisplit.training.data import CharTokenizer
@@ -73,10 +75,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     else:
         model = ms.GPT.from_pretrained(args.hf, grid, dtype=args.dtype)
         cfg = model.config
+        with agree(world):
+            tokenizer = load_hf_tokenizer(args.hf, cfg.vocab_size)
     with agree(world):
         if args.prompt is not None:
             if tokenizer is None:
-                raise ValueError("this model has no character tokenizer: pass --prompt-ids")
+                raise ValueError("this model has no tokenizer: pass --prompt-ids")
             prompt = tokenizer.encode(args.prompt)
         else:
             try:

@@ -70,7 +70,8 @@ def _optimisation(g: argparse._ArgumentGroup) -> None:
 
 def _output(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data", type=str, default=D.data, help="UTF-8 text file (default: CPython's documentation "
-                   "text); with --init-from: token ids (.npy, or integers separated by spaces or commas)")
+                   "text); with --init-from: token ids (.npy, or integers separated by spaces or commas), "
+                   "or text when the folder has a tokenizer")
     g.add_argument("--init-from", type=str, default=D.init_from, metavar="FOLDER",
                    help="fine-tune GPT-2 weights from a Hugging Face folder (config.json + model.safetensors); "
                    "--layers/--hidden/--heads are taken from it")

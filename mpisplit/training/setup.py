@@ -10,6 +10,7 @@ from typing import Any
 
 from mpisplit.models import GPT, GPTConfig
 from mpisplit.models.hf_gpt2 import read_config as read_hf_config
+from mpisplit.models.hf_tokenizer import load_hf_tokenizer
 from mpisplit.runtime.errors import agree
 from mpisplit.training.amp import MixedPrecision
 from mpisplit.training.checkpoint import CheckpointReader
@@ -31,17 +32,33 @@ def load_data(config: TrainConfig) -> Data:
     if config.init_from is not None:
         if config.data is None:
             raise ValueError(
-                "--init-from needs --data with token ids (.npy, or integers separated by spaces or commas): "
-                "no GPT-2 tokenizer ships offline with a well-kept package"
+                "--init-from needs --data: token ids (.npy, or integers separated by spaces or commas), "
+                "or text when the folder has a tokenizer (tokenizer.json, or vocab.json + merges.txt)"
             )
         hf_config = read_hf_config(config.init_from)
-        ids = load_token_ids(config.data, hf_config.vocab_size)
+        ids = _fine_tuning_ids(config.data, config.init_from, hf_config.vocab_size)
         data = Data(TextDataset.from_ids(ids, hf_config.vocab_size), ids.tobytes().decode("latin-1"), hf_config)
     else:
         text = default_corpus() if config.data is None else load_text(config.data)
         data = Data(TextDataset(text), text, None)
     data.dataset.check_seq_len(config.seq_len)
     return data
+
+
+def _fine_tuning_ids(path: str, folder: str, vocab_size: int) -> Any:
+    """Token ids from `path`: read as ids (.npy, or a file of integers), else as text encoded
+    by the folder's tokenizer."""
+    tokenizer = load_hf_tokenizer(folder, vocab_size)
+    if tokenizer is None or Path(path).suffix == ".npy":
+        return load_token_ids(path, vocab_size)
+    text = load_text(path)
+    words = text.replace(",", " ").split()
+    if words and all(w.lstrip("-").isdigit() for w in words):
+        return load_token_ids(path, vocab_size)
+    ids = tokenizer.encode(text)
+    if ids.size == 0:
+        raise ValueError(f"{path!r} encodes to no tokens")
+    return ids
 
 
 @dataclass

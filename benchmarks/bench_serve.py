@@ -1,0 +1,207 @@
+"""Serving throughput and latency: `mpisplit serve` under 1, 4 and 16 concurrent clients.
+
+    python benchmarks/bench_serve.py                      # tp 1 and 2, concurrency 1 4 16
+    python benchmarks/bench_serve.py --tp 2 --concurrency 16 --requests 32
+    python benchmarks/bench_serve.py --smoke              # seconds: checks that it runs
+
+For each tp a real server (`mpiexec -n tp python -m mpisplit.serve --hf FOLDER`) is started on
+a small random GPT-2 (written to a temporary Hugging Face folder); clients stream greedy
+completions of random token-id prompts through httpx. Reported per concurrency: generated
+tokens/s over the whole run, time to first token and inter-token latency (p50, p99), and the
+ratio of tokens/s to concurrency 1 (one request at a time). The peer, when PyTorch and
+transformers are installed: transformers' greedy `generate` on the same weights and prompts,
+one request at a time, in one process with one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks import common
+
+SHAPES = {  # name: (n_layer, n_embd, n_head, vocab, block)
+    "small": (4, 128, 4, 512, 256),
+    "smoke": (2, 32, 4, 64, 64),
+}
+
+
+def write_model(folder: Path, shape: str, seed: int = 0) -> None:
+    from mpi4py import MPI
+
+    import mpisplit as ms
+
+    n_layer, n_embd, n_head, vocab, block = SHAPES[shape]
+    grid = ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF)
+    cfg = ms.GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    model = ms.GPT(cfg, grid, dtype="float32", seed=seed)
+    model.save_pretrained(folder)
+    grid.free()
+
+
+def start_server(folder: Path, tp: int, dtype: str, max_batch: int, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [common.mpiexec_path(), "-n", str(tp), sys.executable, "-m", "mpisplit.serve", "--hf", str(folder),
+           "--port", "0", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "1024"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        found = re.search(r"on (http://[\d.]+:\d+)", line)
+        if found:
+            return proc, found.group(1)
+        if not line and proc.poll() is not None:
+            break
+    stop_server(proc)
+    raise RuntimeError(f"server did not start: {' '.join(cmd)}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def one_request(client: Any, url: str, prompt: list[int], max_tokens: int) -> dict:
+    """Stream one greedy completion; times of its first and every later token."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    stamps = []
+    with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                n = len(json.loads(line[6:])["choices"][0]["token_ids"])
+                stamps += [time.perf_counter()] * n
+    if len(stamps) != max_tokens:
+        raise RuntimeError(f"expected {max_tokens} tokens, got {len(stamps)}")
+    return {"ttft": stamps[0] - start, "gaps": np.diff(stamps).tolist()}
+
+
+def run_level(url: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict:
+    """`concurrency` clients send the prompts, each starting the next when one ends."""
+    import httpx
+
+    clients: queue.Queue = queue.Queue()
+    for _ in range(concurrency):  # made before the clock starts: a client costs tens of ms to make
+        clients.put(httpx.Client(timeout=600))
+
+    def send(prompt: list[int]) -> dict:
+        client = clients.get()
+        try:
+            return one_request(client, url, prompt, max_tokens)
+        finally:
+            clients.put(client)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(send, prompts))
+    wall = time.perf_counter() - start
+    while not clients.empty():
+        clients.get().close()
+    gaps = np.concatenate([r["gaps"] for r in results]) * 1e3
+    ttft = np.array([r["ttft"] for r in results]) * 1e3
+    return {
+        "concurrency": concurrency, "requests": len(prompts), "tokens": len(prompts) * max_tokens,
+        "wall_s": wall, "tokens_per_s": len(prompts) * max_tokens / wall,
+        "ttft_ms_p50": float(np.percentile(ttft, 50)), "ttft_ms_p99": float(np.percentile(ttft, 99)),
+        "itl_ms_p50": float(np.percentile(gaps, 50)), "itl_ms_p99": float(np.percentile(gaps, 99)),
+    }
+
+
+def peer_transformers(folder: Path, prompts: list[list[int]], max_tokens: int) -> dict | None:
+    """transformers' greedy generate, one request at a time; None without PyTorch/transformers."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        start = time.perf_counter()
+        for p in prompts:
+            model.generate(torch.tensor([p]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                           do_sample=False, pad_token_id=0)
+        wall = time.perf_counter() - start
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "tokens_per_s": len(prompts) * max_tokens / wall, "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--shape", choices=list(SHAPES), default="small")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--smoke", action="store_true", help="tiny model, few requests: checks that it runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shape, args.requests, args.max_tokens, args.prompt_len = "smoke", 4, 6, 5
+        args.concurrency, args.tp = [c for c in args.concurrency if c <= 4] or [1], args.tp[:1]
+    info = common.machine_info()
+    print(f"CPU: {info['cpu']} ({info['cores']} cores), load {info['load_average_1_5_15min']}", flush=True)
+    rows, peer = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bench"
+        write_model(folder, args.shape)
+        vocab = SHAPES[args.shape][3]
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(0, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
+        for tp in args.tp:
+            proc, url = start_server(folder, tp, args.dtype, max(args.concurrency))
+            try:
+                run_level(url, prompts[:2], args.max_tokens, 2)  # warm-up
+                for c in args.concurrency:
+                    row = {"tp": tp, **run_level(url, prompts, args.max_tokens, c)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            finally:
+                stop_server(proc)
+        if not args.no_peer:
+            peer = peer_transformers(folder, prompts, args.max_tokens)
+    for row in rows:
+        base = next(r for r in rows if r["tp"] == row["tp"] and r["concurrency"] == min(args.concurrency))
+        row["x_vs_one_at_a_time"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if peer is not None:
+            row["x_vs_transformers"] = row["tokens_per_s"] / peer["tokens_per_s"]
+    columns = ["tp", "concurrency", "tokens_per_s", "x_vs_one_at_a_time", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99"]
+    if peer is not None:
+        columns.append("x_vs_transformers")
+    print(common.format_table(rows, columns))
+    print("peer (transformers generate, one at a time):", "not installed" if peer is None else json.dumps(peer))
+    if not args.smoke:
+        common.write_json(args.out / "bench_serve.json", {"machine": info, "args": vars(args) | {"out": str(args.out)},
+                                                          "rows": rows, "peer": peer})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Serve a model from all its tensor-parallel ranks over an OpenAI-compatible HTTP API.
+
+    mpirun -n 2 mpisplit serve --ckpt out --port 8000
+    mpirun -n 2 python -m mpisplit.serve --hf gpt2-folder --dtype float64 --api-key KEY
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "out", "prompt": "The ", "max_tokens": 20, "temperature": 0}'
+
+Rank 0 answers HTTP (POST /v1/completions, GET /v1/models, /health, /metrics) and leads the
+engine; every rank holds its slab of the weights and the keys and values of its own heads.
+SIGTERM drains the requests in flight and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
+    src.add_argument("--hf", help="a Hugging Face GPT-2 folder (config.json, model.safetensors, "
+                                  "tokenizer.json or vocab.json + merges.txt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="weights and arithmetic")
+    p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get HTTP 429")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens of one sequence read per engine step")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--model-name", default=None, help="the model's name in the API (default: the folder name)")
+    return p.parse_args(argv)
+
+
+def _check(args: argparse.Namespace, world_size: int) -> int:
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--prefill-chunk", args.prefill_chunk, 1), ("--port", args.port, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.port > 65535:
+        raise ValueError(f"--port must be <= 65535, got {args.port}")
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key must not be empty")
+    tp = world_size if args.tp is None else args.tp
+    if tp <= 0 or world_size % tp:
+        raise ValueError(f"--tp {tp} does not divide the world size {world_size}")
+    if tp != world_size:
+        raise ValueError(f"serving runs one model over all ranks: --tp must equal the world size {world_size}")
+    return tp
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    from mpi4py import MPI
+
+    import mpisplit as ms
+    from mpisplit.runtime.errors import agree, install_abort_on_exception
+    from mpisplit.serving.loading import load_model_and_tokenizer
+    from mpisplit.serving.server import ServeOptions, default_model_name, serve
+
+    world = MPI.COMM_WORLD
+    install_abort_on_exception(world)
+    with agree(world):
+        tp = _check(args, world.Get_size())
+        try:
+            import starlette  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(f"serving needs the 'serve' extra: pip install 'mpisplit[serve]' ({exc})") from None
+    # One BLAS thread per rank unless MPISPLIT_BLAS_THREADS says otherwise: a step's matmuls are
+    # small, and rank 0's HTTP thread needs a core of its own (measured: 2 BLAS threads on
+    # 2 shared cores served 16 clients 3-10x slower).
+    ms.limit_blas_threads(world, threads=None if os.environ.get("MPISPLIT_BLAS_THREADS", "").strip() else 1)
+    grid = ms.ProcessGrid(tp=tp)
+    model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype)
+    opts = ServeOptions(
+        host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk, api_key=args.api_key,
+        model_name=args.model_name or default_model_name(args.ckpt or args.hf),
+    )
+    code = serve(model, tokenizer, opts)
+    grid.free()
+    return code

@@ -1,0 +1,12 @@
+"""Serving: the engine loop every rank runs and the OpenAI-compatible front end on rank 0.
+
+    engine.py      sequences in KV-cache slots, one batched step at a time (replicated state)
+    batch.py       the forward pass over many sequences, attention per slot
+    channel.py     rank 0's header + payload broadcasts, waited for without spinning
+    controller.py  rank 0's scheduling, text, stop strings and logprobs; the follower loop
+    api.py         the HTTP routes (starlette), validation.py their input checks
+    server.py      the whole server on every rank; loading.py, sampling.py, text.py, metrics.py
+
+Imports models/ and training/ (checkpoints, tokenizers) and below; cli/serve.py drives it.
+The HTTP libraries (starlette, uvicorn, prometheus-client) are the `serve` extra.
+"""

@@ -1,0 +1,176 @@
+"""The OpenAI-compatible HTTP front end (starlette), run by uvicorn in a thread of rank 0.
+
+    POST /v1/completions   GET /v1/models   GET /health   GET /metrics
+
+Nothing here calls MPI: a request is validated, handed to the Controller, and its events come
+back through an asyncio queue fed from the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mpisplit.serving.controller import Controller, Submission
+from mpisplit.serving.validation import (
+    ApiError,
+    CompletionRequest,
+    ModelInfo,
+    parse_body,
+    validate_completion,
+)
+
+MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.25
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(f"the request body has {declared} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class CompletionsApp:
+    """The routes, bound to one controller and one model."""
+
+    def __init__(self, controller: Controller, model: ModelInfo, api_key: str | None = None) -> None:
+        self.controller, self.model, self.api_key = controller, model, api_key
+        self.created = int(time.time())
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ])
+
+    def _authorise(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401,
+                           kind="authentication_error")
+
+    async def health(self, request: Request) -> Response:
+        ok = self.controller.alive and not self.controller.stopping.is_set()
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.controller.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorise(request)
+        except ApiError as err:
+            return error_response(err)
+        card = {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "mpisplit",
+                "max_model_len": self.model.block_size}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def completions(self, request: Request) -> Response:
+        try:
+            self._authorise(request)
+            req = validate_completion(parse_body(await _read_body(request)), self.model)
+        except ApiError as err:
+            return error_response(err)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        sub = Submission(
+            prompt=req.prompt, max_tokens=req.max_tokens, sampling=req.sampling, stops=req.stops,
+            logprobs=req.logprobs, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+        )
+        if not self.controller.alive or self.controller.stopping.is_set():
+            return error_response(ApiError("the server is shutting down", status=503, kind="server_error"))
+        if not self.controller.submit(sub):
+            return error_response(ApiError(
+                f"the queue is full ({self.controller.max_queue} requests waiting); retry later",
+                status=429, kind="rate_limit_error"))
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+                "created": int(time.time()), "model": self.model.name}
+        if req.stream:
+            return StreamingResponse(self._stream(sub, req, head, events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self._collect(request, sub, req, head, events)
+
+    async def _collect(self, request: Request, sub: Submission, req: CompletionRequest, head: dict,
+                       events: asyncio.Queue) -> Response:
+        pieces: list[dict] = []
+        while True:
+            try:
+                ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.controller.cancel(sub.rid)
+                    return Response(status_code=499)
+                continue
+            if "error" in ev:
+                return error_response(ApiError(ev["error"], status=ev["status"], kind="server_error"))
+            pieces.append(ev)
+            if ev["finish_reason"] is not None:
+                break
+        choice = _choice(pieces, req.logprobs is not None)
+        usage = _usage(req, sum(len(p["token_ids"]) for p in pieces))
+        return JSONResponse({**head, "choices": [choice], "usage": usage})
+
+    async def _stream(self, sub: Submission, req: CompletionRequest, head: dict,
+                      events: asyncio.Queue) -> AsyncIterator[bytes]:
+        done, tokens = False, 0
+        try:
+            while not done:
+                ev = await events.get()
+                if "error" in ev:
+                    err = ApiError(ev["error"], status=ev["status"], kind="server_error")
+                    yield _sse(err.body())
+                    break
+                tokens += len(ev["token_ids"])
+                done = ev["finish_reason"] is not None
+                yield _sse({**head, "choices": [_choice([ev], req.logprobs is not None)]})
+            if done and req.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(req, tokens)})
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not done:  # the client went away (or the request failed): free its slot
+                self.controller.cancel(sub.rid)
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _choice(pieces: list[dict], with_logprobs: bool) -> dict:
+    logprobs = None
+    if with_logprobs:
+        logprobs = {k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        for p in pieces:
+            for k in logprobs:
+                logprobs[k] += p["logprobs"][k]
+    return {"index": 0, "text": "".join(p["text"] for p in pieces), "logprobs": logprobs,
+            "finish_reason": pieces[-1]["finish_reason"] if pieces else None,
+            "token_ids": [t for p in pieces for t in p["token_ids"]]}
+
+
+def _usage(req: CompletionRequest, completion_tokens: int) -> dict:
+    n = len(req.prompt)
+    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}

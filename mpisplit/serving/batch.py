@@ -1,0 +1,119 @@
+"""One forward pass over many sequences at once, each in its own KV-cache slot.
+
+The tokens of every running sequence are laid end to end in one row of the batch:
+x (1, N, h), N = the tokens fed this step (a prompt chunk for a sequence still in prefill,
+one token for one that decodes). The linear layers, LayerNorms and the MLP see all N rows
+together; attention runs per sequence, its queries against its own slot's keys and values,
+with the causal mask offset by the slot's length. So a sequence never sees another's keys,
+and its arithmetic in attention is exactly that of decoding it alone.
+
+Batch invariance: a BLAS gemm gives a row the same bits whatever the other rows hold, but
+its result can depend on where the row falls in the kernel's tiling; OpenBLAS computes the
+last row of an odd-sized block with a separate one-row kernel. The batch is therefore padded
+to an even number of rows (a padding row is token 0 at position 0 and is dropped after), so
+a sequence's logits do not depend on what else runs with it. `check_batch_invariance` tests
+this property of the machine's BLAS at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mpisplit.autograd import Tensor, no_grad, ops
+from mpisplit.parallel.mappings import copy_to_tp, gather_from_tp
+from mpisplit.runtime.backend import get_array_module, to_numpy
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`count` tokens of the sequence in cache slot `slot`, at positions start .. start+count-1."""
+
+    slot: int
+    start: int
+    count: int
+
+
+class SlotCache:
+    """Keys and values of every block's local heads for `slots` sequences: per layer
+    k, v (slots, nh_local, max_len, hs). A slot's length is kept by the caller."""
+
+    def __init__(self, model: Any, slots: int, max_len: int | None = None) -> None:
+        n = model.config.block_size if max_len is None else max_len
+        attn = model.h[0].attn
+        xp = get_array_module(attn.c_attn.weight.data)
+        shape = (slots, attn.local_heads, n, attn.head_size)
+        self.k = [xp.zeros(shape, dtype=model.dtype) for _ in model.h]
+        self.v = [xp.zeros(shape, dtype=model.dtype) for _ in model.h]
+        self.slots, self.max_len = slots, n
+
+
+def _attention(attn: Any, x: Tensor, layer: int, cache: SlotCache, segments: list[Segment]) -> Tensor:
+    """ParallelSelfAttention over the segments: x (1, N, h) -> (1, N, h), one all-reduce."""
+    N = x.shape[1]
+    qkv = ops.linear(copy_to_tp(x, attn.comm), attn.c_attn.weight, attn.c_attn.bias).data  # (1, N, 3*hl)
+    qkv = qkv.reshape(1, N, 3, attn.local_heads, attn.head_size)
+    xp = get_array_module(qkv)
+    y = xp.zeros((1, N, attn.local_heads * attn.head_size), dtype=qkv.dtype)  # padding rows stay 0
+    k_all, v_all = cache.k[layer], cache.v[layer]
+    row = 0
+    for seg in segments:
+        part = qkv[:, row: row + seg.count]  # (1, t, 3, nh, hs)
+        end = seg.start + seg.count
+        k_all[seg.slot, :, seg.start: end] = part[0, :, 1].transpose(1, 0, 2)
+        v_all[seg.slot, :, seg.start: end] = part[0, :, 2].transpose(1, 0, 2)
+        q = part[:, :, 0].transpose(0, 2, 1, 3)  # (1, nh, t, hs)
+        k = k_all[seg.slot: seg.slot + 1, :, :end]  # (1, nh, end, hs), as a one-sequence cache holds it
+        v = v_all[seg.slot: seg.slot + 1, :, :end]
+        # one query at the newest position sees every cached key: its mask would add zeros
+        out = ops.Attention().forward(q, k, v, causal=seg.count > 1, offset=seg.start)  # (1, nh, t, hs)
+        y[:, row: row + seg.count] = out.transpose(0, 2, 1, 3).reshape(1, seg.count, -1)
+        row += seg.count
+    return attn.c_proj(Tensor(y))
+
+
+def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], cache: SlotCache) -> np.ndarray:
+    """tokens (N,) laid out as `segments` -> float64 logits (len(segments), vocab) at the last
+    token of each segment, the same on every TP rank. Writes the new keys and values into
+    `cache`. Collective over the model's TP communicator."""
+    n = int(tokens.shape[0])
+    if n != sum(s.count for s in segments) or n == 0:
+        raise ValueError(f"{n} tokens do not fill segments of {[s.count for s in segments]}")
+    padded = n + (n % 2)
+    ids = np.zeros((1, padded), dtype=np.int64)
+    ids[0, :n] = tokens
+    positions = np.zeros(padded, dtype=np.int64)
+    positions[:n] = np.concatenate([np.arange(s.start, s.start + s.count) for s in segments])
+    if int(positions.max()) >= model.config.block_size:
+        raise ValueError(f"position {int(positions.max())} is past block_size={model.config.block_size}")
+    with no_grad():
+        xp = get_array_module(model.wpe.weight.data)
+        x = model.wte(ids) + Tensor(model.wpe.weight.data[xp.asarray(positions)])  # (1, P, h)
+        for layer, block in enumerate(model.h):
+            x = x + _attention(block.attn, block.ln_1(x), layer, cache, segments)
+            x = x + block.mlp(block.ln_2(x))
+        x = model.ln_f(x)
+        last = np.cumsum([s.count for s in segments]) - 1
+        if len(last) % 2:  # the head's gemm is padded too
+            last = np.append(last, n - 1 if n == padded else n)
+        rows = Tensor(x.data[:, xp.asarray(last)])  # (1, S', h)
+        local = model.wte.logits(rows)
+        full = gather_from_tp(local, model.grid.tp_comm).data[0, : len(segments), : model.config.vocab_size]
+    return np.asarray(to_numpy(full), dtype=np.float64)
+
+
+def check_batch_invariance(model: Any) -> bool:
+    """Whether this machine computes a sequence's logits bit for bit alike alone and beside
+    others (the property the padding above relies on). Collective; uses a scratch cache."""
+    cache = SlotCache(model, 3, max_len=min(8, model.config.block_size))
+    V = model.config.vocab_size
+    prompt = np.arange(3, dtype=np.int64) % V
+    alone = forward_segments(model, prompt, [Segment(0, 0, 3)], cache)
+    other = (np.arange(4, dtype=np.int64) * 7 + 1) % V
+    both = forward_segments(
+        model, np.concatenate([other[:1], prompt, other[1:]]),
+        [Segment(1, 0, 1), Segment(2, 0, 3), Segment(0, 0, 3)], cache,
+    )
+    return bool(np.array_equal(alone[0], both[1]))

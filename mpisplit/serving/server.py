@@ -1,0 +1,114 @@
+"""Putting a server together on every rank: the model's engine, the control channel, and on
+rank 0 the controller and the HTTP front end (uvicorn in a thread of its own).
+
+    serve(model, tokenizer, ServeOptions(port=8000))   # collective; returns when shut down
+
+SIGTERM (or SIGINT) on rank 0 stops admitting, lets the requests in flight finish (at most
+`drain_s` seconds, then cancels them), stops every rank and returns 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpisplit.serving.batch import check_batch_invariance
+from mpisplit.serving.channel import SHUTDOWN, ControlChannel
+from mpisplit.serving.controller import Controller, follow
+from mpisplit.serving.engine import Engine
+from mpisplit.serving.metrics import ServerMetrics
+from mpisplit.serving.validation import ModelInfo
+
+START_TIMEOUT_S = 30.0
+SWITCH_INTERVAL_S = 2e-4
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the line "serving on http://HOST:PORT" says which)
+    max_batch: int = 16
+    max_queue: int = 64
+    prefill_chunk: int = 256
+    api_key: str | None = None
+    model_name: str = "mpisplit"
+    drain_s: float = 10.0
+
+
+def _start_http(controller: Controller, info: ModelInfo, opts: ServeOptions) -> tuple[Any, threading.Thread]:
+    import uvicorn
+
+    from mpisplit.serving.api import CompletionsApp
+
+    app = CompletionsApp(controller, info, opts.api_key).app()
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        server.should_exit = True
+        raise OSError(f"the HTTP server did not start on {opts.host}:{opts.port} (is the port in use?)")
+    return server, thread
+
+
+def _bound_port(server: Any, fallback: int) -> int:
+    try:
+        return int(server.servers[0].sockets[0].getsockname()[1])
+    except (AttributeError, IndexError):
+        return fallback
+
+
+def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
+    """Serve `model` until SIGTERM; collective over the model's grid. Returns 0."""
+    model.eval()
+    invariant = check_batch_invariance(model)  # collective
+    engine = Engine(model, opts.max_batch, opts.prefill_chunk)
+    channel = ControlChannel(model.grid.world)
+    if channel.rank != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 leads the shutdown
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        follow(engine, channel)
+        channel.free()
+        return 0
+    info = ModelInfo(opts.model_name, model.config.vocab_size, model.config.block_size, tokenizer)
+    metrics = ServerMetrics(opts.max_batch)
+    controller = Controller(engine, channel, tokenizer, metrics, opts.max_queue, opts.drain_s)
+    try:
+        server, thread = _start_http(controller, info, opts)
+    except BaseException:
+        channel.send(SHUTDOWN)
+        raise
+    # The engine thread holds the GIL between steps' BLAS calls; with the default 5 ms switch
+    # interval the HTTP thread waits that long each time it needs it. Measured, 16 streaming
+    # clients, 64 tokens each: 425-481 tokens/s at 5 ms, 1012-1179 at 0.2 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: controller.stopping.set())
+    port = _bound_port(server, opts.port)
+    if not invariant:
+        print("warning: this machine's BLAS gives a sequence different bits alone and in a batch; "
+              "greedy outputs may depend on the batch", file=sys.stderr, flush=True)
+    print(f"serving {opts.model_name!r} on http://{opts.host}:{port} (pid {os.getpid()}, "
+          f"{channel.size} rank{'s' if channel.size > 1 else ''})", flush=True)
+    controller.run()
+    server.should_exit = True
+    thread.join(timeout=10)
+    channel.free()
+    print("server stopped", flush=True)
+    sys.stdout.flush()
+    return 0
+
+
+def default_model_name(source: str | Path) -> str:
+    path = Path(source).resolve()
+    return path.parent.name if path.name.startswith("step-") else path.name
