@@ -1,3 +1,3 @@
-"""The commands: `mpisplit train | generate | convert | plot` (main.py) and one module per command.
+"""The commands: `mpisplit train | generate | convert | serve | plot` (main.py) and one module per command.
 Imports everything below; nothing imports cli/.
 """
