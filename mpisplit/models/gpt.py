@@ -6,6 +6,11 @@
 Parameter names follow the Hugging Face GPT-2 layout without its "transformer."
 prefix (h.0.attn.c_attn.weight, ...). `model(idx)` gathers the logits on every
 rank; `model.loss(idx, targets)` keeps them split (vocab-parallel loss).
+
+On a grid with pp > 1 stages the model is one stage: its share of the blocks (stage_blocks),
+the embeddings on the first stage, ln_f and the tied head on the last (which keeps a copy of
+wte, marked `pipeline_copy`, whose gradient is summed with the first stage's). A stage runs
+through `stage_forward` / `stage_loss`, driven by mpisplit.parallel.pipeline.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from mpisplit.autograd import Tensor, no_grad, ops
 from mpisplit.models import hf_gpt2
 from mpisplit.models.config import GPTConfig
+from mpisplit.models.partition import BlockList, check_pipeline, stage_blocks
 from mpisplit.nn.attention import KVCache, ParallelSelfAttention
 from mpisplit.nn.cross_entropy import check_targets, vocab_parallel_cross_entropy
 from mpisplit.nn.embedding import VocabParallelEmbedding
@@ -69,17 +75,24 @@ class GPT(Module):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         config.validate(grid.tp)
+        pp, stage = getattr(grid, "pp", 1), getattr(grid, "pp_rank", 0)
+        check_pipeline(config.n_layer, pp)
         self.config, self.grid = config, grid
         self.dtype = resolve_dtype(dtype)
+        self.is_first, self.is_last = stage == 0, stage == pp - 1
         comm = grid.tp_comm
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, comm, dtype=self.dtype)
-        self.wpe = PositionEmbedding(config.block_size, config.n_embd, self.dtype)
-        self.h = [Block(config, comm, self.dtype) for _ in range(config.n_layer)]
-        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_eps, dtype=self.dtype)
+        if self.is_first or self.is_last:
+            self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, comm, dtype=self.dtype)
+            # The last stage's head is a copy of the first stage's table: saved once, by the first.
+            self.wte.weight.pipeline_copy = not self.is_first
+        self.wpe = PositionEmbedding(config.block_size, config.n_embd, self.dtype) if self.is_first else None
+        self.h = BlockList({i: Block(config, comm, self.dtype) for i in stage_blocks(config.n_layer, pp, stage)})
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_eps, dtype=self.dtype) if self.is_last else None
         # Dropout streams: replicated activations need the same mask on every TP rank;
-        # attention weights belong to each rank's own heads.
-        self.rng_shared = np.random.default_rng([seed, 1, grid.dp_rank])
-        self.rng_local = np.random.default_rng([seed, 2, grid.dp_rank, grid.tp_rank])
+        # attention weights belong to each rank's own heads. Stages draw their own streams.
+        where = [grid.dp_rank] if pp == 1 else [grid.dp_rank, stage]
+        self.rng_shared = np.random.default_rng([seed, 1, *where])
+        self.rng_local = np.random.default_rng([seed, 2, *where, grid.tp_rank])
         self.device = "cpu"
         self.to(device)
         if init:
@@ -109,17 +122,52 @@ class GPT(Module):
             )
         return idx  # the values are checked by the embedding lookup, before its all-reduce
 
-    def hidden_states(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
-        """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank."""
-        offset = caches[0].length if caches else 0
-        idx = self._check_idx(idx, offset)
-        p = self.config.dropout if self.training and caches is None else 0.0
+    def embed(self, idx: Any, offset: int = 0) -> Tensor:
+        """Token ids (B, T) -> token + position embeddings (B, T, h), after dropout (first stage)."""
+        p = self.config.dropout if self.training and offset == 0 else 0.0
         x = self.wte(idx) + self.wpe(idx.shape[1], offset)  # (B, T, h)
-        x = ops.dropout(x, p, self.rng_shared)
+        return ops.dropout(x, p, self.rng_shared)
+
+    def run_blocks(self, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        """(B, T, h) through this stage's blocks; caches: one per block of this stage."""
         rngs = (self.rng_shared, self.rng_local)
         for i, block in enumerate(self.h):
             x = block(x, rngs, None if caches is None else caches[i])
-        return self.ln_f(x)
+        return x
+
+    def hidden_states(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
+        """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank."""
+        self._check_whole("hidden_states")
+        offset = caches[0].length if caches else 0
+        idx = self._check_idx(idx, offset)
+        x = self.embed(idx, offset) if caches is None else self._embed_cached(idx, offset)
+        return self.ln_f(self.run_blocks(x, caches))
+
+    def _embed_cached(self, idx: Any, offset: int) -> Tensor:
+        return self.wte(idx) + self.wpe(idx.shape[1], offset)  # decoding: no dropout
+
+    def stage_forward(self, inp: Any) -> Tensor:
+        """One pipeline stage's forward: token ids (first stage) or the previous stage's output
+        (B, T, h) -> this stage's output (B, T, h); the last stage's output is after ln_f."""
+        x = self.embed(self._check_idx(inp)) if self.is_first else inp
+        x = self.run_blocks(x)
+        return self.ln_f(x) if self.is_last else x
+
+    def stage_loss(self, hidden: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+        """Last stage: mean cross-entropy of the hidden states after ln_f (vocab-parallel)."""
+        targets = targets.data if isinstance(targets, Tensor) else targets
+        check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
+        return vocab_parallel_cross_entropy(
+            self.wte.logits(hidden), targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
+            vocab_size=self.config.vocab_size, ignore_index=ignore_index,
+        )
+
+    def _check_whole(self, what: str) -> None:
+        if not (self.is_first and self.is_last):
+            raise ValueError(
+                f"GPT.{what} needs the whole model; this is stage {self.grid.pp_rank} of pp={self.grid.pp} "
+                "(run stages with mpisplit.parallel.pipeline, or load the checkpoint at pp=1)"
+            )
 
     def forward(self, idx: Any) -> Tensor:
         """idx (B, T) -> full logits (B, T, vocab_size) on every rank (all-gathered)."""
@@ -135,11 +183,7 @@ class GPT(Module):
         if tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
-        local = self.wte.logits(self.hidden_states(idx))
-        return vocab_parallel_cross_entropy(
-            local, targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
-            vocab_size=self.config.vocab_size, ignore_index=ignore_index,
-        )
+        return self.stage_loss(self.hidden_states(idx), targets, ignore_index)
 
     # --------------------------------------------------------- generation
     def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
@@ -211,8 +255,9 @@ class GPT(Module):
         hf_gpt2.save_pretrained(self, folder)
 
     def num_parameters(self) -> int:
-        """Parameters of the global (unsplit, unpadded) model; the tied head counted once."""
-        return int(sum(np.prod(p.global_shape) for p in self.parameters()))
+        """Parameters of the global (unsplit, unpadded) model, of this stage's part at pp > 1;
+        the tied head counted once (not at all on a last stage that is not also the first)."""
+        return int(sum(np.prod(p.global_shape) for p in self.parameters() if not p.pipeline_copy))
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
