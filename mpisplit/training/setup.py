@@ -137,7 +137,7 @@ def rng_state(model: GPT) -> dict:
 
 def restore_rng(model: GPT, reader: CheckpointReader, grid: Any) -> None:
     """Dropout streams continue exactly when the layout is unchanged; otherwise they are reseeded."""
-    if reader.tp == grid.tp and reader.dp == grid.dp:
+    if reader.tp == grid.tp and reader.dp == grid.dp and reader.pp == grid.pp:
         state = reader.rank_meta(grid.rank)
         if state:
             model.rng_shared.bit_generator.state = state["shared"]
