@@ -11,6 +11,11 @@ On a grid with pp > 1 stages the model is one stage: its share of the blocks (st
 the embeddings on the first stage, ln_f and the tied head on the last (which keeps a copy of
 wte, marked `pipeline_copy`, whose gradient is summed with the first stage's). A stage runs
 through `stage_forward` / `stage_loss`, driven by mpisplit.parallel.pipeline.
+
+With `sequence_parallel` (training and loss evaluation; decoding never) the activations outside
+the split layers are (B, T/t, h) blocks of the sequence on each TP rank: LayerNorm, dropout and
+the residual adds run on the block. The gradients of the LayerNorms and of the row-split biases
+are then partial on each TP rank: `sequence_parallel_params` lists them, to be summed over TP.
 """
 
 from __future__ import annotations
@@ -56,13 +61,16 @@ class Block(Module):
         self.mlp = ParallelMLP(cfg.n_embd, 4 * cfg.n_embd, tp_comm, dtype=dtype, proj_std=proj_std)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, rngs: tuple[Any, Any], cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rngs: tuple[Any, Any], cache: KVCache | None = None, *, sequence_parallel: bool = False,
+    ) -> Tensor:
         shared, local = rngs  # shared: the same stream on every TP rank (replicated activations)
+        residual = local if sequence_parallel else shared  # sequence blocks differ: so do their masks
         p = self.dropout if self.training and cache is None else 0.0
-        a = self.attn(self.ln_1(x), rng=local, cache=cache)
-        x = x + ops.dropout(a, p, shared)
-        m = self.mlp(self.ln_2(x))
-        return x + ops.dropout(m, p, shared)
+        a = self.attn(self.ln_1(x), rng=local, cache=cache, sequence_parallel=sequence_parallel)
+        x = x + ops.dropout(a, p, residual)
+        m = self.mlp(self.ln_2(x), sequence_parallel=sequence_parallel)
+        return x + ops.dropout(m, p, residual)
 
 
 class GPT(Module):
@@ -70,7 +78,7 @@ class GPT(Module):
 
     def __init__(
         self, config: GPTConfig, grid: Any, *, dtype: Any = "float32", seed: int = 0, init: bool = True,
-        device: str = "cpu",
+        device: str = "cpu", sequence_parallel: bool = False,
     ) -> None:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -88,6 +96,7 @@ class GPT(Module):
         self.wpe = PositionEmbedding(config.block_size, config.n_embd, self.dtype) if self.is_first else None
         self.h = BlockList({i: Block(config, comm, self.dtype) for i in stage_blocks(config.n_layer, pp, stage)})
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_eps, dtype=self.dtype) if self.is_last else None
+        self.sequence_parallel = bool(sequence_parallel) and grid.tp > 1
         # Dropout streams: replicated activations need the same mask on every TP rank;
         # attention weights belong to each rank's own heads. Stages draw their own streams.
         where = [grid.dp_rank] if pp == 1 else [grid.dp_rank, stage]
@@ -122,26 +131,55 @@ class GPT(Module):
             )
         return idx  # the values are checked by the embedding lookup, before its all-reduce
 
-    def embed(self, idx: Any, offset: int = 0) -> Tensor:
-        """Token ids (B, T) -> token + position embeddings (B, T, h), after dropout (first stage)."""
-        p = self.config.dropout if self.training and offset == 0 else 0.0
-        x = self.wte(idx) + self.wpe(idx.shape[1], offset)  # (B, T, h)
-        return ops.dropout(x, p, self.rng_shared)
+    @property
+    def sequence_parallel_params(self) -> list[Parameter]:
+        """Parameters whose gradient is partial on each TP rank under sequence parallelism: every
+        replicated one (LayerNorms, row-split biases, positions) sees only its rank's tokens."""
+        if not self.sequence_parallel:
+            return []
+        return [p for p in self.parameters() if p.split_axis is None]
 
-    def run_blocks(self, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+    def _check_sequence(self, idx: Any) -> None:
+        T, tp = idx.shape[1], self.grid.tp
+        if T % tp:
+            raise ValueError(
+                f"sequence parallelism splits the sequence over tp={tp} ranks: length {T} is not divisible by {tp}"
+            )
+
+    def embed(self, idx: Any, offset: int = 0, *, sequence_parallel: bool = False) -> Tensor:
+        """Token ids (B, T) -> token + position embeddings (B, T, h), after dropout (first stage);
+        with `sequence_parallel` this rank's (B, T/t, h) block of them."""
+        p = self.config.dropout if self.training and offset == 0 else 0.0
+        if not sequence_parallel:
+            x = self.wte(idx) + self.wpe(idx.shape[1], offset)  # (B, T, h)
+            return ops.dropout(x, p, self.rng_shared)
+        n = idx.shape[1] // self.grid.tp
+        x = self.wte(idx, sequence_parallel=True) + self.wpe(n, offset + self.grid.tp_rank * n)  # (B, T/t, h)
+        return ops.dropout(x, p, self.rng_local)
+
+    def run_blocks(
+        self, x: Tensor, caches: list[KVCache] | None = None, *, sequence_parallel: bool = False,
+    ) -> Tensor:
         """(B, T, h) through this stage's blocks; caches: one per block of this stage."""
         rngs = (self.rng_shared, self.rng_local)
         for i, block in enumerate(self.h):
-            x = block(x, rngs, None if caches is None else caches[i])
+            x = block(x, rngs, None if caches is None else caches[i], sequence_parallel=sequence_parallel)
         return x
 
-    def hidden_states(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
-        """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank."""
+    def hidden_states(
+        self, idx: Any, caches: list[KVCache] | None = None, *, sequence_parallel: bool = False,
+    ) -> Tensor:
+        """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank (with
+        `sequence_parallel`, and no caches: this rank's (B, T/t, h) block of them)."""
         self._check_whole("hidden_states")
         offset = caches[0].length if caches else 0
         idx = self._check_idx(idx, offset)
-        x = self.embed(idx, offset) if caches is None else self._embed_cached(idx, offset)
-        return self.ln_f(self.run_blocks(x, caches))
+        if caches is not None:
+            return self.ln_f(self.run_blocks(self._embed_cached(idx, offset), caches))
+        if sequence_parallel:
+            self._check_sequence(idx)
+        x = self.embed(idx, sequence_parallel=sequence_parallel)
+        return self.ln_f(self.run_blocks(x, sequence_parallel=sequence_parallel))
 
     def _embed_cached(self, idx: Any, offset: int) -> Tensor:
         return self.wte(idx) + self.wpe(idx.shape[1], offset)  # decoding: no dropout
@@ -149,8 +187,15 @@ class GPT(Module):
     def stage_forward(self, inp: Any) -> Tensor:
         """One pipeline stage's forward: token ids (first stage) or the previous stage's output
         (B, T, h) -> this stage's output (B, T, h); the last stage's output is after ln_f."""
-        x = self.embed(self._check_idx(inp)) if self.is_first else inp
-        x = self.run_blocks(x)
+        sp = self.sequence_parallel
+        if self.is_first:
+            idx = self._check_idx(inp)
+            if sp:
+                self._check_sequence(idx)
+            x = self.embed(idx, sequence_parallel=sp)
+        else:
+            x = inp
+        x = self.run_blocks(x, sequence_parallel=sp)
         return self.ln_f(x) if self.is_last else x
 
     def stage_loss(self, hidden: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
@@ -158,7 +203,7 @@ class GPT(Module):
         targets = targets.data if isinstance(targets, Tensor) else targets
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
         return vocab_parallel_cross_entropy(
-            self.wte.logits(hidden), targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
+            self.wte.logits(hidden, sequence_parallel=self.sequence_parallel), targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
             vocab_size=self.config.vocab_size, ignore_index=ignore_index,
         )
 
@@ -183,7 +228,8 @@ class GPT(Module):
         if tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
-        return self.stage_loss(self.hidden_states(idx), targets, ignore_index)
+        hidden = self.hidden_states(idx, sequence_parallel=self.sequence_parallel)
+        return self.stage_loss(hidden, targets, ignore_index)
 
     # --------------------------------------------------------- generation
     def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:

@@ -22,7 +22,7 @@ from mpisplit.autograd import ops
 from mpisplit.autograd.tensor import Function, Tensor, is_grad_enabled
 from mpisplit.nn.linear import RowParallelLinear, _check_input
 from mpisplit.nn.module import Module, Parameter
-from mpisplit.parallel.mappings import copy_to_tp
+from mpisplit.parallel.mappings import all_gather_from_sp, copy_to_tp
 from mpisplit.runtime.backend import get_array_module, is_low_precision, resolve_dtype
 
 
@@ -153,16 +153,20 @@ class ParallelSelfAttention(Module):
             hidden, hidden, tp_comm, dtype=dtype, std=std if proj_std is None else proj_std,
         )
 
-    def forward(self, x: Tensor, rng: Any = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rng: Any = None, cache: KVCache | None = None, *, sequence_parallel: bool = False,
+    ) -> Tensor:
         """x (B, T, h), the same on every TP rank -> (B, T, h), the same on every TP rank.
 
         `rng` drives attention-weight dropout (per-rank stream: the ranks hold
         different heads). With `cache`, no graph is recorded: the new positions are
-        appended to the cache and attend to everything cached before them.
+        appended to the cache and attend to everything cached before them. With
+        `sequence_parallel`, x and the output are this rank's (B, T/t, h) block of the sequence.
         """
         _check_input(x, self.hidden, self.dtype, "ParallelSelfAttention")
+        x = all_gather_from_sp(x, self.comm, axis=1) if sequence_parallel else copy_to_tp(x, self.comm)
         B, T, _ = x.shape
-        qkv = ops.linear(copy_to_tp(x, self.comm), self.c_attn.weight, self.c_attn.bias)  # (B, T, 3*hl)
+        qkv = ops.linear(x, self.c_attn.weight, self.c_attn.bias)  # (B, T, 3*hl)
         qkv = qkv.reshape(B, T, 3, self.local_heads, self.head_size)
         if cache is not None:
             if is_grad_enabled():
@@ -171,7 +175,7 @@ class ParallelSelfAttention(Module):
         else:
             p = self.dropout if self.training else 0.0
             y = _HeadAttention.apply(qkv, p=p, rng=rng)  # (B, T, hl)
-        return self.c_proj(y)
+        return self.c_proj(y, sequence_parallel=sequence_parallel)
 
     def _decode(self, qkv: Any, cache: KVCache) -> Tensor:
         B, T = qkv.shape[:2]

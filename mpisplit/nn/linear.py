@@ -7,7 +7,9 @@ feature count that the TP degree does not divide is padded up to the next
 multiple: the padded columns/rows are zero, receive zero gradient and are never
 exposed (outputs are trimmed after a gather; checkpoints store only real rows).
 
-Every layer takes its TP communicator explicitly.
+Every layer takes its TP communicator explicitly. With `sequence_parallel=True` a split layer's
+input (column) or output (row) is this rank's block of the sequence (axis 1 of (B, T, h)):
+the column split all-gathers it first, the row split reduce-scatters its partial sums.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import numpy as np
 from mpisplit.autograd import Tensor, ops
 from mpisplit.nn.module import Module, Parameter
 from mpisplit.parallel.mappings import (
+    all_gather_from_sp,
     copy_to_tp,
     gather_from_tp,
     pad_last,
     reduce_from_tp,
+    reduce_scatter_to_sp,
     scatter_to_tp,
 )
 from mpisplit.runtime.backend import resolve_dtype
@@ -102,9 +106,10 @@ class ColumnParallelLinear(Module):
         if seed is not None:
             self.reset_parameters(seed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
         _check_input(x, self.in_features, self.dtype, "ColumnParallelLinear")
-        y = ops.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # (..., n)
+        x = all_gather_from_sp(x, self.comm, axis=1) if sequence_parallel else copy_to_tp(x, self.comm)
+        y = ops.linear(x, self.weight, self.bias)  # (..., n)
         if not self.gather_output:
             return y
         y = gather_from_tp(y, self.comm)  # (..., tp * n)
@@ -139,11 +144,15 @@ class RowParallelLinear(Module):
         if seed is not None:
             self.reset_parameters(seed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
         if self.input_is_parallel:
             _check_input(x, self.local_in_features, self.dtype, "RowParallelLinear (parallel input)")
         else:
             _check_input(x, self.in_features, self.dtype, "RowParallelLinear")
             x = scatter_to_tp(pad_last(x, self.local_in_features * self.comm.size), self.comm)
-        y = reduce_from_tp(ops.linear(x, self.weight), self.comm)
+        partial = ops.linear(x, self.weight)
+        if sequence_parallel:  # (B, T/t, out): the bias is added on the shard, its gradient partial
+            y = reduce_scatter_to_sp(partial, self.comm, axis=1)
+        else:
+            y = reduce_from_tp(partial, self.comm)
         return y if self.bias is None else y + self.bias

@@ -61,10 +61,12 @@ class StepRunner:
                 loss = self.net.loss(xi, yi) * (1.0 / m)
                 loss.backward() if backward is None else backward(loss)
                 total += float(to_numpy(loss.data))
+            self.sum_sequence_parallel_gradients()
             return total
         shape, dtype = self._boundary(rows, x.shape[1])
         outs = one_forward_one_backward(self._stage_step(xs, ys, 1.0 / m), m, self.link, shape, dtype, self._like())
         self.sum_tied_gradients()
+        self.sum_sequence_parallel_gradients()
         return self._share_loss(outs)
 
     def evaluate(self, x: Any, y: Any) -> float:
@@ -87,7 +89,23 @@ class StepRunner:
                 w.grad = get_array_module(w.data).zeros_like(w.data)
             comm.allreduce_(w.grad)
 
+    def sum_sequence_parallel_gradients(self) -> None:
+        """Under sequence parallelism, the gradients that each TP rank holds only for its own
+        tokens (LayerNorms, row biases, positions) summed over TP: one all-reduce, one buffer."""
+        params = [p for p in getattr(self.net, "sequence_parallel_params", []) if p.grad is not None]
+        if not params:
+            return
+        xp = get_array_module(params[0].grad)
+        flat = xp.concatenate([p.grad.reshape(-1) for p in params])
+        self.grid.tp_comm.allreduce_(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset: offset + p.grad.size].reshape(p.shape)
+            offset += p.size
+
     def _boundary(self, rows: int, seq: int) -> tuple[tuple[int, ...], Any]:
+        if getattr(self.net, "sequence_parallel", False):
+            seq //= self.grid.tp  # sequence blocks cross the stage boundary
         return (rows, seq, self.net.config.n_embd), self.net.dtype  # (b, T, h) between stages
 
     def _like(self) -> Any:
