@@ -47,12 +47,16 @@ def one_rank(work: Path) -> dict[int, dict]:
     (2, ["--pp", "2", "--micro-batches", "1"]),  # m < pp
     (4, ["--pp", "2", "--tp", "2", "--micro-batches", "2"]),
     (4, ["--pp", "2", "--dp", "2", "--tp", "1", "--micro-batches", "2"]),
-], ids=["accumulate", "pp2-m4", "pp2-m1", "pp2xtp2", "pp2xdp2"])
+    (2, ["--tp", "2", "--sequence-parallel"]),
+    (4, ["--pp", "2", "--tp", "2", "--micro-batches", "2", "--sequence-parallel"]),
+], ids=["accumulate", "pp2-m4", "pp2-m1", "pp2xtp2", "pp2xdp2", "sp-tp2", "sp-pp2xtp2"])
 def test_pipeline_run_equals_one_rank(work: Path, one_rank: dict[int, dict], n: int, flags: list[str]) -> None:
     out = "pp-" + "-".join(f.strip("-") for f in flags)
     result = train(n, tiny(out, "--steps", str(STEPS), *flags), work)
     if "--pp" in flags:
         assert " x pp 2 x " in result.stdout
+    if "--sequence-parallel" in flags:
+        assert "sequence parallel" in result.stdout
     assert_same_run(records(work / out), one_rank, 1e-9)
 
 
@@ -76,7 +80,7 @@ def test_pipeline_checkpoint_resumes_and_generates_at_pp1(work: Path, one_rank: 
 def test_help_lists_the_pipeline_flags(work: Path) -> None:
     result = launch(None, [str(TRAIN), "--help"], work)
     assert result.returncode == 0
-    for flag in ("--pp", "--micro-batches"):
+    for flag in ("--pp", "--micro-batches", "--sequence-parallel"):
         assert flag in result.stdout
 
 
@@ -85,7 +89,8 @@ def test_help_lists_the_pipeline_flags(work: Path) -> None:
     (["--pp", "2", "--layers", "1"], ["--pp 2", "--layers 1"]),
     (["--micro-batches", "3"], ["--micro-batches 3", "batch of 8"]),
     (["--pp", "2", "--amp", "float16", "--dtype", "float32"], ["--amp float16", "--pp 2"]),
-], ids=["pp-vs-world", "fewer-blocks", "micro-batches", "amp"])
+    (["--tp", "2", "--sequence-parallel", "--seq-len", "15"], ["--seq-len 15", "tp=2"]),
+], ids=["pp-vs-world", "fewer-blocks", "micro-batches", "amp", "sp-seq-len"])
 def test_bad_pipeline_layout_one_clear_error(work: Path, flags: list[str], needles: list[str]) -> None:
     argv = [str(TRAIN), *tiny("pp-bad", "--steps", "2"), *flags]  # a later --dtype overrides TINY's
     assert_one_error_line(launch(2, argv, work), *needles)

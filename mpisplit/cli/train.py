@@ -39,6 +39,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="pipeline stages: the blocks spread over them, run in the 1F1B schedule")
     g.add_argument("--micro-batches", type=int, default=D.micro_batches,
                    help="micro-batches per step on each DP rank (the pipeline's m; gradient accumulation at --pp 1)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="outside the tensor-parallel layers, split activations along the sequence "
+                   "(--seq-len must be a multiple of --tp)")
     g.add_argument("--device", choices=["cpu", "gpu"], default=D.device, help="where slabs live")
     g.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default=D.comm,
                    help="how collectives move GPU buffers: CUDA-aware MPI, pinned host staging or NCCL "

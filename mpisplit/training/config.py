@@ -23,6 +23,7 @@ class TrainConfig:
     dp: int | None = None  # data-parallel degree (None: world size / (tp * pp))
     pp: int = 1  # pipeline stages (blocks spread over them; 1F1B schedule)
     micro_batches: int = 1  # micro-batches per step on each DP rank (pipelined, or accumulated at pp=1)
+    sequence_parallel: bool = False  # split activations outside the TP regions along the sequence
     device: str = "cpu"  # where slabs live: cpu or gpu
     comm: str = "auto"  # GPU collectives: auto, mpi (CUDA-aware), staged (pinned host) or nccl
     # ---- model
@@ -73,7 +74,7 @@ class TrainConfig:
         tp, dp = self._layout(world_size)
         if self.batch_size % dp:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by dp={dp}")
-        self._check_pipeline(self.batch_size // dp)
+        self._check_pipeline(self.batch_size // dp, tp)
         if self.hidden % self.heads:
             raise ValueError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
         if self.heads % tp:
@@ -98,13 +99,18 @@ class TrainConfig:
             raise ValueError(f"{shown} = {dp * tp * pp} does not match the world size {world_size}")
         return tp, dp
 
-    def _check_pipeline(self, rows: int) -> None:
+    def _check_pipeline(self, rows: int, tp: int) -> None:
         if self.layers < self.pp:
             raise ValueError(f"--pp {self.pp} stages need at least {self.pp} blocks, got --layers {self.layers}")
         if rows % self.micro_batches:
             raise ValueError(
                 f"--micro-batches {self.micro_batches} does not divide a DP rank's batch of {rows} sequences "
                 f"(--batch-size {self.batch_size} / dp)"
+            )
+        if self.sequence_parallel and self.seq_len % tp:
+            raise ValueError(
+                f"--sequence-parallel splits the sequence over tp={tp} ranks: --seq-len {self.seq_len} "
+                f"is not divisible by {tp}"
             )
         if self.pp > 1 and self.amp is not None:
             raise ValueError(f"--amp {self.amp} is not supported with --pp {self.pp} (use --pp 1)")

@@ -219,6 +219,7 @@ class Trainer:
             f"mpisplit {__version__}: world {self.world.Get_size()} = dp {grid.dp} x "
             f"{f'pp {grid.pp} x ' if grid.pp > 1 else ''}tp {grid.tp}, "
             f"{f'{c.micro_batches} micro-batches, ' if c.micro_batches > 1 else ''}"
+            f"{'sequence parallel, ' if self.net.sequence_parallel else ''}"
             f"{self.threads} BLAS thread(s) per rank, {c.dtype}"
             f"{f' master weights, {c.amp} compute' if c.amp else ''}, device {c.device}"
         )
