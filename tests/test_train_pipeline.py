@@ -49,7 +49,9 @@ def one_rank(work: Path) -> dict[int, dict]:
     (4, ["--pp", "2", "--dp", "2", "--tp", "1", "--micro-batches", "2"]),
     (2, ["--tp", "2", "--sequence-parallel"]),
     (4, ["--pp", "2", "--tp", "2", "--micro-batches", "2", "--sequence-parallel"]),
-], ids=["accumulate", "pp2-m4", "pp2-m1", "pp2xtp2", "pp2xdp2", "sp-tp2", "sp-pp2xtp2"])
+    (2, ["--tp", "2", "--recompute", "selective"]),
+    (2, ["--pp", "2", "--micro-batches", "2", "--recompute", "full"]),
+], ids=["accumulate", "pp2-m4", "pp2-m1", "pp2xtp2", "pp2xdp2", "sp-tp2", "sp-pp2xtp2", "selective", "full-pp2"])
 def test_pipeline_run_equals_one_rank(work: Path, one_rank: dict[int, dict], n: int, flags: list[str]) -> None:
     out = "pp-" + "-".join(f.strip("-") for f in flags)
     result = train(n, tiny(out, "--steps", str(STEPS), *flags), work)
@@ -80,7 +82,7 @@ def test_pipeline_checkpoint_resumes_and_generates_at_pp1(work: Path, one_rank: 
 def test_help_lists_the_pipeline_flags(work: Path) -> None:
     result = launch(None, [str(TRAIN), "--help"], work)
     assert result.returncode == 0
-    for flag in ("--pp", "--micro-batches", "--sequence-parallel"):
+    for flag in ("--pp", "--micro-batches", "--sequence-parallel", "--recompute"):
         assert flag in result.stdout
 
 

@@ -42,6 +42,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true",
                    help="outside the tensor-parallel layers, split activations along the sequence "
                    "(--seq-len must be a multiple of --tp)")
+    g.add_argument("--recompute", choices=["none", "selective", "full"], default=D.recompute,
+                   help="activation recomputation in backward: selective (the attention core) or full "
+                   "(each block from its input); dropout masks are replayed exactly")
     g.add_argument("--device", choices=["cpu", "gpu"], default=D.device, help="where slabs live")
     g.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default=D.comm,
                    help="how collectives move GPU buffers: CUDA-aware MPI, pinned host staging or NCCL "

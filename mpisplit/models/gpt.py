@@ -28,6 +28,7 @@ from mpisplit.autograd import Tensor, no_grad, ops
 from mpisplit.models import hf_gpt2
 from mpisplit.models.config import GPTConfig
 from mpisplit.models.partition import BlockList, check_pipeline, stage_blocks
+from mpisplit.models.recompute import check_recompute, recomputed
 from mpisplit.nn.attention import KVCache, ParallelSelfAttention
 from mpisplit.nn.cross_entropy import check_targets, vocab_parallel_cross_entropy
 from mpisplit.nn.embedding import VocabParallelEmbedding
@@ -63,11 +64,13 @@ class Block(Module):
 
     def forward(
         self, x: Tensor, rngs: tuple[Any, Any], cache: KVCache | None = None, *, sequence_parallel: bool = False,
+        recompute_core: bool = False,
     ) -> Tensor:
         shared, local = rngs  # shared: the same stream on every TP rank (replicated activations)
         residual = local if sequence_parallel else shared  # sequence blocks differ: so do their masks
         p = self.dropout if self.training and cache is None else 0.0
-        a = self.attn(self.ln_1(x), rng=local, cache=cache, sequence_parallel=sequence_parallel)
+        a = self.attn(self.ln_1(x), rng=local, cache=cache, sequence_parallel=sequence_parallel,
+                      recompute_core=recompute_core)
         x = x + ops.dropout(a, p, residual)
         m = self.mlp(self.ln_2(x), sequence_parallel=sequence_parallel)
         return x + ops.dropout(m, p, residual)
@@ -78,7 +81,7 @@ class GPT(Module):
 
     def __init__(
         self, config: GPTConfig, grid: Any, *, dtype: Any = "float32", seed: int = 0, init: bool = True,
-        device: str = "cpu", sequence_parallel: bool = False,
+        device: str = "cpu", sequence_parallel: bool = False, recompute: str = "none",
     ) -> None:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -97,6 +100,7 @@ class GPT(Module):
         self.h = BlockList({i: Block(config, comm, self.dtype) for i in stage_blocks(config.n_layer, pp, stage)})
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_eps, dtype=self.dtype) if self.is_last else None
         self.sequence_parallel = bool(sequence_parallel) and grid.tp > 1
+        self.recompute = check_recompute(recompute)  # none, selective (attention core) or full (blocks)
         # Dropout streams: replicated activations need the same mask on every TP rank;
         # attention weights belong to each rank's own heads. Stages draw their own streams.
         where = [grid.dp_rank] if pp == 1 else [grid.dp_rank, stage]
@@ -163,7 +167,15 @@ class GPT(Module):
         """(B, T, h) through this stage's blocks; caches: one per block of this stage."""
         rngs = (self.rng_shared, self.rng_local)
         for i, block in enumerate(self.h):
-            x = block(x, rngs, None if caches is None else caches[i], sequence_parallel=sequence_parallel)
+            if caches is not None:
+                x = block(x, rngs, caches[i])
+            elif self.recompute == "full":
+                def run(inp: Tensor, r: tuple, block: Block = block) -> Tensor:
+                    return block(inp, r, sequence_parallel=sequence_parallel)
+                x = recomputed(run, x, rngs)
+            else:
+                x = block(x, rngs, sequence_parallel=sequence_parallel,
+                          recompute_core=self.recompute == "selective")
         return x
 
     def hidden_states(

@@ -24,6 +24,7 @@ class TrainConfig:
     pp: int = 1  # pipeline stages (blocks spread over them; 1F1B schedule)
     micro_batches: int = 1  # micro-batches per step on each DP rank (pipelined, or accumulated at pp=1)
     sequence_parallel: bool = False  # split activations outside the TP regions along the sequence
+    recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (blocks)
     device: str = "cpu"  # where slabs live: cpu or gpu
     comm: str = "auto"  # GPU collectives: auto, mpi (CUDA-aware), staged (pinned host) or nccl
     # ---- model
@@ -120,7 +121,7 @@ class TrainConfig:
     def _check_choices(self) -> None:
         for name, allowed in (("device", ("cpu", "gpu")), ("comm", ("auto", "mpi", "staged", "nccl")),
                               ("dtype", ("float32", "float64")), ("amp", (None, "float16", "bfloat16")),
-                              ("optimizer", ("adamw", "sgd"))):
+                              ("optimizer", ("adamw", "sgd")), ("recompute", ("none", "selective", "full"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
         if self.comm != "auto" and self.device != "gpu":

@@ -96,9 +96,10 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
         model = GPT.from_pretrained(config.init_from, grid, dtype=config.dtype).to(config.device)
         model.set_dropout(config.dropout)
         model.sequence_parallel = config.sequence_parallel and grid.tp > 1
+        model.recompute = config.recompute
     else:
         model = GPT(cfg, grid, dtype=config.dtype, seed=config.seed, init=reader is None, device=config.device,
-                    sequence_parallel=config.sequence_parallel)
+                    sequence_parallel=config.sequence_parallel, recompute=config.recompute)
     if config.optimizer == "adamw":
         opt = AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     else:
@@ -124,7 +125,8 @@ def _mixed_precision(config: TrainConfig, cfg: GPTConfig, model: GPT, meta: dict
     weights that the optimizer steps and checkpoints save; they share the dropout streams."""
     if config.amp is None:
         return model, None
-    net = GPT(cfg, grid, dtype="float32", init=False, device=config.device, sequence_parallel=config.sequence_parallel)
+    net = GPT(cfg, grid, dtype="float32", init=False, device=config.device, sequence_parallel=config.sequence_parallel,
+              recompute=config.recompute)
     net.rng_shared, net.rng_local = model.rng_shared, model.rng_local
     with agree(grid.world):
         mp = MixedPrecision(net, model, config.amp, grid.world)
