@@ -9,6 +9,7 @@ together and waits on all of them: two neighbours that both send first cannot bl
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ class StageLink:
 
     def reset_stats(self) -> None:
         self._stats = {kind: {"calls": 0, "bytes": 0} for kind in ("send", "recv")}
+        self.wait_seconds = 0.0  # time spent waiting for neighbours (the bubble, plus transfers)
 
     @property
     def prev(self) -> int | None:
@@ -57,7 +59,9 @@ class StageLink:
         post = mpi.Issend if self.synchronous else mpi.Isend
         hosts = [np.ascontiguousarray(to_numpy(a)) for a, _, _ in sends]  # CuPy arrays: via the host
         requests += [post(h, dest=dest, tag=tag) for h, (_, dest, tag) in zip(hosts, sends)]
+        t0 = time.perf_counter()
         MPI.Request.Waitall(requests)
+        self.wait_seconds += time.perf_counter() - t0
         for h in hosts:
             self._stats["send"]["calls"] += 1
             self._stats["send"]["bytes"] += h.nbytes
