@@ -21,9 +21,9 @@ import numpy as np
 
 from mpisplit.autograd import ops
 from mpisplit.autograd.tensor import Function, Tensor, is_grad_enabled
-from mpisplit.nn.linear import RowParallelLinear, _check_input
+from mpisplit.nn.linear import RowParallelLinear, _check_input, sequence_parallel_linear
 from mpisplit.nn.module import Module, Parameter
-from mpisplit.parallel.mappings import all_gather_from_sp, copy_to_tp
+from mpisplit.parallel.mappings import copy_to_tp
 from mpisplit.runtime.backend import get_array_module, is_low_precision, resolve_dtype
 
 
@@ -186,9 +186,11 @@ class ParallelSelfAttention(Module):
         `sequence_parallel`, x and the output are this rank's (B, T/t, h) block of the sequence.
         """
         _check_input(x, self.hidden, self.dtype, "ParallelSelfAttention")
-        x = all_gather_from_sp(x, self.comm, axis=1) if sequence_parallel else copy_to_tp(x, self.comm)
-        B, T, _ = x.shape
-        qkv = ops.linear(x, self.c_attn.weight, self.c_attn.bias)  # (B, T, 3*hl)
+        if sequence_parallel:
+            qkv = sequence_parallel_linear(x, self.c_attn.weight, self.c_attn.bias, self.comm)  # (B, T, 3*hl)
+        else:
+            qkv = ops.linear(copy_to_tp(x, self.comm), self.c_attn.weight, self.c_attn.bias)  # (B, T, 3*hl)
+        B, T = qkv.shape[:2]
         qkv = qkv.reshape(B, T, 3, self.local_heads, self.head_size)
         if cache is not None:
             if is_grad_enabled():

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from mpisplit.autograd import Tensor, ops
+from mpisplit.autograd.tensor import Function
 from mpisplit.nn.module import Module, Parameter
 from mpisplit.parallel.mappings import (
-    all_gather_from_sp,
     copy_to_tp,
     gather_from_tp,
     pad_last,
@@ -54,6 +54,45 @@ def _check_input(x: Tensor, features: int, dtype: np.dtype, layer: str) -> None:
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, xp: Any = np) -> Any:
     return xp.zeros(shape, dtype=dtype)
+
+
+class _SequenceGatherLinear(Function):
+    """all-gather(x) @ w (+ b) for x this rank's (B, T/t, k) block of the sequence.
+
+    Keeps only the block for backward (not the gathered (B, T, k) input): backward all-gathers
+    it again for the weight gradient and reduce-scatters the input gradient."""
+
+    def forward(self, x: Any, w: Any, b: Any = None, comm: Any = None) -> Any:
+        self.comm, self.has_bias = comm, b is not None
+        full = comm.allgather(x, axis=1)  # (B, T, k)
+        self.save(x, w)
+        out = full.reshape(-1, full.shape[-1]) @ w  # (B*T, n)
+        if b is not None:
+            out += b
+        return out.reshape(*full.shape[:-1], w.shape[-1])
+
+    def backward(self, g: Any) -> tuple[Any, ...]:
+        x, w = self.saved
+        g2 = g.reshape(-1, g.shape[-1])  # (B*T, n)
+        gx = gw = gb = None
+        if self.needs_input_grad[0]:
+            gx = self.comm.reduce_scatter((g2 @ w.T).reshape(*g.shape[:-1], w.shape[0]), axis=1)
+        if self.needs_input_grad[1]:
+            full = self.comm.allgather(x, axis=1)
+            gw = full.reshape(-1, full.shape[-1]).T @ g2
+        if self.has_bias and self.needs_input_grad[2]:
+            gb = g2.sum(axis=0)
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+
+def sequence_parallel_linear(x: Tensor, weight: Tensor, bias: Tensor | None, comm: Any) -> Tensor:
+    """The entry of a column split under sequence parallelism: x (B, T/t, k) blocks -> the
+    (B, T, n_local) output. forward: all-gather, then the local GEMM; backward: reduce-scatter
+    of dX, and a second all-gather of x for dW (only the block is kept in between)."""
+    if comm.size == 1:
+        return ops.linear(x, weight, bias)
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return _SequenceGatherLinear.apply(*inputs, comm=comm)
 
 
 class Linear(Module):
@@ -108,8 +147,10 @@ class ColumnParallelLinear(Module):
 
     def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
         _check_input(x, self.in_features, self.dtype, "ColumnParallelLinear")
-        x = all_gather_from_sp(x, self.comm, axis=1) if sequence_parallel else copy_to_tp(x, self.comm)
-        y = ops.linear(x, self.weight, self.bias)  # (..., n)
+        if sequence_parallel:
+            y = sequence_parallel_linear(x, self.weight, self.bias, self.comm)  # (B, T, n)
+        else:
+            y = ops.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # (..., n)
         if not self.gather_output:
             return y
         y = gather_from_tp(y, self.comm)  # (..., tp * n)
