@@ -125,8 +125,8 @@ def test_bad_layouts_raise_on_every_rank_before_any_message():
     if size == 1:
         pytest.skip("needs two ranks for two stages")
     cfg = GPTConfig(**{**CFG.to_dict(), "n_layer": 1})
-    with ProcessGrid(tp=1, pp=2, dp=size // 2 if size % 2 == 0 else None) if size % 2 == 0 else \
-            ProcessGrid(tp=1, pp=size) as grid:
+    pp = 2 if size % 2 == 0 else size  # two stages (with dp = size / 2), or one stage per rank
+    with ProcessGrid(tp=1, pp=pp) as grid:
         with pytest.raises(ValueError, match=f"pp={grid.pp} stages needs at least {grid.pp} blocks"):
             GPT(cfg, grid, dtype="float64")
         model = GPT(CFG, grid, dtype="float64")
