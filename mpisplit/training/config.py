@@ -113,8 +113,6 @@ class TrainConfig:
                 f"--sequence-parallel splits the sequence over tp={tp} ranks: --seq-len {self.seq_len} "
                 f"is not divisible by {tp}"
             )
-        if self.pp > 1 and self.amp is not None:
-            raise ValueError(f"--amp {self.amp} is not supported with --pp {self.pp} (use --pp 1)")
         if self.pp > 1 and self.init_from is not None:
             raise ValueError(f"--init-from is not supported with --pp {self.pp}: fine-tune at --pp 1")
 

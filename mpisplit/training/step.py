@@ -49,22 +49,26 @@ class StepRunner:
 
         return step
 
-    def forward_backward(self, x: Any, y: Any, *, backward: Callable[[Tensor], None] | None = None) -> float:
-        """Gradients of the mean loss over this rank's batch (x, y: (B, T) token ids) accumulate in
-        the parameters' .grad; returns that mean loss, the same on every stage. `backward(loss)`
-        replaces loss.backward() at pp = 1 (mixed precision scales it)."""
+    def forward_backward(self, x: Any, y: Any, *, loss_scale: float = 1.0) -> float:
+        """Gradients of the mean loss over this rank's batch (x, y: (B, T) token ids), times
+        `loss_scale` (mixed precision), accumulate in the parameters' .grad; returns that mean
+        loss (unscaled), the same on every stage."""
         m = self.micro_batches
         xs, ys, rows = self._split(x, y)
+        like = self._like()
+        seed = None if loss_scale == 1.0 else float(loss_scale)
         if self.link is None:
             total = 0.0
             for xi, yi in zip(xs, ys):
                 loss = self.net.loss(xi, yi) * (1.0 / m)
-                loss.backward() if backward is None else backward(loss)
+                # Seeded with the scale (in the loss's dtype): the loss itself is never scaled.
+                loss.backward(None if seed is None else loss.xp.asarray(seed, dtype=loss.dtype))
                 total += float(to_numpy(loss.data))
             self.sum_sequence_parallel_gradients()
             return total
         shape, dtype = self._boundary(rows, x.shape[1])
-        outs = one_forward_one_backward(self._stage_step(xs, ys, 1.0 / m), m, self.link, shape, dtype, self._like())
+        outs = one_forward_one_backward(self._stage_step(xs, ys, 1.0 / m), m, self.link, shape, dtype, like,
+                                        loss_seed=seed)
         self.sum_tied_gradients()
         self.sum_sequence_parallel_gradients()
         return self._share_loss(outs)
@@ -106,7 +110,7 @@ class StepRunner:
     def _boundary(self, rows: int, seq: int) -> tuple[tuple[int, ...], Any]:
         if getattr(self.net, "sequence_parallel", False):
             seq //= self.grid.tp  # sequence blocks cross the stage boundary
-        return (rows, seq, self.net.config.n_embd), self.net.dtype  # (b, T, h) between stages
+        return (rows, seq, self.net.config.n_embd), self._like().dtype  # (b, T, h) in the compute dtype
 
     def _like(self) -> Any:
         return self.net.parameters()[0].data

@@ -162,7 +162,7 @@ class Trainer:
         self.opt.lr = optim.cosine_lr(done - 1, max_lr=c.lr, warmup=c.warmup, total=c.steps, min_lr=self.min_lr)
         x, y = self.data.batch("train", c.seed, done - 1, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
         # d(mean loss) over M micro-batches; under amp d(scale * loss)
-        value = self.runner.forward_backward(x, y, backward=None if mp is None else mp.backward)
+        value = self.runner.forward_backward(x, y, loss_scale=1.0 if mp is None else mp.scale)
         self.faults.poison_grads(done, self.net.parameters())
         skipped = mp is not None and not mp.unscale_()  # an overflow on any rank skips the step on every rank
         norm = float("nan")

@@ -36,6 +36,8 @@ def _as_input(buf: Any) -> Tensor | None:
 
 def _backward(x: Tensor | None, y: Tensor, grad: Any) -> Any:
     """Backward through one micro-batch of this stage; the gradient of its input (or None)."""
+    if isinstance(grad, float):  # the last stage's loss seed, in the loss's own dtype
+        grad = y.xp.asarray(grad, dtype=y.dtype)
     y.backward(grad)  # grad None: the last stage's loss, seeded with 1
     if x is None:
         return None
@@ -44,13 +46,14 @@ def _backward(x: Tensor | None, y: Tensor, grad: Any) -> Any:
 
 def one_forward_one_backward(
     step: Callable[[int, Tensor | None], Tensor], micro_batches: int, link: StageLink,
-    shape: tuple[int, ...], dtype: Any, like: Any = None,
+    shape: tuple[int, ...], dtype: Any, like: Any = None, loss_seed: float | None = None,
 ) -> list[Tensor]:
     """Forward and backward of `micro_batches` micro-batches on this stage, in 1F1B order.
 
     `shape`/`dtype`: the activation every stage boundary carries (the same both ways); `like`:
-    an array on the device the received buffers belong on. Returns the outputs of `step` (on
-    the last stage: the scaled losses)."""
+    an array on the device the received buffers belong on; `loss_seed`: the gradient the last
+    stage's backward starts from (None: 1; a loss scale under mixed precision). Returns the
+    outputs of `step` (on the last stage: the losses divided by m)."""
     m = micro_batches
     warmup = warmup_count(link.stages, link.stage, m)
     in_flight: deque[tuple[Tensor | None, Tensor]] = deque()
@@ -70,14 +73,14 @@ def one_forward_one_backward(
     for j in range(steady):
         y = forward(warmup + j, x)
         grad = link.send_forward_recv_backward(y.data, shape, dtype)
-        dx = _backward(*in_flight.popleft(), grad)
+        dx = _backward(*in_flight.popleft(), loss_seed if link.next is None else grad)
         if j == steady - 1:
             link.send_backward(dx)
         else:
             x = _as_input(link.send_backward_recv_forward(dx, shape, dtype, like))
     for _ in range(warmup):
         grad = link.recv_backward(shape, dtype, like)
-        link.send_backward(_backward(*in_flight.popleft(), grad))
+        link.send_backward(_backward(*in_flight.popleft(), loss_seed if link.next is None else grad))
     assert not in_flight
     return outputs
 
