@@ -308,3 +308,22 @@ def test_bench_serve_smoke() -> None:
     for r in rows:
         assert r["tokens"] == 24 and r["tokens_per_s"] > 0 and r["ttft_ms_p50"] > 0
     assert "CPU: " in out.stdout
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_bench_smoke(tmp_path: Path) -> None:
+    """benchmarks/pipeline.py at 2 ranks: the bubble rows carry the formula, the memory rows
+    shrink from no parallelism to full recomputation, which keeps exactly each block's input."""
+    _single_rank_with_mpiexec()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "HYDI_", "OMPI_"))}
+    cmd = [common.mpiexec_path(), "-n", "2", sys.executable, "benchmarks/pipeline.py", "--smoke", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "pipeline.json").read_text())
+    assert [(row["m"], row["formula_bubble"]) for row in res["bubble"]] == [(1, 1 / 2), (4, 1 / 5), (8, 1 / 9)]
+    assert all(0.0 <= row["measured_bubble"] < 1.0 for row in res["bubble"])
+    kept = {row["layout"]: row["bytes_per_layer"] for row in res["memory"]}
+    assert kept["none"] > kept["tp2"] > kept["tp2+sp"] > kept["tp2+sp+selective"] > kept["full"]
+    shape = res["shape"]
+    assert kept["full"] == shape["seq"] * shape["rows"] * shape["hidden"] * 4  # one float32 (b, s, h) input
+    assert [row["layout"] for row in res["steptime"]] == ["pp=2", "tp=2"]

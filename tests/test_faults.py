@@ -442,11 +442,12 @@ def test_value_error_on_every_rank_is_one_clean_line(tmp_path: Path, corpus: Pat
     assert err.strip() == "error: injected fault (MPISPLIT_FAULT): rank 0 raises before step 3"
 
 
+@pytest.mark.parametrize("layout", [[], ["--pp", "2", "--layers", "2", "--micro-batches", "2"]], ids=["tp2", "pp2"])
 def test_sigkill_of_one_rank_ends_the_job_and_keeps_the_checkpoint(
-    tmp_path: Path, corpus: Path
+    tmp_path: Path, corpus: Path, layout: list[str]
 ) -> None:
     out = tmp_path / "run"
-    rc, _, err, seconds = run_train(2, out, corpus, "--save-every", "2", fault="kill@rank=1,step=5")
+    rc, _, err, seconds = run_train(2, out, corpus, "--save-every", "2", *layout, fault="kill@rank=1,step=5")
     assert rc != 0 and seconds < 60, (rc, seconds, err)
     verify_checkpoint(out, 4)  # the save of step 4 is intact; step 5 never completed
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
@@ -505,6 +506,22 @@ def test_sigterm_saves_at_that_step_and_resume_is_exact(tmp_path: Path, corpus: 
     rc, _, err, _ = run_train(2, out, corpus, "--resume")
     assert rc == 0, err
     _same_numbers(metrics(out), reference)
+
+
+def test_sigterm_at_pp2_saves_at_that_step_and_resume_is_exact(tmp_path: Path, corpus: Path) -> None:
+    """Two pipeline stages: SIGTERM on the last stage's rank stops both after step 3; the
+    resumed run repeats the uninterrupted pp = 2 run bitwise."""
+    pp2 = ("--pp", "2", "--layers", "2", "--micro-batches", "2")  # one block per stage
+    rc, _, err, _ = run_train(2, tmp_path / "reference", corpus, *pp2)
+    assert rc == 0, err
+    out = tmp_path / "stopped"
+    rc, stdout, err, _ = run_train(2, out, corpus, *pp2, fault="signal@rank=1,step=3,sig=TERM")
+    assert rc == 0, err
+    assert f"SIGTERM: stopped after step 3, saved {out / 'step-00000003'}" in stdout
+    verify_checkpoint(out, 3)
+    rc, _, err, _ = run_train(2, out, corpus, *pp2, "--resume")
+    assert rc == 0, err
+    _same_numbers(metrics(out), metrics(tmp_path / "reference"))
 
 
 def _mpmd(

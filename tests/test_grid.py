@@ -111,3 +111,47 @@ def test_bad_dp_and_comm() -> None:
         ProcessGrid(tp=1, dp=0)
     with pytest.raises(TypeError, match="comm must be"):
         ProcessGrid(comm="world")
+
+
+def _layouts(size: int) -> list[tuple[int, int, int]]:
+    """Every (tp, dp, pp) with tp * dp * pp == size."""
+    return [(t, size // (t * p), p) for t in divisors(size) for p in divisors(size // t)]
+
+
+def test_rank_mapping_with_pipeline_stages() -> None:
+    """rank = tp_rank + tp * (dp_rank + dp * pp_rank); each group's members by that formula."""
+    world = MPI.COMM_WORLD
+    rank, size = world.rank, world.size
+    for tp, dp, pp in _layouts(size):
+        with ProcessGrid(tp=tp, pp=pp) as grid:
+            assert (grid.tp, grid.dp, grid.pp) == (tp, dp, pp)
+            assert grid.tp_rank + tp * (grid.dp_rank + dp * grid.pp_rank) == rank
+            t, d, s = grid.tp_rank, grid.dp_rank, grid.pp_rank
+            def members(comm):
+                return comm.allgather(np.array([rank]), axis=0)
+            np.testing.assert_array_equal(members(grid.tp_comm), [i + tp * (d + dp * s) for i in range(tp)])
+            np.testing.assert_array_equal(members(grid.dp_comm), [t + tp * (j + dp * s) for j in range(dp)])
+            np.testing.assert_array_equal(members(grid.pp_comm), [t + tp * (d + dp * k) for k in range(pp)])
+            np.testing.assert_array_equal(members(grid.stage_comm), [r + tp * dp * s for r in range(tp * dp)])
+            assert grid.is_first_stage == (s == 0) and grid.is_last_stage == (s == pp - 1)
+            assert grid.prev_stage == (None if s == 0 else s - 1)
+            assert grid.next_stage == (None if s == pp - 1 else s + 1)
+            if pp == 1:
+                assert grid.embed_comm is None
+            elif s in (0, pp - 1):
+                np.testing.assert_array_equal(members(grid.embed_comm), [t + tp * d, t + tp * (d + dp * (pp - 1))])
+            else:
+                assert grid.embed_comm is None
+            if pp > 1:
+                assert f"pp={pp}" in repr(grid) and f"pp_rank={s}" in repr(grid)
+
+
+def test_pp_not_dividing_world_size_raises_on_every_rank() -> None:
+    size = MPI.COMM_WORLD.size
+    with pytest.raises(ValueError) as info:
+        ProcessGrid(tp=1, pp=size + 1)
+    msg = str(info.value)
+    assert f"world size {size}" in msg and f"pp={size + 1}" in msg and "dp * pp * tp" in msg
+    with pytest.raises(ValueError, match="pp must be >= 1, got 0"):
+        ProcessGrid(pp=0)
+    MPI.COMM_WORLD.Barrier()

@@ -2,6 +2,7 @@
 
     mpirun -n 4 mpisplit train                   # tp=4 on CPython's documentation text
     mpirun -n 4 mpisplit train --tp 2 --dp 2     # 2-way data x 2-way tensor parallel
+    mpirun -n 4 mpisplit train --pp 2 --tp 2 --micro-batches 4   # 2 pipeline stages of tp=2
     mpirun -n 2 mpisplit train --data input.txt --steps 2000 --out runs/shakespeare
     mpirun -n 4 mpisplit train --out runs/x --resume   # continue from runs/x/latest
 
@@ -32,8 +33,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tp", type=int, default=D.tp, help="tensor-parallel degree (default: the world size)")
-    g.add_argument("--dp", type=int, default=D.dp, help="data-parallel degree (default: world size / tp)")
+    g.add_argument("--tp", type=int, default=D.tp, help="tensor-parallel degree (default: world size / pp)")
+    g.add_argument("--dp", type=int, default=D.dp, help="data-parallel degree (default: world size / (tp * pp))")
+    g.add_argument("--pp", type=int, default=D.pp,
+                   help="pipeline stages: the blocks spread over them, run in the 1F1B schedule")
+    g.add_argument("--micro-batches", type=int, default=D.micro_batches,
+                   help="micro-batches per step on each DP rank (the pipeline's m; gradient accumulation at --pp 1)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="outside the tensor-parallel layers, split activations along the sequence "
+                   "(--seq-len must be a multiple of --tp)")
+    g.add_argument("--recompute", choices=["none", "selective", "full"], default=D.recompute,
+                   help="activation recomputation in backward: selective (the attention core) or full "
+                   "(each block from its input); dropout masks are replayed exactly")
     g.add_argument("--device", choices=["cpu", "gpu"], default=D.device, help="where slabs live")
     g.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default=D.comm,
                    help="how collectives move GPU buffers: CUDA-aware MPI, pinned host staging or NCCL "

@@ -6,6 +6,16 @@
 Parameter names follow the Hugging Face GPT-2 layout without its "transformer."
 prefix (h.0.attn.c_attn.weight, ...). `model(idx)` gathers the logits on every
 rank; `model.loss(idx, targets)` keeps them split (vocab-parallel loss).
+
+On a grid with pp > 1 stages the model is one stage: its share of the blocks (stage_blocks),
+the embeddings on the first stage, ln_f and the tied head on the last (which keeps a copy of
+wte, marked `pipeline_copy`, whose gradient is summed with the first stage's). A stage runs
+through `stage_forward` / `stage_loss`, driven by mpisplit.parallel.pipeline.
+
+With `sequence_parallel` (training and loss evaluation; decoding never) the activations outside
+the split layers are (B, T/t, h) blocks of the sequence on each TP rank: LayerNorm, dropout and
+the residual adds run on the block. The gradients of the LayerNorms and of the row-split biases
+are then partial on each TP rank: `sequence_parallel_params` lists them, to be summed over TP.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import numpy as np
 from mpisplit.autograd import Tensor, no_grad, ops
 from mpisplit.models import hf_gpt2
 from mpisplit.models.config import GPTConfig
+from mpisplit.models.partition import BlockList, check_pipeline, stage_blocks
+from mpisplit.models.recompute import check_recompute, recomputed
 from mpisplit.nn.attention import KVCache, ParallelSelfAttention
 from mpisplit.nn.cross_entropy import check_targets, vocab_parallel_cross_entropy
 from mpisplit.nn.embedding import VocabParallelEmbedding
@@ -50,13 +62,18 @@ class Block(Module):
         self.mlp = ParallelMLP(cfg.n_embd, 4 * cfg.n_embd, tp_comm, dtype=dtype, proj_std=proj_std)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, rngs: tuple[Any, Any], cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rngs: tuple[Any, Any], cache: KVCache | None = None, *, sequence_parallel: bool = False,
+        recompute_core: bool = False,
+    ) -> Tensor:
         shared, local = rngs  # shared: the same stream on every TP rank (replicated activations)
+        residual = local if sequence_parallel else shared  # sequence blocks differ: so do their masks
         p = self.dropout if self.training and cache is None else 0.0
-        a = self.attn(self.ln_1(x), rng=local, cache=cache)
-        x = x + ops.dropout(a, p, shared)
-        m = self.mlp(self.ln_2(x))
-        return x + ops.dropout(m, p, shared)
+        a = self.attn(self.ln_1(x), rng=local, cache=cache, sequence_parallel=sequence_parallel,
+                      recompute_core=recompute_core)
+        x = x + ops.dropout(a, p, residual)
+        m = self.mlp(self.ln_2(x), sequence_parallel=sequence_parallel)
+        return x + ops.dropout(m, p, residual)
 
 
 class GPT(Module):
@@ -64,22 +81,31 @@ class GPT(Module):
 
     def __init__(
         self, config: GPTConfig, grid: Any, *, dtype: Any = "float32", seed: int = 0, init: bool = True,
-        device: str = "cpu",
+        device: str = "cpu", sequence_parallel: bool = False, recompute: str = "none",
     ) -> None:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         config.validate(grid.tp)
+        pp, stage = getattr(grid, "pp", 1), getattr(grid, "pp_rank", 0)
+        check_pipeline(config.n_layer, pp)
         self.config, self.grid = config, grid
         self.dtype = resolve_dtype(dtype)
+        self.is_first, self.is_last = stage == 0, stage == pp - 1
         comm = grid.tp_comm
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, comm, dtype=self.dtype)
-        self.wpe = PositionEmbedding(config.block_size, config.n_embd, self.dtype)
-        self.h = [Block(config, comm, self.dtype) for _ in range(config.n_layer)]
-        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_eps, dtype=self.dtype)
+        if self.is_first or self.is_last:
+            self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, comm, dtype=self.dtype)
+            # The last stage's head is a copy of the first stage's table: saved once, by the first.
+            self.wte.weight.pipeline_copy = not self.is_first
+        self.wpe = PositionEmbedding(config.block_size, config.n_embd, self.dtype) if self.is_first else None
+        self.h = BlockList({i: Block(config, comm, self.dtype) for i in stage_blocks(config.n_layer, pp, stage)})
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_eps, dtype=self.dtype) if self.is_last else None
+        self.sequence_parallel = bool(sequence_parallel) and grid.tp > 1
+        self.recompute = check_recompute(recompute)  # none, selective (attention core) or full (blocks)
         # Dropout streams: replicated activations need the same mask on every TP rank;
-        # attention weights belong to each rank's own heads.
-        self.rng_shared = np.random.default_rng([seed, 1, grid.dp_rank])
-        self.rng_local = np.random.default_rng([seed, 2, grid.dp_rank, grid.tp_rank])
+        # attention weights belong to each rank's own heads. Stages draw their own streams.
+        where = [grid.dp_rank] if pp == 1 else [grid.dp_rank, stage]
+        self.rng_shared = np.random.default_rng([seed, 1, *where])
+        self.rng_local = np.random.default_rng([seed, 2, *where, grid.tp_rank])
         self.device = "cpu"
         self.to(device)
         if init:
@@ -109,17 +135,96 @@ class GPT(Module):
             )
         return idx  # the values are checked by the embedding lookup, before its all-reduce
 
-    def hidden_states(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
-        """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank."""
-        offset = caches[0].length if caches else 0
-        idx = self._check_idx(idx, offset)
-        p = self.config.dropout if self.training and caches is None else 0.0
-        x = self.wte(idx) + self.wpe(idx.shape[1], offset)  # (B, T, h)
-        x = ops.dropout(x, p, self.rng_shared)
+    @property
+    def sequence_parallel_params(self) -> list[Parameter]:
+        """Parameters whose gradient is partial on each TP rank under sequence parallelism: every
+        replicated one (LayerNorms, row-split biases, positions) sees only its rank's tokens."""
+        if not self.sequence_parallel:
+            return []
+        return [p for p in self.parameters() if p.split_axis is None]
+
+    def _check_sequence(self, idx: Any) -> None:
+        T, tp = idx.shape[1], self.grid.tp
+        if T % tp:
+            raise ValueError(
+                f"sequence parallelism splits the sequence over tp={tp} ranks: length {T} is not divisible by {tp}"
+            )
+
+    def embed(self, idx: Any, offset: int = 0, *, sequence_parallel: bool = False) -> Tensor:
+        """Token ids (B, T) -> token + position embeddings (B, T, h), after dropout (first stage);
+        with `sequence_parallel` this rank's (B, T/t, h) block of them."""
+        p = self.config.dropout if self.training and offset == 0 else 0.0
+        if not sequence_parallel:
+            x = self.wte(idx) + self.wpe(idx.shape[1], offset)  # (B, T, h)
+            return ops.dropout(x, p, self.rng_shared)
+        n = idx.shape[1] // self.grid.tp
+        x = self.wte(idx, sequence_parallel=True) + self.wpe(n, offset + self.grid.tp_rank * n)  # (B, T/t, h)
+        return ops.dropout(x, p, self.rng_local)
+
+    def run_blocks(
+        self, x: Tensor, caches: list[KVCache] | None = None, *, sequence_parallel: bool = False,
+    ) -> Tensor:
+        """(B, T, h) through this stage's blocks; caches: one per block of this stage."""
         rngs = (self.rng_shared, self.rng_local)
         for i, block in enumerate(self.h):
-            x = block(x, rngs, None if caches is None else caches[i])
-        return self.ln_f(x)
+            if caches is not None:
+                x = block(x, rngs, caches[i])
+            elif self.recompute == "full":
+                def run(inp: Tensor, r: tuple, block: Block = block) -> Tensor:
+                    return block(inp, r, sequence_parallel=sequence_parallel)
+                x = recomputed(run, x, rngs)
+            else:
+                x = block(x, rngs, sequence_parallel=sequence_parallel,
+                          recompute_core=self.recompute == "selective")
+        return x
+
+    def hidden_states(
+        self, idx: Any, caches: list[KVCache] | None = None, *, sequence_parallel: bool = False,
+    ) -> Tensor:
+        """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank (with
+        `sequence_parallel`, and no caches: this rank's (B, T/t, h) block of them)."""
+        self._check_whole("hidden_states")
+        offset = caches[0].length if caches else 0
+        idx = self._check_idx(idx, offset)
+        if caches is not None:
+            return self.ln_f(self.run_blocks(self._embed_cached(idx, offset), caches))
+        if sequence_parallel:
+            self._check_sequence(idx)
+        x = self.embed(idx, sequence_parallel=sequence_parallel)
+        return self.ln_f(self.run_blocks(x, sequence_parallel=sequence_parallel))
+
+    def _embed_cached(self, idx: Any, offset: int) -> Tensor:
+        return self.wte(idx) + self.wpe(idx.shape[1], offset)  # decoding: no dropout
+
+    def stage_forward(self, inp: Any) -> Tensor:
+        """One pipeline stage's forward: token ids (first stage) or the previous stage's output
+        (B, T, h) -> this stage's output (B, T, h); the last stage's output is after ln_f."""
+        sp = self.sequence_parallel
+        if self.is_first:
+            idx = self._check_idx(inp)
+            if sp:
+                self._check_sequence(idx)
+            x = self.embed(idx, sequence_parallel=sp)
+        else:
+            x = inp
+        x = self.run_blocks(x, sequence_parallel=sp)
+        return self.ln_f(x) if self.is_last else x
+
+    def stage_loss(self, hidden: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+        """Last stage: mean cross-entropy of the hidden states after ln_f (vocab-parallel)."""
+        targets = targets.data if isinstance(targets, Tensor) else targets
+        check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
+        return vocab_parallel_cross_entropy(
+            self.wte.logits(hidden, sequence_parallel=self.sequence_parallel), targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
+            vocab_size=self.config.vocab_size, ignore_index=ignore_index,
+        )
+
+    def _check_whole(self, what: str) -> None:
+        if not (self.is_first and self.is_last):
+            raise ValueError(
+                f"GPT.{what} needs the whole model; this is stage {self.grid.pp_rank} of pp={self.grid.pp} "
+                "(run stages with mpisplit.parallel.pipeline, or load the checkpoint at pp=1)"
+            )
 
     def forward(self, idx: Any) -> Tensor:
         """idx (B, T) -> full logits (B, T, vocab_size) on every rank (all-gathered)."""
@@ -135,11 +240,8 @@ class GPT(Module):
         if tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
-        local = self.wte.logits(self.hidden_states(idx))
-        return vocab_parallel_cross_entropy(
-            local, targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
-            vocab_size=self.config.vocab_size, ignore_index=ignore_index,
-        )
+        hidden = self.hidden_states(idx, sequence_parallel=self.sequence_parallel)
+        return self.stage_loss(hidden, targets, ignore_index)
 
     # --------------------------------------------------------- generation
     def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
@@ -211,8 +313,9 @@ class GPT(Module):
         hf_gpt2.save_pretrained(self, folder)
 
     def num_parameters(self) -> int:
-        """Parameters of the global (unsplit, unpadded) model; the tied head counted once."""
-        return int(sum(np.prod(p.global_shape) for p in self.parameters()))
+        """Parameters of the global (unsplit, unpadded) model, of this stage's part at pp > 1;
+        the tied head counted once (not at all on a last stage that is not also the first)."""
+        return int(sum(np.prod(p.global_shape) for p in self.parameters() if not p.pipeline_copy))
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:

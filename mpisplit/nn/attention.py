@@ -13,6 +13,7 @@ all-reduces per block in all: this one and the MLP's.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from mpisplit.autograd import ops
 from mpisplit.autograd.tensor import Function, Tensor, is_grad_enabled
-from mpisplit.nn.linear import RowParallelLinear, _check_input
+from mpisplit.nn.linear import RowParallelLinear, _check_input, sequence_parallel_linear
 from mpisplit.nn.module import Module, Parameter
 from mpisplit.parallel.mappings import copy_to_tp
 from mpisplit.runtime.backend import get_array_module, is_low_precision, resolve_dtype
@@ -35,16 +36,39 @@ class _HeadAttention(Function):
 
     One Function for the whole head computation, so the graph holds the QKV
     activation and the attention weights once, and no copies for the head split.
-    Dropout on the attention weights uses `rng` (a Generator) when p > 0.
+    Dropout on the attention weights uses `rng` (a Generator) when p > 0. With `recompute`
+    (selective recomputation) only qkv is kept: backward recomputes the weights, and redraws
+    the dropout mask from a copy of the generator taken before the forward drew it.
     """
 
-    def forward(self, qkv: Any, p: float = 0.0, rng: Any = None) -> Any:
-        xp = get_array_module(qkv)
+    def forward(self, qkv: Any, p: float = 0.0, rng: Any = None, recompute: bool = False) -> Any:
         B, T, _, nh, hs = qkv.shape
+        self.scale = 1.0 / math.sqrt(hs)
+        self.p, self.replay = p, copy.deepcopy(rng) if recompute and p > 0.0 else None
+        att = self._weights(qkv)
+        mask = self._mask(att, p, rng)
+        v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, nh, T, hs)
+        y = (att if mask is None else att * mask) @ v  # (B, nh, T, hs)
+        if recompute:
+            self.save(qkv, None, None)
+        else:
+            self.save(qkv, att, mask)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
+
+    @staticmethod
+    def _mask(att: Any, p: float, rng: Any) -> Any:
+        if p <= 0.0:
+            return None
+        mask = (rng.random(att.shape, dtype=ops.draw_dtype(att.dtype)) >= p).astype(att.dtype)
+        mask *= 1.0 / (1.0 - p)
+        return mask
+
+    def _weights(self, qkv: Any) -> Any:
+        """softmax(q k^T / sqrt(hs) + causal mask): (B, nh, T, T)."""
+        xp = get_array_module(qkv)
+        T = qkv.shape[1]
         q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         k = qkv[:, :, 1].transpose(0, 2, 1, 3)
-        v = qkv[:, :, 2].transpose(0, 2, 1, 3)
-        self.scale = 1.0 / math.sqrt(hs)
         att = q @ k.transpose(0, 1, 3, 2)  # (B, nh, T, T)
         low = is_low_precision(att.dtype)  # 16-bit compute: the softmax runs in float32
         if low:
@@ -56,16 +80,13 @@ class _HeadAttention(Function):
         att /= att.sum(axis=-1, keepdims=True)
         if low:
             att = att.astype(qkv.dtype)  # weights kept (and multiplied) in 16 bits
-        mask = None
-        if p > 0.0:
-            mask = (rng.random(att.shape, dtype=ops.draw_dtype(att.dtype)) >= p).astype(att.dtype)
-            mask *= 1.0 / (1.0 - p)
-        y = (att if mask is None else att * mask) @ v  # (B, nh, T, hs)
-        self.save(qkv, att, mask)
-        return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
+        return att
 
     def backward(self, g: Any) -> Any:
         qkv, att, mask = self.saved
+        if att is None:  # selective recomputation: the weights and the very same mask again
+            att = self._weights(qkv)
+            mask = self._mask(att, self.p, self.replay)
         xp = get_array_module(g)
         B, T, _, nh, hs = qkv.shape
         q = qkv[:, :, 0].transpose(0, 2, 1, 3)
@@ -153,16 +174,23 @@ class ParallelSelfAttention(Module):
             hidden, hidden, tp_comm, dtype=dtype, std=std if proj_std is None else proj_std,
         )
 
-    def forward(self, x: Tensor, rng: Any = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rng: Any = None, cache: KVCache | None = None, *, sequence_parallel: bool = False,
+        recompute_core: bool = False,
+    ) -> Tensor:
         """x (B, T, h), the same on every TP rank -> (B, T, h), the same on every TP rank.
 
         `rng` drives attention-weight dropout (per-rank stream: the ranks hold
         different heads). With `cache`, no graph is recorded: the new positions are
-        appended to the cache and attend to everything cached before them.
+        appended to the cache and attend to everything cached before them. With
+        `sequence_parallel`, x and the output are this rank's (B, T/t, h) block of the sequence.
         """
         _check_input(x, self.hidden, self.dtype, "ParallelSelfAttention")
-        B, T, _ = x.shape
-        qkv = ops.linear(copy_to_tp(x, self.comm), self.c_attn.weight, self.c_attn.bias)  # (B, T, 3*hl)
+        if sequence_parallel:
+            qkv = sequence_parallel_linear(x, self.c_attn.weight, self.c_attn.bias, self.comm)  # (B, T, 3*hl)
+        else:
+            qkv = ops.linear(copy_to_tp(x, self.comm), self.c_attn.weight, self.c_attn.bias)  # (B, T, 3*hl)
+        B, T = qkv.shape[:2]
         qkv = qkv.reshape(B, T, 3, self.local_heads, self.head_size)
         if cache is not None:
             if is_grad_enabled():
@@ -170,8 +198,8 @@ class ParallelSelfAttention(Module):
             y = self._decode(qkv.data, cache)
         else:
             p = self.dropout if self.training else 0.0
-            y = _HeadAttention.apply(qkv, p=p, rng=rng)  # (B, T, hl)
-        return self.c_proj(y)
+            y = _HeadAttention.apply(qkv, p=p, rng=rng, recompute=recompute_core)  # (B, T, hl)
+        return self.c_proj(y, sequence_parallel=sequence_parallel)
 
     def _decode(self, qkv: Any, cache: KVCache) -> Tensor:
         B, T = qkv.shape[:2]

@@ -16,7 +16,12 @@ from mpisplit.autograd import ops
 from mpisplit.autograd.tensor import Function, Tensor
 from mpisplit.nn.linear import local_size
 from mpisplit.nn.module import Module, Parameter
-from mpisplit.parallel.mappings import copy_to_tp, reduce_from_tp
+from mpisplit.parallel.mappings import (
+    all_gather_from_sp,
+    copy_to_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+)
 from mpisplit.runtime.backend import get_array_module, resolve_dtype, scatter_add, to_numpy
 
 
@@ -73,15 +78,21 @@ class VocabParallelEmbedding(Module):
             global_shape=(vocab_size, hidden), init=("normal", std),
         )
 
-    def forward(self, ids: Any) -> Tensor:
-        """ids (...) integers, the same on every TP rank -> (..., h), the same on every TP rank."""
+    def forward(self, ids: Any, *, sequence_parallel: bool = False) -> Tensor:
+        """ids (...) integers, the same on every TP rank -> (..., h), the same on every TP rank;
+        with `sequence_parallel` ids (B, T) -> this rank's block (B, T/t, h) (a reduce-scatter)."""
         ids = ids.data if isinstance(ids, Tensor) else ids
         check_ids(to_numpy(ids) if not isinstance(ids, np.ndarray) else ids, self.vocab_size)
         ids = get_array_module(self.weight.data).asarray(ids)  # host ids go to the weight's device
         if self.comm.size == 1:
             return ops.embedding(self.weight, ids)
-        return reduce_from_tp(_LocalLookup.apply(self.weight, ids=ids, start=self.vocab_start), self.comm)
+        local = _LocalLookup.apply(self.weight, ids=ids, start=self.vocab_start)
+        if sequence_parallel:
+            return reduce_scatter_to_sp(local, self.comm, axis=1)
+        return reduce_from_tp(local, self.comm)
 
-    def logits(self, x: Tensor) -> Tensor:
-        """The tied LM head: x (..., h) -> this rank's logits (..., Vp/t) = x @ W_local^T."""
-        return ops.linear_t(copy_to_tp(x, self.comm), self.weight)
+    def logits(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
+        """The tied LM head: x (..., h) -> this rank's logits (..., Vp/t) = x @ W_local^T; with
+        `sequence_parallel` x is this rank's (B, T/t, h) block, all-gathered first."""
+        x = all_gather_from_sp(x, self.comm, axis=1) if sequence_parallel else copy_to_tp(x, self.comm)
+        return ops.linear_t(x, self.weight)

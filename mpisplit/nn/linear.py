@@ -7,7 +7,9 @@ feature count that the TP degree does not divide is padded up to the next
 multiple: the padded columns/rows are zero, receive zero gradient and are never
 exposed (outputs are trimmed after a gather; checkpoints store only real rows).
 
-Every layer takes its TP communicator explicitly.
+Every layer takes its TP communicator explicitly. With `sequence_parallel=True` a split layer's
+input (column) or output (row) is this rank's block of the sequence (axis 1 of (B, T, h)):
+the column split all-gathers it first, the row split reduce-scatters its partial sums.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 import numpy as np
 
 from mpisplit.autograd import Tensor, ops
+from mpisplit.autograd.tensor import Function
 from mpisplit.nn.module import Module, Parameter
 from mpisplit.parallel.mappings import (
     copy_to_tp,
     gather_from_tp,
     pad_last,
     reduce_from_tp,
+    reduce_scatter_to_sp,
     scatter_to_tp,
 )
 from mpisplit.runtime.backend import resolve_dtype
@@ -50,6 +54,45 @@ def _check_input(x: Tensor, features: int, dtype: np.dtype, layer: str) -> None:
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, xp: Any = np) -> Any:
     return xp.zeros(shape, dtype=dtype)
+
+
+class _SequenceGatherLinear(Function):
+    """all-gather(x) @ w (+ b) for x this rank's (B, T/t, k) block of the sequence.
+
+    Keeps only the block for backward (not the gathered (B, T, k) input): backward all-gathers
+    it again for the weight gradient and reduce-scatters the input gradient."""
+
+    def forward(self, x: Any, w: Any, b: Any = None, comm: Any = None) -> Any:
+        self.comm, self.has_bias = comm, b is not None
+        full = comm.allgather(x, axis=1)  # (B, T, k)
+        self.save(x, w)
+        out = full.reshape(-1, full.shape[-1]) @ w  # (B*T, n)
+        if b is not None:
+            out += b
+        return out.reshape(*full.shape[:-1], w.shape[-1])
+
+    def backward(self, g: Any) -> tuple[Any, ...]:
+        x, w = self.saved
+        g2 = g.reshape(-1, g.shape[-1])  # (B*T, n)
+        gx = gw = gb = None
+        if self.needs_input_grad[0]:
+            gx = self.comm.reduce_scatter((g2 @ w.T).reshape(*g.shape[:-1], w.shape[0]), axis=1)
+        if self.needs_input_grad[1]:
+            full = self.comm.allgather(x, axis=1)
+            gw = full.reshape(-1, full.shape[-1]).T @ g2
+        if self.has_bias and self.needs_input_grad[2]:
+            gb = g2.sum(axis=0)
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+
+def sequence_parallel_linear(x: Tensor, weight: Tensor, bias: Tensor | None, comm: Any) -> Tensor:
+    """The entry of a column split under sequence parallelism: x (B, T/t, k) blocks -> the
+    (B, T, n_local) output. forward: all-gather, then the local GEMM; backward: reduce-scatter
+    of dX, and a second all-gather of x for dW (only the block is kept in between)."""
+    if comm.size == 1:
+        return ops.linear(x, weight, bias)
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return _SequenceGatherLinear.apply(*inputs, comm=comm)
 
 
 class Linear(Module):
@@ -102,9 +145,12 @@ class ColumnParallelLinear(Module):
         if seed is not None:
             self.reset_parameters(seed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
         _check_input(x, self.in_features, self.dtype, "ColumnParallelLinear")
-        y = ops.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # (..., n)
+        if sequence_parallel:
+            y = sequence_parallel_linear(x, self.weight, self.bias, self.comm)  # (B, T, n)
+        else:
+            y = ops.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # (..., n)
         if not self.gather_output:
             return y
         y = gather_from_tp(y, self.comm)  # (..., tp * n)
@@ -139,11 +185,15 @@ class RowParallelLinear(Module):
         if seed is not None:
             self.reset_parameters(seed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
         if self.input_is_parallel:
             _check_input(x, self.local_in_features, self.dtype, "RowParallelLinear (parallel input)")
         else:
             _check_input(x, self.in_features, self.dtype, "RowParallelLinear")
             x = scatter_to_tp(pad_last(x, self.local_in_features * self.comm.size), self.comm)
-        y = reduce_from_tp(ops.linear(x, self.weight), self.comm)
+        partial = ops.linear(x, self.weight)
+        if sequence_parallel:  # (B, T/t, out): the bias is added on the shard, its gradient partial
+            y = reduce_scatter_to_sp(partial, self.comm, axis=1)
+        else:
+            y = reduce_from_tp(partial, self.comm)
         return y if self.bias is None else y + self.bias

@@ -31,7 +31,8 @@ class ParallelMLP(Module):
         if seed is not None:
             self.reset_parameters(seed)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.c_fc(x)
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
+        """x (B, T, h), or (B, T/t, h) sequence shards with `sequence_parallel`; the output alike."""
+        h = self.c_fc(x, sequence_parallel=sequence_parallel)  # (B, T, ffn/t)
         h = ops.gelu(h) if self.activation == "gelu" else ops.relu(h)
-        return self.c_proj(h)
+        return self.c_proj(h, sequence_parallel=sequence_parallel)

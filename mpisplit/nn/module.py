@@ -44,6 +44,9 @@ class Parameter(Tensor):
         self.split_axis = split_axis
         self.start = int(start)
         self.init = init  # ("normal", std) | ("zeros",) | ("ones",)
+        # A second copy of a weight that another pipeline stage owns (the last stage's tied
+        # head): its gradient is summed with the owner's, it is saved and counted there.
+        self.pipeline_copy = False
         if int(np.prod(self.view_shape)) != self.size:
             raise ValueError(f"view_shape {self.view_shape} does not hold a slab of shape {self.shape}")
 

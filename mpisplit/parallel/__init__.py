@@ -1,5 +1,6 @@
-"""Communication: the Communicator (buffer collectives with counters), the dp x tp ProcessGrid,
-the differentiable f/g collectives (mappings.py) and the GPU paths of the collectives.
+"""Communication: the Communicator (buffer collectives with counters), the dp x pp x tp
+ProcessGrid, the differentiable f/g collectives (mappings.py), the pipeline's point-to-point
+messages and 1F1B schedule (pipeline/) and the GPU paths of the collectives.
 Imports autograd/ and runtime/.
 """
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-_POSITIVE = ("layers", "hidden", "heads", "seq_len", "steps", "batch_size", "eval_iters", "log_every", "keep_last")
+_POSITIVE = ("pp", "micro_batches", "layers", "hidden", "heads", "seq_len", "steps", "batch_size", "eval_iters", "log_every", "keep_last")
 _NON_NEGATIVE = ("eval_every", "save_every", "sample_len", "warmup", "save_every_minutes", "collective_timeout")
 
 
 @dataclass
 class TrainConfig:
     # ---- parallelism
-    tp: int | None = None  # tensor-parallel degree (None: the world size)
-    dp: int | None = None  # data-parallel degree (None: world size / tp)
+    tp: int | None = None  # tensor-parallel degree (None: world size / pp)
+    dp: int | None = None  # data-parallel degree (None: world size / (tp * pp))
+    pp: int = 1  # pipeline stages (blocks spread over them; 1F1B schedule)
+    micro_batches: int = 1  # micro-batches per step on each DP rank (pipelined, or accumulated at pp=1)
+    sequence_parallel: bool = False  # split activations outside the TP regions along the sequence
+    recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (blocks)
     device: str = "cpu"  # where slabs live: cpu or gpu
     comm: str = "auto"  # GPU collectives: auto, mpi (CUDA-aware), staged (pinned host) or nccl
     # ---- model
@@ -71,6 +75,7 @@ class TrainConfig:
         tp, dp = self._layout(world_size)
         if self.batch_size % dp:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by dp={dp}")
+        self._check_pipeline(self.batch_size // dp, tp)
         if self.hidden % self.heads:
             raise ValueError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
         if self.heads % tp:
@@ -80,19 +85,41 @@ class TrainConfig:
         return tp, dp
 
     def _layout(self, world_size: int) -> tuple[int, int]:
-        tp = world_size if self.tp is None else self.tp
-        if tp <= 0 or world_size % tp:
-            divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-            raise ValueError(f"--tp {tp} does not divide the world size {world_size}; tp values that work: {divisors}")
-        dp = world_size // tp if self.dp is None else self.dp
-        if dp * tp != world_size:
-            raise ValueError(f"--dp {dp} x --tp {tp} = {dp * tp} does not match the world size {world_size}")
+        pp = self.pp
+        if world_size % pp:
+            raise ValueError(f"--pp {pp} does not divide the world size {world_size}")
+        stage_ranks = world_size // pp  # ranks per pipeline stage: dp x tp
+        tp = stage_ranks if self.tp is None else self.tp
+        if tp <= 0 or stage_ranks % tp:
+            divisors = [d for d in range(1, stage_ranks + 1) if stage_ranks % d == 0]
+            where = f"the world size {world_size}" if pp == 1 else f"world size {world_size} / --pp {pp} = {stage_ranks}"
+            raise ValueError(f"--tp {tp} does not divide {where}; tp values that work: {divisors}")
+        dp = stage_ranks // tp if self.dp is None else self.dp
+        if dp * tp * pp != world_size:
+            shown = f"--dp {dp} x --tp {tp}" + (f" x --pp {pp}" if pp > 1 else "")
+            raise ValueError(f"{shown} = {dp * tp * pp} does not match the world size {world_size}")
         return tp, dp
+
+    def _check_pipeline(self, rows: int, tp: int) -> None:
+        if self.layers < self.pp:
+            raise ValueError(f"--pp {self.pp} stages need at least {self.pp} blocks, got --layers {self.layers}")
+        if rows % self.micro_batches:
+            raise ValueError(
+                f"--micro-batches {self.micro_batches} does not divide a DP rank's batch of {rows} sequences "
+                f"(--batch-size {self.batch_size} / dp)"
+            )
+        if self.sequence_parallel and self.seq_len % tp:
+            raise ValueError(
+                f"--sequence-parallel splits the sequence over tp={tp} ranks: --seq-len {self.seq_len} "
+                f"is not divisible by {tp}"
+            )
+        if self.pp > 1 and self.init_from is not None:
+            raise ValueError(f"--init-from is not supported with --pp {self.pp}: fine-tune at --pp 1")
 
     def _check_choices(self) -> None:
         for name, allowed in (("device", ("cpu", "gpu")), ("comm", ("auto", "mpi", "staged", "nccl")),
                               ("dtype", ("float32", "float64")), ("amp", (None, "float16", "bfloat16")),
-                              ("optimizer", ("adamw", "sgd"))):
+                              ("optimizer", ("adamw", "sgd")), ("recompute", ("none", "selective", "full"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
         if self.comm != "auto" and self.device != "gpu":

@@ -205,12 +205,14 @@ def average_gradients(params: Iterable[Parameter], dp_comm: Any) -> None:
         offset += n
 
 
-def global_grad_norm(params: Iterable[Parameter], tp_comm: Any) -> float:
-    """L2 norm of the gradient of the global model: split slabs summed over TP, replicated ones once."""
+def global_grad_norm(params: Iterable[Parameter], tp_comm: Any, pp_comm: Any = None) -> float:
+    """L2 norm of the gradient of the global model: split slabs summed over TP, replicated ones
+    once, and (given `pp_comm`) every pipeline stage's part summed, a stage's copy of another
+    stage's weight (the tied head) left out."""
     split_sq, replicated_sq = 0.0, 0.0
     xp = np
     for p in params:
-        if p.grad is None:
+        if p.grad is None or p.pipeline_copy:
             continue
         flat = p.grad.reshape(-1)
         if is_low_precision(flat.dtype):  # sum the squares in float32 at least
@@ -229,13 +231,16 @@ def global_grad_norm(params: Iterable[Parameter], tp_comm: Any) -> float:
         split_sq, replicated_sq = float(both[0]), float(both[1])
     if tp_comm.size > 1:
         split_sq = float(tp_comm.allreduce(np.array([split_sq]))[0])
-    return math.sqrt(split_sq + replicated_sq)
+    total = split_sq + replicated_sq
+    if pp_comm is not None and pp_comm.size > 1:
+        total = float(pp_comm.allreduce(np.array([total]))[0])
+    return math.sqrt(total)
 
 
-def clip_grad_norm(params: Iterable[Parameter], max_norm: float, tp_comm: Any) -> float:
+def clip_grad_norm(params: Iterable[Parameter], max_norm: float, tp_comm: Any, pp_comm: Any = None) -> float:
     """Scale all gradients so their global norm is at most max_norm; returns the norm before clipping."""
     params = list(params)
-    norm = global_grad_norm(params, tp_comm)
+    norm = global_grad_norm(params, tp_comm, pp_comm)
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in params:

@@ -112,8 +112,11 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
     if config.init_from is not None and reader is None:
         model = GPT.from_pretrained(config.init_from, grid, dtype=config.dtype).to(config.device)
         model.set_dropout(config.dropout)
+        model.sequence_parallel = config.sequence_parallel and grid.tp > 1
+        model.recompute = config.recompute
     else:
-        model = GPT(cfg, grid, dtype=config.dtype, seed=config.seed, init=reader is None, device=config.device)
+        model = GPT(cfg, grid, dtype=config.dtype, seed=config.seed, init=reader is None, device=config.device,
+                    sequence_parallel=config.sequence_parallel, recompute=config.recompute)
     if config.optimizer == "adamw":
         opt = AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     else:
@@ -139,7 +142,8 @@ def _mixed_precision(config: TrainConfig, cfg: GPTConfig, model: GPT, meta: dict
     weights that the optimizer steps and checkpoints save; they share the dropout streams."""
     if config.amp is None:
         return model, None
-    net = GPT(cfg, grid, dtype="float32", init=False, device=config.device)
+    net = GPT(cfg, grid, dtype="float32", init=False, device=config.device, sequence_parallel=config.sequence_parallel,
+              recompute=config.recompute)
     net.rng_shared, net.rng_local = model.rng_shared, model.rng_local
     with agree(grid.world):
         mp = MixedPrecision(net, model, config.amp, grid.world)
@@ -154,7 +158,7 @@ def rng_state(model: GPT) -> dict:
 
 def restore_rng(model: GPT, reader: CheckpointReader, grid: Any) -> None:
     """Dropout streams continue exactly when the layout is unchanged; otherwise they are reseeded."""
-    if reader.tp == grid.tp and reader.dp == grid.dp:
+    if reader.tp == grid.tp and reader.dp == grid.dp and reader.pp == grid.pp:
         state = reader.rank_meta(grid.rank)
         if state:
             model.rng_shared.bit_generator.state = state["shared"]

@@ -7,6 +7,8 @@ moments are split exactly like their parameter, so they reshard with it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import numpy as np
 
 from mpisplit.nn.module import Module, Parameter
 from mpisplit.runtime.backend import get_array_module, to_numpy
+from mpisplit.runtime.errors import agree
 from mpisplit.training.checkpoint import (
     CheckpointReader,
     ShardInfo,
@@ -30,14 +33,16 @@ def _shard(p: Parameter, array: Any) -> ShardInfo:
 
 
 def training_shards(model: Module, optimizer: Optimizer | None = None) -> dict[str, ShardInfo]:
-    """Every slab this rank holds, by checkpoint name."""
-    params = list(model.named_parameters())
+    """Every slab this rank holds, by checkpoint name; a pipeline stage's copy of a weight that
+    another stage owns (the last stage's tied head) is left to the owner."""
+    params = [(name, p) for name, p in model.named_parameters() if not p.pipeline_copy]
     shards = {f"model/{name}": _shard(p, p.data) for name, p in params}
     if optimizer is not None:
         names = {id(p): name for name, p in params}
         for kind, arrays in optimizer.state_arrays().items():
             for p, arr in zip(optimizer.params, arrays):
-                shards[f"optim/{kind}/{names[id(p)]}"] = _shard(p, arr)
+                if id(p) in names:
+                    shards[f"optim/{kind}/{names[id(p)]}"] = _shard(p, arr)
     return shards
 
 
@@ -51,18 +56,33 @@ def _load_into(reader: CheckpointReader, name: str, p: Parameter, dst: Any) -> N
     dst[...] = xp.asarray(slab.reshape(p.shape), dtype=dst.dtype)
 
 
+@contextmanager
+def _per_stage(reader: CheckpointReader, model: Module) -> Iterator[None]:
+    """Pipeline stages hold different parameters: each stage reads over its own ranks, and a
+    failure on any stage is then raised on every rank of the reader."""
+    grid = getattr(model, "grid", None)
+    if grid is None or getattr(grid, "pp", 1) == 1:
+        yield
+        return
+    with agree(grid.world), reader.within(grid.stage_comm):
+        yield
+
+
 def load_model(reader: CheckpointReader, model: Module) -> None:
-    """Read this rank's slab of every parameter (any TP degree of the saving job). Collective."""
-    for name, p in model.named_parameters():
-        _load_into(reader, f"model/{name}", p, p.data)
+    """Read this rank's slab of every parameter (any TP degree and pipeline layout of the saving
+    job). Collective."""
+    with _per_stage(reader, model):
+        for name, p in model.named_parameters():
+            _load_into(reader, f"model/{name}", p, p.data)
 
 
 def load_optimizer(reader: CheckpointReader, model: Module, optimizer: Optimizer) -> None:
     """Read the optimizer moments, resharded like their parameters. Collective."""
     names = {id(p): name for name, p in model.named_parameters()}
-    for kind, arrays in optimizer.state_arrays().items():
-        for p, arr in zip(optimizer.params, arrays):
-            _load_into(reader, f"optim/{kind}/{names[id(p)]}", p, arr)
+    with _per_stage(reader, model):
+        for kind, arrays in optimizer.state_arrays().items():
+            for p, arr in zip(optimizer.params, arrays):
+                _load_into(reader, f"optim/{kind}/{names[id(p)]}", p, arr)
     optimizer.step_count = int(reader.meta.get("optimizer", {}).get("step_count", 0))
 
 

@@ -1,7 +1,8 @@
 """The training loop: `train(config)` on every rank of a job, or `Trainer(config).run()`.
 
-One step: the batch of this DP rank -> net.loss (split forward) -> backward (with loss scaling
-under amp) -> DP gradient average and global-norm clip -> one agreement with every rank (stop
+One step: the batch of this DP rank -> M micro-batches, each forward (split over TP) and backward
+(with loss scaling under amp), in the 1F1B pipeline schedule when pp > 1 (training/step.py) ->
+DP gradient average and global-norm clip -> one agreement with every rank (stop
 signal, non-finite values, save time) -> optimizer step -> metrics, evaluation, checkpoints.
 
 Failures never hang the job: a stop signal on any rank saves at the step boundary and returns
@@ -25,7 +26,7 @@ from mpi4py import MPI
 from mpisplit import __version__
 from mpisplit.autograd import no_grad
 from mpisplit.parallel.grid import ProcessGrid
-from mpisplit.runtime.backend import limit_blas_threads, to_numpy
+from mpisplit.runtime.backend import limit_blas_threads
 from mpisplit.runtime.errors import agree
 from mpisplit.runtime.faults import (
     EXIT_NONFINITE,
@@ -43,6 +44,7 @@ from mpisplit.training.plot import plot_run
 from mpisplit.training.run_log import RunLog
 from mpisplit.training.setup import build_model, load_data, open_checkpoint, rng_state
 from mpisplit.training.state import resolve_checkpoint, save_training_state
+from mpisplit.training.step import StepRunner
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Trainer:
         check_consistent(world, data={"sha256": text_digest(data.text)})
         self.data = data.dataset
         self.threads = limit_blas_threads(world)
-        self.grid = grid = ProcessGrid(tp=tp, dp=dp, comm=world)
+        self.grid = grid = ProcessGrid(tp=tp, dp=dp, pp=config.pp, comm=world)
         self.gpu = None
         if config.device == "gpu":
             from mpisplit.parallel.gpu import use_gpu
@@ -93,6 +95,7 @@ class Trainer:
         self.resumed_from = resume_from
         m = build_model(config, data, reader, grid)
         self.cfg, self.model, self.net, self.opt, self.mp, self.step = m.config, m.model, m.net, m.opt, m.mp, m.start_step
+        self.runner = StepRunner(self.net, grid, config.micro_batches)
         self.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
         self.val_loss: float | None = None
         self.history: list[dict] = []
@@ -157,18 +160,14 @@ class Trainer:
         self.faults.before_step(done)
         self.opt.lr = optim.cosine_lr(done - 1, max_lr=c.lr, warmup=c.warmup, total=c.steps, min_lr=self.min_lr)
         x, y = self.data.batch("train", c.seed, done - 1, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
-        loss = self.net.loss(x, y)
-        if mp is None:
-            loss.backward()
-        else:
-            mp.backward(loss)  # d(scale * loss)
+        # d(mean loss) over M micro-batches; under amp d(scale * loss)
+        value = self.runner.forward_backward(x, y, loss_scale=1.0 if mp is None else mp.scale)
         self.faults.poison_grads(done, self.net.parameters())
         skipped = mp is not None and not mp.unscale_()  # an overflow on any rank skips the step on every rank
         norm = float("nan")
         if not skipped:
             optim.average_gradients(self.model.parameters(), grid.dp_comm)
-            norm = optim.clip_grad_norm(self.model.parameters(), c.grad_clip, grid.tp_comm)
-        value = float(to_numpy(loss.data))
+            norm = optim.clip_grad_norm(self.model.parameters(), c.grad_clip, grid.tp_comm, grid.pp_comm)
         if grid.dp > 1:
             value = float(grid.dp_comm.allreduce(np.array([value]))[0] / grid.dp)
         value = self.faults.poison_loss(done, value)
@@ -194,7 +193,7 @@ class Trainer:
         with no_grad():
             for i in range(c.eval_iters):
                 x, y = self.data.batch("val", c.seed, i, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
-                losses.append(float(to_numpy(self.net.loss(x, y).data)))
+                losses.append(self.runner.evaluate(x, y))
         self.net.train()
         return float(grid.dp_comm.allreduce(np.array([np.mean(losses)]))[0] / grid.dp)
 
@@ -216,7 +215,10 @@ class Trainer:
         if self.gpu is not None:
             say(self.gpu.summary())
         say(
-            f"mpisplit {__version__}: world {self.world.Get_size()} = dp {grid.dp} x tp {grid.tp}, "
+            f"mpisplit {__version__}: world {self.world.Get_size()} = dp {grid.dp} x "
+            f"{f'pp {grid.pp} x ' if grid.pp > 1 else ''}tp {grid.tp}, "
+            f"{f'{c.micro_batches} micro-batches, ' if c.micro_batches > 1 else ''}"
+            f"{'sequence parallel, ' if self.net.sequence_parallel else ''}"
             f"{self.threads} BLAS thread(s) per rank, {c.dtype}"
             f"{f' master weights, {c.amp} compute' if c.amp else ''}, device {c.device}"
         )
@@ -227,13 +229,19 @@ class Trainer:
         cfg = self.cfg
         say(
             f"model: {cfg.n_layer} layers, hidden {cfg.n_embd}, {cfg.n_head} heads, context {c.seq_len}, "
-            f"{self.model.num_parameters():,} parameters"
+            f"{self._num_parameters():,} parameters"
         )
         self.entropy = unigram_entropy(self.data.train, self.data.vocab_size)
         self.unit = "character" if self.data.tokenizer is not None else "token"
         say(f"unigram entropy of the training {self.unit}s: {self.entropy:.4f} nats (the loss of a context-free model)")
         if self.step:
             say(f"resumed from {self.resumed_from} at step {self.step}")
+
+    def _num_parameters(self) -> int:
+        n = self.model.num_parameters()  # this stage's share at pp > 1
+        if self.grid.pp > 1:
+            n = int(self.grid.pp_comm.allreduce(np.array([n], dtype=np.int64))[0])
+        return n
 
     def _record(self, done: int, loss: float, norm: float, skipped: bool, evaluated: bool, stop: bool) -> None:
         c = self.config
@@ -271,7 +279,10 @@ class Trainer:
             f"{self.tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s"
         )
         if c.sample_len and not self.guard.signum:  # a stop request skips the sample
-            self._sample()
+            if self.grid.pp == 1:
+                self._sample()
+            else:
+                say(f"no sample at --pp {self.grid.pp}: generate from the checkpoint (mpisplit generate --help)")
         if c.plot and self.rank == 0:
             self.log.close()  # metrics.jsonl complete before it is read
             say(plot_run(self.out, missing_ok=True).message)

@@ -3,10 +3,11 @@ and finding the latest complete checkpoint of a run folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +165,21 @@ class CheckpointReader:
     @property
     def dp(self) -> int:
         return self._index["dp"]
+
+    @contextlib.contextmanager
+    def within(self, comm: Any) -> Iterator[CheckpointReader]:
+        """Inside the block, reads are collective over `comm` (a subgroup of the reader's ranks
+        that read the same tensors, e.g. one pipeline stage) instead of the reader's comm."""
+        saved, self._comm = self._comm, comm
+        try:
+            yield self
+        finally:
+            self._comm = saved
+
+    @property
+    def pp(self) -> int:
+        """Pipeline stages of the saving job (1 for checkpoints written before stages existed)."""
+        return int(self._index.get("pp", 1))
 
     def rank_meta(self, world_rank: int) -> dict | None:
         """The `rank_meta` that world rank `world_rank` of the saving job passed."""

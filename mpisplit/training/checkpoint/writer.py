@@ -1,4 +1,5 @@
-"""Writing a checkpoint: every TP rank of DP replica 0 writes its own slabs in parallel; world
+"""Writing a checkpoint: every TP rank of DP replica 0 of every pipeline stage writes its own
+slabs in parallel (a stage saves the parameters it owns, by their global names); world
 rank 0 writes the index last and renames the folder into place (see layout.py for the layout and
 the atomicity guarantees).
 
@@ -142,11 +143,15 @@ def save_checkpoint(
     Returns the folder's path on every rank.
     """
     world, tp_comm, dp_comm = _mpi(grid.world), _mpi(grid.tp_comm), _mpi(grid.dp_comm)
+    # Without pipeline stages the whole world is one stage.
+    stage_comm, pp_comm = _mpi(getattr(grid, "stage_comm", grid.world)), getattr(grid, "pp_comm", None)
+    pp_comm = _mpi(pp_comm) if pp_comm is not None else None
     root = Path(root)
     with _agree(world):  # 1. local validation, identical on every rank, before any data collective
-        step, checked = _check_arguments(step, tensors, meta, rank_meta, keep_last, world, tp_comm, dp_comm)
+        step, checked = _check_arguments(step, tensors, meta, rank_meta, keep_last, world, tp_comm, dp_comm, pp_comm)
     schema = {name: [list(g), axis, dt] for name, (g, axis, dt, _, _) in checked.items()}
-    _check_across_ranks(schema, checked, world, tp_comm, dp_comm)  # 2.
+    _check_across_ranks(schema, checked, world, tp_comm, dp_comm, stage_comm)  # 2.
+    _check_across_stages(schema, world, pp_comm)
     tmp_name = None
     with _agree(world):  # 3. world rank 0 creates the temporary folder next to the final one
         if world.Get_rank() == 0:
@@ -159,11 +164,11 @@ def save_checkpoint(
         record = None
         with _agree(world):  # 4. writers (DP replica 0) write their own slabs in parallel
             if dp_comm.Get_rank() == 0:
-                record = _write_slabs(tmp, tensors, checked, tp_comm)
-        gathered = world.gather((record, rank_meta), root=0)
+                record = _write_slabs(tmp, tensors, checked, tp_comm, pp_comm)
+        gathered = world.gather((record, schema, rank_meta), root=0)
         with _agree(world):  # 5. world rank 0: index, rename into place, `latest`, clean-up
             if world.Get_rank() == 0:
-                index = _index(gathered, schema, step, tp_comm.Get_size(), world.Get_size(), meta)
+                index = _index(gathered, step, tp_comm.Get_size(), dp_comm.Get_size(), meta)
                 _write_index(tmp, index)
                 _commit(root, tmp, final)
                 _cleanup(root, final, keep_last)
@@ -176,15 +181,16 @@ def save_checkpoint(
 
 def _check_arguments(
     step: Any, tensors: Any, meta: Any, rank_meta: Any, keep_last: Any, world: Any, tp_comm: Any, dp_comm: Any,
+    pp_comm: Any = None,
 ) -> tuple[int, dict[str, tuple]]:
     """The arguments of save_checkpoint checked locally; (step, {name: _check_shard(...)})."""
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
-    tp = tp_comm.Get_size()
-    if tp * dp_comm.Get_size() != world.Get_size():
-        raise ValueError(f"grid: tp {tp} x dp {dp_comm.Get_size()} != world size {world.Get_size()}")
+    tp, pp = tp_comm.Get_size(), 1 if pp_comm is None else pp_comm.Get_size()
+    if tp * dp_comm.Get_size() * pp != world.Get_size():
+        raise ValueError(f"grid: tp {tp} x dp {dp_comm.Get_size()} x pp {pp} != world size {world.Get_size()}")
     if not isinstance(tensors, dict):
         raise TypeError(f"tensors must be a dict of ShardInfo, got {type(tensors).__name__}")
     if not isinstance(meta, dict):
@@ -199,11 +205,27 @@ def _check_arguments(
     return int(step), {name: _check_shard(name, info) for name, info in tensors.items()}
 
 
-def _check_across_ranks(schema: dict, checked: dict, world: Any, tp_comm: Any, dp_comm: Any) -> None:
-    """Same schema everywhere, same slabs across DP replicas, and each TP group's slabs tile
-    every split axis exactly once."""
+def _check_across_stages(schema: dict, world: Any, pp_comm: Any) -> None:
+    """No tensor saved by two pipeline stages (each stage saves what it owns)."""
+    if pp_comm is None or pp_comm.Get_size() == 1:
+        return
+    stages = pp_comm.allgather(sorted(schema))
+    with _agree(world):
+        owner: dict[str, int] = {}
+        for stage, names in enumerate(stages):
+            for name in names:
+                if name in owner:
+                    raise ValueError(f"tensor {name!r} is saved by pipeline stages {owner[name]} and {stage}")
+                owner[name] = stage
+
+
+def _check_across_ranks(
+    schema: dict, checked: dict, world: Any, tp_comm: Any, dp_comm: Any, stage_comm: Any = None,
+) -> None:
+    """Same schema on every rank of a pipeline stage (`stage_comm`; default: the world), same
+    slabs across DP replicas, and each TP group's slabs tile every split axis exactly once."""
     bounds = {name: (lo, hi) for name, (_, axis, _, lo, hi) in checked.items() if axis is not None}
-    schema0 = world.bcast(schema, root=0)
+    schema0 = (world if stage_comm is None else stage_comm).bcast(schema, root=0)
     bounds_dp0 = dp_comm.bcast(bounds, root=0)
     bounds_tp = tp_comm.gather(bounds, root=0)
     with _agree(world):
@@ -226,7 +248,7 @@ def _check_across_ranks(schema: dict, checked: dict, world: Any, tp_comm: Any, d
                     _check_tiling(name, gshape[axis], ranges)
 
 
-def _write_slabs(tmp: Path, tensors: dict[str, ShardInfo], checked: dict, tp_comm: Any) -> tuple:
+def _write_slabs(tmp: Path, tensors: dict[str, ShardInfo], checked: dict, tp_comm: Any, pp_comm: Any = None) -> tuple:
     """This TP rank's file (its split slabs, logical rows only; TP rank 0 also the replicated
     tensors); returns (tp_rank, file name, sha256, {name: (lo, hi) or None})."""
     if not tmp.is_dir():
@@ -247,15 +269,20 @@ def _write_slabs(tmp: Path, tensors: dict[str, ShardInfo], checked: dict, tp_com
     # safetensors stores little-endian, C-contiguous data.
     arrays = {n: np.require(a, a.dtype.newbyteorder("<"), "C") for n, a in arrays.items()}  # keeps 0-d arrays 0-d
     fname = _shard_file_name(tp_rank, tp_comm.Get_size())
+    if pp_comm is not None and pp_comm.Get_size() > 1:
+        fname = f"pp{pp_comm.Get_rank():02d}-of-{pp_comm.Get_size():02d}-{fname}"
     # One metadata key: safetensors orders several keys arbitrarily, and the same state must
     # give the same bytes (and checksum) every time.
     digest = _write_safetensors(tmp / fname, arrays, {"format": FORMAT})
     return tp_rank, fname, digest, shards
 
 
-def _index(gathered: list, schema: dict, step: int, tp: int, world_size: int, meta: dict) -> dict:
-    """The index.json content from every rank's (record, rank_meta)."""
-    records = sorted(rec for rec, _ in gathered if rec is not None)
+def _index(gathered: list, step: int, tp: int, dp: int, meta: dict) -> dict:
+    """The index.json content from every rank's (record, schema, rank_meta)."""
+    records = sorted(rec for rec, _, _ in gathered if rec is not None)
+    schema = {}
+    for _, stage_schema, _ in gathered:  # the union of the stages' tensors
+        schema.update(stage_schema)
     index_tensors = {}
     for name, (gshape, axis, dt) in schema.items():
         shards = [
@@ -263,19 +290,21 @@ def _index(gathered: list, schema: dict, step: int, tp: int, world_size: int, me
             for _, f, _, sh in records
             if name in sh and sh[name] is not None
         ]
-        if axis is None:
-            shards = [{"file": records[0][1], "start": None, "stop": None}]
+        if axis is None:  # the file of TP rank 0 of the stage that holds it
+            shards = [{"file": f, "start": None, "stop": None} for _, f, _, sh in records if name in sh][:1]
         index_tensors[name] = {"global_shape": gshape, "split_axis": axis, "dtype": dt, "shards": shards}
+    pp = len(gathered) // (tp * dp)
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "step": step,
         "tp": tp,
-        "dp": world_size // tp,
+        "dp": dp,
+        "pp": pp,
         "tensors": index_tensors,
         "files": {f: digest for _, f, digest, _ in records},
         "meta": meta,
-        "rank_meta": [rm for _, rm in gathered],
+        "rank_meta": [rm for _, _, rm in gathered],
     }
 
 

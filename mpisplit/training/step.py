@@ -1,0 +1,122 @@
+"""Forward and backward of one step's batch on this rank: M equal micro-batches, run in the 1F1B
+pipeline schedule when the grid has pp > 1 stages and one after the other (gradient
+accumulation) otherwise. Gradients are those of the mean loss over the batch: each micro-batch's
+loss is divided by M. Nothing here reduces over DP: that happens once, after the last backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mpisplit.autograd.tensor import Tensor, no_grad
+from mpisplit.parallel.pipeline import StageLink, forward_only, one_forward_one_backward
+from mpisplit.runtime.backend import get_array_module, to_numpy
+
+
+def check_micro_batches(batch: int, micro_batches: int, what: str = "a DP rank's batch") -> int:
+    """Rows per micro-batch, or ValueError when `micro_batches` does not split `batch` evenly."""
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"--micro-batches must be a positive integer, got {micro_batches!r}")
+    if batch % micro_batches:
+        raise ValueError(f"--micro-batches {micro_batches} does not divide {what} of {batch} sequences")
+    return batch // micro_batches
+
+
+class StepRunner:
+    """Runs `net` (a GPT, or one stage of it) over M micro-batches on `grid`.
+
+    `synchronous=True` makes every pipeline send synchronous (see StageLink), for tests."""
+
+    def __init__(self, net: Any, grid: Any, micro_batches: int = 1, *, synchronous: bool = False) -> None:
+        self.net, self.grid, self.micro_batches = net, grid, micro_batches
+        self.link = StageLink(grid.pp_comm, synchronous=synchronous) if grid.pp > 1 else None
+
+    def _split(self, x: Any, y: Any) -> tuple[list[Any], list[Any], int]:
+        rows = check_micro_batches(x.shape[0], self.micro_batches)
+        xs = [x[i * rows:(i + 1) * rows] for i in range(self.micro_batches)]
+        ys = [y[i * rows:(i + 1) * rows] for i in range(self.micro_batches)]
+        return xs, ys, rows
+
+    def _stage_step(self, xs: list[Any], ys: list[Any], scale: float) -> Callable[[int, Tensor | None], Tensor]:
+        net = self.net
+
+        def step(i: int, x: Tensor | None) -> Tensor:
+            out = net.stage_forward(xs[i] if x is None else x)
+            return net.stage_loss(out, ys[i]) * scale if net.is_last else out
+
+        return step
+
+    def forward_backward(self, x: Any, y: Any, *, loss_scale: float = 1.0) -> float:
+        """Gradients of the mean loss over this rank's batch (x, y: (B, T) token ids), times
+        `loss_scale` (mixed precision), accumulate in the parameters' .grad; returns that mean
+        loss (unscaled), the same on every stage."""
+        m = self.micro_batches
+        xs, ys, rows = self._split(x, y)
+        like = self._like()
+        seed = None if loss_scale == 1.0 else float(loss_scale)
+        if self.link is None:
+            total = 0.0
+            for xi, yi in zip(xs, ys):
+                loss = self.net.loss(xi, yi) * (1.0 / m)
+                # Seeded with the scale (in the loss's dtype): the loss itself is never scaled.
+                loss.backward(None if seed is None else loss.xp.asarray(seed, dtype=loss.dtype))
+                total += float(to_numpy(loss.data))
+            self.sum_sequence_parallel_gradients()
+            return total
+        shape, dtype = self._boundary(rows, x.shape[1])
+        outs = one_forward_one_backward(self._stage_step(xs, ys, 1.0 / m), m, self.link, shape, dtype, like,
+                                        loss_seed=seed)
+        self.sum_tied_gradients()
+        self.sum_sequence_parallel_gradients()
+        return self._share_loss(outs)
+
+    def evaluate(self, x: Any, y: Any) -> float:
+        """Mean loss over the batch without gradients, the same on every stage."""
+        m = self.micro_batches
+        xs, ys, rows = self._split(x, y)
+        with no_grad():
+            if self.link is None:
+                return sum(float(to_numpy(self.net.loss(xi, yi).data)) for xi, yi in zip(xs, ys)) / m
+            shape, dtype = self._boundary(rows, x.shape[1])
+            outs = forward_only(self._stage_step(xs, ys, 1.0 / m), m, self.link, shape, dtype, self._like())
+        return self._share_loss(outs)
+
+    def sum_tied_gradients(self) -> None:
+        """wte's gradient summed between the first stage (embedding) and the last (head)."""
+        comm = self.grid.embed_comm
+        if comm is not None:
+            w = self.net.wte.weight
+            if w.grad is None:
+                w.grad = get_array_module(w.data).zeros_like(w.data)
+            comm.allreduce_(w.grad)
+
+    def sum_sequence_parallel_gradients(self) -> None:
+        """Under sequence parallelism, the gradients that each TP rank holds only for its own
+        tokens (LayerNorms, row biases, positions) summed over TP: one all-reduce, one buffer."""
+        params = [p for p in getattr(self.net, "sequence_parallel_params", []) if p.grad is not None]
+        if not params:
+            return
+        xp = get_array_module(params[0].grad)
+        flat = xp.concatenate([p.grad.reshape(-1) for p in params])
+        self.grid.tp_comm.allreduce_(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset: offset + p.grad.size].reshape(p.shape)
+            offset += p.size
+
+    def _boundary(self, rows: int, seq: int) -> tuple[tuple[int, ...], Any]:
+        if getattr(self.net, "sequence_parallel", False):
+            seq //= self.grid.tp  # sequence blocks cross the stage boundary
+        return (rows, seq, self.net.config.n_embd), self._like().dtype  # (b, T, h) in the compute dtype
+
+    def _like(self) -> Any:
+        return self.net.parameters()[0].data
+
+    def _share_loss(self, outs: list[Tensor]) -> float:
+        """The last stage's sum of the scaled micro-batch losses, sent to every stage."""
+        value = np.array([sum(float(to_numpy(o.data)) for o in outs) if self.net.is_last else 0.0])
+        self.grid.pp_comm.bcast(value, root=self.grid.pp - 1)
+        return float(value[0])
