@@ -8,7 +8,8 @@
 # the wheels; nvidia-smi; a 2-rank MPI smoke test; the GPU tests at 1 rank and at 2 ranks
 # sharing the GPU (staged path forced); the GPU benchmark (benchmarks/bench_gpu.py: compute at
 # 1 rank, collectives at 2); whether NCCL accepts 2 ranks on one GPU; the GPU tests at 2 ranks
-# with auto; train.py on the GPU (float32, and float16 mixed precision at 2 ranks). Every step has a
+# with auto; train.py on the GPU (float32, float16 mixed precision at 2 ranks, pp=2 and tp=2 with
+# sequence parallelism at 2 ranks on the staged path). Every step has a
 # time limit taken from a 7.5-minute budget, so the script ends in time whatever happens; a
 # failed step is reported and the next one runs. Files under $OUT: device_check.log (all
 # output), summary.txt (one line per step: name, exit status, seconds), nvidia-smi.txt,
@@ -120,7 +121,11 @@ TRAIN=(train.py --device gpu --layers 2 --hidden 128 --heads 4 --seq-len 64 --ba
        --eval-every 20 --eval-iters 2 --sample-len 40 --no-progress --log-every 10)
 step train-1rank-float32 60 python3 "${TRAIN[@]}" --out /tmp/run_f32
 step train-2ranks-tp2-amp-float16 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 2 --amp float16 --out /tmp/run_amp
-cat /tmp/run_f32/metrics.jsonl /tmp/run_amp/metrics.jsonl > "$OUT/train_metrics.jsonl" 2> /dev/null
+# pipeline stages and sequence parallelism, 2 ranks sharing the GPU on the staged path
+step train-2ranks-pp2-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 1 --pp 2 --micro-batches 2 --comm staged --out /tmp/run_pp2
+step train-2ranks-tp2-sp-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 2 --sequence-parallel --comm staged --out /tmp/run_sp
+cat /tmp/run_f32/metrics.jsonl /tmp/run_amp/metrics.jsonl /tmp/run_pp2/metrics.jsonl /tmp/run_sp/metrics.jsonl \
+    > "$OUT/train_metrics.jsonl" 2> /dev/null
 
 echo "=== summary (step, exit status, seconds); total $((SECONDS - START))s"
 cat "$SUMMARY"
