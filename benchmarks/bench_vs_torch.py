@@ -1,0 +1,227 @@
+"""mpisplit against PyTorch eager running transformers' GPT-2, one training step, one thread.
+
+Each case builds one random GPT-2 (no dropout), saves it as a Hugging Face folder, and times a
+full step (forward, cross-entropy, backward, AdamW, zero_grad) of
+- torch: transformers' GPT2LMHeadModel loaded from the folder, `torch.optim.AdamW`;
+- mpisplit: `GPT.from_pretrained` of the same folder, `mpisplit.optim.AdamW` (same
+  hyperparameters, decay on every parameter in both);
+- mpisplit-fresh (`--fresh`): the same model freshly initialised by `GPT(config, seed=0)`.
+
+Every framework runs in its own process (one BLAS/OpenMP thread); the processes are alternated
+for `--rounds` rounds, in rotating order, and the report gives the median step of each framework
+over the rounds and the ratio mpisplit / torch per case. The first-step losses of the two
+frameworks are compared as a check that both ran the same model on the same batch.
+
+  python benchmarks/bench_vs_torch.py                  # the three cases, 3 rounds
+  python benchmarks/bench_vs_torch.py --rounds 5 --fresh --cases h1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+# name: (layers, hidden, heads, batch, sequence, vocabulary)
+CASES: dict[str, tuple[int, int, int, int, int, int]] = {
+    "h256": (4, 256, 4, 8, 128, 512),
+    "h1024": (2, 1024, 16, 4, 128, 512),
+    "h512-v8192": (4, 512, 8, 4, 256, 8192),
+}
+LR, BETAS, EPS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 1e-8, 0.1
+FRAMEWORKS = ("torch", "mpisplit", "mpisplit-fresh")
+
+
+def case_flops(name: str) -> float:
+    """Model FLOPs of one step: 6 N P for the matmuls with weights plus the attention products."""
+    L, h, H, B, T, V = CASES[name]
+    n = B * T
+    weights = L * 12 * h * h + V * h  # blocks + tied head
+    return 6.0 * n * weights + L * 12.0 * B * T * T * h
+
+
+def make_folder(name: str, folder: Path) -> None:
+    """A random GPT-2 (seed 0, no dropout) saved in the Hugging Face layout."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    L, h, H, B, T, V = CASES[name]
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=h, n_layer=L, n_head=H,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+
+
+def batch(name: str) -> tuple[Any, Any]:
+    import numpy as np
+
+    L, h, H, B, T, V = CASES[name]
+    rng = np.random.default_rng(1)
+    return rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+
+
+# ---- children: one framework, one case, one process ------------------------------------------
+
+
+def torch_step(name: str, folder: Path) -> tuple[Any, Any]:
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2LMHeadModel
+
+    torch.set_num_threads(1)
+    model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    idx, tgt = (torch.from_numpy(a) for a in batch(name))
+
+    def step() -> float:
+        logits = model(idx).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step, {"torch": torch.__version__, "adamw": "torch.optim.AdamW defaults (for-each off on CPU)"}
+
+
+def mpisplit_step(name: str, folder: Path, fresh: bool) -> tuple[Any, Any]:
+    import mpisplit as ms
+
+    grid = ms.ProcessGrid(tp=1)
+    if fresh:
+        L, h, H, B, T, V = CASES[name]
+        cfg = ms.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=h)
+        model = ms.GPT(cfg, grid, dtype="float32", seed=0)
+    else:
+        model = ms.GPT.from_pretrained(folder, grid, dtype="float32")
+    opt = ms.optim.AdamW(list(model.parameters()), lr=LR, betas=BETAS, eps=EPS,
+                         weight_decay=WEIGHT_DECAY, decay_filter=lambda p: True)
+    idx, tgt = batch(name)
+
+    def step() -> float:
+        loss = model.loss(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.data)
+
+    return step, {"fused_kernels": ms.kernels.backend_name() if hasattr(ms, "kernels") else "numpy"}
+
+
+def child(framework: str, name: str, folder: Path, warmup: int, steps: int) -> dict:
+    common.limit_threads(1)
+    t0 = time.perf_counter()
+    if framework == "torch":
+        step, info = torch_step(name, folder)
+    else:
+        step, info = mpisplit_step(name, folder, fresh=framework == "mpisplit-fresh")
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    first_loss = step()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"framework": framework, "case": name, "first_loss": first_loss, "setup_s": setup_s,
+            "first_step_s": first_s, "times_s": times, "median_s": statistics.median(times),
+            "cpu": common.machine_info()["cpu"], **info}
+
+
+def run_child(framework: str, name: str, folder: Path, args: argparse.Namespace) -> dict:
+    env = {**os.environ, **{k: "1" for k in common.THREAD_ENV_VARS}}
+    cmd = [sys.executable, __file__, "--child", framework, "--cases", name, "--folder", str(folder),
+           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if out.returncode != 0:
+        raise SystemExit(f"{framework} {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- parent: rounds, medians, ratios -----------------------------------------------------------
+
+
+def measure(args: argparse.Namespace, root: Path) -> list[dict]:
+    frameworks = [f for f in FRAMEWORKS if f != "mpisplit-fresh" or args.fresh]
+    runs = []
+    for name in args.cases:
+        folder = root / name
+        make_folder(name, folder)
+        for r in range(args.rounds):
+            order = frameworks[r % len(frameworks):] + frameworks[: r % len(frameworks)]
+            for fw in order:
+                res = run_child(fw, name, folder, args)
+                res["round"], res["load_average"] = r, os.getloadavg()[0]
+                runs.append(res)
+                print(f"  {name:11s} round {r} {fw:15s} {1000 * res['median_s']:8.1f} ms"
+                      f"  (load {res['load_average']:.1f})", flush=True)
+    return runs
+
+
+def summarize(runs: list[dict], cases: list[str]) -> list[dict]:
+    rows = []
+    for name in cases:
+        mine = [r for r in runs if r["case"] == name]
+        med = {fw: statistics.median(r["median_s"] for r in mine if r["framework"] == fw)
+               for fw in {r["framework"] for r in mine}}
+        loss = {r["framework"]: r["first_loss"] for r in mine}
+        row = {"case": name, "torch ms": 1000 * med["torch"], "mpisplit ms": 1000 * med["mpisplit"],
+               "mpisplit/torch": med["mpisplit"] / med["torch"],
+               "mpisplit GFLOP/s": case_flops(name) / med["mpisplit"] / 1e9,
+               "loss diff": abs(loss["mpisplit"] - loss["torch"])}
+        if "mpisplit-fresh" in med:
+            row["fresh ms"] = 1000 * med["mpisplit-fresh"]
+            row["pretrained/fresh"] = med["mpisplit"] / med["mpisplit-fresh"]
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--fresh", action="store_true", help="also time a freshly initialised mpisplit model")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
+    p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "bench_vs_torch.json")
+    p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.cases[0], args.folder, args.warmup, args.steps)))
+        return
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
+        p.error("--rounds, --steps and --warmup must be at least 1")
+    info = common.machine_info()
+    print(f"CPU: {info['cpu']}, {info['cores']} cores, load {info['load_average_1_5_15min'][0]:.1f}; "
+          f"{args.rounds} rounds, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = measure(args, Path(tmp))
+    rows = summarize(runs, args.cases)
+    cols = ["case", "torch ms", "mpisplit ms", "mpisplit/torch", "mpisplit GFLOP/s", "loss diff"]
+    if args.fresh:
+        cols += ["fresh ms", "pretrained/fresh"]
+    print(common.format_table(rows, cols))
+    path = common.write_json(args.out, {**common.result_meta(None, 1), "rows": rows, "runs": runs})
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
