@@ -27,18 +27,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
-# name: (layers, hidden, heads, batch, sequence, vocabulary)
-CASES: dict[str, tuple[int, int, int, int, int, int]] = {
-    "h256": (4, 256, 4, 8, 128, 512),
-    "h1024": (2, 1024, 16, 4, 128, 512),
-    "h512-v8192": (4, 512, 8, 4, 256, 8192),
+class Case(NamedTuple):
+    layers: int
+    hidden: int
+    heads: int
+    batch: int
+    seq: int
+    vocab: int
+
+
+CASES: dict[str, Case] = {
+    "h256": Case(4, 256, 4, 8, 128, 512),
+    "h1024": Case(2, 1024, 16, 4, 128, 512),
+    "h512-v8192": Case(4, 512, 8, 4, 256, 8192),
 }
 LR, BETAS, EPS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 1e-8, 0.1
 FRAMEWORKS = ("torch", "mpisplit", "mpisplit-fresh")
@@ -46,10 +54,10 @@ FRAMEWORKS = ("torch", "mpisplit", "mpisplit-fresh")
 
 def case_flops(name: str) -> float:
     """Model FLOPs of one step: 6 N P for the matmuls with weights plus the attention products."""
-    L, h, H, B, T, V = CASES[name]
-    n = B * T
-    weights = L * 12 * h * h + V * h  # blocks + tied head
-    return 6.0 * n * weights + L * 12.0 * B * T * T * h
+    c = CASES[name]
+    n = c.batch * c.seq
+    weights = c.layers * 12 * c.hidden**2 + c.vocab * c.hidden  # blocks + tied head
+    return 6.0 * n * weights + c.layers * 12.0 * c.batch * c.seq**2 * c.hidden
 
 
 def make_folder(name: str, folder: Path) -> None:
@@ -57,9 +65,9 @@ def make_folder(name: str, folder: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    L, h, H, B, T, V = CASES[name]
+    c = CASES[name]
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=h, n_layer=L, n_head=H,
+    cfg = GPT2Config(vocab_size=c.vocab, n_positions=c.seq, n_embd=c.hidden, n_layer=c.layers, n_head=c.heads,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     GPT2LMHeadModel(cfg).save_pretrained(folder)
 
@@ -67,9 +75,9 @@ def make_folder(name: str, folder: Path) -> None:
 def batch(name: str) -> tuple[Any, Any]:
     import numpy as np
 
-    L, h, H, B, T, V = CASES[name]
+    c = CASES[name]
     rng = np.random.default_rng(1)
-    return rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    return rng.integers(0, c.vocab, (c.batch, c.seq)), rng.integers(0, c.vocab, (c.batch, c.seq))
 
 
 # ---- children: one framework, one case, one process ------------------------------------------
@@ -102,8 +110,8 @@ def mpisplit_step(name: str, folder: Path, fresh: bool) -> tuple[Any, Any]:
 
     grid = ms.ProcessGrid(tp=1)
     if fresh:
-        L, h, H, B, T, V = CASES[name]
-        cfg = ms.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=h)
+        c = CASES[name]
+        cfg = ms.GPTConfig(vocab_size=c.vocab, block_size=c.seq, n_layer=c.layers, n_head=c.heads, n_embd=c.hidden)
         model = ms.GPT(cfg, grid, dtype="float32", seed=0)
     else:
         model = ms.GPT.from_pretrained(folder, grid, dtype="float32")
@@ -118,7 +126,9 @@ def mpisplit_step(name: str, folder: Path, fresh: bool) -> tuple[Any, Any]:
         opt.zero_grad()
         return float(loss.data)
 
-    return step, {"fused_kernels": ms.kernels.backend_name() if hasattr(ms, "kernels") else "numpy"}
+    from mpisplit import kernels
+
+    return step, {"kernels": kernels.backend_name()}
 
 
 def child(framework: str, name: str, folder: Path, warmup: int, steps: int) -> dict:
@@ -148,7 +158,8 @@ def run_child(framework: str, name: str, folder: Path, args: argparse.Namespace)
     env = {**os.environ, **{k: "1" for k in common.THREAD_ENV_VARS}}
     cmd = [sys.executable, __file__, "--child", framework, "--cases", name, "--folder", str(folder),
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
+                         check=False)
     if out.returncode != 0:
         raise SystemExit(f"{framework} {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -184,7 +195,7 @@ def summarize(runs: list[dict], cases: list[str]) -> list[dict]:
         row = {"case": name, "torch ms": 1000 * med["torch"], "mpisplit ms": 1000 * med["mpisplit"],
                "mpisplit/torch": med["mpisplit"] / med["torch"],
                "mpisplit GFLOP/s": case_flops(name) / med["mpisplit"] / 1e9,
-               "loss diff": abs(loss["mpisplit"] - loss["torch"])}
+               "first-loss diff": f'{abs(loss["mpisplit"] - loss["torch"]):.1e}'}
         if "mpisplit-fresh" in med:
             row["fresh ms"] = 1000 * med["mpisplit-fresh"]
             row["pretrained/fresh"] = med["mpisplit"] / med["mpisplit-fresh"]
@@ -215,7 +226,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = measure(args, Path(tmp))
     rows = summarize(runs, args.cases)
-    cols = ["case", "torch ms", "mpisplit ms", "mpisplit/torch", "mpisplit GFLOP/s", "loss diff"]
+    cols = ["case", "torch ms", "mpisplit ms", "mpisplit/torch", "mpisplit GFLOP/s", "first-loss diff"]
     if args.fresh:
         cols += ["fresh ms", "pretrained/fresh"]
     print(common.format_table(rows, cols))

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from mpisplit import kernels
 from mpisplit.autograd.operands import _one_minus_, _operands, _unbroadcast
 from mpisplit.autograd.tensor import Function, Tensor
 from mpisplit.runtime.backend import get_array_module
@@ -124,6 +125,13 @@ class GELU(Function):
     """tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi)."""
 
     def forward(self, x: Any) -> Any:
+        if kernels.applies(x):  # one fused pass; only x is kept, backward recomputes the rest
+            from mpisplit.kernels.gelu import gelu_forward
+
+            out = np.empty_like(x)
+            gelu_forward(x, out)
+            self.save(x, None)
+            return out
         xp = get_array_module(x)
         x2 = x * x
         t = x2 * 0.044715
@@ -139,6 +147,13 @@ class GELU(Function):
 
     def backward(self, g: Any) -> Any:
         x, t = self.saved
+        if t is None:
+            from mpisplit.kernels.gelu import gelu_backward
+
+            g = np.ascontiguousarray(g, dtype=x.dtype)
+            out = np.empty_like(x)
+            gelu_backward(x, g, out)
+            return out
         # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3*0.044715 x^2)
         inner_d = x * x
         inner_d *= 3 * 0.044715

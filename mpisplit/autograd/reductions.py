@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from mpisplit import kernels
 from mpisplit.autograd.elementwise import mul
 from mpisplit.autograd.operands import _normalize_axes
 from mpisplit.autograd.tensor import Function, Tensor
@@ -64,6 +67,8 @@ class LayerNorm(Function):
     """(x - mean) / sqrt(var + eps) * w + b over the last axis; var is biased."""
 
     def forward(self, x: Any, w: Any, b: Any, eps: float = 1e-5) -> Any:
+        if kernels.applies(x, w, b):  # fused: keeps x and two per-row statistics, not xhat
+            return self._fused_forward(x, w, b, eps)
         xp = get_array_module(x)
         low = is_low_precision(x.dtype)  # float16/bfloat16: statistics and xhat in float32
         if low:
@@ -78,7 +83,34 @@ class LayerNorm(Function):
         out += b
         return out.astype(w.dtype) if low else out
 
+    def _fused_forward(self, x: Any, w: Any, b: Any, eps: float) -> Any:
+        from mpisplit.kernels.layernorm import layernorm_forward
+
+        h = x.shape[-1]
+        rows = x.size // h
+        out = np.empty_like(x)
+        mean, rstd = np.empty(rows), np.empty(rows)
+        layernorm_forward(x.reshape(rows, h), w, b, float(eps), out.reshape(rows, h), mean, rstd)
+        self.save(x, rstd, w, mean)
+        return out
+
+    def _fused_backward(self, g: Any) -> tuple[Any, Any, Any]:
+        from mpisplit.kernels.layernorm import layernorm_backward
+
+        x, rstd, w, mean = self.saved
+        h = x.shape[-1]
+        rows = x.size // h
+        g = np.ascontiguousarray(g, dtype=x.dtype).reshape(rows, h)
+        gx = np.empty_like(x) if self.needs_input_grad[0] else None
+        gw, gb = np.zeros(h), np.zeros(h)
+        layernorm_backward(x.reshape(rows, h), w, mean, rstd, g, None if gx is None else gx.reshape(rows, h), gw, gb)
+        gw = gw.astype(w.dtype) if self.needs_input_grad[1] else None
+        gb = gb.astype(w.dtype) if self.needs_input_grad[2] else None
+        return gx, gw, gb
+
     def backward(self, g: Any) -> tuple[Any, Any, Any]:
+        if len(self.saved) == 4:
+            return self._fused_backward(g)
         xhat, rstd, w = self.saved
         h = xhat.shape[-1]
         low = is_low_precision(w.dtype)  # 16-bit weights, float32 statistics

@@ -62,6 +62,8 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._ctx = _ctx
         self._freed = False  # set once backward() has walked (and dropped) this node's graph
+        # Where backward() puts this leaf's gradient when set (see mpisplit.training.grad_buffer).
+        self.grad_store: Any = None
 
     # ----------------------------------------------------------------- views
     @property
@@ -131,13 +133,24 @@ class Tensor:
         grads: dict[int, Any] = {id(self): grad}
         owned: set[int] = set()  # ids of tensors whose pending gradient this pass may modify in place
         assigned: set[int] = set()  # array ids already stored in some leaf's .grad during this pass
-        for node in reversed(order):
+        while order:
+            # Popped, not iterated: a node's forward output is then released as soon as the walk
+            # has passed it (unless something else holds it), not kept until the walk ends.
+            node = order.pop()
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             ctx = node._ctx
             if ctx is None:  # a leaf
-                if node.grad is None:
+                store = node.grad_store
+                if store is not None and _fits(store, g) and (node.grad is None or node.grad is store):
+                    # A preassigned gradient buffer (a view of a flat one): written or added in place.
+                    if node.grad is None:
+                        store[...] = g
+                        node.grad = store
+                    else:
+                        store += g
+                elif node.grad is None:
                     # Own the array: a view (broadcast, slice) or one shared with another leaf is copied.
                     if id(g) in assigned or getattr(g, "base", None) is not None:
                         g = g.copy()
@@ -167,6 +180,10 @@ class Tensor:
             ctx.inputs = ()
             node._ctx = None
             node._freed = True
+
+
+def _fits(store: Any, g: Any) -> bool:
+    return tuple(store.shape) == tuple(g.shape) and store.dtype == g.dtype and type(store) is type(g)
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:

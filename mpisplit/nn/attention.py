@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mpisplit import kernels
 from mpisplit.autograd import ops
 from mpisplit.autograd.tensor import Function, Tensor, is_grad_enabled
 from mpisplit.nn.linear import RowParallelLinear, _check_input, sequence_parallel_linear
@@ -70,6 +71,11 @@ class _HeadAttention(Function):
         q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         k = qkv[:, :, 1].transpose(0, 2, 1, 3)
         att = q @ k.transpose(0, 1, 3, 2)  # (B, nh, T, T)
+        if kernels.applies(att):  # scale, mask and softmax in one pass per row
+            from mpisplit.kernels.softmax import causal_softmax_forward
+
+            causal_softmax_forward(att, self.scale)
+            return att
         low = is_low_precision(att.dtype)  # 16-bit compute: the softmax runs in float32
         if low:
             att = att.astype(xp.float32)
@@ -99,17 +105,27 @@ class _HeadAttention(Function):
         ga = gy @ v.transpose(0, 1, 3, 2)  # d loss / d (dropped) attention
         if mask is not None:
             ga *= mask
-        low = is_low_precision(ga.dtype)
+        if kernels.applies(ga, att):
+            from mpisplit.kernels.softmax import causal_softmax_backward
+
+            causal_softmax_backward(att, ga, self.scale)
+        else:
+            ga = self._softmax_backward(ga, att)
+        gqkv[:, :, 0] = (ga @ k).transpose(0, 2, 1, 3)
+        gqkv[:, :, 1] = (ga.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)
+        return gqkv
+
+    def _softmax_backward(self, ga: Any, att: Any) -> Any:
+        xp, dtype = get_array_module(ga), ga.dtype
+        low = is_low_precision(dtype)
         if low:  # softmax backward in float32
             ga, att = ga.astype(xp.float32), att.astype(xp.float32)
         ga -= (ga * att).sum(axis=-1, keepdims=True)  # softmax backward
         ga *= att
         ga *= self.scale
         if low:
-            ga = ga.astype(qkv.dtype)
-        gqkv[:, :, 0] = (ga @ k).transpose(0, 2, 1, 3)
-        gqkv[:, :, 1] = (ga.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)
-        return gqkv
+            ga = ga.astype(dtype)
+        return ga
 
 
 class KVCache:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mpisplit import kernels
 from mpisplit.autograd.tensor import Function, Tensor
 from mpisplit.runtime.backend import get_array_module, is_low_precision
 
@@ -29,6 +30,10 @@ class _VocabParallelCrossEntropy(Function):
         xp = get_array_module(logits)
         n = logits.shape[-1]
         z = logits.reshape(-1, n)
+        self.shape, self.dtype = logits.shape, logits.dtype
+        self.fused = kernels.applies(z)
+        if self.fused:
+            return self._fused_forward(z, targets, comm, vocab_start, vocab_size, ignore_index)
         if is_low_precision(z.dtype):  # 16-bit logits: softmax statistics and loss in float32
             z = z.astype(xp.float32)
         t = targets.reshape(-1)
@@ -55,11 +60,41 @@ class _VocabParallelCrossEntropy(Function):
             self.count = xp.maximum(valid.sum(), 1)
         nll = (xp.log(s) - zt) * valid
         self.save(e, s, local_t, owned, valid)
-        self.shape, self.dtype = logits.shape, logits.dtype
         return xp.asarray(nll.sum() / self.count, dtype=z.dtype)
+
+    def _fused_forward(self, z: Any, targets: Any, comm: Any, vocab_start: int, vocab_size: int,
+                       ignore_index: int) -> Any:
+        """The same three all-reduces, with one kernel pass for the maxima and one for exp and
+        its sums (padding columns are skipped, not copied and masked)."""
+        from mpisplit.kernels.cross_entropy import exp_rows, row_max
+
+        n, rows = z.shape[1], np.arange(z.shape[0])
+        real = max(0, min(n, vocab_size - vocab_start))
+        t = targets.reshape(-1)
+        valid = t != ignore_index
+        local_t = t - vocab_start
+        owned = valid & (local_t >= 0) & (local_t < real)
+        local_t = np.where(owned, local_t, 0)
+        m = np.empty(z.shape[0], dtype=z.dtype)
+        row_max(z, real, m)
+        m = comm.allreduce(m, op="max")
+        zt = comm.allreduce(np.where(owned, z[rows, local_t] - m, 0.0).astype(z.dtype))
+        e, s = np.empty_like(z), np.empty(z.shape[0])
+        exp_rows(z, real, m, e, s)
+        s = comm.allreduce(s.astype(z.dtype))
+        self.count = max(int(valid.sum()), 1)
+        nll = (np.log(s) - zt) * valid
+        self.save(e, s, local_t, owned, valid)
+        return np.asarray(nll.sum() / self.count, dtype=z.dtype)
 
     def backward(self, g: Any) -> Any:
         e, s, local_t, owned, valid = self.saved
+        if self.fused:
+            from mpisplit.kernels.cross_entropy import softmax_grad_rows
+
+            weight = (valid * (float(g) / self.count)).astype(np.float64)
+            softmax_grad_rows(e, s, local_t, owned, weight)
+            return e.reshape(self.shape)
         xp = get_array_module(e)
         e /= s[:, None]  # softmax over the whole vocabulary, this rank's block
         if xp is np:

@@ -35,6 +35,7 @@ import numpy as np
 from mpisplit.autograd.tensor import Tensor
 from mpisplit.parallel.comm import Communicator
 from mpisplit.runtime.backend import get_array_module
+from mpisplit.training import grad_buffer
 
 LOW_PRECISION = ("float16", "bfloat16")
 
@@ -151,7 +152,6 @@ class MixedPrecision:
         self.pairs = [(mine[name], theirs[name]) for name in theirs]
         self.comm = comm
         self.scaler = scaler if scaler is not None else LossScaler()
-        self._grad_buffer: Any = None  # float32 master gradients, one flat buffer reused every step
         cast_module_(model, self.dtype)
         self.update_model()
 
@@ -170,12 +170,11 @@ class MixedPrecision:
         False the master gradients hold inf/nan and the step must be skipped.
         """
         xp = self.xp
-        if self._grad_buffer is None:
-            self._grad_buffer = xp.empty(sum(m.size for _, m in self.pairs), dtype=np.float32)
-        flat, inv, offset = self._grad_buffer, 1.0 / self.scaler.scale, 0
+        # the optimizer's flat gradient block when it was built on the same list, else our own
+        buffers = grad_buffer.attach([m for _, m in self.pairs])
+        inv = 1.0 / self.scaler.scale
         for p, m in self.pairs:
-            view = flat[offset: offset + m.size].reshape(m.shape)
-            offset += m.size
+            view = m.grad_store
             if p.grad is None:
                 view[...] = 0
                 m.grad = None
@@ -184,7 +183,7 @@ class MixedPrecision:
             view *= inv  # exact: the scale is a power of two
             m.grad = view
             p.grad = None
-        finite = bool(xp.isfinite(flat).all())  # the step's one host read of the gradients
+        finite = all(bool(xp.isfinite(b.flat).all()) for b in buffers)  # one host read per block
         return self._agree(finite)
 
     def _agree(self, finite: bool) -> bool:

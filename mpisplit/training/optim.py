@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from mpisplit import kernels
 from mpisplit.nn.module import Parameter
 from mpisplit.runtime.backend import get_array_module, is_low_precision, to_numpy
+from mpisplit.training import grad_buffer
 
 
 def _params(params: Iterable[Parameter]) -> list[Parameter]:
@@ -42,6 +44,8 @@ class Optimizer:
         self.params = _params(params)
         self.lr = float(lr)
         self.step_count = 0
+        # backward() writes the gradients into one flat block per dtype (reused every step)
+        grad_buffer.attach(self.params)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -125,7 +129,9 @@ class AdamW(Optimizer):
             decay = 1 - self.lr * self.weight_decay if self.weight_decay and self.decay[i] else 1.0
             m, v = self.exp_avg[i], self.exp_avg_sq[i]
             arrays = (p.data, g, m, v)
-            if isinstance(p.data, np.ndarray) and all(a.flags.c_contiguous for a in arrays):
+            if kernels.applies(*arrays):  # one fused pass, bitwise the NumPy path's result
+                self._fused_update(*arrays, decay, step_size, root_bias)
+            elif isinstance(p.data, np.ndarray) and all(a.flags.c_contiguous for a in arrays):
                 # Cache-sized chunks: the dozen elementwise passes below then run in L2
                 # instead of streaming every full-size array through memory a dozen times.
                 flat = [a.reshape(-1) for a in arrays]
@@ -135,6 +141,15 @@ class AdamW(Optimizer):
                     self._update(*(f[lo:hi] for f in flat), tmp[: hi - lo], decay, step_size, root_bias)
             else:
                 self._update(p.data, g, m, v, self._scratch(p.shape, p.dtype), decay, step_size, root_bias)
+
+    def _fused_update(self, p: Any, g: Any, m: Any, v: Any, decay: float, step_size: float,
+                      root_bias: float) -> None:
+        from mpisplit.kernels.adamw import adamw_update
+
+        f = p.dtype.type  # every constant in the dtype, as NumPy casts a Python float operand
+        b1, b2 = self.betas
+        adamw_update(p, g, m, v, f(1 - b1), f(b2), f(1 - b2), f(decay), decay != 1.0,
+                     f(1.0 / root_bias), f(self.eps), f(step_size))
 
     def _update(self, p: Any, g: Any, m: Any, v: Any, tmp: Any, decay: float, step_size: float,
                 root_bias: float) -> None:
@@ -193,6 +208,11 @@ def average_gradients(params: Iterable[Parameter], dp_comm: Any) -> None:
     """Mean of every gradient over the data-parallel group: one all-reduce of one flat buffer."""
     params = [p for p in params if p.grad is not None]
     if dp_comm.size == 1 or not params:
+        return
+    buf = grad_buffer.buffer_of(params)
+    if buf is not None:  # the gradients already are one flat block (the optimizer's): in place
+        dp_comm.allreduce_(buf.flat)
+        buf.flat *= 1.0 / dp_comm.size
         return
     xp = get_array_module(params[0].grad)
     flat = xp.concatenate([p.grad.reshape(-1) for p in params])

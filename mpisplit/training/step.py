@@ -90,7 +90,8 @@ class StepRunner:
         if comm is not None:
             w = self.net.wte.weight
             if w.grad is None:
-                w.grad = get_array_module(w.data).zeros_like(w.data)
+                w.grad = w.grad_store if w.grad_store is not None else get_array_module(w.data).empty_like(w.data)
+                w.grad[...] = 0
             comm.allreduce_(w.grad)
 
     def sum_sequence_parallel_gradients(self) -> None:
@@ -103,8 +104,8 @@ class StepRunner:
         flat = xp.concatenate([p.grad.reshape(-1) for p in params])
         self.grid.tp_comm.allreduce_(flat)
         offset = 0
-        for p in params:
-            p.grad = flat[offset: offset + p.grad.size].reshape(p.shape)
+        for p in params:  # back into the same arrays: a gradient buffer's views stay its views
+            p.grad[...] = flat[offset: offset + p.grad.size].reshape(p.shape)
             offset += p.size
 
     def _boundary(self, rows: int, seq: int) -> tuple[tuple[int, ...], Any]:

@@ -1,0 +1,73 @@
+"""Fused CPU kernels for the work around the matmuls, compiled with numba when it is installed.
+
+Each kernel does in one pass over memory what the NumPy path does in several: GELU (forward
+and backward), LayerNorm (forward and backward), the causal softmax of attention (forward and
+backward), the rows of the cross-entropy, and AdamW over its four arrays. The NumPy code in the
+autograd Functions stays the reference and the fallback: it runs on GPUs, for 16-bit dtypes,
+on machines without numba, and everywhere when `MPISPLIT_KERNELS=numpy`.
+
+Compiled kernels are cached on disk (numba's `cache=True`), so only the first run on a machine
+pays the compilation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+_MODES = ("auto", "numba", "numpy")
+
+
+def _mode() -> str:
+    mode = os.environ.get("MPISPLIT_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"MPISPLIT_KERNELS must be one of {', '.join(_MODES)}, got {mode!r}")
+    return mode
+
+
+def _numba_importable() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_ENABLED: bool | None = None
+
+
+def enabled() -> bool:
+    """Whether the fused kernels are in use (decided once per process)."""
+    global _ENABLED
+    if _ENABLED is None:
+        mode = _mode()
+        have = _numba_importable()
+        if mode == "numba" and not have:
+            raise ImportError("MPISPLIT_KERNELS=numba but numba is not installed: pip install numba")
+        _ENABLED = have and mode != "numpy"
+    return _ENABLED
+
+
+def set_enabled(value: bool | None) -> None:
+    """Force the kernels on or off in this process (None: decide again from the environment)."""
+    global _ENABLED
+    if value and not _numba_importable():
+        raise ImportError("the fused kernels need numba: pip install numba")
+    _ENABLED = value
+
+
+def backend_name() -> str:
+    return "numba" if enabled() else "numpy"
+
+
+def applies(*arrays: Any) -> bool:
+    """True when the fused kernels take these arrays: NumPy, float32 or float64, C-contiguous."""
+    if not enabled():
+        return False
+    first = arrays[0]
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or not a.flags.c_contiguous or a.dtype != first.dtype:
+            return False
+    return first.dtype in (np.float32, np.float64)

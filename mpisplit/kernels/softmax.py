@@ -1,0 +1,56 @@
+"""The causal softmax of attention, forward and backward, in place on (..., T, T) scores.
+
+Forward: row i of s becomes softmax(scale * s[i, :i+1]) on keys 0..i and exact zeros after.
+Backward: ga = scale * att * (ga - sum_j ga_j att_j), with the sum over the visible keys only
+(att is zero elsewhere, so the result is zero there too). Row sums accumulate in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+
+
+@numba.njit(cache=True, error_model="numpy")
+def causal_softmax_forward(s, scale):
+    t_q, t_k = s.shape[-2], s.shape[-1]
+    flat = s.reshape(-1, t_q, t_k)
+    offset = t_k - t_q
+    for m in range(flat.shape[0]):
+        for i in range(t_q):
+            row = flat[m, i]
+            n = i + offset + 1  # visible keys
+            mx = -math.inf
+            for j in range(n):
+                v = row[j] * scale
+                row[j] = v
+                mx = max(mx, v)
+            total = 0.0
+            for j in range(n):
+                e = math.exp(row[j] - mx)
+                row[j] = e
+                total += e
+            inv = 1.0 / total
+            for j in range(n):
+                row[j] *= inv
+            for j in range(n, t_k):
+                row[j] = 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def causal_softmax_backward(att, ga, scale):
+    """In place on ga: the gradient of the scaled scores given that of the weights."""
+    t_q, t_k = att.shape[-2], att.shape[-1]
+    a, g = att.reshape(-1, t_q, t_k), ga.reshape(-1, t_q, t_k)
+    offset = t_k - t_q
+    for m in range(a.shape[0]):
+        for i in range(t_q):
+            n = i + offset + 1
+            dot = 0.0
+            for j in range(n):
+                dot += g[m, i, j] * a[m, i, j]
+            for j in range(n):
+                g[m, i, j] = scale * a[m, i, j] * (g[m, i, j] - dot)
+            for j in range(n, t_k):
+                g[m, i, j] = 0.0

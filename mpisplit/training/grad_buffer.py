@@ -1,0 +1,64 @@
+"""One flat gradient buffer for a list of parameters, each parameter's gradient a view of it.
+
+`attach(params)` gives every parameter a `grad_store`: backward() then writes (or adds) the
+parameter's gradient into that view instead of keeping a fresh array, so the gradients of a
+step live in one preallocated block and the data-parallel average is one in-place all-reduce
+of that block, with no concatenated copy beside the gradients. Parameters of different dtypes
+or devices get one block each. Gradients keep PyTorch's semantics: `zero_grad()` sets them to
+None and the next backward overwrites the view; a gradient kept from an earlier step must be
+copied by whoever keeps it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpisplit.runtime.backend import get_array_module
+
+
+class GradBuffer:
+    """A flat block and the parameters whose `grad_store` are views of it, in order."""
+
+    def __init__(self, params: list[Any]) -> None:
+        first = params[0].data
+        xp = get_array_module(first)
+        self.params = params
+        self.flat = xp.empty(sum(p.size for p in params), dtype=first.dtype)
+        offset = 0
+        for p in params:
+            p.grad_store = self.flat[offset: offset + p.size].reshape(p.shape)
+            p.grad_buffer = self
+            offset += p.size
+
+    def holds_all_gradients(self, params: list[Any]) -> bool:
+        """True when `params` are exactly this buffer's and every gradient is its view."""
+        return _same(params, self.params) and all(p.grad is p.grad_store for p in params)
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _group_key(p: Any) -> tuple[str, str]:
+    return (type(p.data).__module__.split(".")[0], str(p.dtype))
+
+
+def attach(params: list[Any]) -> list[GradBuffer]:
+    """Give `params` gradient views of one flat buffer per (array library, dtype); idempotent."""
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for p in params:
+        groups.setdefault(_group_key(p), []).append(p)
+    buffers = []
+    for group in groups.values():
+        existing = getattr(group[0], "grad_buffer", None)
+        if existing is not None and _same(existing.params, group):
+            buffers.append(existing)
+        else:
+            buffers.append(GradBuffer(group))
+    return buffers
+
+
+def buffer_of(params: list[Any]) -> GradBuffer | None:
+    """The buffer that holds exactly these parameters' current gradients, if there is one."""
+    buf = getattr(params[0], "grad_buffer", None) if params else None
+    return buf if buf is not None and buf.holds_all_gradients(params) else None
