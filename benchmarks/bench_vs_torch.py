@@ -5,7 +5,9 @@ full step (forward, cross-entropy, backward, AdamW, zero_grad) of
 - torch: transformers' GPT2LMHeadModel loaded from the folder, `torch.optim.AdamW`;
 - mpisplit: `GPT.from_pretrained` of the same folder, `mpisplit.optim.AdamW` (same
   hyperparameters, decay on every parameter in both);
-- mpisplit-fresh (`--fresh`): the same model freshly initialised by `GPT(config, seed=0)`.
+- mpisplit-fresh (`--fresh`): the same model freshly initialised by `GPT(config, seed=0)`;
+- mpisplit-numpy (`--numpy`): `from_pretrained` again with MPISPLIT_KERNELS=numpy (the NumPy
+  path instead of the fused kernels), for the kernels' before and after in the same run.
 
 Every framework runs in its own process (one BLAS/OpenMP thread); the processes are alternated
 for `--rounds` rounds, in rotating order, and the report gives the median step of each framework
@@ -34,6 +36,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common
 
+
 class Case(NamedTuple):
     layers: int
     hidden: int
@@ -49,7 +52,7 @@ CASES: dict[str, Case] = {
     "h512-v8192": Case(4, 512, 8, 4, 256, 8192),
 }
 LR, BETAS, EPS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 1e-8, 0.1
-FRAMEWORKS = ("torch", "mpisplit", "mpisplit-fresh")
+FRAMEWORKS = ("torch", "mpisplit", "mpisplit-fresh", "mpisplit-numpy")
 
 
 def case_flops(name: str) -> float:
@@ -138,6 +141,9 @@ def child(framework: str, name: str, folder: Path, warmup: int, steps: int) -> d
         step, info = torch_step(name, folder)
     else:
         step, info = mpisplit_step(name, folder, fresh=framework == "mpisplit-fresh")
+        from mpisplit import kernels
+
+        kernels.warm_up()  # numba's first compilation is a one-off per machine, not a step
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     first_loss = step()
@@ -156,6 +162,8 @@ def child(framework: str, name: str, folder: Path, warmup: int, steps: int) -> d
 
 def run_child(framework: str, name: str, folder: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, **{k: "1" for k in common.THREAD_ENV_VARS}}
+    if framework == "mpisplit-numpy":
+        env["MPISPLIT_KERNELS"] = "numpy"
     cmd = [sys.executable, __file__, "--child", framework, "--cases", name, "--folder", str(folder),
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
@@ -169,7 +177,7 @@ def run_child(framework: str, name: str, folder: Path, args: argparse.Namespace)
 
 
 def measure(args: argparse.Namespace, root: Path) -> list[dict]:
-    frameworks = [f for f in FRAMEWORKS if f != "mpisplit-fresh" or args.fresh]
+    frameworks = ["torch", "mpisplit"] + ["mpisplit-fresh"] * args.fresh + ["mpisplit-numpy"] * args.numpy
     runs = []
     for name in args.cases:
         folder = root / name
@@ -196,6 +204,9 @@ def summarize(runs: list[dict], cases: list[str]) -> list[dict]:
                "mpisplit/torch": med["mpisplit"] / med["torch"],
                "mpisplit GFLOP/s": case_flops(name) / med["mpisplit"] / 1e9,
                "first-loss diff": f'{abs(loss["mpisplit"] - loss["torch"]):.1e}'}
+        if "mpisplit-numpy" in med:
+            row["numpy-path ms"] = 1000 * med["mpisplit-numpy"]
+            row["fused/numpy"] = med["mpisplit"] / med["mpisplit-numpy"]
         if "mpisplit-fresh" in med:
             row["fresh ms"] = 1000 * med["mpisplit-fresh"]
             row["pretrained/fresh"] = med["mpisplit"] / med["mpisplit-fresh"]
@@ -210,6 +221,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--fresh", action="store_true", help="also time a freshly initialised mpisplit model")
+    p.add_argument("--numpy", action="store_true", help="also time mpisplit without its fused kernels")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "bench_vs_torch.json")
     p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -229,6 +241,8 @@ def main() -> None:
     cols = ["case", "torch ms", "mpisplit ms", "mpisplit/torch", "mpisplit GFLOP/s", "first-loss diff"]
     if args.fresh:
         cols += ["fresh ms", "pretrained/fresh"]
+    if args.numpy:
+        cols += ["numpy-path ms", "fused/numpy"]
     print(common.format_table(rows, cols))
     path = common.write_json(args.out, {**common.result_meta(None, 1), "rows": rows, "runs": runs})
     print(f"-> {path}")

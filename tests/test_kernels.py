@@ -4,12 +4,12 @@ formulas, and through the autograd Functions against central finite differences.
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import clean_mpi_env
 
 pytest.importorskip("numba")
 
@@ -180,8 +180,7 @@ def test_float16_takes_the_numpy_path():
 
 def _mode_in_child(value):
     code = "from mpisplit import kernels; print(kernels.backend_name())"
-    env = {**os.environ, "MPISPLIT_KERNELS": value}
-    env.pop("PMI_RANK", None)
+    env = {**clean_mpi_env(), "MPISPLIT_KERNELS": value}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           check=False)
 
@@ -191,3 +190,30 @@ def test_environment_selects_the_path():
     assert _mode_in_child("numba").stdout.strip() == "numba"
     bad = _mode_in_child("fast")
     assert bad.returncode != 0 and "MPISPLIT_KERNELS must be one of auto, numba, numpy" in bad.stderr
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_overwriting_the_logits_gives_the_same_loss_and_gradient(fused, dtype):
+    from mpi4py import MPI
+
+    from mpisplit.nn.cross_entropy import vocab_parallel_cross_entropy
+    from mpisplit.parallel.comm import Communicator
+
+    kernels.set_enabled(fused)
+    rng = np.random.default_rng(2)
+    z = (3 * rng.standard_normal((4, 6, 13))).astype(dtype)
+    t = rng.integers(0, 11, (4, 6))  # 11 real entries, 2 of padding
+    t[0, 0] = -100
+    results = []
+    with Communicator(MPI.COMM_SELF) as comm:
+        for overwrite in (False, True):
+            logits = Tensor(z.copy(), requires_grad=True)
+            loss = vocab_parallel_cross_entropy(logits, t, comm, vocab_start=0, vocab_size=11,
+                                                overwrite_logits=overwrite)
+            loss.backward()
+            results.append((float(loss.data), logits.grad.copy(), logits.data))
+    (l0, g0, d0), (l1, g1, d1) = results
+    assert l0 == l1
+    np.testing.assert_array_equal(g0, g1)
+    np.testing.assert_array_equal(d0, z)  # left alone without the option

@@ -1,7 +1,8 @@
 """Autograd: Tensor, Function and backward (tensor.py), the primitives one file per kind
 (elementwise, shape, linalg, reductions, losses, attention), gathered in `ops`.
 
-Imports only mpisplit.runtime (the array backend); knows nothing of MPI.
+Imports only mpisplit.runtime (the array backend) and mpisplit.kernels (the fused CPU
+kernels some primitives run when they apply); knows nothing of MPI.
 """
 
 from mpisplit.autograd import operators, ops

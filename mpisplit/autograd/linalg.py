@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpisplit.autograd.operands import _operands, _unbroadcast
-from mpisplit.autograd.tensor import Function, Tensor
+from mpisplit.autograd.tensor import Function, Tensor, grad_target
 from mpisplit.runtime.backend import get_array_module
 
 
@@ -43,12 +43,18 @@ class Linear(Function):
 
     def backward(self, g: Any) -> tuple[Any, ...]:
         x, w = self.saved
+        xp = get_array_module(g)
         g2 = g.reshape(-1, g.shape[-1])  # (M, n)
         gx = (g2 @ w.T).reshape(x.shape) if self.needs_input_grad[0] else None
-        gw = x.reshape(-1, x.shape[-1]).T @ g2 if self.needs_input_grad[1] else None
+        gw = None
+        if self.needs_input_grad[1]:  # straight into the weight's gradient buffer when it has one
+            out = grad_target(self.inputs[1], w.shape, g.dtype, xp)
+            gw = xp.matmul(x.reshape(-1, x.shape[-1]).T, g2, out=out)
         if not self.has_bias:
             return gx, gw
-        gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
+        gb = None
+        if self.needs_input_grad[2]:
+            gb = g2.sum(axis=0, out=grad_target(self.inputs[2], (g2.shape[1],), g.dtype, xp))
         return gx, gw, gb
 
 
@@ -63,9 +69,13 @@ class LinearT(Function):
 
     def backward(self, g: Any) -> tuple[Any, Any]:
         x, w = self.saved
+        xp = get_array_module(g)
         g2 = g.reshape(-1, g.shape[-1])  # (M, n)
         gx = (g2 @ w).reshape(x.shape) if self.needs_input_grad[0] else None
-        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None  # (n, k)
+        gw = None
+        if self.needs_input_grad[1]:  # (n, k)
+            out = grad_target(self.inputs[1], w.shape, g.dtype, xp)
+            gw = xp.matmul(g2.T, x.reshape(-1, x.shape[-1]), out=out)
         return gx, gw
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mpisplit.autograd.tensor import Function, Tensor
+from mpisplit.autograd.tensor import Function, Tensor, grad_target
 from mpisplit.runtime.backend import get_array_module, scatter_add
 
 
@@ -72,7 +72,11 @@ class Embedding(Function):
 
     def backward(self, g: Any) -> Any:
         xp = get_array_module(g)
-        gw = xp.zeros(self.wshape, dtype=self.dtype)
+        gw = grad_target(self.inputs[0], self.wshape, self.dtype, xp)
+        if gw is None:
+            gw = xp.zeros(self.wshape, dtype=self.dtype)
+        else:
+            gw[...] = 0
         scatter_add(gw, self.ids.reshape(-1), g.reshape(-1, self.wshape[-1]))
         return gw
 

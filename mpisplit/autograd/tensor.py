@@ -129,6 +129,15 @@ class Tensor:
         if tuple(grad.shape) != self.shape:
             raise ValueError(f"gradient shape {tuple(grad.shape)} does not match tensor shape {self.shape}")
 
+        claims = _claims()
+        outermost = not claims
+        try:
+            self._walk(grad, claims)
+        finally:
+            if outermost:
+                claims.clear()
+
+    def _walk(self, grad: Any, claims: set[int]) -> None:
         order = _topological_order(self)
         grads: dict[int, Any] = {id(self): grad}
         owned: set[int] = set()  # ids of tensors whose pending gradient this pass may modify in place
@@ -143,10 +152,13 @@ class Tensor:
             ctx = node._ctx
             if ctx is None:  # a leaf
                 store = node.grad_store
-                if store is not None and _fits(store, g) and (node.grad is None or node.grad is store):
+                mine = g is store or id(node) not in claims  # else an outer pass holds the store
+                if store is not None and mine and _fits(store, g) and (node.grad is None or node.grad is store):
                     # A preassigned gradient buffer (a view of a flat one): written or added in place.
+                    claims.discard(id(node))
                     if node.grad is None:
-                        store[...] = g
+                        if g is not store:
+                            store[...] = g
                         node.grad = store
                     else:
                         store += g
@@ -170,6 +182,8 @@ class Tensor:
                 pending = grads.get(key)
                 if pending is None:
                     grads[key] = pg
+                    if pg is parent.grad_store:  # written there by grad_target(): ours to add into
+                        owned.add(key)
                 elif key in owned:
                     pending += pg
                 else:
@@ -180,6 +194,27 @@ class Tensor:
             ctx.inputs = ()
             node._ctx = None
             node._freed = True
+
+
+_pass = threading.local()
+
+
+def _claims() -> set[int]:
+    if not hasattr(_pass, "claims"):
+        _pass.claims = set()
+    return _pass.claims
+
+
+def grad_target(t: Tensor, shape: tuple[int, ...], dtype: Any, xp: Any) -> Any:
+    """Inside backward(): the array a Function may write leaf t's whole gradient into (t's
+    gradient buffer view), or None (then it returns a fresh array as usual). Given at most once
+    per leaf and pass, and only while t holds no gradient, so nothing pending is overwritten."""
+    store = t.grad_store
+    if (store is None or t._ctx is not None or t.grad is not None or id(t) in _claims()
+            or tuple(store.shape) != tuple(shape) or store.dtype != dtype or get_array_module(store) is not xp):
+        return None
+    _claims().add(id(t))
+    return store
 
 
 def _fits(store: Any, g: Any) -> bool:

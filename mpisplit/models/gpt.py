@@ -216,7 +216,7 @@ class GPT(Module):
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
         return vocab_parallel_cross_entropy(
             self.wte.logits(hidden, sequence_parallel=self.sequence_parallel), targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
-            vocab_size=self.config.vocab_size, ignore_index=ignore_index,
+            vocab_size=self.config.vocab_size, ignore_index=ignore_index, overwrite_logits=True,
         )
 
     def _check_whole(self, what: str) -> None:

@@ -25,21 +25,22 @@ from mpisplit.runtime.backend import get_array_module, is_low_precision
 class _VocabParallelCrossEntropy(Function):
     def forward(
         self, logits: Any, targets: Any = None, comm: Any = None, vocab_start: int = 0, vocab_size: int = 0,
-        ignore_index: int = -100,
+        ignore_index: int = -100, overwrite: bool = False,
     ) -> Any:
         xp = get_array_module(logits)
         n = logits.shape[-1]
         z = logits.reshape(-1, n)
+        in_place = overwrite  # z may become a copy below, which is then ours anyway
         self.shape, self.dtype = logits.shape, logits.dtype
         self.fused = kernels.applies(z)
         if self.fused:
-            return self._fused_forward(z, targets, comm, vocab_start, vocab_size, ignore_index)
+            return self._fused_forward(z, targets, comm, vocab_start, vocab_size, ignore_index, overwrite)
         if is_low_precision(z.dtype):  # 16-bit logits: softmax statistics and loss in float32
-            z = z.astype(xp.float32)
+            z, in_place = z.astype(xp.float32), True
         t = targets.reshape(-1)
         real = max(0, min(n, vocab_size - vocab_start))  # columns of this rank inside the vocabulary
         if real < n:
-            z = z.copy()
+            z, in_place = z.copy(), True
             z[:, real:] = -xp.inf
         valid = t != ignore_index
         local_t = t - vocab_start
@@ -48,10 +49,10 @@ class _VocabParallelCrossEntropy(Function):
         rows = xp.arange(z.shape[0])
 
         m = comm.allreduce(z.max(axis=1), op="max")  # a rank of padding only offers -inf
-        e = z - m[:, None]  # (N, n)
+        zt = xp.where(owned, z[rows, local_t] - m, 0.0)  # before z may be overwritten
+        e = xp.subtract(z, m[:, None], out=z if in_place else None)  # (N, n)
         xp.exp(e, out=e)
         s = comm.allreduce(e.sum(axis=1))
-        zt = xp.where(owned, z[rows, local_t] - m, 0.0)
         zt = comm.allreduce(zt)
 
         if xp is np:
@@ -63,7 +64,7 @@ class _VocabParallelCrossEntropy(Function):
         return xp.asarray(nll.sum() / self.count, dtype=z.dtype)
 
     def _fused_forward(self, z: Any, targets: Any, comm: Any, vocab_start: int, vocab_size: int,
-                       ignore_index: int) -> Any:
+                       ignore_index: int, overwrite: bool) -> Any:
         """The same three all-reduces, with one kernel pass for the maxima and one for exp and
         its sums (padding columns are skipped, not copied and masked)."""
         from mpisplit.kernels.cross_entropy import exp_rows, row_max
@@ -78,10 +79,11 @@ class _VocabParallelCrossEntropy(Function):
         m = np.empty(z.shape[0], dtype=z.dtype)
         row_max(z, real, m)
         m = comm.allreduce(m, op="max")
-        zt = comm.allreduce(np.where(owned, z[rows, local_t] - m, 0.0).astype(z.dtype))
-        e, s = np.empty_like(z), np.empty(z.shape[0])
+        zt = np.where(owned, z[rows, local_t] - m, 0.0).astype(z.dtype)  # before z may be overwritten
+        e, s = z if overwrite else np.empty_like(z), np.empty(z.shape[0])
         exp_rows(z, real, m, e, s)
         s = comm.allreduce(s.astype(z.dtype))
+        zt = comm.allreduce(zt)
         self.count = max(int(valid.sum()), 1)
         nll = (np.log(s) - zt) * valid
         self.save(e, s, local_t, owned, valid)
@@ -118,11 +120,14 @@ def check_targets(targets: Any, vocab_size: int, ignore_index: int = -100) -> No
 
 def vocab_parallel_cross_entropy(
     logits: Tensor, targets: Any, comm: Any, *, vocab_start: int, vocab_size: int, ignore_index: int = -100,
+    overwrite_logits: bool = False,
 ) -> Tensor:
     """Mean cross-entropy of split logits (..., n) against full-vocabulary targets (...).
 
     `vocab_start` is this rank's first vocabulary entry, `vocab_size` the real
-    (unpadded) V; rows whose target is `ignore_index` do not count.
+    (unpadded) V; rows whose target is `ignore_index` do not count. With `overwrite_logits` the
+    logits' array is reused for the softmax (one (N, n) array fewer alive), for callers that
+    hold the logits nowhere else, as GPT.loss.
     Three all-reduces of (N,) forward (max, exp-sum, target logit); none backward.
     """
     targets = targets.data if isinstance(targets, Tensor) else targets
@@ -132,4 +137,5 @@ def vocab_parallel_cross_entropy(
     targets = get_array_module(logits.data).asarray(targets)  # host targets go to the logits' device
     return _VocabParallelCrossEntropy.apply(
         logits, targets=targets, comm=comm, vocab_start=vocab_start, vocab_size=vocab_size, ignore_index=ignore_index,
+        overwrite=overwrite_logits,
     )
