@@ -213,7 +213,7 @@ def test_cross_entropy_overwriting_the_logits_gives_the_same_loss_and_gradient(f
                                                 overwrite_logits=overwrite)
             loss.backward()
             results.append((float(loss.data), logits.grad.copy(), logits.data))
-    (l0, g0, d0), (l1, g1, d1) = results
+    (l0, g0, d0), (l1, g1, _) = results
     assert l0 == l1
     np.testing.assert_array_equal(g0, g1)
     np.testing.assert_array_equal(d0, z)  # left alone without the option
