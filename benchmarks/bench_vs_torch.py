@@ -15,7 +15,8 @@ over the rounds and the ratio mpisplit / torch per case. The first-step losses o
 frameworks are compared as a check that both ran the same model on the same batch.
 
   python benchmarks/bench_vs_torch.py                  # the three cases, 3 rounds
-  python benchmarks/bench_vs_torch.py --rounds 5 --fresh --cases h1024
+  python benchmarks/bench_vs_torch.py --rounds 5 --fresh --numpy --cases h1024
+  python benchmarks/bench_vs_torch.py --pretrained-vs-fresh   # both models in one process
 """
 
 from __future__ import annotations
@@ -173,6 +174,25 @@ def run_child(framework: str, name: str, folder: Path, args: argparse.Namespace)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def pretrained_vs_fresh(name: str, folder: Path, steps: int) -> dict:
+    """`from_pretrained` and a fresh model in one process, their steps alternated one by one:
+    what differs between the two models themselves, without process-to-process noise."""
+    common.limit_threads(1)
+    pre, _ = mpisplit_step(name, folder, fresh=False)
+    fresh, _ = mpisplit_step(name, folder, fresh=True)
+    times: dict[str, list[float]] = {"pretrained": [], "fresh": []}
+    for step in (pre, fresh, pre, fresh):
+        step()
+    for i in range(2 * steps):
+        for key in (("pretrained", "fresh") if i % 2 else ("fresh", "pretrained")):
+            t0 = time.perf_counter()
+            (pre if key == "pretrained" else fresh)()
+            times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"case": name, "pretrained ms": 1000 * med["pretrained"], "fresh ms": 1000 * med["fresh"],
+            "pretrained/fresh": med["pretrained"] / med["fresh"]}
+
+
 # ---- parent: rounds, medians, ratios -----------------------------------------------------------
 
 
@@ -222,6 +242,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--fresh", action="store_true", help="also time a freshly initialised mpisplit model")
     p.add_argument("--numpy", action="store_true", help="also time mpisplit without its fused kernels")
+    p.add_argument("--pretrained-vs-fresh", action="store_true",
+                   help="only compare from_pretrained with a fresh model, in one process")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "bench_vs_torch.json")
     p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -232,6 +254,15 @@ def main() -> None:
         return
     if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
         p.error("--rounds, --steps and --warmup must be at least 1")
+    if args.pretrained_vs_fresh:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = []
+            for name in args.cases:
+                make_folder(name, Path(tmp) / name)
+                rows.append(pretrained_vs_fresh(name, Path(tmp) / name, args.steps))
+        print(f"CPU: {common.machine_info()['cpu']}")
+        print(common.format_table(rows, list(rows[0])))
+        return
     info = common.machine_info()
     print(f"CPU: {info['cpu']}, {info['cores']} cores, load {info['load_average_1_5_15min'][0]:.1f}; "
           f"{args.rounds} rounds, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
