@@ -174,23 +174,47 @@ def run_child(framework: str, name: str, folder: Path, args: argparse.Namespace)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _alternate(steps: dict[str, Any], before: dict[str, Any], n: int) -> dict[str, float]:
+    """Median seconds of each step, the steps run one after another in rotating order; `before`
+    (per key, may be absent) runs just before that key's step (e.g. to switch the kernels)."""
+    keys = list(steps)
+    for key in keys * 2:  # warm-up
+        before.get(key, lambda: None)()
+        steps[key]()
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for i in range(n):
+        for key in keys[i % len(keys):] + keys[: i % len(keys)]:
+            before.get(key, lambda: None)()
+            t0 = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def pretrained_vs_fresh(name: str, folder: Path, steps: int) -> dict:
     """`from_pretrained` and a fresh model in one process, their steps alternated one by one:
     what differs between the two models themselves, without process-to-process noise."""
     common.limit_threads(1)
     pre, _ = mpisplit_step(name, folder, fresh=False)
     fresh, _ = mpisplit_step(name, folder, fresh=True)
-    times: dict[str, list[float]] = {"pretrained": [], "fresh": []}
-    for step in (pre, fresh, pre, fresh):
-        step()
-    for i in range(2 * steps):
-        for key in (("pretrained", "fresh") if i % 2 else ("fresh", "pretrained")):
-            t0 = time.perf_counter()
-            (pre if key == "pretrained" else fresh)()
-            times[key].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _alternate({"pretrained": pre, "fresh": fresh}, {}, 2 * steps)
     return {"case": name, "pretrained ms": 1000 * med["pretrained"], "fresh ms": 1000 * med["fresh"],
             "pretrained/fresh": med["pretrained"] / med["fresh"]}
+
+
+def kernels_ab(name: str, folder: Path, steps: int) -> dict:
+    """One model, its steps alternated with the fused kernels on and off (the NumPy path)."""
+    from mpisplit import kernels
+
+    common.limit_threads(1)
+    step, _ = mpisplit_step(name, folder, fresh=False)
+    kernels.warm_up()
+    med = _alternate({"fused": step, "numpy": step},
+                     {"fused": lambda: kernels.set_enabled(True), "numpy": lambda: kernels.set_enabled(False)},
+                     2 * steps)
+    kernels.set_enabled(None)
+    return {"case": name, "fused ms": 1000 * med["fused"], "numpy ms": 1000 * med["numpy"],
+            "fused/numpy": med["fused"] / med["numpy"]}
 
 
 # ---- parent: rounds, medians, ratios -----------------------------------------------------------
@@ -244,6 +268,8 @@ def main() -> None:
     p.add_argument("--numpy", action="store_true", help="also time mpisplit without its fused kernels")
     p.add_argument("--pretrained-vs-fresh", action="store_true",
                    help="only compare from_pretrained with a fresh model, in one process")
+    p.add_argument("--kernels-ab", action="store_true",
+                   help="only compare the fused kernels with the NumPy path, in one process")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "bench_vs_torch.json")
     p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -254,12 +280,13 @@ def main() -> None:
         return
     if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
         p.error("--rounds, --steps and --warmup must be at least 1")
-    if args.pretrained_vs_fresh:
+    if args.pretrained_vs_fresh or args.kernels_ab:
+        one = pretrained_vs_fresh if args.pretrained_vs_fresh else kernels_ab
         with tempfile.TemporaryDirectory() as tmp:
             rows = []
             for name in args.cases:
                 make_folder(name, Path(tmp) / name)
-                rows.append(pretrained_vs_fresh(name, Path(tmp) / name, args.steps))
+                rows.append(one(name, Path(tmp) / name, args.steps))
         print(f"CPU: {common.machine_info()['cpu']}")
         print(common.format_table(rows, list(rows[0])))
         return
