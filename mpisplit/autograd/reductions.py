@@ -67,7 +67,8 @@ class LayerNorm(Function):
     """(x - mean) / sqrt(var + eps) * w + b over the last axis; var is biased."""
 
     def forward(self, x: Any, w: Any, b: Any, eps: float = 1e-5) -> Any:
-        if kernels.applies(x, w, b):  # fused: keeps x and two per-row statistics, not xhat
+        self.fused = kernels.applies(x, w, b)
+        if self.fused:  # keeps x and two per-row statistics, not xhat
             return self._fused_forward(x, w, b, eps)
         xp = get_array_module(x)
         low = is_low_precision(x.dtype)  # float16/bfloat16: statistics and xhat in float32
@@ -109,7 +110,7 @@ class LayerNorm(Function):
         return gx, gw, gb
 
     def backward(self, g: Any) -> tuple[Any, Any, Any]:
-        if len(self.saved) == 4:
+        if self.fused:
             return self._fused_backward(g)
         xhat, rstd, w = self.saved
         h = xhat.shape[-1]
