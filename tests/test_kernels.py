@@ -135,6 +135,53 @@ def test_tanh32_error_bound():
     assert out[0] == -1.0 and out[-1] == 1.0 and out[len(out) // 2] == 0.0  # clamped tails, odd
 
 
+def test_exp32_error_bound_and_edges():
+    import numba
+
+    from mpisplit.kernels.exp32 import exp_nonpositive
+
+    @numba.njit
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = exp_nonpositive(x[i])
+
+    x = np.linspace(-87, 0, 1_000_001).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    ref = np.exp(x.astype(np.float64))
+    assert out.dtype == np.float32
+    assert (np.abs(out - ref) / ref).max() < 1.5e-7  # NumPy's float32 exp: 2e-7 here
+    edges = np.array([0.0, -0.0, -1e-30, -87.5, -1e4, -np.inf, np.nan], np.float32)
+    e_out = np.empty_like(edges)
+    apply(edges, e_out)
+    assert list(e_out[:6]) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert np.isnan(e_out[6])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("real", [0, 1, 300, 301])
+def test_cross_entropy_rows_against_float64(dtype, real):
+    from mpisplit.kernels import cross_entropy as ce
+
+    rows, n = 1000, 301  # more rows than one block holds, so the blocks' seams are crossed
+    assert rows > ce._BLOCK_BYTES // (n * np.dtype(dtype).itemsize)
+    z = (5 * np.random.default_rng(1).standard_normal((rows, n))).astype(dtype)
+    m = np.empty(rows, dtype)
+    ce.row_max(z, real, m)
+    z64 = z[:, :real].astype(np.float64)
+    assert np.array_equal(m, z64.max(axis=1).astype(dtype) if real else np.full(rows, -np.inf))
+    if real == 0:
+        return
+    e, s = np.full_like(z, 7.0), np.empty(rows)
+    ce.exp_rows(z, real, m, e, s)
+    ref = np.exp(z64 - z64.max(axis=1, keepdims=True))
+    assert np.all(e[:, real:] == 0.0)
+    assert np.abs(e[:, :real] - ref).max() < TOL[dtype]
+    assert np.abs(s - ref.sum(axis=1)).max() / ref.sum(axis=1).min() < TOL[dtype]
+    ce.exp_rows(z, real, m, z, s)  # in place gives the same
+    assert np.array_equal(z, e)
+
+
 def test_causal_softmax_rows_are_exact_zeros_after_the_diagonal():
     from mpisplit.kernels.softmax import causal_softmax_forward
 

@@ -2,14 +2,36 @@
 
 Forward: row i of s becomes softmax(scale * s[i, :i+1]) on keys 0..i and exact zeros after.
 Backward: ga = scale * att * (ga - sum_j ga_j att_j), with the sum over the visible keys only
-(att is zero elsewhere, so the result is zero there too). Row sums accumulate in float64.
+(att is zero elsewhere, so the result is zero there too). Row sums accumulate in float64;
+the backward's dot product is compiled with reassociation allowed, so that it vectorises.
 """
 
 from __future__ import annotations
 
-import math
-
 import numba
+import numpy as np
+
+from mpisplit.kernels.exp32 import exp_nonpositive_any
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _sum(row, n):
+    total = 0.0
+    for j in range(n):
+        total += np.float64(row[j])
+    return total
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scale_max(row, n, scale):
+    """Scales row[:n] (n >= 1) in place; returns its maximum in the row's dtype."""
+    scale = row.dtype.type(scale)
+    mx = row[0] * scale
+    for j in range(n):
+        v = row[j] * scale
+        row[j] = v
+        mx = max(mx, v)
+    return mx
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -20,22 +42,26 @@ def causal_softmax_forward(s, scale):
     for m in range(flat.shape[0]):
         for i in range(t_q):
             row = flat[m, i]
-            n = i + offset + 1  # visible keys
-            mx = -math.inf
+            n = max(0, i + offset + 1)  # visible keys
+            if n == 0:
+                row[:] = 0.0
+                continue
+            mx = _scale_max(row, n, scale)
             for j in range(n):
-                v = row[j] * scale
-                row[j] = v
-                mx = max(mx, v)
-            total = 0.0
-            for j in range(n):
-                e = math.exp(row[j] - mx)
-                row[j] = e
-                total += e
-            inv = 1.0 / total
+                row[j] = exp_nonpositive_any(row[j] - mx)
+            inv = 1.0 / _sum(row, n)
             for j in range(n):
                 row[j] *= inv
             for j in range(n, t_k):
                 row[j] = 0.0
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _dot(g, a, n):
+    total = 0.0
+    for j in range(n):
+        total += np.float64(g[j]) * a[j]
+    return total
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -47,9 +73,7 @@ def causal_softmax_backward(att, ga, scale):
     for m in range(a.shape[0]):
         for i in range(t_q):
             n = i + offset + 1
-            dot = 0.0
-            for j in range(n):
-                dot += g[m, i, j] * a[m, i, j]
+            dot = _dot(g[m, i], a[m, i], n)
             for j in range(n):
                 g[m, i, j] = scale * a[m, i, j] * (g[m, i, j] - dot)
             for j in range(n, t_k):

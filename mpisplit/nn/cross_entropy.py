@@ -65,8 +65,8 @@ class _VocabParallelCrossEntropy(Function):
 
     def _fused_forward(self, z: Any, targets: Any, comm: Any, vocab_start: int, vocab_size: int,
                        ignore_index: int, overwrite: bool) -> Any:
-        """The same three all-reduces, with one kernel pass for the maxima and one for exp and
-        its sums (padding columns are skipped, not copied and masked)."""
+        """The same three all-reduces, with one pass for the maxima and one for exp and its
+        float64 sums (padding columns are skipped, not copied and masked)."""
         from mpisplit.kernels.cross_entropy import exp_rows, row_max
 
         n, rows = z.shape[1], np.arange(z.shape[0])

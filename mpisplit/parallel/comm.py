@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 # MPI counts are C ints: a message of more elements is sent in slices of at most this many.
 MAX_COUNT = 2**31 - 1
+# A host all-reduce larger than this goes as several of this size: MPI implementations stage
+# a large one through temporary buffers of its full size (fresh pages, faulted in on every
+# call), so one 128 MiB all-reduce of a gradient block ran 2-3x slower than the same bytes in
+# pieces of a few MiB (benchmarks/RESULTS.md, "CPU speed, third pass").
+HOST_ALLREDUCE_CHUNK_BYTES = 4 << 20
 
 KINDS = ("allreduce", "allgather", "reduce_scatter", "bcast")
 
@@ -159,7 +164,10 @@ class Communicator:
 
     def _allreduce_flat(self, send: Any, recv: np.ndarray, op: MPI.Op) -> None:
         # send is a flat array or MPI.IN_PLACE (then recv holds the input).
-        for s in _slices(recv.size, self.max_count):
+        step = self.max_count
+        if isinstance(recv, np.ndarray):
+            step = min(step, max(1, HOST_ALLREDUCE_CHUNK_BYTES // recv.itemsize))
+        for s in _slices(recv.size, step):
             self.mpi.Allreduce(send if send is MPI.IN_PLACE else send[s], recv[s], op=op)
 
     def _bcast_flat(self, buf: np.ndarray, root: int) -> None:
