@@ -113,3 +113,42 @@ def test_backward_releases_forward_outputs_it_has_passed():
     t.sum().backward()
     assert seen == [False]
     np.testing.assert_array_equal(x.grad, np.ones((64, 64)))
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+def test_tied_embedding_rows_are_added_into_the_heads_gradient(with_store):
+    """The embedding's backward adds its rows into the gradient the tied head already gave the
+    table (no dense zero table): same values as the dense sum, in float64."""
+    from mpisplit.autograd import ops
+    from mpisplit.autograd.shape import Embedding
+
+    rng = np.random.default_rng(4)
+    table = Parameter(rng.standard_normal((11, 5)))
+    ids = np.array([[1, 3, 3], [10, 1, 0]])
+    if with_store:
+        AdamW([table])
+    seen = []
+    real = Embedding.backward
+
+    def spy(self, g):
+        out = real(self, g)
+        seen.append(out)
+        return out
+
+    Embedding.backward = spy
+    try:
+        x = ops.embedding(table, ids)  # (2, 3, 5)
+        loss = (ops.linear_t(x, table) * Tensor(rng.standard_normal((2, 3, 11)))).sum()
+        loss.backward()
+    finally:
+        Embedding.backward = real
+    assert seen == [None]  # added in place, nothing returned
+    w = np.random.default_rng(4)
+    w.standard_normal((11, 5))
+    r = w.standard_normal((2, 3, 11))  # the same weights as above
+    e = table.data[ids]
+    dense = np.einsum("btv,btk->vk", r, e)  # head: d/dW of sum r * (e @ W^T)
+    np.add.at(dense, ids.reshape(-1), (r @ table.data).reshape(-1, 5))  # embedding rows
+    assert np.allclose(table.grad, dense, rtol=1e-12, atol=1e-12)
+    if with_store:
+        assert table.grad is table.grad_store

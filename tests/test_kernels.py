@@ -264,3 +264,27 @@ def test_cross_entropy_overwriting_the_logits_gives_the_same_loss_and_gradient(f
     assert l0 == l1
     np.testing.assert_array_equal(g0, g1)
     np.testing.assert_array_equal(d0, z)  # left alone without the option
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("id_dtype", [np.int64, np.int32])
+def test_scatter_rows_is_bitwise_numpy_add_at(dtype, id_dtype):
+    from mpisplit.kernels.scatter import scatter_add_rows
+    from mpisplit.runtime.backend import scatter_add
+
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((13, 7)).astype(dtype)
+    ids = np.array([3, 3, -1, 0, 12, 3, -13, 5], id_dtype)  # repeats and negative indices
+    rows = rng.standard_normal((ids.size, 7)).astype(dtype)
+    ref = table.copy()
+    np.add.at(ref, ids, rows)
+    got = table.copy()
+    scatter_add_rows(got, ids, rows)
+    assert np.array_equal(got, ref)
+    kernels.set_enabled(True)
+    via = table.copy()
+    scatter_add(via, ids, rows)
+    assert np.array_equal(via, ref)
+    for bad in (13, -14):
+        with pytest.raises(IndexError):
+            scatter_add_rows(table.copy(), np.array([0, bad], id_dtype), rows[:2])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from _serving import serve_env
 
+import mpisplit as ms
 from mpisplit.serving.sampling import SamplingParams, choose, log_softmax, top_logprobs
 from mpisplit.serving.text import TextStream, held_back
 from mpisplit.serving.validation import ApiError, ModelInfo, parse_body, validate_completion
@@ -129,3 +130,28 @@ def test_serve_refuses_bad_flags():
     out = subprocess.run([sys.executable, "-m", "mpisplit.serve", "--ckpt", "/nonexistent"],
                          capture_output=True, text=True, timeout=60, env=serve_env(), check=False)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("k, n", [(32, 67), (32, 34), (768, 64), (48, 96)])
+def test_row_blocks_give_a_row_the_same_bits_whatever_else_is_in_the_call(dtype, k, n):
+    """Shapes where OpenBLAS's AVX-512 small-matrix kernels round a row differently with the
+    number of rows: in row_blocks(8) the first row's product is the same bits for every batch
+    size and for every position it takes."""
+    from mpisplit.autograd import ops
+    from mpisplit.autograd.linalg import row_blocks
+
+    rng = np.random.default_rng(6)
+    w = ms.Tensor(rng.standard_normal((k, n)).astype(dtype))
+    wt = ms.Tensor(np.ascontiguousarray(w.data.T))
+    x = rng.standard_normal((64, k)).astype(dtype)
+    with row_blocks(8):
+        ref = ops.linear(ms.Tensor(x[:8]), w).data[0]
+        ref_t = ops.linear_t(ms.Tensor(x[:8]), wt).data[0]
+        for rows in range(8, 65, 8):
+            for pos in (0, rows - 1):
+                xs = np.roll(x[:rows], pos, axis=0)  # row 0 of x now at `pos`
+                assert np.array_equal(ops.linear(ms.Tensor(xs), w).data[pos], ref), (rows, pos)
+                assert np.array_equal(ops.linear_t(ms.Tensor(xs), wt).data[pos], ref_t), (rows, pos)
+        with pytest.raises(ValueError, match="multiple of row_blocks"):
+            ops.linear(ms.Tensor(x[:12]), w)

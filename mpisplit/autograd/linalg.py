@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mpisplit.autograd.operands import _operands, _unbroadcast
 from mpisplit.autograd.tensor import Function, Tensor, grad_target
 from mpisplit.runtime.backend import get_array_module
+
+_rows = threading.local()
+
+
+@contextmanager
+def row_blocks(rows: int) -> Iterator[None]:
+    """Inside: Linear and LinearT multiply `rows` rows per BLAS call (the row count must be a
+    multiple of it). A BLAS may round a row differently with the number of rows in the call
+    (OpenBLAS's small-matrix kernels, its one-row kernel); calls of one fixed shape give every
+    row the same bits wherever it sits, which batched serving needs."""
+    if rows < 1:
+        raise ValueError(f"row_blocks needs rows >= 1, got {rows}")
+    before = getattr(_rows, "size", None)
+    _rows.size = rows
+    try:
+        yield
+    finally:
+        _rows.size = before
+
+
+def _rows_times(x2: Any, w: Any) -> Any:
+    """x2 (M, k) @ w (k, n), in blocks of the row_blocks() size when one is set."""
+    size = getattr(_rows, "size", None)
+    if size is None or x2.shape[0] <= size:
+        if size is not None and x2.shape[0] != size:
+            raise ValueError(f"{x2.shape[0]} rows are not a multiple of row_blocks({size})")
+        return x2 @ w
+    if x2.shape[0] % size:
+        raise ValueError(f"{x2.shape[0]} rows are not a multiple of row_blocks({size})")
+    xp = get_array_module(x2)
+    out = xp.empty((x2.shape[0], w.shape[1]), dtype=xp.result_type(x2, w))
+    for lo in range(0, x2.shape[0], size):
+        xp.matmul(x2[lo:lo + size], w, out=out[lo:lo + size])
+    return out
 
 
 class MatMul(Function):
@@ -36,7 +73,7 @@ class Linear(Function):
     def forward(self, x: Any, w: Any, b: Any = None) -> Any:
         self.save(x, w)
         self.has_bias = b is not None
-        out = x.reshape(-1, x.shape[-1]) @ w  # (M, n)
+        out = _rows_times(x.reshape(-1, x.shape[-1]), w)  # (M, n)
         if b is not None:
             out += b
         return out.reshape(*x.shape[:-1], w.shape[-1])
@@ -64,7 +101,7 @@ class LinearT(Function):
 
     def forward(self, x: Any, w: Any) -> Any:
         self.save(x, w)
-        out = x.reshape(-1, x.shape[-1]) @ w.T  # (M, n)
+        out = _rows_times(x.reshape(-1, x.shape[-1]), w.T)  # (M, n)
         return out.reshape(*x.shape[:-1], w.shape[0])
 
     def backward(self, g: Any) -> tuple[Any, Any]:

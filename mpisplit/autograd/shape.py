@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mpisplit.autograd.tensor import Function, Tensor, grad_target
+from mpisplit.autograd.tensor import Function, Tensor, grad_target, pending_grad
 from mpisplit.runtime.backend import get_array_module, scatter_add
 
 
@@ -72,13 +72,16 @@ class Embedding(Function):
 
     def backward(self, g: Any) -> Any:
         xp = get_array_module(g)
+        rows = g.reshape(-1, self.wshape[-1])
+        acc = pending_grad(self.inputs[0])  # a tied head's gradient, say: add the rows into it
+        if acc is not None and acc.dtype == self.dtype and get_array_module(acc) is xp:
+            scatter_add(acc, self.ids.reshape(-1), rows)
+            return None
         gw = grad_target(self.inputs[0], self.wshape, self.dtype, xp)
-        if gw is None:
-            gw = xp.zeros(self.wshape, dtype=self.dtype)
-        else:
-            gw[...] = 0
-        scatter_add(gw, self.ids.reshape(-1), g.reshape(-1, self.wshape[-1]))
+        gw[...] = 0
+        scatter_add(gw, self.ids.reshape(-1), rows)
         return gw
+
 
 def reshape(a: Tensor, shape: tuple[int, ...]) -> Tensor:
     return Reshape.apply(a, shape=tuple(shape))

@@ -142,6 +142,16 @@ class Tensor:
         grads: dict[int, Any] = {id(self): grad}
         owned: set[int] = set()  # ids of tensors whose pending gradient this pass may modify in place
         assigned: set[int] = set()  # array ids already stored in some leaf's .grad during this pass
+        fresh: dict[int, Any] = {}  # arrays grad_target() made in this pass, not yet returned
+        _walks().append((grads, owned, fresh))
+        try:
+            self._walk_nodes(order, grads, owned, fresh, assigned, claims)
+        finally:
+            _walks().pop()
+
+    @staticmethod
+    def _walk_nodes(order: list[Tensor], grads: dict[int, Any], owned: set[int], fresh: dict[int, Any],
+                    assigned: set[int], claims: set[int]) -> None:
         while order:
             # Popped, not iterated: a node's forward output is then released as soon as the walk
             # has passed it (unless something else holds it), not kept until the walk ends.
@@ -180,9 +190,10 @@ class Tensor:
                 assert tuple(pg.shape) == parent.shape, (type(ctx).__name__, pg.shape, parent.shape)
                 key = id(parent)
                 pending = grads.get(key)
+                made_here = fresh.pop(id(pg), None) is pg
                 if pending is None:
                     grads[key] = pg
-                    if pg is parent.grad_store:  # written there by grad_target(): ours to add into
+                    if made_here or pg is parent.grad_store:  # from grad_target(): ours to add into
                         owned.add(key)
                 elif key in owned:
                     pending += pg
@@ -205,14 +216,40 @@ def _claims() -> set[int]:
     return _pass.claims
 
 
+def _walks() -> list[tuple[dict[int, Any], set[int], dict[int, Any]]]:
+    # (pending gradients, ids this pass owns, arrays grad_target made) of each backward walk
+    # running in this thread
+    if not hasattr(_pass, "walks"):
+        _pass.walks = []
+    return _pass.walks
+
+
+def pending_grad(t: Tensor) -> Any:
+    """Inside backward(): the gradient of t that the running walk has gathered so far, when that
+    walk owns it (an array it made or t's gradient buffer view), or None. A Function may add its
+    contribution into it in place and return None for t: a sparse update (embedding rows)
+    then costs only the rows it touches, not a dense zero array and its addition."""
+    walks = _walks()
+    if not walks:
+        return None
+    grads, owned, _ = walks[-1]
+    return grads.get(id(t)) if id(t) in owned else None
+
+
 def grad_target(t: Tensor, shape: tuple[int, ...], dtype: Any, xp: Any) -> Any:
-    """Inside backward(): the array a Function may write leaf t's whole gradient into (t's
-    gradient buffer view), or None (then it returns a fresh array as usual). Given at most once
-    per leaf and pass, and only while t holds no gradient, so nothing pending is overwritten."""
+    """Inside backward(): the array a Function writes leaf t's whole gradient into and returns.
+    t's gradient buffer view when it may be (given at most once per leaf and pass, and only while
+    t holds no gradient, so nothing pending is overwritten), else a new uninitialised array.
+    Either way the walk owns what is returned, so later contributions are added into it in place
+    (`pending_grad`), the same with a gradient buffer as without."""
     store = t.grad_store
     if (store is None or t._ctx is not None or t.grad is not None or id(t) in _claims()
             or tuple(store.shape) != tuple(shape) or store.dtype != dtype or get_array_module(store) is not xp):
-        return None
+        out = xp.empty(shape, dtype=dtype)
+        walks = _walks()
+        if walks:
+            walks[-1][2][id(out)] = out
+        return out
     _claims().add(id(t))
     return store
 

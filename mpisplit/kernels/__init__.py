@@ -2,7 +2,8 @@
 
 Each kernel does in one pass over memory what the NumPy path does in several: GELU (forward
 and backward), LayerNorm (forward and backward), the causal softmax of attention (forward and
-backward), the rows of the cross-entropy, and AdamW over its four arrays. The NumPy code in the
+backward), the rows of the cross-entropy, AdamW over its four arrays, and the embedding's
+gradient rows (np.add.at's result, bit for bit, at memory speed). The NumPy code in the
 autograd Functions stays the reference and the fallback: it runs on GPUs, for 16-bit dtypes,
 on machines without numba, and everywhere when `MPISPLIT_KERNELS=numpy`.
 
@@ -78,7 +79,7 @@ def warm_up(dtype: Any = np.float32) -> None:
     that neither the first step's time nor a memory baseline taken after this includes it."""
     if not enabled():
         return
-    from mpisplit.kernels import adamw, cross_entropy, gelu, layernorm, softmax
+    from mpisplit.kernels import adamw, cross_entropy, gelu, layernorm, scatter, softmax
 
     f = np.dtype(dtype).type
     x = np.ones((2, 4), dtype=dtype)
@@ -96,5 +97,7 @@ def warm_up(dtype: Any = np.float32) -> None:
     cross_entropy.row_max(x, 4, m)
     cross_entropy.exp_rows(x, 4, m, out, sums)
     cross_entropy.softmax_grad_rows(out, sums, np.zeros(2, np.int64), np.ones(2, bool), np.ones(2))
+    scatter.scatter_add_rows(out, np.array([1, 1, 0]), np.ones((3, 4), dtype=dtype))
+    scatter.scatter_add_rows(out, np.array([1, 1, 0], np.int32), np.ones((3, 4), dtype=dtype))
     p = x.copy()
     adamw.adamw_update(p, g, out, np.ones_like(x), f(0.1), f(0.9), f(0.1), f(1.0), False, f(1.0), f(1e-8), f(1e-3))

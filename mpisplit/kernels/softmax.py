@@ -2,8 +2,10 @@
 
 Forward: row i of s becomes softmax(scale * s[i, :i+1]) on keys 0..i and exact zeros after.
 Backward: ga = scale * att * (ga - sum_j ga_j att_j), with the sum over the visible keys only
-(att is zero elsewhere, so the result is zero there too). Row sums accumulate in float64;
-the backward's dot product is compiled with reassociation allowed, so that it vectorises.
+(att is zero elsewhere, so the result is zero there too). float32 scores take the
+vectorisable exp of `exp32.py` (the maximum and the scaled scores stay float32, so its loop
+does); row sums accumulate in float64 and are compiled with reassociation allowed, so that
+they vectorise too.
 """
 
 from __future__ import annotations

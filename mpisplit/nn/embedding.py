@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from mpisplit.autograd import ops
-from mpisplit.autograd.tensor import Function, Tensor
+from mpisplit.autograd.tensor import Function, Tensor, pending_grad
 from mpisplit.nn.linear import local_size
 from mpisplit.nn.module import Module, Parameter
 from mpisplit.parallel.mappings import (
@@ -42,13 +42,15 @@ class _LocalLookup(Function):
     def backward(self, g: Any) -> Any:
         xp = get_array_module(g)
         inside = ~self.outside.reshape(-1)
-        gw = xp.zeros(self.wshape, dtype=g.dtype)
         rows = g.reshape(-1, self.wshape[1])
+        acc = pending_grad(self.inputs[0])  # a tied head's gradient, say: add the rows into it
+        mine = acc is not None and acc.dtype == g.dtype and get_array_module(acc) is xp
+        gw = acc if mine else xp.zeros(self.wshape, dtype=g.dtype)
         if xp is np:
-            np.add.at(gw, self.local.reshape(-1)[inside], rows[inside])
+            scatter_add(gw, self.local.reshape(-1)[inside], np.ascontiguousarray(rows[inside]))
         else:  # no boolean selection on a GPU (its size needs a host sync): add zeros instead
             scatter_add(gw, self.local.reshape(-1), rows * inside[:, None])
-        return gw
+        return None if mine else gw
 
 
 def check_ids(ids: Any, vocab_size: int, what: str = "token ids") -> None:

@@ -103,10 +103,19 @@ def is_low_precision(dtype: Any) -> bool:
 def scatter_add(target: Any, index: Any, values: Any) -> None:
     """target[index] += values with repeated indices accumulated (numpy.add.at semantics).
 
-    NumPy: np.add.at. CuPy: cupyx.scatter_add (atomic adds); a 16-bit target accumulates in a
-    float32 copy, since atomic adds of float16 round at every addition.
+    NumPy: rows of a 2-D table through the fused kernel when it applies (the same sums in the same
+    order), else np.add.at. CuPy: cupyx.scatter_add (atomic adds); a 16-bit target accumulates
+    in a float32 copy, since atomic adds of float16 round at every addition.
     """
     if isinstance(target, np.ndarray):
+        from mpisplit import kernels
+
+        if kernels.applies(target, values) and isinstance(index, np.ndarray):
+            from mpisplit.kernels import scatter
+
+            if scatter.applies(target, index, values):
+                scatter.scatter_add_rows(target, index, values)
+                return
         np.add.at(target, index, values)
         return
     import cupyx

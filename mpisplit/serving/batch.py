@@ -8,11 +8,14 @@ with the causal mask offset by the slot's length. So a sequence never sees anoth
 and its arithmetic in attention is exactly that of decoding it alone.
 
 Batch invariance: a BLAS gemm gives a row the same bits whatever the other rows hold, but
-its result can depend on where the row falls in the kernel's tiling; OpenBLAS computes the
-last row of an odd-sized block with a separate one-row kernel. The batch is therefore padded
-to an even number of rows (a padding row is token 0 at position 0 and is dropped after), so
-a sequence's logits do not depend on what else runs with it. `check_batch_invariance` tests
-this property of the machine's BLAS at start-up.
+its rounding can depend on how many rows the call has: OpenBLAS computes a one-row product
+with a separate kernel, and (its AVX-512 kernels) products below about 2^20 multiply-adds
+with small-matrix kernels that round differently from the blocked ones. Every matrix product
+of the linear layers and the head therefore runs on exactly ROW_BLOCK rows per call
+(`autograd.linalg.row_blocks`; the batch is padded to a multiple of it, a padding row being
+token 0 at position 0, dropped after), and calls of one shape give a row the same bits
+wherever it sits, so a sequence's logits do not depend on what else runs with it.
+`check_batch_invariance` tests this property of the machine's BLAS at start-up.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from typing import Any
 import numpy as np
 
 from mpisplit.autograd import Tensor, no_grad, ops
+from mpisplit.autograd.linalg import row_blocks
 from mpisplit.parallel.mappings import copy_to_tp, gather_from_tp
 from mpisplit.runtime.backend import get_array_module, to_numpy
+
+ROW_BLOCK = 8  # rows per matrix-product call in a batched forward
 
 
 @dataclass(frozen=True)
@@ -81,14 +87,14 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], ca
     n = int(tokens.shape[0])
     if n != sum(s.count for s in segments) or n == 0:
         raise ValueError(f"{n} tokens do not fill segments of {[s.count for s in segments]}")
-    padded = n + (n % 2)
+    padded = -(-n // ROW_BLOCK) * ROW_BLOCK
     ids = np.zeros((1, padded), dtype=np.int64)
     ids[0, :n] = tokens
     positions = np.zeros(padded, dtype=np.int64)
     positions[:n] = np.concatenate([np.arange(s.start, s.start + s.count) for s in segments])
     if int(positions.max()) >= model.config.block_size:
         raise ValueError(f"position {int(positions.max())} is past block_size={model.config.block_size}")
-    with no_grad():
+    with no_grad(), row_blocks(ROW_BLOCK):
         xp = get_array_module(model.wpe.weight.data)
         x = model.wte(ids) + Tensor(model.wpe.weight.data[xp.asarray(positions)])  # (1, P, h)
         for layer, block in enumerate(model.h):
@@ -96,8 +102,7 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], ca
             x = x + block.mlp(block.ln_2(x))
         x = model.ln_f(x)
         last = np.cumsum([s.count for s in segments]) - 1
-        if len(last) % 2:  # the head's gemm is padded too
-            last = np.append(last, n - 1 if n == padded else n)
+        last = np.append(last, np.full(-len(last) % ROW_BLOCK, n - 1))  # the head's rows padded too
         rows = Tensor(x.data[:, xp.asarray(last)])  # (1, S', h)
         local = model.wte.logits(rows)
         full = gather_from_tp(local, model.grid.tp_comm).data[0, : len(segments), : model.config.vocab_size]
