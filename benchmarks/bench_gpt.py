@@ -371,6 +371,26 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _warm_mpi(comm: Any) -> int:
+    """RSS that MPI's own buffers add on the first all-reduces of a step's message sizes (up to
+    the 4 MiB pieces a large one goes in): a fixed cost per process, not the model's; taken
+    before the baseline for every implementation alike. Returns the bytes it added."""
+    from mpi4py import MPI
+
+    if comm.Get_size() == 1:
+        return 0
+    before = _rss_now()
+    dup = comm.Dup()
+    for nbytes in (1 << 12, 1 << 16, 1 << 19, 1 << 22):
+        buf = np.zeros(nbytes // 4, np.float32)
+        for _ in range(2):
+            dup.Allreduce(MPI.IN_PLACE, buf)
+    del buf
+    dup.Free()
+    gc.collect()
+    return max(0, _rss_now() - before)
+
+
 def child_memory(args: argparse.Namespace, comm: Any) -> dict:
     """One implementation, one preset, one layout: peak RSS after a few steps."""
     ms, why = load_mpisplit()
@@ -390,6 +410,7 @@ def child_memory(args: argparse.Namespace, comm: Any) -> dict:
 
         kernels.warm_up(args.dtype)
         runtime_rss = _rss_now() - before
+    mpi_rss = _warm_mpi(comm)
     gc.collect()
     base_now, base_peak = _rss_now(), _rss_peak()
     impl = build(name, ms, shape, comm, tp, args.dtype, threads)
@@ -397,7 +418,8 @@ def child_memory(args: argparse.Namespace, comm: Any) -> dict:
         impl.step()
     peak = _rss_peak()
     per_rank = comm.allgather({"base_rss": base_now, "base_peak": base_peak, "peak": peak,
-                               "delta": peak - max(base_now, base_peak), "kernels_rss": runtime_rss})
+                               "delta": peak - max(base_now, base_peak), "kernels_rss": runtime_rss,
+                               "mpi_rss": mpi_rss})
     impl.free()
     return {"impl": name, "preset": shape.name, "dp": dp, "tp": tp, "ranks": comm.Get_size(),
             "per_rank": per_rank,
@@ -571,10 +593,12 @@ def report_memory(args: argparse.Namespace) -> int:
                       "p+g+adam MiB": (a["params"] + a["grads"] + a["adamw"]) / 2**20,
                       "acts MiB": a["activations"] / 2**20,
                       "model/analytic": worst["delta"] / a["total"],
-                      "kernels MiB": worst.get("kernels_rss", 0) / 2**20})
+                      "kernels MiB": worst.get("kernels_rss", 0) / 2**20,
+                      "MPI MiB": worst.get("mpi_rss", 0) / 2**20})
     print(common.format_table(table, list(table[0]) if table else ["preset"]))
     print("\nmodel MiB = peak RSS minus the RSS before the model was built (worst rank); kernels MiB ="
-          " what importing numba and loading the fused kernels added before that baseline")
+          " what importing numba and loading the fused kernels added before that baseline; MPI MiB ="
+          " what MPI's buffers added on first all-reduces of 4 KiB-4 MiB, also before it (every impl)")
     common.write_json(args.out / "bench_gpt_memory.json",
                       {"meta": common.result_meta(None, args.threads), "results": results,
                        "table": table})

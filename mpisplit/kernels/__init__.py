@@ -96,8 +96,8 @@ def warm_up(dtype: Any = np.float32) -> None:
     m, sums = np.empty(2, dtype=dtype), np.empty(2)
     cross_entropy.row_max(x, 4, m)
     cross_entropy.exp_rows(x, 4, m, out, sums)
-    cross_entropy.softmax_grad_rows(out, sums, np.zeros(2, np.int64), np.ones(2, bool), np.ones(2))
+    cross_entropy.softmax_grad_rows(out, sums.astype(dtype), np.zeros(2, np.int64), np.ones(2, bool), np.ones(2))
     scatter.scatter_add_rows(out, np.array([1, 1, 0]), np.ones((3, 4), dtype=dtype))
     scatter.scatter_add_rows(out, np.array([1, 1, 0], np.int32), np.ones((3, 4), dtype=dtype))
-    p = x.copy()
-    adamw.adamw_update(p, g, out, np.ones_like(x), f(0.1), f(0.9), f(0.1), f(1.0), False, f(1.0), f(1e-8), f(1e-3))
+    p, g, out = x.reshape(-1).copy(), g.reshape(-1), out.reshape(-1)  # AdamW runs on flat views
+    adamw.adamw_update(p, g, out, np.ones_like(p), f(0.1), f(0.9), f(0.1), f(1.0), False, f(1.0), f(1e-8), f(1e-3))

@@ -62,9 +62,11 @@ def gelu_backward_f64(x, g, out):
 
 
 def gelu_forward(x, out):
-    (gelu_forward_f32 if x.dtype == np.float32 else gelu_forward_f64)(x, out)
+    """out = gelu(x) for C-contiguous arrays of any shape (compiled once, for 1-D views)."""
+    (gelu_forward_f32 if x.dtype == np.float32 else gelu_forward_f64)(x.reshape(-1), out.reshape(-1))
 
 
 def gelu_backward(x, g, out):
-    """out = g * gelu'(x)."""
-    (gelu_backward_f32 if x.dtype == np.float32 else gelu_backward_f64)(x, g, out)
+    """out = g * gelu'(x), C-contiguous arrays of any shape."""
+    (gelu_backward_f32 if x.dtype == np.float32 else gelu_backward_f64)(x.reshape(-1), g.reshape(-1),
+                                                                        out.reshape(-1))

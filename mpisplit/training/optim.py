@@ -148,6 +148,7 @@ class AdamW(Optimizer):
 
         f = p.dtype.type  # every constant in the dtype, as NumPy casts a Python float operand
         b1, b2 = self.betas
+        p, g, m, v = (a.reshape(-1) for a in (p, g, m, v))  # views: one compiled kernel for all shapes
         adamw_update(p, g, m, v, f(1 - b1), f(b2), f(1 - b2), f(decay), decay != 1.0,
                      f(1.0 / root_bias), f(self.eps), f(step_size))
 
