@@ -3,6 +3,7 @@
     python benchmarks/bench_serve.py                      # tp 1 and 2, concurrency 1 4 16
     python benchmarks/bench_serve.py --tp 2 --concurrency 16 --requests 32
     python benchmarks/bench_serve.py --smoke              # seconds: checks that it runs
+    python benchmarks/bench_serve.py --smoke --device gpu --no-peer   # the same, served from a GPU
 
 For each tp a real server (`mpiexec -n tp python -m mpisplit.serve --hf FOLDER`) is started on
 a small random GPT-2 (written to a temporary Hugging Face folder); clients stream greedy
@@ -55,10 +56,12 @@ def write_model(folder: Path, shape: str, seed: int = 0) -> None:
     grid.free()
 
 
-def start_server(folder: Path, tp: int, dtype: str, max_batch: int, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, tp: int, dtype: str, max_batch: int, timeout: float = 120,
+                 device: str = "cpu", comm: str = "auto") -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [common.mpiexec_path(), "-n", str(tp), sys.executable, "-m", "mpisplit.serve", "--hf", str(folder),
-           "--port", "0", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "1024"]
+           "--port", "0", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "1024",
+           "--device", device, "--comm", comm]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -159,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--shape", choices=list(SHAPES), default="small")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="the server's --device")
+    p.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default="auto",
+                   help="the server's --comm (GPU collective path)")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--smoke", action="store_true", help="tiny model, few requests: checks that it runs")
@@ -176,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
         for tp in args.tp:
-            proc, url = start_server(folder, tp, args.dtype, max(args.concurrency))
+            proc, url = start_server(folder, tp, args.dtype, max(args.concurrency), device=args.device,
+                                     comm=args.comm)
             try:
                 run_level(url, prompts[:2], args.max_tokens, 2)  # warm-up
                 for c in args.concurrency:

@@ -9,7 +9,8 @@
 # sharing the GPU (staged path forced); the GPU benchmark (benchmarks/bench_gpu.py: compute at
 # 1 rank, collectives at 2); whether NCCL accepts 2 ranks on one GPU; the GPU tests at 2 ranks
 # with auto; train.py on the GPU (float32, float16 mixed precision at 2 ranks, pp=2 and tp=2 with
-# sequence parallelism at 2 ranks on the staged path). Every step has a
+# sequence parallelism at 2 ranks on the staged path); a server on the GPU answering streamed
+# completions (benchmarks/bench_serve.py --smoke, tp 1 and 2). Every step has a
 # time limit taken from a 7.5-minute budget, so the script ends in time whatever happens; a
 # failed step is reported and the next one runs. Files under $OUT: device_check.log (all
 # output), summary.txt (one line per step: name, exit status, seconds), nvidia-smi.txt,
@@ -120,10 +121,14 @@ step gpu-tests-2ranks-auto 75 env MPISPLIT_TEST_COMM=auto "$MPIEXEC" -n 2 "${PYT
 TRAIN=(train.py --device gpu --layers 2 --hidden 128 --heads 4 --seq-len 64 --batch-size 16 --steps 40
        --eval-every 20 --eval-iters 2 --sample-len 40 --no-progress --log-every 10)
 step train-1rank-float32 60 python3 "${TRAIN[@]}" --out /tmp/run_f32
+# serving: a real server on the GPU answering streamed greedy completions through httpx, each
+# checked for its full token count (tp 1 here; tp 2 sharing the GPU at the end)
+step serve-1rank-gpu 60 python3 benchmarks/bench_serve.py --smoke --device gpu --no-peer
 step train-2ranks-tp2-amp-float16 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 2 --amp float16 --out /tmp/run_amp
 # pipeline stages and sequence parallelism, 2 ranks sharing the GPU on the staged path
 step train-2ranks-pp2-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 1 --pp 2 --micro-batches 2 --comm staged --out /tmp/run_pp2
 step train-2ranks-tp2-sp-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 2 --sequence-parallel --comm staged --out /tmp/run_sp
+step serve-2ranks-gpu-staged 60 python3 benchmarks/bench_serve.py --smoke --device gpu --comm staged --no-peer --tp 2
 cat /tmp/run_f32/metrics.jsonl /tmp/run_amp/metrics.jsonl /tmp/run_pp2/metrics.jsonl /tmp/run_sp/metrics.jsonl \
     > "$OUT/train_metrics.jsonl" 2> /dev/null
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from _serving import serve_env
+from _serving import serve_env, write_char_checkpoint
 
 import mpisplit as ms
 from mpisplit.serving.sampling import SamplingParams, choose, log_softmax, top_logprobs
@@ -130,6 +130,29 @@ def test_serve_refuses_bad_flags():
     out = subprocess.run([sys.executable, "-m", "mpisplit.serve", "--ckpt", "/nonexistent"],
                          capture_output=True, text=True, timeout=60, env=serve_env(), check=False)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_serve_on_a_gpu_without_cupy_stops_every_rank(tmp_path):
+    """--device gpu where CuPy is missing: both ranks stop (non-zero exit, no hang) with the error
+    said once, on one line."""
+    pytest.importorskip("starlette")
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    from conftest import mpiexec_command
+
+    usage = subprocess.run([sys.executable, "-m", "mpisplit.serve", "--help"], capture_output=True, text=True,
+                           timeout=60, env=serve_env(), check=True).stdout
+    assert "--device {cpu,gpu}" in usage and "--comm {auto,mpi,staged,nccl}" in usage
+    ckpt = write_char_checkpoint(tmp_path / "char")
+    out = subprocess.run([*mpiexec_command(2), sys.executable, "-m", "mpisplit.serve", "--ckpt", str(ckpt),
+                          "--device", "gpu", "--port", "0"],
+                         capture_output=True, text=True, timeout=120, env=serve_env(), check=False)
+    assert out.returncode != 0
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "--device gpu needs CuPy" in line]
+    assert len(errors) == 1, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="weights and arithmetic")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="where the weights and KV cache live (gpu: one per rank, CuPy)")
+    p.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default="auto",
+                   help="with --device gpu: the collective path (README, GPUs)")
     p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429")
@@ -81,7 +85,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # 2 shared cores served 16 clients 3-10x slower).
     ms.limit_blas_threads(world, threads=None if os.environ.get("MPISPLIT_BLAS_THREADS", "").strip() else 1)
     grid = ms.ProcessGrid(tp=tp)
+    if args.device == "gpu":
+        from mpisplit.parallel.gpu import use_gpu
+
+        binding = use_gpu(grid, comm=args.comm)  # collective; raises on every rank alike
+        if world.Get_rank() == 0:
+            print(f"mpisplit serve: {binding.summary()}", flush=True)
     model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype)
+    model.to(args.device)
     opts = ServeOptions(
         host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk, api_key=args.api_key,
