@@ -33,12 +33,12 @@ def row_blocks(rows: int) -> Iterator[None]:
 def _rows_times(x2: Any, w: Any) -> Any:
     """x2 (M, k) @ w (k, n), in blocks of the row_blocks() size when one is set."""
     size = getattr(_rows, "size", None)
-    if size is None or x2.shape[0] <= size:
-        if size is not None and x2.shape[0] != size:
-            raise ValueError(f"{x2.shape[0]} rows are not a multiple of row_blocks({size})")
+    if size is None:
         return x2 @ w
     if x2.shape[0] % size:
         raise ValueError(f"{x2.shape[0]} rows are not a multiple of row_blocks({size})")
+    if x2.shape[0] == size:
+        return x2 @ w
     xp = get_array_module(x2)
     out = xp.empty((x2.shape[0], w.shape[1]), dtype=xp.result_type(x2, w))
     for lo in range(0, x2.shape[0], size):

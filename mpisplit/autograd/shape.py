@@ -73,8 +73,8 @@ class Embedding(Function):
     def backward(self, g: Any) -> Any:
         xp = get_array_module(g)
         rows = g.reshape(-1, self.wshape[-1])
-        acc = pending_grad(self.inputs[0])  # a tied head's gradient, say: add the rows into it
-        if acc is not None and acc.dtype == self.dtype and get_array_module(acc) is xp:
+        acc = pending_grad(self.inputs[0], self.dtype, xp)  # a tied head's, say: add the rows into it
+        if acc is not None:
             scatter_add(acc, self.ids.reshape(-1), rows)
             return None
         gw = grad_target(self.inputs[0], self.wshape, self.dtype, xp)

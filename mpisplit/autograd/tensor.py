@@ -224,16 +224,20 @@ def _walks() -> list[tuple[dict[int, Any], set[int], dict[int, Any]]]:
     return _pass.walks
 
 
-def pending_grad(t: Tensor) -> Any:
+def pending_grad(t: Tensor, dtype: Any, xp: Any) -> Any:
     """Inside backward(): the gradient of t that the running walk has gathered so far, when that
-    walk owns it (an array it made or t's gradient buffer view), or None. A Function may add its
-    contribution into it in place and return None for t: a sparse update (embedding rows)
-    then costs only the rows it touches, not a dense zero array and its addition."""
+    walk owns it (an array it made or t's gradient buffer view) and it is a `dtype` array of
+    `xp`, or None. A Function may add its contribution into it in place and return None for t:
+    a sparse update (embedding rows) then costs only the rows it touches, not a dense zero
+    array and its addition."""
     walks = _walks()
     if not walks:
         return None
     grads, owned, _ = walks[-1]
-    return grads.get(id(t)) if id(t) in owned else None
+    acc = grads.get(id(t)) if id(t) in owned else None
+    if acc is None or acc.dtype != dtype or get_array_module(acc) is not xp:
+        return None
+    return acc
 
 
 def grad_target(t: Tensor, shape: tuple[int, ...], dtype: Any, xp: Any) -> Any:

@@ -31,4 +31,3 @@ def applies(table, ids, rows) -> bool:
     """Shapes and types this kernel takes (the dtypes being checked by kernels.applies)."""
     return (table.ndim == 2 and ids.ndim == 1 and ids.dtype.kind in "iu"
             and rows.shape == (ids.shape[0], table.shape[1]))
-

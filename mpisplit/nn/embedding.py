@@ -43,14 +43,13 @@ class _LocalLookup(Function):
         xp = get_array_module(g)
         inside = ~self.outside.reshape(-1)
         rows = g.reshape(-1, self.wshape[1])
-        acc = pending_grad(self.inputs[0])  # a tied head's gradient, say: add the rows into it
-        mine = acc is not None and acc.dtype == g.dtype and get_array_module(acc) is xp
-        gw = acc if mine else xp.zeros(self.wshape, dtype=g.dtype)
+        acc = pending_grad(self.inputs[0], g.dtype, xp)  # a tied head's, say: add the rows into it
+        gw = xp.zeros(self.wshape, dtype=g.dtype) if acc is None else acc
         if xp is np:
-            scatter_add(gw, self.local.reshape(-1)[inside], np.ascontiguousarray(rows[inside]))
+            scatter_add(gw, self.local.reshape(-1)[inside], rows[inside])
         else:  # no boolean selection on a GPU (its size needs a host sync): add zeros instead
             scatter_add(gw, self.local.reshape(-1), rows * inside[:, None])
-        return None if mine else gw
+        return gw if acc is None else None
 
 
 def check_ids(ids: Any, vocab_size: int, what: str = "token ids") -> None:
