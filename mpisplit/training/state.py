@@ -34,8 +34,9 @@ def _shard(p: Parameter, array: Any) -> ShardInfo:
 
 def training_shards(model: Module, optimizer: Optimizer | None = None) -> dict[str, ShardInfo]:
     """Every slab this rank holds, by checkpoint name; a pipeline stage's copy of a weight that
-    another stage owns (the last stage's tied head) is left to the owner."""
-    params = [(name, p) for name, p in model.named_parameters() if not p.pipeline_copy]
+    another stage owns (the last stage's tied head) is left to the owner, a replicated key/value
+    head to its first replica."""
+    params = [(name, p) for name, p in model.named_parameters() if not p.pipeline_copy and p.replica_rank == 0]
     shards = {f"model/{name}": _shard(p, p.data) for name, p in params}
     if optimizer is not None:
         names = {id(p): name for name, p in params}
