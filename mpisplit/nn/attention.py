@@ -192,6 +192,7 @@ class ParallelSelfAttention(Module):
         self.dtype = resolve_dtype(dtype)
         self.head_size = hidden // n_heads
         self.local_heads = n_heads // tp
+        self.local_kv_heads = self.local_heads  # every head has its own keys and values
         hl = self.local_heads * self.head_size
         start = tp_comm.rank * hl
         self.c_attn = QKVProjection(hidden, hl, start, self.dtype, std)
@@ -225,6 +226,17 @@ class ParallelSelfAttention(Module):
             p = self.dropout if self.training else 0.0
             y = _HeadAttention.apply(qkv, p=p, rng=rng, recompute=recompute_core)  # (B, T, hl)
         return self.c_proj(y, sequence_parallel=sequence_parallel)
+
+    def rows_qkv(self, x: Tensor, positions: Any) -> tuple[Any, Any, Any]:
+        """Decoding rows x (1, N, h) -> arrays q, k, v (1, N, nh_local, hs) (positions are the
+        model's learned table, added before the blocks)."""
+        qkv = ops.linear(copy_to_tp(x, self.comm), self.c_attn.weight, self.c_attn.bias).data  # (1, N, 3*hl)
+        qkv = qkv.reshape(*qkv.shape[:2], 3, self.local_heads, self.head_size)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    @property
+    def out_proj(self) -> RowParallelLinear:
+        return self.c_proj
 
     def _decode(self, qkv: Any, cache: KVCache) -> Tensor:
         B, T = qkv.shape[:2]

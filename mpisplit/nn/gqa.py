@@ -151,6 +151,17 @@ class GroupedQueryAttention(Module):
                                         p=p, rng=rng, recompute=recompute_core)  # (B, T, Hl*d)
         return self.o_proj(y, sequence_parallel=sequence_parallel)
 
+    def rows_qkv(self, x: Tensor, positions: Any) -> tuple[Any, Any, Any]:
+        """Decoding rows x (1, N, h) at `positions` (N,) -> arrays q (1, N, Hl, d), k and v
+        (1, N, KVl, d), rotary applied: what the batched server caches and attends with."""
+        q, k, v = self.project(x)
+        cos, sin = self.rotary.at(positions, q.data)
+        return rotary_array(q.data, cos, sin), rotary_array(k.data, cos, sin), v.data
+
+    @property
+    def out_proj(self) -> RowParallelLinear:
+        return self.o_proj
+
     def _decode(self, q: Any, k: Any, v: Any, cache: KVCache) -> Tensor:
         B, T = q.shape[:2]
         k_all, v_all = cache.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # (B, KVl, L, d)
@@ -167,5 +178,8 @@ def grouped_decode(q: Any, k: Any, v: Any, offset: int) -> Any:
     values k, v (B, KVl, L, d) -> (B, T, Hl, d). One query needs no mask (it sees every key)."""
     B, T, H, d = q.shape
     kv = k.shape[1]
-    y = ops.Attention().forward(_grouped(q, kv), k[:, :, None], v[:, :, None], causal=T > 1, offset=offset)
+    if kv == H:  # one query head per KV head: plain multi-head attention
+        y = ops.Attention().forward(q.transpose(0, 2, 1, 3), k, v, causal=T > 1, offset=offset)
+    else:
+        y = ops.Attention().forward(_grouped(q, kv), k[:, :, None], v[:, :, None], causal=T > 1, offset=offset)
     return y.reshape(B, H, T, d).transpose(0, 2, 1, 3)
