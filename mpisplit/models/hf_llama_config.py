@@ -113,6 +113,8 @@ def _parse(cfg: dict, path: Path, model_type: str, max_model_len: int | None) ->
         )
     theta, scaling = rope_settings(cfg, path)
     head_dim = cfg.get("head_dim")
+    if head_dim is not None and head_dim * heads == cfg.get("hidden_size"):
+        head_dim = None  # the default: hidden / heads
     qwen = model_type == "qwen2"
     config = GPTConfig.llama(
         family=model_type, vocab_size=_int(cfg, "vocab_size", path), block_size=positions,
