@@ -94,7 +94,6 @@ def test_logits_equal_the_dense_reference_at_every_tp(folders, family):
 
 
 def _loss_grads(model, ids, targets, comm):
-    model.zero_grad() if hasattr(model, "zero_grad") else None
     for p in model.parameters():
         p.grad = None
     loss = model.loss(ids, targets)
@@ -228,7 +227,7 @@ def test_checkpoints_reshard_across_tp_with_replicated_kv_heads(folders, tmp_pat
 def test_configs_that_cannot_be_built_fail_on_every_rank(folders, tmp_path_factory):
     import json
 
-    folder, c, w = folders["llama"]
+    _, c, w = folders["llama"]
     root = Path(COMM.bcast(str(tmp_path_factory.mktemp("bad")) if COMM.rank == 0 else None))
     cases = {
         "yarn": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "'yarn'"),
@@ -244,9 +243,8 @@ def test_configs_that_cannot_be_built_fail_on_every_rank(folders, tmp_path_facto
         COMM.Barrier()
         if name == "kv" and COMM.size not in (2, 4):
             continue  # 12 heads / 3 KV heads: tp = 2 and 4 fail (kv % tp and tp % kv), 1 and 3 work
-        with ProcessGrid(tp=COMM.size if name == "kv" else 1) as grid:
-            with pytest.raises(ValueError) as info:
-                GPT.from_pretrained(root / name, grid, dtype="float64")
+        with ProcessGrid(tp=COMM.size if name == "kv" else 1) as grid, pytest.raises(ValueError) as info:
+            GPT.from_pretrained(root / name, grid, dtype="float64")
         assert fragment in str(info.value), (name, str(info.value))
         seen = COMM.allgather(str(info.value))
         assert all(s == seen[0] for s in seen)
