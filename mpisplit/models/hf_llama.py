@@ -29,7 +29,7 @@ import numpy as np
 
 from mpisplit.models.hf_gpt2 import _WRITE_CODES, _pwrite_all, _slab_extent, _WeightFiles
 from mpisplit.models.hf_layout import hf_name
-from mpisplit.models.hf_llama_config import LLAMA_TYPES, hf_config, parse_config
+from mpisplit.models.hf_llama_config import LLAMA_TYPES, config_from_dict, hf_config, parse_config
 from mpisplit.nn.module import Module, Parameter
 from mpisplit.runtime.backend import get_array_module, resolve_dtype, to_numpy
 from mpisplit.runtime.errors import agree
@@ -52,13 +52,17 @@ def weights_dtype(folder: Any) -> np.dtype:
 
 
 def from_pretrained(cls: type[Module], folder: Any, grid: Any, dtype: Any = "float32", *,
-                    max_model_len: int | None = None, source: Any = None) -> Module:
-    """A `cls` (GPT) over `grid` with the weights of a Llama-family folder (or of `source`, a
-    reader of the same tensors). Collective over grid.world: any failure raises on every rank."""
+                    max_model_len: int | None = None, source: Any = None, config: dict | None = None) -> Module:
+    """A `cls` (GPT) over `grid` with the weights of a Llama-family folder, or of `source` (a
+    reader of the same tensors under the same names, e.g. a GGUF file) with `config` (the
+    config.json contents). Collective over grid.world: any failure raises on every rank."""
     folder = Path(folder)
     with agree(grid.world):
         model_dtype = resolve_dtype(dtype)
-        config = parse_config(folder, max_model_len)
+        if config is None:
+            config = parse_config(folder, max_model_len)
+        else:
+            config = config_from_dict(config, folder, max_model_len)
         config.validate(grid.tp)
         files = source if source is not None else _WeightFiles(folder)
     model = cls(config, grid, dtype=model_dtype, init=False)

@@ -85,7 +85,11 @@ def _sliding_window(cfg: dict, model_type: str) -> int | None:
 def parse_config(folder: Path, max_model_len: int | None = None) -> GPTConfig:
     """The GPTConfig of a Llama-family folder's config.json (ValueError naming what is wrong)."""
     path = folder / "config.json"
-    cfg = load_json(path)
+    return config_from_dict(load_json(path), path, max_model_len)
+
+
+def config_from_dict(cfg: dict, path: Any, max_model_len: int | None = None) -> GPTConfig:
+    """The GPTConfig of config.json contents `cfg` (read from `path`, named in errors)."""
     model_type = cfg.get("model_type")
     if model_type not in LLAMA_TYPES:
         raise ValueError(f"{path}: model_type {model_type!r} is not one of the Llama family {list(LLAMA_TYPES)}")
