@@ -47,7 +47,7 @@ def transformers_or_skip() -> tuple:
     return torch, transformers
 
 
-def hf_model_from_arrays(cfg: dict, arrays: dict[str, np.ndarray]):
+def hf_model_from_arrays(cfg: dict, arrays: dict[str, np.ndarray], rope_scaling: dict | None = None):
     """transformers' own model class, built from its own config class and the source arrays."""
     torch, transformers = transformers_or_skip()
     kind = transformers.Qwen2Config if cfg["arch"] == "qwen2" else transformers.LlamaConfig
@@ -56,7 +56,7 @@ def hf_model_from_arrays(cfg: dict, arrays: dict[str, np.ndarray]):
                   intermediate_size=cfg["inter"], num_hidden_layers=cfg["layers"],
                   num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
                   max_position_embeddings=cfg["ctx"], rms_norm_eps=cfg["eps"], rope_theta=cfg["theta"],
-                  tie_word_embeddings=cfg["tied"])
+                  tie_word_embeddings=cfg["tied"], **({"rope_scaling": rope_scaling} if rope_scaling else {}))
     model = model_cls(config).float().eval()
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
@@ -91,6 +91,42 @@ def test_tensors_equal_the_source_arrays(tmp_path: Path, qtype: str, tied: bool)
             assert part.dtype == np.float32 and np.array_equal(part, whole[index]), (name, index)
     assert np.array_equal(w.read("model.norm.weight", (slice(4, 9),)), arrays["model.norm.weight"][4:9])
     w.close()
+
+
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face row order from llama.cpp's (the reshape transformers' GGUF loader applies)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # random bytes make NaN and inf scales
+def test_every_type_gguf_dequantizes_reads_and_others_are_named(tmp_path: Path) -> None:
+    """Random bytes of each GGML type as a permuted q_proj (256 x 256: one K-quant block per row)."""
+    cfg = dict(G.TINY, layers=1, hidden=256, inter=256)
+    arrays = G.llama_arrays(cfg)
+    del arrays["model.layers.0.self_attn.q_proj.weight"]
+    rng = np.random.default_rng(4)
+    for qtype in gguf.GGMLQuantizationType:
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        if 256 % block:
+            continue
+        raw = rng.integers(0, 256, size=(256, 256 // block * type_size), dtype=np.uint8)
+        path = G.write_gguf(tmp_path / f"{qtype.name}.gguf", cfg, arrays,
+                            extra_tensors={"blk.0.attn_q.weight": (raw, qtype)})
+        w = GGUFWeights(path)
+        name = "model.layers.0.self_attn.q_proj.weight"
+        try:
+            expected = unpermute(gguf.quants.dequantize(raw, qtype).astype(np.float32), heads=4)
+        except NotImplementedError:
+            with pytest.raises(ValueError, match=rf"blk\.0\.attn_q\.weight \({name}\) is stored as {qtype.name},"):
+                w.check_float(name)
+            with pytest.raises(ValueError, match=qtype.name):
+                w.read(name, (slice(0, 1),))
+            continue
+        w.check_float(name)
+        assert np.array_equal(w.read(name), expected, equal_nan=True), qtype.name
+        part = w.read(name, (slice(37, 101), slice(40, 200)))
+        assert np.array_equal(part, expected[37:101, 40:200], equal_nan=True), qtype.name
+        w.close()
 
 
 def test_qwen2_biases_and_no_permutation(tmp_path: Path) -> None:
@@ -131,6 +167,44 @@ def test_config_matches_transformers_gguf_loading(tmp_path: Path) -> None:
                 "bos_token_id", "eos_token_id", "model_type"):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.rope_parameters["rope_type"] == "linear" and ours.rope_parameters["factor"] == 2.0
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path: Path) -> None:
+    """llama.cpp's converter writes Llama 3's rope scaling as per-frequency divisors; the config
+    recovered from them must give the logits of transformers' model with the original scaling."""
+    true = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 2048}
+    hd = G.TINY["hidden"] // G.TINY["heads"]
+    inv = G.TINY["theta"] ** (-np.arange(0, hd, 2) / hd)
+    divisors = []
+    for wavelength in 2 * np.pi / inv:  # llama.cpp's converter, written out
+        if wavelength < 2048 / 4.0:
+            divisors.append(1.0)
+        elif wavelength > 2048 / 1.0:
+            divisors.append(8.0)
+        else:
+            smooth = (2048 / wavelength - 1.0) / (4.0 - 1.0)
+            divisors.append(1 / ((1 - smooth) / 8.0 + smooth))
+    arrays = G.llama_arrays(G.TINY, seed=5)
+    path = G.write_gguf(tmp_path / "m.gguf", G.TINY, arrays,
+                        extra_tensors={"rope_freqs.weight": (np.array(divisors, np.float32), None)})
+    # Only the line through the in-between frequencies is determined: the same scaling at n = 8192.
+    assert hf_config(path)["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                               "high_freq_factor": 16.0, "original_max_position_embeddings": 8192}
+    bad = G.write_gguf(tmp_path / "bad.gguf", G.TINY, arrays,
+                       extra_tensors={"rope_freqs.weight": (np.linspace(1, 3, hd // 2).astype(np.float32), None)})
+    with pytest.raises(ValueError, match="does not follow llama3 rope scaling"):
+        hf_config(bad)
+    out = tmp_path / "hf"
+    convert_to_hf(path, out, progress=False)
+    torch, transformers = transformers_or_skip()
+    reference = hf_model_from_arrays(G.TINY, arrays, rope_scaling=true)
+    assert reference.config.rope_parameters["rope_type"] == "llama3"
+    ids = list(range(3, 60, 2))  # positions far enough for the low frequencies to matter
+    got = logits(transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), ids)
+    unscaled = logits(hf_model_from_arrays(G.TINY, arrays), ids)
+    assert np.abs(got - unscaled).max() > 1e-3  # the scaling changes the model
+    np.testing.assert_allclose(got, logits(reference, ids), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype,tied", [("F32", True), ("Q8_0", False)])

@@ -11,20 +11,30 @@ llama.cpp keys, under the architecture's prefix A ("llama", "qwen2"), to transfo
     A.attention.layer_norm_rms_epsilon rms_norm_eps
     A.rope.freq_base                   rope_theta (default 10000)
     A.rope.scaling.type / .factor      rope_scaling {"rope_type": "linear"|"yarn", "factor", ...}
+    rope_freqs.weight tensor           rope_scaling {"rope_type": "llama3", ...} (below)
     A.context_length                   max_position_embeddings
     A.vocab_size                       vocab_size (default: the rows of token_embd.weight)
     no output.weight tensor            tie_word_embeddings
     tokenizer.ggml.{bos,eos,padding}_token_id   bos/eos/pad_token_id
 
-Llama 3.1-style rope scaling, which llama.cpp stores as a `rope_freqs.weight` tensor of
-per-frequency divisors rather than as metadata, is refused: a config without it would be a
-different model.
+Llama 3-style rope scaling is stored by llama.cpp as a `rope_freqs.weight` tensor of divisors d_i
+of the inverse frequencies rather than as metadata. transformers' "llama3" rope_scaling (factor F,
+low and high frequency factors l < h, original context n) divides inv_i by F where the wavelength
+2 pi / inv_i > n / l, by 1 where it is < n / h, and in between by 1 / ((1 - s) / F + s) with
+s = (n inv_i / (2 pi) - l) / (h - l). So F = max d_i, and on the in-between frequencies
+s_i = (1/d_i - 1/F) / (1 - 1/F) is linear in inv_i: its slope and intercept give h - l and l for
+the n the file names (8192, Llama 3's, when it names none). The recovered parameters must
+reproduce every d_i (relative 1e-5), else the file is refused; so is one with fewer than two
+in-between frequencies, where the line is not determined.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
+
+import numpy as np
 
 from mpisplit.models.gguf.reader import GGUFFile
 
@@ -52,16 +62,15 @@ def _positive(f: GGUFFile, key: str, default: Any = None) -> int:
     return value
 
 
-def _rope_scaling(f: GGUFFile, arch: str) -> dict[str, Any] | None:
-    if "rope_freqs.weight" in f.tensors:
-        raise ValueError(
-            f"{f.path}: rope scaling stored as per-frequency factors (tensor rope_freqs.weight, Llama 3.1 style) "
-            "is not supported"
-        )
+def _rope_scaling(f: GGUFFile, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
     kind = f.get(f"{arch}.rope.scaling.type", str, None)
     factor = f.get(f"{arch}.rope.scaling.factor", float, None)
     if kind is None and (old := f.get(f"{arch}.rope.scale_linear", float, None)) is not None:
         kind, factor = "linear", old  # the key older converters wrote
+    if "rope_freqs.weight" in f.tensors:
+        if kind not in (None, "none"):
+            raise ValueError(f"{f.path}: both rope scaling type {kind!r} and a rope_freqs.weight tensor")
+        return _llama3_scaling(f, arch, head_dim, theta)
     if kind in (None, "none") or (kind == "linear" and factor == 1.0):
         return None
     if kind not in ("linear", "yarn") or factor is None or factor <= 0:
@@ -70,6 +79,43 @@ def _rope_scaling(f: GGUFFile, arch: str) -> dict[str, Any] | None:
     if kind == "yarn":
         scaling["original_max_position_embeddings"] = _positive(f, f"{arch}.rope.scaling.original_context_length")
     return scaling
+
+
+def llama3_divisors(scaling: dict[str, Any], inv: np.ndarray) -> np.ndarray:
+    """What transformers' llama3 rope scaling divides the inverse frequencies `inv` by."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv
+    s = (old / wavelength - low) / (high - low)
+    between = 1 / ((1 - s) / factor + s)
+    return np.where(wavelength < old / high, 1.0, np.where(wavelength > old / low, factor, between))
+
+
+def _llama3_scaling(f: GGUFFile, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
+    t = f.tensors["rope_freqs.weight"]
+    if t.tensor_type.name != "F32" or t.n_elements != head_dim // 2:
+        raise ValueError(f"{f.path}: rope_freqs.weight must be {head_dim // 2} F32 values, got "
+                         f"{t.n_elements} {t.tensor_type.name}")
+    d = np.asarray(t.data, dtype=np.float64).reshape(-1)
+    inv = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor = float(d.max())
+    if np.all(d == 1.0):
+        return None
+    between = (d > 1 + 1e-6) & (d < factor * (1 - 1e-6))
+    if between.sum() < 2 or not np.all(d >= 1):
+        raise ValueError(f"{f.path}: rope_freqs.weight {np.round(d, 4).tolist()} is not a llama3 rope "
+                         "scaling with two or more frequencies between the bands; not supported")
+    s = (1 / d[between] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(inv[between], s, 1)
+    old = f.get(f"{arch}.rope.scaling.original_context_length", int, 8192)
+    span = old / (2 * math.pi * slope)
+    low = -intercept * span
+    exact = {"factor": factor, "low_freq_factor": low, "high_freq_factor": low + span}
+    for params in ({k: round(v, 4) for k, v in exact.items()}, exact):  # the rounded ones when they fit
+        scaling = {"rope_type": "llama3", **params, "original_max_position_embeddings": old}
+        if 0 < low and np.allclose(llama3_divisors(scaling, inv), d, rtol=1e-5, atol=0):
+            return scaling
+    raise ValueError(f"{f.path}: rope_freqs.weight {np.round(d, 4).tolist()} does not follow llama3 rope scaling")
 
 
 def _head_dim(f: GGUFFile, arch: str, hidden: int, heads: int) -> int:
@@ -117,7 +163,7 @@ def hf_config(path: str | os.PathLike | GGUFFile) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in f.tensors,
         "torch_dtype": "float32",
     }
-    if (scaling := _rope_scaling(f, arch)) is not None:
+    if (scaling := _rope_scaling(f, arch, cfg["head_dim"], cfg["rope_theta"])) is not None:
         cfg["rope_scaling"] = scaling
     if model_type == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
