@@ -30,7 +30,7 @@ from safetensors.numpy import load_file
 from mpisplit.models.gguf import GGUFWeights, convert_to_hf, generation_config, hf_config
 
 gguf = pytest.importorskip("gguf")
-pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="one-process file conversion tests")
+COMM = MPI.COMM_WORLD
 
 MIXED_TEXT = [
     "Hello  world\t\tcafé naïve Ünïcödé 😀🎉 12345 3.14159 <|im_start|>user\nhi<|im_end|>\n",
@@ -230,7 +230,7 @@ def test_converted_logits_equal_the_source_model(tmp_path: Path, qtype: str, tie
     np.testing.assert_allclose(got, logits(theirs.eval(), ids), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,pre", [("gpt2", "default"), ("gpt2", "llama-bpe"), ("llama", None)])
+@pytest.mark.parametrize("kind,pre", [("gpt2", "default"), ("gpt2", "llama-bpe"), ("gpt2", "qwen2"), ("llama", None)])
 def test_tokenizer_encodes_like_transformers_gguf_tokenizer(tmp_path: Path, kind: str, pre: str | None) -> None:
     cfg = dict(G.TINY, tokenizer=kind)
     path = G.write_gguf(tmp_path / "m.gguf", cfg, G.llama_arrays(cfg), "F32", pre=pre or "default")
@@ -253,6 +253,19 @@ def test_tokenizer_encodes_like_transformers_gguf_tokenizer(tmp_path: Path, kind
     assert set(ours.all_special_tokens) == set(theirs.all_special_tokens)
 
 
+def test_smollm_pre_tokenizer_splits_digits(tmp_path: Path) -> None:
+    """llama.cpp's "smollm" split puts every digit alone (as SmolLM's own tokenizer.json does), so
+    the merge "1 2" never applies; the "default" GPT-2 split lets it."""
+    from mpisplit.models.gguf.tokenizer import build_tokenizer
+
+    ids = {}
+    for pre in ("smollm", "default"):
+        tok, _ = build_tokenizer(G.write_gguf(tmp_path / f"{pre}.gguf", G.TINY, G.llama_arrays(G.TINY), pre=pre))
+        ids[pre] = tok.encode("x 12345", add_special_tokens=False).tokens
+    assert ids["smollm"] == ["x", "Ġ", "1", "2", "3", "4", "5"]
+    assert ids["default"] == ["x", "Ġ", "12", "3", "4", "5"]
+
+
 def test_cli_converts_on_two_ranks(tmp_path: Path) -> None:
     arrays = G.llama_arrays(G.TINY)
     path = G.write_gguf(tmp_path / "m.gguf", G.TINY, arrays, "Q8_0")
@@ -266,6 +279,34 @@ def test_cli_converts_on_two_ranks(tmp_path: Path) -> None:
     again = subprocess.run([*cmd, str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                            env={**clean_mpi_env(), "OMP_NUM_THREADS": "1"}, check=False)
     assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
+
+
+@pytest.mark.mpi
+def test_each_rank_reads_only_its_slices() -> None:
+    """Every rank reads its block of rows (a column split) and of columns (a row split) of
+    quantized matrices; joined, the blocks are the whole tensor read on one rank."""
+    import tempfile
+
+    folder = COMM.bcast(tempfile.mkdtemp() if COMM.Get_rank() == 0 else None)
+    path = Path(folder) / "m.gguf"
+    cfg = dict(G.TINY, hidden=128, inter=192, heads=8, kv_heads=4)
+    if COMM.Get_rank() == 0:
+        G.write_gguf(path, cfg, G.llama_arrays(cfg, seed=6), "Q4_0")
+    COMM.Barrier()
+    w = GGUFWeights(path)
+    rank, size = COMM.Get_rank(), COMM.Get_size()
+    for name, axis in (("model.layers.1.self_attn.q_proj.weight", 0), ("model.layers.1.self_attn.k_proj.weight", 0),
+                       ("model.layers.0.mlp.down_proj.weight", 1), ("model.embed_tokens.weight", 0)):
+        n = w.shape(name)[axis]
+        lo, hi = rank * n // size, (rank + 1) * n // size  # blocks that size need not divide
+        index = (slice(lo, hi),) if axis == 0 else (slice(None), slice(lo, hi))
+        joined = np.concatenate(COMM.allgather(w.read(name, index)), axis=axis)
+        assert np.array_equal(joined, w.read(name)), name
+    w.close()
+    COMM.Barrier()
+    if rank == 0:
+        path.unlink()
+        os.rmdir(folder)
 
 
 # ------------------------------------------------------------------------- bad input
@@ -302,9 +343,9 @@ def test_unsupported_architecture_type_and_tensors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="architecture 'qwen3' is not supported"):
         GGUFWeights(qwen3)
     # A matrix stored as I8 (no dequantization in gguf.quants): named with its type, nothing written.
-    path = G.write_gguf(tmp_path / "i8.gguf", G.TINY, {k: v for k, v in arrays.items() if "down_proj" not in k or
-                                                      ".1." not in k},
-                        extra_tensors={"blk.1.ffn_down.weight": (np.zeros((64, 96), np.int8), gguf.GGMLQuantizationType.I8)})
+    kept = {k: v for k, v in arrays.items() if k != "model.layers.1.mlp.down_proj.weight"}
+    i8 = (np.zeros((64, 96), np.int8), gguf.GGMLQuantizationType.I8)
+    path = G.write_gguf(tmp_path / "i8.gguf", G.TINY, kept, extra_tensors={"blk.1.ffn_down.weight": i8})
     w = GGUFWeights(path)
     with pytest.raises(ValueError, match=r"blk\.1\.ffn_down\.weight .*mlp\.down_proj.* I8"):
         w.read("model.layers.1.mlp.down_proj.weight")
@@ -362,7 +403,8 @@ def test_smollm2_tokenizer_encodes_like_transformers_gguf_tokenizer(smollm2: tup
     path, out = smollm2
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"].startswith("{% for message in messages %}")
-    assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
+    assert (config["bos_token"], config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+    assert config["add_bos_token"] is False
     assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2,
                                                                         "pad_token_id": 2}
     _, transformers = transformers_or_skip()

@@ -32,18 +32,28 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from mpisplit.models.gguf.reader import GGUFFile
 
+if TYPE_CHECKING:
+    from mpisplit.models.gguf.weights import GGUFWeights
+
+# A .gguf path, or the file already open (opening parses all metadata: seconds for 50k tokens).
+Source = Union[str, os.PathLike, GGUFFile, "GGUFWeights"]
+
 # GGUF architecture -> (Hugging Face model_type, architectures[0]).
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
 
 
-def open_file(path: str | os.PathLike | GGUFFile) -> GGUFFile:
-    return path if isinstance(path, GGUFFile) else GGUFFile(path)
+def open_file(path: Source) -> GGUFFile:
+    if isinstance(path, GGUFFile):
+        return path
+    if isinstance(getattr(path, "file", None), GGUFFile):
+        return path.file
+    return GGUFFile(path)
 
 
 def check_architecture(f: GGUFFile) -> str:
@@ -121,7 +131,9 @@ def _llama3_scaling(f: GGUFFile, arch: str, head_dim: int, theta: float) -> dict
 def _head_dim(f: GGUFFile, arch: str, hidden: int, heads: int) -> int:
     key_length = f.get(f"{arch}.attention.key_length", int, None)
     if key_length is None and hidden % heads:
-        raise ValueError(f"{f.path}: hidden size {hidden} is not a multiple of {heads} heads and no key_length is given")
+        raise ValueError(
+            f"{f.path}: hidden size {hidden} is not a multiple of {heads} heads and no key_length is given"
+        )
     head_dim = key_length or hidden // heads
     for key in (f"{arch}.attention.value_length", f"{arch}.rope.dimension_count"):
         other = f.get(key, int, head_dim)
@@ -134,7 +146,7 @@ def _token_id(f: GGUFFile, name: str) -> int | None:
     return f.get(f"tokenizer.ggml.{name}_token_id", int, None)
 
 
-def hf_config(path: str | os.PathLike | GGUFFile) -> dict[str, Any]:
+def hf_config(path: Source) -> dict[str, Any]:
     """The config.json dict transformers' LlamaForCausalLM / Qwen2ForCausalLM loads."""
     f = open_file(path)
     arch = check_architecture(f)
@@ -175,7 +187,7 @@ def hf_config(path: str | os.PathLike | GGUFFile) -> dict[str, Any]:
     return cfg
 
 
-def generation_config(path: str | os.PathLike | GGUFFile) -> dict[str, Any]:
+def generation_config(path: Source) -> dict[str, Any]:
     """generation_config.json: bos, pad and the end-of-generation ids (eos, and llama.cpp's eot/eom
     where the file names them: Llama 3's <|eot_id|> ends a chat turn but is not the eos)."""
     f = open_file(path)

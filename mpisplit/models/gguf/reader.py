@@ -26,7 +26,9 @@ def require_gguf() -> Any:
     try:
         import gguf
     except ImportError:
-        raise ValueError("reading GGUF files needs the 'gguf' package: pip install gguf (or mpisplit[gguf])") from None
+        raise ValueError(
+            "reading GGUF files needs the 'gguf' package: pip install gguf (or mpisplit[gguf])"
+        ) from None
     return gguf
 
 

@@ -9,7 +9,8 @@ tokenizer.ggml.model names the kind:
              token, ranked by that token's score (the order SentencePiece merges in)
 
 tokenizer.ggml.token_type marks control tokens (3), which become special added tokens, and
-user-defined ones (4), which become plain added tokens (the unknown token, 2, is special too): both are matched whole in the text.
+user-defined ones (4), which become plain added tokens (the unknown token, 2, is special too):
+both are matched whole in the text.
 bos/eos/unk/pad come from tokenizer.ggml.*_token_id, add_bos/add_eos from tokenizer.ggml.add_*_token,
 and tokenizer.chat_template is carried into tokenizer_config.json.
 """
@@ -21,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mpisplit.models.gguf.config import open_file
+from mpisplit.models.gguf.config import Source, open_file
 from mpisplit.models.gguf.reader import GGUFFile
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -53,7 +54,9 @@ def _tokenizers() -> Any:
     try:
         import tokenizers
     except ImportError:
-        raise ValueError("writing a GGUF file's tokenizer needs the 'tokenizers' package: pip install tokenizers") from None
+        raise ValueError(
+            "writing a GGUF file's tokenizer needs the 'tokenizers' package: pip install tokenizers"
+        ) from None
     return tokenizers
 
 
@@ -61,7 +64,9 @@ def _metadata(f: GGUFFile) -> dict[str, Any]:
     tokens = f.get("tokenizer.ggml.tokens", list)
     types = f.get("tokenizer.ggml.token_type", list, [NORMAL] * len(tokens))
     if len(types) != len(tokens) or not all(isinstance(t, str) for t in tokens):
-        raise ValueError(f"{f.path}: tokenizer.ggml.tokens ({len(tokens)}) and token_type ({len(types)}) do not match")
+        raise ValueError(
+            f"{f.path}: tokenizer.ggml.tokens ({len(tokens)}) and token_type ({len(types)}) do not match"
+        )
     ids = {}
     for name in ("bos", "eos", "unknown", "padding"):
         i = f.get(f"tokenizer.ggml.{name}_token_id", int, None)
@@ -89,7 +94,8 @@ def _byte_level(f: GGUFFile, meta: dict[str, Any], tk: Any) -> tuple[Any, bool]:
     vocab = {t: i for i, t in enumerate(meta["tokens"])}
     tok = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
     pieces = [tk.pre_tokenizers.Split(tk.Regex(s), behavior="isolated") for s in splits]
-    tok.pre_tokenizer = tk.pre_tokenizers.Sequence(pieces + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence(pieces + [byte_level])
     tok.decoder = tk.decoders.ByteLevel()
     return tok, pre in ("llama3", "llama-v3", "llama-bpe")
 
@@ -99,7 +105,9 @@ def _sentencepiece(f: GGUFFile, meta: dict[str, Any], tk: Any) -> tuple[Any, boo
     tokens, types = meta["tokens"], meta["types"]
     scores = f.get("tokenizer.ggml.scores", list)
     if len(scores) != len(tokens):
-        raise ValueError(f"{f.path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+        raise ValueError(
+            f"{f.path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens"
+        )
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for t, kind, score in zip(tokens, types, scores):
@@ -111,35 +119,43 @@ def _sentencepiece(f: GGUFFile, meta: dict[str, Any], tk: Any) -> tuple[Any, boo
                 merges.append((-score, -len(left), vocab[left], vocab[right], left, right))
     merges.sort()
     unk = meta["ids"]["unknown"]
-    model = tk.models.BPE(vocab=vocab, merges=[(m[4], m[5]) for m in merges], fuse_unk=True, byte_fallback=True,
-                          unk_token=None if unk is None else tokens[unk])
+    model = tk.models.BPE(
+        vocab=vocab, merges=[(m[4], m[5]) for m in merges], fuse_unk=True, byte_fallback=True,
+        unk_token=None if unk is None else tokens[unk],
+    )
     tok = tk.Tokenizer(model)
     prefix = f.get("tokenizer.ggml.add_space_prefix", bool, True)
     # The space prefix goes before the text's first piece only (not after each special token).
-    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
-                                                   split=False)
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+    )
     steps = [tk.decoders.Replace("\u2581", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse()]
-    tok.decoder = tk.decoders.Sequence(steps + ([tk.decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
+    if prefix:
+        steps.append(tk.decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = tk.decoders.Sequence(steps)
     return tok, True
 
 
-def build_tokenizer(path: str | os.PathLike | GGUFFile) -> tuple[Any, dict[str, Any]]:
+def build_tokenizer(path: Source) -> tuple[Any, dict[str, Any]]:
     """(tokenizers.Tokenizer, tokenizer_config dict) of the file's tokenizer."""
     f = open_file(path)
     tk = _tokenizers()
     meta = _metadata(f)
     builders = {"gpt2": _byte_level, "llama": _sentencepiece}
     if meta["model"] not in builders:
-        raise ValueError(f"{f.path}: tokenizer.ggml.model {meta['model']!r} is not supported; expected one of {sorted(builders)}")
+        raise ValueError(
+            f"{f.path}: tokenizer.ggml.model {meta['model']!r} is not supported; "
+            f"expected one of {sorted(builders)}"
+        )
     tok, bos_default = builders[meta["model"]](f, meta, tk)
     tokens, types = meta["tokens"], meta["types"]
-    special = [tk.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)]
-    tok.add_special_tokens(special)
-    tok.add_tokens([tk.AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
-    if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise ValueError(
-            f"{f.path}: the tokenizer built from {len(tokens)} tokens has {tok.get_vocab_size(with_added_tokens=True)}"
-        )
+    pairs = list(zip(tokens, types))
+    tok.add_special_tokens(
+        [tk.AddedToken(t, special=True, normalized=False) for t, k in pairs if k in (CONTROL, UNKNOWN)]
+    )
+    tok.add_tokens([tk.AddedToken(t, special=False, normalized=False) for t, k in pairs if k == USER_DEFINED])
+    if (built := tok.get_vocab_size(with_added_tokens=True)) != len(tokens):
+        raise ValueError(f"{f.path}: the tokenizer built from {len(tokens)} tokens has {built}")
     add_bos = f.get("tokenizer.ggml.add_bos_token", bool, bos_default)
     add_eos = f.get("tokenizer.ggml.add_eos_token", bool, False)
     ids = meta["ids"]
@@ -151,9 +167,9 @@ def build_tokenizer(path: str | os.PathLike | GGUFFile) -> tuple[Any, dict[str, 
         "clean_up_tokenization_spaces": False,
         "model_max_length": f.get(f"{f.arch}.context_length", int, 2048),
     }
-    for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+    for name in ("bos", "eos", "unknown", "padding"):
         if ids[name] is not None:
-            config[key] = tokens[ids[name]]
+            config[{"unknown": "unk_token", "padding": "pad_token"}.get(name, f"{name}_token")] = tokens[ids[name]]
     if (template := f.get("tokenizer.chat_template", str, None)) is not None:
         config["chat_template"] = template
     return tok, config
@@ -173,7 +189,7 @@ def _post_process(tok: Any, tk: Any, tokens: list[str], bos: int | None, eos: in
     tok.post_processor = tk.processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
-def write_tokenizer(path: str | os.PathLike | GGUFFile, folder: str | os.PathLike) -> None:
+def write_tokenizer(path: Source, folder: str | os.PathLike) -> None:
     """tokenizer.json and tokenizer_config.json (chat template, special tokens) into `folder`."""
     save_tokenizer(*build_tokenizer(path), folder)
 
@@ -181,4 +197,5 @@ def write_tokenizer(path: str | os.PathLike | GGUFFile, folder: str | os.PathLik
 def save_tokenizer(tok: Any, config: dict[str, Any], folder: str | os.PathLike) -> None:
     folder = Path(folder)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")

@@ -49,13 +49,17 @@ def _expected(cfg: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
     """GGUF name -> (Hugging Face name, Hugging Face shape) of every tensor the model has."""
     h, inter, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    shapes = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-              "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-              "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-              "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter),
-              "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    shapes = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+        "mlp.down_proj.weight": (h, inter),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+    }
     per_layer = dict(_LAYER_TENSORS, **(_QKV_BIASES if cfg["model_type"] == "qwen2" else {}))
-    out = {"token_embd.weight": ("model.embed_tokens.weight", (V, h)), "output_norm.weight": ("model.norm.weight", (h,))}
+    out = {"token_embd.weight": ("model.embed_tokens.weight", (V, h)),
+           "output_norm.weight": ("model.norm.weight", (h,))}
     if not cfg["tie_word_embeddings"]:
         out["output.weight"] = ("lm_head.weight", (V, h))
     for i in range(cfg["num_hidden_layers"]):
