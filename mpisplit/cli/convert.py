@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "--dtype", choices=["float32", "float64"], default=None,
         help="dtype of the written weights (default: the source's; float16/bfloat16 become float32)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.from_gguf and (args.tp is not None or args.dtype not in (None, "float32") or args.step):
+        p.error("--from-gguf writes float32 weights from rank 0: --tp, --dtype and --step do not apply")
+    return args
 
 
 def choose_tp(requested: int | None, world_size: int, n_head: int) -> int:
