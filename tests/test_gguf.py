@@ -309,6 +309,37 @@ def test_each_rank_reads_only_its_slices() -> None:
         os.rmdir(folder)
 
 
+@pytest.mark.mpi
+def test_mpisplit_llama_loads_straight_from_the_gguf_file() -> None:
+    """mpisplit's Llama decoder with GGUFWeights as its weight source (each rank dequantizing its
+    own slabs) gives the logits, bit for bit, of the same model loaded from the converted folder,
+    at tp = gcd(world size, 4): 4 query heads, 2 KV heads split or (tp = 4) replicated."""
+    import math
+    import tempfile
+
+    import mpisplit as ms
+    from mpisplit.models import hf_llama
+
+    folder = Path(COMM.bcast(tempfile.mkdtemp() if COMM.Get_rank() == 0 else None))
+    cfg = dict(G.TINY, tied=False)
+    if COMM.Get_rank() == 0:
+        G.write_gguf(folder / "m.gguf", cfg, G.llama_arrays(cfg, seed=7), "Q8_0")
+        convert_to_hf(folder / "m.gguf", folder / "hf", progress=False)
+    COMM.Barrier()
+    grid = ms.ProcessGrid(tp=math.gcd(COMM.Get_size(), 4))
+    ids = np.array([[5, 70, 200, 3, 99, 14, 1, 260]])
+    direct = hf_llama.from_pretrained(ms.GPT, folder / "hf", grid, "float32", source=GGUFWeights(folder / "m.gguf"))
+    converted = ms.GPT.from_pretrained(folder / "hf", grid, dtype="float32")
+    with ms.no_grad():
+        assert np.array_equal(ms.to_numpy(direct(ids)), ms.to_numpy(converted(ids)))
+    grid.free()
+    COMM.Barrier()
+    if COMM.Get_rank() == 0:
+        import shutil
+
+        shutil.rmtree(folder)
+
+
 # ------------------------------------------------------------------------- bad input
 
 
