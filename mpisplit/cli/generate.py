@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
+    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank dequantizes its slices")
     src.add_argument("--hf", help="a Hugging Face folder (config.json, model.safetensors, a tokenizer) of GPT-2 "
                      "or the Llama family (llama, qwen2, mistral)")
     p.add_argument("--prompt", default=None,
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         path = resolve_checkpoint(args.ckpt) if args.ckpt else None
     ms.limit_blas_threads(world)
     grid = ms.ProcessGrid(tp=tp)
-    model, tokenizer = load_model_and_tokenizer(grid, ckpt=None if path is None else str(path), hf=args.hf,
+    model, tokenizer = load_model_and_tokenizer(grid, ckpt=None if path is None else str(path), hf=args.hf, gguf=args.gguf,
                                                 dtype=args.dtype, max_model_len=args.max_model_len)
     cfg = model.config
     with agree(world):

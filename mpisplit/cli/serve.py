@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
+    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank dequantizes its slices")
     src.add_argument("--hf", help="a Hugging Face folder of GPT-2 or the Llama family (config.json, model.safetensors, "
                                   "tokenizer.json or vocab.json + merges.txt)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
@@ -93,13 +94,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         binding = use_gpu(grid, comm=args.comm)  # collective; raises on every rank alike
         if world.Get_rank() == 0:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
-    model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype,
+    model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf, dtype=args.dtype,
                                                 max_model_len=args.max_model_len)
     model.to(args.device)
     opts = ServeOptions(
         host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk, api_key=args.api_key,
-        model_name=args.model_name or default_model_name(args.ckpt or args.hf),
+        model_name=args.model_name or default_model_name(args.ckpt or args.hf or args.gguf),
     )
     code = serve(model, tokenizer, opts)
     grid.free()

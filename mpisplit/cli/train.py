@@ -92,7 +92,7 @@ def _output(g: argparse._ArgumentGroup) -> None:
                    "or text when the folder has a tokenizer")
     g.add_argument("--init-from", type=str, default=D.init_from, metavar="FOLDER",
                    help="fine-tune from a Hugging Face folder (config.json + model.safetensors) of GPT-2 or the "
-                   "Llama family (llama, qwen2, mistral); the model's shape is taken from it")
+                   "Llama family (llama, qwen2, mistral), or a GGUF file (FILE.gguf); the model's shape is taken from it")
     g.add_argument("--out", type=str, default=D.out, help="run folder: metrics, checkpoints, sample, loss curve")
     g.add_argument("--eval-every", type=int, default=D.eval_every, help="steps between validation evaluations")
     g.add_argument("--eval-iters", type=int, default=D.eval_iters, help="validation batches per evaluation")

@@ -353,10 +353,12 @@ class GPT(Module):
     @classmethod
     def from_pretrained(cls, folder: Any, grid: Any, dtype: Any = "float32", **options: Any) -> GPT:
         """Load a Hugging Face folder (config.json + model.safetensors) of GPT-2 or the Llama family
-        (model_type llama, qwen2, mistral); each rank reads only its slices. `options`
+        (model_type llama, qwen2, mistral), or a GGUF file; each rank reads only its slices. `options`
         (Llama family): max_model_len caps the context. See models/hf_gpt2.py, models/hf_llama.py."""
-        from mpisplit.models import hf_llama
+        from mpisplit.models import hf, hf_llama
 
+        if hf.is_gguf(folder):
+            return hf.from_gguf(cls, folder, grid, dtype, **options)
         if hf_llama.is_llama_folder(folder):
             return hf_llama.from_pretrained(cls, folder, grid, dtype, **options)
         return hf_gpt2.from_pretrained(cls, folder, grid, dtype)

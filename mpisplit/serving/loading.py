@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpisplit.models import GPT, GPTConfig
-from mpisplit.models.hf import read_config
-from mpisplit.models.hf_tokenizer import load_hf_tokenizer
+from mpisplit.models.hf import is_gguf, load_tokenizer, read_config
 from mpisplit.runtime.errors import agree
 from mpisplit.training.checkpoint import CheckpointReader
 from mpisplit.training.data import CharTokenizer
@@ -14,13 +13,18 @@ from mpisplit.training.state import load_model, resolve_checkpoint
 
 
 def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | None = None,
-                             dtype: str = "float32", max_model_len: int | None = None) -> tuple[GPT, Any]:
+                             dtype: str = "float32", max_model_len: int | None = None,
+                             gguf: str | None = None) -> tuple[GPT, Any]:
     """(model, tokenizer or None) on every rank; each rank reads only its slabs. Collective.
     A checkpoint's tokenizer is its character vocabulary; a folder's is tokenizer.json or
-    vocab.json + merges.txt (None without them: token ids only). `max_model_len` caps the
+    vocab.json + merges.txt (None without them: token ids only); `hf` may also be a GGUF file. `max_model_len` caps the
     context of a rotary model (the Llama family declares 8k-128k positions)."""
-    if (ckpt is None) == (hf is None):
-        raise ValueError("give exactly one of ckpt and hf")
+    if (ckpt is None) + (hf is None) + (gguf is None) != 2:
+        raise ValueError("give exactly one of ckpt, hf and gguf")
+    if gguf is not None:
+        if not is_gguf(gguf):
+            raise ValueError(f"--gguf takes a .gguf file, got {gguf!r}")
+        hf = gguf  # read as the Llama-family folder it converts to
     if ckpt is not None:
         with agree(grid.world):
             path = resolve_checkpoint(ckpt)
@@ -41,7 +45,7 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
         capped_context(cfg, max_model_len)
     model = GPT.from_pretrained(hf, grid, dtype=dtype, **options)
     with agree(grid.world):
-        tokenizer = load_hf_tokenizer(hf, model.config.vocab_size)
+        tokenizer = load_tokenizer(hf, model.config.vocab_size)
     return model, tokenizer
 
 

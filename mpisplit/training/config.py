@@ -52,7 +52,7 @@ class TrainConfig:
     seed: int = 1337
     # ---- data and output
     data: str | None = None  # UTF-8 text file (None: CPython's documentation text); token ids with init_from
-    init_from: str | None = None  # fine-tune from a Hugging Face folder (GPT-2 or Llama family)
+    init_from: str | None = None  # fine-tune from a Hugging Face folder (GPT-2 or Llama family) or a GGUF file
     out: str = "out"  # run folder: metrics, checkpoints, sample, loss curve
     eval_every: int = 100  # steps between validation evaluations
     eval_iters: int = 8  # validation batches per evaluation
@@ -149,10 +149,12 @@ class TrainConfig:
         return {f"--{_flag(k)}": v for k, v in sorted(asdict(self).items())}
 
 
-def _llama_folder(folder: str) -> bool:
+def _llama_folder(source: str) -> bool:
+    """A Llama-family folder or a GGUF file (their loader reads one pipeline stage's tensors)."""
+    from mpisplit.models.hf import is_gguf
     from mpisplit.models.hf_llama import is_llama_folder
 
-    return is_llama_folder(folder)
+    return is_gguf(source) or is_llama_folder(source)
 
 
 def _flag(name: str) -> str:

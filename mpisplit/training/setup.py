@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from mpisplit.models import GPT, GPTConfig
+from mpisplit.models.hf import load_tokenizer
 from mpisplit.models.hf import read_config as read_hf_config
-from mpisplit.models.hf_tokenizer import load_hf_tokenizer
 from mpisplit.runtime.errors import agree
 from mpisplit.training.amp import MixedPrecision
 from mpisplit.training.checkpoint import CheckpointReader
@@ -48,7 +48,7 @@ def load_data(config: TrainConfig) -> Data:
 def _fine_tuning_ids(path: str, folder: str, vocab_size: int) -> Any:
     """Token ids from `path`: read as ids (.npy, or a file of integers), else as text encoded
     by the folder's tokenizer."""
-    tokenizer = load_hf_tokenizer(folder, vocab_size)
+    tokenizer = load_tokenizer(folder, vocab_size)
     if tokenizer is None or Path(path).suffix == ".npy":
         return load_token_ids(path, vocab_size)
     text = load_text(path)
