@@ -111,3 +111,27 @@ def write_tokenizer_folder(folder: Path, bpe, template: str | list | None, **tok
         config["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
+
+
+def write_chat_folder(folder: Path, seed: int = 7):
+    """A tiny GPT-2 folder (context 128) whose tokenizer_config.json has the Qwen2-style template
+    and a BOS token, no eos (answers run to their max_tokens whatever the engine's end-of-turn
+    rules). Returns the float64 model and the tokenizer."""
+    from _serving import tiny_model
+
+    bpe = train_tokenizer()
+    write_tokenizer_folder(folder, bpe, QWEN2_STYLE, bos_token="<|begin_of_text|>")
+    model = tiny_model(bpe.get_vocab_size(), seed=seed, block_size=128)
+    model.save_pretrained(folder)
+    return model, bpe
+
+
+def greedy_answer(folder: Path, model, bpe, messages: list[dict], n: int) -> str:
+    """The library's greedy continuation of the rendered conversation, decoded."""
+    from _serving import greedy_reference
+
+    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
+    from mpisplit.serving.templates import load_chat_template
+
+    ids = load_hf_tokenizer(folder).encode(load_chat_template(folder).render(messages)).tolist()
+    return bpe.decode(greedy_reference(model, ids, n).tolist(), skip_special_tokens=False)

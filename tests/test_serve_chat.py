@@ -11,8 +11,8 @@ import functools
 
 import httpx
 import pytest
-from _chat import CHAR_TEMPLATE, CONVERSATIONS, QWEN2_STYLE, train_tokenizer, write_tokenizer_folder
-from _serving import CHARS, Server, greedy_reference, tiny_model, write_char_checkpoint
+from _chat import CHAR_TEMPLATE, CONVERSATIONS, write_chat_folder
+from _serving import CHARS, Server, greedy_reference, write_char_checkpoint
 from mpi4py import MPI
 
 pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own MPI jobs")
@@ -23,13 +23,8 @@ pytest.importorskip("jinja2")
 
 @pytest.fixture(scope="module")
 def chat_folder(tmp_path_factory):
-    """A GPT-2 folder with a ChatML template and a BOS token (no eos: the answers run to
-    max_tokens, whatever the engine's end-of-turn rules)."""
     folder = tmp_path_factory.mktemp("chat") / "tiny-chat"
-    bpe = train_tokenizer()
-    write_tokenizer_folder(folder, bpe, QWEN2_STYLE, bos_token="<|begin_of_text|>")
-    model = tiny_model(bpe.get_vocab_size(), seed=7, block_size=128)
-    model.save_pretrained(folder)
+    model, bpe = write_chat_folder(folder)
     yield folder, model, bpe
     model.grid.free()
 
