@@ -169,3 +169,21 @@ def test_ctrl_c_during_an_answer_ends_every_rank(chat_folder):
     shown = proc.stdout.removesuffix("\n")
     assert a1.startswith(shown) and len(shown) < len(a1), (shown, a1)
     assert "Traceback" not in proc.stderr
+
+
+def test_help_and_clear_errors(tmp_path):
+    from _serving import write_char_checkpoint
+
+    from mpisplit.cli.main import COMMANDS
+
+    assert "chat" in COMMANDS
+    run = lambda *args: subprocess.run([sys.executable, "-m", "mpisplit.chat", *args], capture_output=True,
+                                       text=True, timeout=60, env=serve_env(), check=False)
+    out = run("--help")
+    for flag in ("--hf", "--ckpt", "--chat-template", "--system", "--temperature", "--max-tokens"):
+        assert flag in out.stdout
+    bad = run("--ckpt", "/nonexistent", "--max-tokens", "0")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --max-tokens must be >= 1, got 0"
+    untemplated = run("--ckpt", str(write_char_checkpoint(tmp_path / "char")))
+    assert untemplated.returncode == 2 and "has no chat template" in untemplated.stderr
+    assert "--chat-template FILE" in untemplated.stderr
