@@ -1,6 +1,6 @@
 """`mpisplit chat` as a real process: through a pipe under mpiexec at 2 ranks (one message a
-line), and through a pseudo-terminal (the prompt, Ctrl-D, Ctrl-C, /exit; at 1 rank as a
-terminal user runs it, and at 2 ranks under mpiexec). Reference: the library's greedy decoding
+line; /reset, /exit), and through a pseudo-terminal (the prompt, Ctrl-D, Ctrl-C; at 1 rank as
+a terminal user runs it, and Ctrl-C at 2 ranks under mpiexec). Reference: the library's greedy decoding
 of each turn's whole conversation, rendered by the folder's template, in this process."""
 
 from __future__ import annotations
@@ -131,9 +131,9 @@ def test_terminal_prompt_answers_and_ctrl_d(chat_folder):
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_ctrl_c_and_exit_end_cleanly(chat_folder, ranks):
-    """Ctrl-C at 1 rank and under mpiexec at 2 (which passes SIGINT on: rank 0 ends the session
-    for every rank); /exit at 1 rank."""
+def test_ctrl_c_ends_cleanly(chat_folder, ranks):
+    """Ctrl-C at 1 rank (in the prompt's line editor) and under mpiexec at 2 (which passes
+    SIGINT on: rank 0 ends the session for every rank). /exit: see the pipe test."""
     from conftest import mpiexec_command
 
     (a1,) = expected_answers(chat_folder, [FIRST], None)
@@ -146,11 +146,6 @@ def test_ctrl_c_and_exit_end_cleanly(chat_folder, ranks):
     term.type("\x03")
     assert term.wait() == 0
     assert "Traceback" not in term.out.decode(errors="replace")
-    if ranks == 1:
-        term = Terminal(chat_command(chat_folder[0]))
-        term.read_until(">>> ")
-        term.type("/exit\n")
-        assert term.wait() == 0
 
 
 def test_ctrl_c_during_an_answer_ends_every_rank(chat_folder):
