@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
-    src.add_argument("--hf", help="a Hugging Face GPT-2 folder (config.json, model.safetensors, "
+    src.add_argument("--hf", help="a Hugging Face folder of GPT-2 or the Llama family (config.json, model.safetensors, "
                                   "tokenizer.json or vocab.json + merges.txt)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default="auto",
                    help="with --device gpu: the collective path (README, GPUs)")
     p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the context the KV cache is sized for (rotary models; default: the model's positions)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429")
     p.add_argument("--prefill-chunk", type=int, default=256,
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         binding = use_gpu(grid, comm=args.comm)  # collective; raises on every rank alike
         if world.Get_rank() == 0:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
-    model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype,
+                                                max_model_len=args.max_model_len)
     model.to(args.device)
     with agree(world):
         template = load_chat_template(args.hf, args.chat_template)
