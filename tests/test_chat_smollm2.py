@@ -124,7 +124,8 @@ def test_served_chat_equals_transformers(smollm2):
     openai = pytest.importorskip("openai")
     folder, model, tok = smollm2
     env = {**serve_env(), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
-    with Server(3, ["--hf", str(folder), "--model-name", "smollm2"], env=env) as srv:
+    with Server(3, ["--hf", str(folder), "--model-name", "smollm2", "--max-model-len", "512", "--max-batch", "2"],
+                env=env) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
         for messages in QUESTIONS:
             expected = _transformers_answer(model, tok, messages)

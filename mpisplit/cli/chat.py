@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first answer (then +1 per answer)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the context the KV cache is sized for (rotary models; default: the model's positions)")
     return p.parse_args(argv)
 
 
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         tp = _check(args, world.Get_size())
     ms.limit_blas_threads(world)
     grid = ms.ProcessGrid(tp=tp)
-    model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype,
+                                                max_model_len=args.max_model_len)
     with agree(world):
         template = load_chat_template(args.hf, args.chat_template)
         if template is None:
