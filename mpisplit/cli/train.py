@@ -88,11 +88,14 @@ def _optimisation(g: argparse._ArgumentGroup) -> None:
 
 def _output(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data", type=str, default=D.data, help="UTF-8 text file (default: CPython's documentation "
-                   "text); with --init-from: token ids (.npy, or integers separated by spaces or commas), "
-                   "or text when the folder has a tokenizer")
+                   "text), a folder from `mpisplit prepare`, or with --init-from/--tokenizer: token ids (.npy, or "
+                   "integers separated by spaces or commas), or text encoded by the folder's tokenizer")
     g.add_argument("--init-from", type=str, default=D.init_from, metavar="FOLDER",
                    help="fine-tune from a Hugging Face folder (config.json + model.safetensors) of GPT-2 or the "
                    "Llama family (llama, qwen2, mistral), or a GGUF file (FILE.gguf); the model's shape is taken from it")
+    g.add_argument("--tokenizer", type=str, default=D.tokenizer, metavar="FOLDER",
+                   help="a fresh model whose vocabulary is this tokenizer's (tokenizer.json, or vocab.json + "
+                   "merges.txt); a prepared --data must have been prepared with it")
     g.add_argument("--out", type=str, default=D.out, help="run folder: metrics, checkpoints, sample, loss curve")
     g.add_argument("--eval-every", type=int, default=D.eval_every, help="steps between validation evaluations")
     g.add_argument("--eval-iters", type=int, default=D.eval_iters, help="validation batches per evaluation")

@@ -1,0 +1,93 @@
+"""Encoding batches of documents, in this process or in worker processes.
+
+Each batch is encoded with the `tokenizers` library's encode_batch (no special tokens added)
+and every document is followed by the eos id. A worker process loads the tokenizer once, in
+its initializer; `TOKENIZERS_PARALLELISM=false` keeps each worker on one thread, so `--workers`
+is the number of cores used.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpisplit.models.hf_tokenizer import HFTokenizer, load_hf_tokenizer
+
+# Texts of one batch: enough work per task that sending it to a worker costs little.
+BATCH_BYTES = 1 << 20
+BATCH_DOCUMENTS = 4096
+
+_worker_state: dict[str, Any] = {}  # this worker process's tokenizer and eos id (set once)
+
+
+def encode_documents(tokenizer: HFTokenizer, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lengths): the documents' ids each followed by eos, concatenated (uint32), and
+    each document's length including its eos (int64)."""
+    encodings = tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
+    ends = np.cumsum(lengths)
+    for enc, end, n in zip(encodings, ends, lengths):
+        tokens[end - n: end - 1] = enc.ids
+    tokens[ends - 1] = eos_id
+    return tokens, lengths
+
+
+def _init_worker(folder: str, eos_id: int) -> None:
+    _worker_state["tokenizer"] = load_hf_tokenizer(folder)
+    _worker_state["eos_id"] = eos_id
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_documents(_worker_state["tokenizer"], texts, _worker_state["eos_id"])
+
+
+def text_batches(documents: Iterable[Any]) -> Iterator[tuple[list[str], int]]:
+    """(texts, disk bytes) of consecutive documents, about BATCH_BYTES of text each."""
+    texts: list[str] = []
+    size = disk = 0
+    for doc in documents:
+        texts.append(doc.text)
+        size += len(doc.text)
+        disk += doc.disk_bytes
+        if size >= BATCH_BYTES or len(texts) >= BATCH_DOCUMENTS:
+            yield texts, disk
+            texts, size, disk = [], 0, 0
+    if texts:
+        yield texts, disk
+
+
+def encoded_batches(
+    batches: Iterable[tuple[list[str], int]], tokenizer: HFTokenizer, folder: Path, eos_id: int, workers: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(tokens, lengths, disk bytes) per batch, in input order. With workers > 1 at most
+    2 x workers batches are in flight, so memory stays bounded whatever the corpus size."""
+    if workers <= 1:
+        for texts, disk in batches:
+            yield (*encode_documents(tokenizer, texts, eos_id), disk)
+        return
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited by the workers: one thread each
+    try:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold MPI or threads
+        with context.Pool(workers, initializer=_init_worker, initargs=(str(folder), eos_id)) as pool:
+            in_flight: deque = deque()
+            for texts, disk in batches:
+                in_flight.append((pool.apply_async(_encode_in_worker, (texts,)), disk))
+                if len(in_flight) >= 2 * workers:
+                    result, disk_done = in_flight.popleft()
+                    yield (*result.get(), disk_done)
+            while in_flight:
+                result, disk_done = in_flight.popleft()
+                yield (*result.get(), disk_done)
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
