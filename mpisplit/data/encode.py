@@ -23,6 +23,7 @@ from mpisplit.models.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 BATCH_BYTES = 1 << 20
 BATCH_DOCUMENTS = 4096
 
+_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "MPI4PY_RC_INITIALIZE": "false"}
 _worker_state: dict[str, Any] = {}  # this worker process's tokenizer and eos id (set once)
 
 
@@ -72,8 +73,10 @@ def encoded_batches(
         for texts, disk in batches:
             yield (*encode_documents(tokenizer, texts, eos_id), disk)
         return
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited by the workers: one thread each
+    # Inherited by the workers: one tokenizer thread each, and no MPI_Init when they import the
+    # package (under mpiexec a worker would otherwise try to join the parent's job).
+    previous = {name: os.environ.get(name) for name in _WORKER_ENV}
+    os.environ.update(_WORKER_ENV)
     try:
         context = multiprocessing.get_context("spawn")  # no fork of a process that may hold MPI or threads
         with context.Pool(workers, initializer=_init_worker, initargs=(str(folder), eos_id)) as pool:
@@ -87,7 +90,8 @@ def encoded_batches(
                 result, disk_done = in_flight.popleft()
                 yield (*result.get(), disk_done)
     finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
