@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,18 @@ def write_inputs(root: Path, docs: list[str]) -> tuple[list[Path], list[str]]:
     # prepare walks the folder in sorted order: a/000, a/002, ..., b/001, b/003, ...
     walked = [docs[i] for i in range(0, third, 2)] + [docs[i] for i in range(1, third, 2)]
     return [folder, lines, root / "more.jsonl.gz"], walked + docs[third:]
+
+
+def encode_each(tok_folder: Path, docs: list[str]) -> list[list[int]]:
+    """Each document encoded alone by the `tokenizers` library, then eos."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_folder / "tokenizer.json"))
+    eos = tok.token_to_id(EOS)
+    return [tok.encode(d, add_special_tokens=False).ids + [eos] for d in docs]
+
+
+def val_indices(n: int, f: float) -> list[int]:
+    """The documents prepare holds out: floor((i + 1) f) > floor(i f), else the last one."""
+    held = [i for i in range(n) if math.floor((i + 1) * f) > math.floor(i * f)]
+    return held or [n - 1]

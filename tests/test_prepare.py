@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _corpus import documents, make_bpe, make_word_level, write_inputs
+from _corpus import documents, encode_each, make_bpe, make_word_level, val_indices, write_inputs
 from conftest import clean_mpi_env
 
 from mpisplit.data.manifest import read_manifest
@@ -37,25 +36,12 @@ def bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_bpe(tmp_path_factory.mktemp("tok") / "bpe")
 
 
-def reference(tok_folder: Path, docs: list[str]) -> list[list[int]]:
-    """Each document encoded alone, then eos."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tok_folder / "tokenizer.json"))
-    eos = tok.token_to_id("<|endoftext|>")
-    return [tok.encode(d, add_special_tokens=False).ids + [eos] for d in docs]
-
-
 def split_documents(out: Path, split: str) -> list[list[int]]:
     manifest = read_manifest(out)
     stream = np.concatenate([np.fromfile(out / s["file"], dtype=manifest["dtype"]) for s in manifest[split]["shards"]])
     offsets = np.load(out / f"{split}-index.npy")
     assert offsets[0] == 0 and offsets[-1] == len(stream) == manifest[split]["tokens"]
     return [stream[a:b].tolist() for a, b in itertools.pairwise(offsets)]
-
-
-def val_indices(n: int, f: float) -> list[int]:
-    return [i for i in range(n) if math.floor((i + 1) * f) > math.floor(i * f)]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -65,7 +51,7 @@ def test_prepare_equals_the_tokenizer_document_by_document(tmp_path: Path, bpe: 
     # shards of 200 bytes (100 uint16 tokens): documents cross shard boundaries
     manifest = prepare(inputs, bpe, out, PrepareOptions(val_fraction=0.05, workers=workers, progress=False,
                                                         shard_bytes=200))
-    expected = reference(bpe, ordered)
+    expected = encode_each(bpe, ordered)
     held = val_indices(len(ordered), 0.05)
     assert held == [19, 39, 59, 79]
     assert split_documents(out, "val") == [expected[i] for i in held]
@@ -94,7 +80,7 @@ def test_at_least_one_validation_document(tmp_path: Path, bpe: Path) -> None:
         (tmp_path / "in" / f"{i}.txt").write_text(d)
     (tmp_path / "in" / "9-empty.txt").write_text("")  # skipped: not a document
     manifest = prepare([tmp_path / "in"], bpe, tmp_path / "c", PrepareOptions(**QUIET))  # 7 x 0.005 < 1
-    expected = reference(bpe, docs)
+    expected = encode_each(bpe, docs)
     assert split_documents(tmp_path / "c", "val") == [expected[-1]]
     assert split_documents(tmp_path / "c", "train") == expected[:-1]
     assert manifest["val"]["documents"] == 1 and manifest["train"]["documents"] == 6
