@@ -8,6 +8,7 @@ is the number of cores used.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from collections import deque
@@ -30,13 +31,11 @@ _worker_state: dict[str, Any] = {}  # this worker process's tokenizer and eos id
 def encode_documents(tokenizer: HFTokenizer, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, lengths): the documents' ids each followed by eos, concatenated (uint32), and
     each document's length including its eos (int64)."""
-    encodings = tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-    tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
-    ends = np.cumsum(lengths)
-    for enc, end, n in zip(encodings, ends, lengths):
-        tokens[end - n: end - 1] = enc.ids
-    tokens[ends - 1] = eos_id
+    ids = [enc.ids for enc in tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    for doc in ids:
+        doc.append(eos_id)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
     return tokens, lengths
 
 
