@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -66,7 +67,7 @@ def synthetic_corpus(folder: Path, tokens: int, seed: int = 0) -> Path:
     return folder
 
 
-def memory_child(corpus: str, out: str, steps: int) -> None:
+def memory_child(corpus: str, out: str, steps: int, keep_pages: bool) -> None:
     """Under mpiexec: train `steps` steps from `corpus`, then time the batch copies alone."""
     from mpi4py import MPI
 
@@ -78,9 +79,15 @@ def memory_child(corpus: str, out: str, steps: int) -> None:
     config = TrainConfig(data=corpus, steps=steps, out=out + ".run",
                          progress=False, sample_len=0, plot=False, eval_every=0, warmup=2, dp=world.Get_size(),
                          tp=1, **MODEL)
+    if keep_pages:  # the comparison: mapped pages stay resident once a window has touched them
+        from mpisplit.data.tokens import ShardedTokens
+
+        ShardedTokens._release = lambda self, k, lo, n: None
     guard = JobGuard(world)
     try:
-        trainer = Trainer(config, world, guard)
+        t0 = time.perf_counter()
+        trainer = Trainer(config, world, guard)  # includes each rank's share of the sha256 checks
+        start_s = time.perf_counter() - t0
         after_start = _status_kib()
         step_times = []
         for done in range(1, steps + 1):
@@ -95,7 +102,7 @@ def memory_child(corpus: str, out: str, steps: int) -> None:
             trainer.data.batch("train", c.seed, step, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
             batch_times.append(time.perf_counter() - t0)
         row = {"rank": world.Get_rank(), "train_tokens": len(trainer.data.train), **_status_kib(),
-               "after_start_VmHWM_kib": after_start["VmHWM_kib"],
+               "after_start_VmHWM_kib": after_start["VmHWM_kib"], "start_s": start_s,
                "step_s": statistics.median(step_times[1:]), "batch_s": statistics.median(batch_times)}
         rows = world.gather(row)
         trainer.grid.free()
@@ -125,8 +132,9 @@ def memory_part(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         written = time.perf_counter() - t0
         report = scratch / f"memory-{name}.json"
         try:
-            code = common.run_under_mpi(2, [__file__, "--child-memory", str(corpus), str(report), str(args.steps)],
-                                        threads=1, timeout=args.timeout)
+            argv = [__file__, "--child-memory", str(corpus), str(report), str(args.steps)]
+            argv += ["--keep-pages"] if args.keep_pages else []
+            code = common.run_under_mpi(2, argv, threads=1, timeout=args.timeout)
             if code != 0:
                 raise SystemExit(f"memory run on the {name} corpus failed with exit {code}")
             rows = json.loads(report.read_text())
@@ -174,17 +182,26 @@ def train_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def encode_rate(tok_folder: Path, docs: list[str]) -> float:
-    """Bytes per second of one thread's encode_batch over the documents (about 1 MB a call)."""
+def encode_rate(tok_folder: Path, docs: list[str]) -> tuple[float, float]:
+    """(bytes per second, bytes per CPU second) of one thread's encode_batch over the documents
+    (about 1 MB a call)."""
     from mpisplit.data.encode import text_batches
     from mpisplit.data.tokenizer import open_tokenizer
 
     tok = open_tokenizer(tok_folder).tokenizer.tokenizer
     batches = [texts for texts, _ in text_batches(_Doc(d) for d in docs)]
-    t0 = time.perf_counter()
+    size = sum(len(d.encode("utf-8")) for d in docs)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     for texts in batches:
         tok.encode_batch(texts, add_special_tokens=False)
-    return sum(len(d.encode("utf-8")) for d in docs) / (time.perf_counter() - t0)
+    return size / (time.perf_counter() - t0), size / (_cpu_seconds() - c0)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (prepare's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 class _Doc:
@@ -192,15 +209,15 @@ class _Doc:
         self.text, self.disk_bytes = text, 0
 
 
-def prepare_rate(tok_folder: Path, inputs: Path, out: Path, workers: int) -> float:
+def prepare_rate(tok_folder: Path, inputs: Path, out: Path, workers: int) -> tuple[float, float]:
     from mpisplit.data.prepare import PrepareOptions, prepare
 
     size = sum(p.stat().st_size for p in inputs.iterdir())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     prepare([inputs], tok_folder, out, PrepareOptions(workers=workers, progress=False))
-    rate = size / (time.perf_counter() - t0)
+    rates = size / (time.perf_counter() - t0), size / (_cpu_seconds() - c0)
     shutil.rmtree(out)
-    return rate
+    return rates
 
 
 def prepare_part(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
@@ -208,17 +225,24 @@ def prepare_part(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     tok = train_tokenizer(scratch / "tok")
     docs = text_folder(scratch / "texts", args.prepare_mb)
     workers = args.workers or common.default_threads(1)
-    rates: dict[str, list[float]] = {"encode_1_thread": [], "prepare_1_worker": [], f"prepare_{workers}_workers": []}
+    names = ["encode_1_thread", "prepare_1_worker", f"prepare_{workers}_workers"]
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(args.rounds):  # alternated, so that load on the machine hits each alike
-        rates["encode_1_thread"].append(encode_rate(tok, docs))
-        rates["prepare_1_worker"].append(prepare_rate(tok, scratch / "texts", scratch / "out", 1))
-        rates[f"prepare_{workers}_workers"].append(prepare_rate(tok, scratch / "texts", scratch / "out", workers))
-    median = {k: statistics.median(v) / 1e6 for k, v in rates.items()}
+        for name, run in zip(names, (lambda: encode_rate(tok, docs),
+                                     lambda: prepare_rate(tok, scratch / "texts", scratch / "out", 1),
+                                     lambda: prepare_rate(tok, scratch / "texts", scratch / "out", workers))):
+            w, c = run()
+            wall[name].append(w / 1e6)
+            cpu[name].append(c / 1e6)
+    median = {k: statistics.median(v) for k, v in wall.items()}
+    median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     base = median["encode_1_thread"]
     return {"input_mb": sum(len(d.encode()) for d in docs) / 1e6, "documents": len(docs), "workers": workers,
-            "rounds_mb_per_s": {k: [x / 1e6 for x in v] for k, v in rates.items()}, "median_mb_per_s": median,
-            "ratio_1_worker": median["prepare_1_worker"] / base,
-            "ratio_workers": median[f"prepare_{workers}_workers"] / (workers * base)}
+            "rounds_mb_per_s": wall, "rounds_mb_per_cpu_s": cpu, "median_mb_per_s": median,
+            "median_mb_per_cpu_s": median_cpu, "ratio_1_worker": median["prepare_1_worker"] / base,
+            "ratio_workers": median[f"prepare_{workers}_workers"] / (workers * base),
+            "cpu_efficiency_workers": median_cpu[f"prepare_{workers}_workers"] / median_cpu["encode_1_thread"]}
 
 
 def main() -> None:
@@ -231,11 +255,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="prepare's workers (0: the cores)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--keep-pages", action="store_true",
+                   help="memory part without releasing the mapped pages after each copy (the comparison)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--child-memory", nargs=3, metavar=("CORPUS", "REPORT", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_memory:
-        memory_child(args.child_memory[0], args.child_memory[1], int(args.child_memory[2]))
+        memory_child(args.child_memory[0], args.child_memory[1], int(args.child_memory[2]), args.keep_pages)
         return
     if args.smoke:
         args.big_gb, args.steps, args.prepare_mb, args.rounds = 0.02, 4, 0.5, 1
@@ -251,9 +277,10 @@ def main() -> None:
             result["prepare"] = r = prepare_part(args, Path(tmp))
             print(f"prepare {r['input_mb']:.1f} MB: " + ", ".join(f"{k} {v:.2f} MB/s" for k, v in r["median_mb_per_s"].items())
                   + f"; 1 worker / encode {r['ratio_1_worker']:.2f}, {r['workers']} workers / ({r['workers']} x encode) "
-                  f"{r['ratio_workers']:.2f}")
+                  f"{r['ratio_workers']:.2f}; per CPU second: " + ", ".join(
+                      f"{k} {v:.2f} MB" for k, v in r["median_mb_per_cpu_s"].items()))
     print(f"CPU: {result['meta']['machine']['cpu']}, load average {result['meta']['machine']['load_average_1_5_15min']}")
-    name = "bench_data_smoke.json" if args.smoke else "bench_data.json"
+    name = "bench_data_smoke.json" if args.smoke else f"bench_data{'_keep_pages' if args.keep_pages else ''}.json"
     print(f"wrote {common.write_json(args.out / name, result)}")
 
 
