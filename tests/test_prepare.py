@@ -185,6 +185,15 @@ def test_bad_input_writes_nothing(tmp_path: Path, bpe: Path, case: str) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no corpus, no temporary folder
 
 
+def test_bad_input_with_workers_stops_them(tmp_path: Path, bpe: Path) -> None:
+    inputs, _ = write_inputs(tmp_path, documents(30, seed=5))
+    (tmp_path / "z-bad.txt").write_bytes(b"fine \x80 then not")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"z-bad\.txt' is not UTF-8 text: invalid start byte at byte 5"):
+        prepare([*inputs, tmp_path / "z-bad.txt"], bpe, tmp_path / "c", PrepareOptions(workers=2, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_tokenizer_and_out_errors(tmp_path: Path, bpe: Path) -> None:
     (tmp_path / "a.txt").write_text("one document")
     (tmp_path / "b.txt").write_text("another one")
@@ -217,9 +226,9 @@ def test_corrupt_shards_are_refused(tmp_path: Path, bpe: Path) -> None:
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=r"train-00000\.bin', listed in manifest\.json, does not exist"):
         load_tokens(TrainConfig(data=str(out)))
+    other = make_word_level(tmp_path / "other", 300)
+    prepare(inputs, bpe, tmp_path / "c2", PrepareOptions(**QUIET))
     with pytest.raises(ValueError, match="--tokenizer .* is not the tokenizer the corpus was prepared with"):
-        other = make_word_level(tmp_path / "other", 300)
-        prepare(inputs, bpe, tmp_path / "c2", PrepareOptions(**QUIET))
         load_tokens(TrainConfig(data=str(tmp_path / "c2"), tokenizer=str(other)))
 
 

@@ -48,6 +48,13 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return encode_documents(_worker_state["tokenizer"], texts, _worker_state["eos_id"])
 
 
+def _start_method() -> str:
+    """fork where there is one: a worker starts in milliseconds and needs no `__main__` guard in
+    the calling script. The workers never call MPI or a tokenizer thread pool the parent started
+    (the parent encodes nothing itself when there are workers), and leave through os._exit."""
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def text_batches(documents: Iterable[Any]) -> Iterator[tuple[list[str], int]]:
     """(texts, disk bytes) of consecutive documents, about BATCH_BYTES of text each."""
     texts: list[str] = []
@@ -72,12 +79,12 @@ def encoded_batches(
         for texts, disk in batches:
             yield (*encode_documents(tokenizer, texts, eos_id), disk)
         return
-    # Inherited by the workers: one tokenizer thread each, and no MPI_Init when they import the
-    # package (under mpiexec a worker would otherwise try to join the parent's job).
+    # Inherited by the workers: one tokenizer thread each, and (spawned) no MPI_Init when they
+    # import the package (under mpiexec a worker would otherwise try to join the parent's job).
     previous = {name: os.environ.get(name) for name in _WORKER_ENV}
     os.environ.update(_WORKER_ENV)
     try:
-        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold MPI or threads
+        context = multiprocessing.get_context(_start_method())
         with context.Pool(workers, initializer=_init_worker, initargs=(str(folder), eos_id)) as pool:
             in_flight: deque = deque()
             for texts, disk in batches:

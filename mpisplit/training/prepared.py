@@ -22,15 +22,9 @@ from mpisplit.data.tokenizer import tokenizer_digests
 from mpisplit.data.tokens import ShardedTokens
 from mpisplit.models.hf import read_config as read_hf_config
 from mpisplit.models.hf_tokenizer import load_hf_tokenizer
+from mpisplit.training import data as inputs
 from mpisplit.training.config import TrainConfig
-from mpisplit.training.data import (
-    TextDataset,
-    TokenDataset,
-    default_corpus,
-    ids_digest,
-    load_text,
-    load_token_ids,
-)
+from mpisplit.training.data import TextDataset, TokenDataset
 
 
 class PreparedDataset(TokenDataset):
@@ -64,12 +58,12 @@ def load_tokens(config: TrainConfig, rank: int = 0, size: int = 1) -> tuple[Toke
         raise ValueError(f"--tokenizer {config.tokenizer!r} has no tokenizer: expected tokenizer.json, "
                          "or vocab.json + merges.txt")
     if config.data is None:
-        ids = tok.encode(default_corpus())
+        ids = tok.encode(inputs.default_corpus())
     elif Path(config.data).suffix == ".npy" or _holds_integers(config.data):
-        ids = load_token_ids(config.data, tok.vocab_size)
+        ids = inputs.load_token_ids(config.data, tok.vocab_size)
     else:
-        ids = tok.encode(load_text(config.data))
-    return TextDataset.from_ids(ids, tok.vocab_size), ids_digest(ids), None
+        ids = tok.encode(inputs.load_text(config.data))
+    return TextDataset.from_ids(ids, tok.vocab_size), inputs.ids_digest(ids), None
 
 
 def _prepared(config: TrainConfig, rank: int, size: int) -> tuple[TokenDataset, str, Any]:
@@ -111,5 +105,5 @@ def _tokenizer_folder(folder: str) -> Path:
 
 
 def _holds_integers(path: str) -> bool:
-    words = load_text(path).replace(",", " ").split()
+    words = inputs.load_text(path).replace(",", " ").split()
     return bool(words) and all(w.lstrip("-").isdigit() for w in words)
