@@ -4,6 +4,7 @@
     mpirun -n 4 mpisplit train --tp 2 --dp 2     # 2-way data x 2-way tensor parallel
     mpirun -n 4 mpisplit train --pp 2 --tp 2 --micro-batches 4   # 2 pipeline stages of tp=2
     mpirun -n 2 mpisplit train --data input.txt --steps 2000 --out runs/shakespeare
+    mpirun -n 4 mpisplit train --data data/corpus --tokenizer tok   # a prepared corpus (mpisplit prepare)
     mpirun -n 4 mpisplit train --out runs/x --resume   # continue from runs/x/latest
 
 Rank 0 shows progress, prints train/validation loss against the corpus's unigram entropy, and
@@ -29,7 +30,8 @@ D = TrainConfig()
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Train a character-level GPT with tensor (layer-split) and data parallelism over MPI.",
+        prog=prog, description="Train a GPT (character-level, or with a tokenizer's vocabulary on a prepared corpus) "
+        "with tensor (layer-split), pipeline and data parallelism over MPI.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("parallelism")
