@@ -89,6 +89,16 @@ def test_resume_is_exact(work: Path, in_memory: dict[int, dict]) -> None:
     assert_same(records(work / "resumed"), in_memory, 1e-9)
 
 
+def test_fresh_model_has_the_tokenizers_vocabulary(work: Path) -> None:
+    """--tokenizer with --arch llama: a fresh Llama-family model whose vocabulary is the tokenizer's."""
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(work / "tok" / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    train(2, from_corpus("llama", "--arch", "llama", "--kv-heads", "2", "--steps", "2", "--tp", "2"), work)
+    meta = json.loads((work / "llama" / "step-00000002" / "index.json").read_text())["meta"]["config"]
+    assert meta["family"] == "llama" and meta["vocab_size"] == vocab == 257
+
+
 def test_init_from_checks_the_tokenizer(work: Path) -> None:
     """A checkpoint of a run on the corpus, exported with its tokenizer, fine-tunes on it; a
     folder with another tokenizer is refused on every rank."""
