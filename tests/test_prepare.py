@@ -244,3 +244,21 @@ def test_command_line(tmp_path: Path, bpe: Path) -> None:
     bad = subprocess.run(cmd, check=False, capture_output=True, text=True, env=clean_mpi_env(), timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: --out {str(tmp_path / 'c')!r} already exists: choose a new folder (prepare never overwrites)"]
+
+
+def test_npy_ids_are_memory_mapped(tmp_path: Path) -> None:
+    from mpisplit.training.data import TextDataset, load_token_ids
+
+    ids = np.random.default_rng(0).integers(0, 500, size=4000).astype(np.uint16)
+    np.save(tmp_path / "ids.npy", ids)
+    mapped = load_token_ids(tmp_path / "ids.npy", 500)
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.uint16
+    data = TextDataset.from_ids(mapped, 500)
+    assert isinstance(data.train, np.memmap)  # split without a copy
+    memory = TextDataset.from_ids(ids.astype(np.int64), 500)
+    for split in ("train", "val"):
+        x, y = data.batch(split, 1, 3, 8, 32)
+        assert x.dtype == np.int64
+        assert np.array_equal(x, memory.batch(split, 1, 3, 8, 32)[0]) and np.array_equal(y, memory.batch(split, 1, 3, 8, 32)[1])
+    with pytest.raises(ValueError, match=r"lie in \[0, 499\]; the model has 400"):
+        load_token_ids(tmp_path / "ids.npy", 400)

@@ -24,6 +24,7 @@ from mpisplit.data.prepare import PrepareOptions, prepare
 pytestmark = pytest.mark.timeout(300)
 STEPS = 12
 HELPER = Path(__file__).with_name("_train_in_memory.py")
+TRAIN_PY = [str(Path(__file__).parents[1] / "train.py")]
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +114,6 @@ def test_init_from_checks_the_tokenizer(work: Path) -> None:
     bad = launch(2, [*TRAIN_PY, *flags("x", "--data", "corpus", "--init-from", "hf", "--steps", "2")], work)
     assert_one_error_line(bad, "--init-from 'hf' is not the tokenizer the corpus was prepared with",
                           "in ['tokenizer.json']")
-
-
-TRAIN_PY = [str(Path(__file__).parents[1] / "train.py")]
 
 
 def _corrupt(work: Path, case: str) -> tuple[list[str], list[str]]:
