@@ -20,6 +20,7 @@ from typing import Any
 from mpisplit.data.manifest import check_digests, check_sizes, is_prepared, read_manifest
 from mpisplit.data.tokenizer import tokenizer_digests
 from mpisplit.data.tokens import ShardedTokens
+from mpisplit.models.hf import is_gguf
 from mpisplit.models.hf import read_config as read_hf_config
 from mpisplit.models.hf_tokenizer import load_hf_tokenizer
 from mpisplit.training import data as inputs
@@ -87,6 +88,12 @@ def _prepared(config: TrainConfig, rank: int, size: int) -> tuple[TokenDataset, 
 
 def check_tokenizer(manifest: dict[str, Any], folder: str, flag: str) -> None:
     """The tokenizer files of `folder` are the ones the corpus was prepared with (sha256)."""
+    if is_gguf(folder):
+        raise ValueError(
+            f"{flag} {folder!r}: the tokenizer inside a GGUF file cannot be checked against the corpus's "
+            f"tokenizer files; convert it first (mpisplit convert --from-gguf {folder} FOLDER), prepare the "
+            f"corpus with FOLDER and pass {flag} FOLDER"
+        )
     have = tokenizer_digests(_tokenizer_folder(folder))
     want = manifest["tokenizer"]["files"]
     if have != want:
