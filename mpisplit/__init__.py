@@ -7,8 +7,9 @@
     loss = model.loss(idx, targets); loss.backward(); opt.step(); opt.zero_grad()
 
 The layers, from the bottom: runtime/ (arrays, devices, errors, faults), autograd/, parallel/
-(communicators, grid, differentiable collectives), nn/ (split layers), models/, training/
-(the loop, optimizers, checkpoints), cli/ (the `mpisplit` command). Each imports only those below.
+(communicators, grid, differentiable collectives), nn/ (split layers), models/, data/ (prepared
+corpora), training/ (the loop, optimizers, checkpoints), cli/ (the `mpisplit` command). Each imports
+only those below.
 """
 
 __version__ = "0.1.0"

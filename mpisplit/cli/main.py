@@ -1,5 +1,6 @@
 """The `mpisplit` command: one subcommand per job, each with its own --help.
 
+    mpisplit prepare --tokenizer FOLDER --out data/corpus docs/   # token shards for --data
     mpirun -n 4 mpisplit train --steps 600          # = python train.py
     mpirun -n 2 mpisplit generate --ckpt out --prompt "The "
     mpirun -n 2 mpisplit serve --ckpt out --port 8000
@@ -18,6 +19,7 @@ from mpisplit import __version__
 
 # name -> (module with main(argv, prog) and USER_ERRORS, one line of help)
 COMMANDS = {
+    "prepare": ("mpisplit.cli.prepare", "tokenize a corpus once into memory-mapped token shards"),
     "train": ("mpisplit.cli.train", "train a GPT over MPI ranks (tensor and data parallel)"),
     "generate": ("mpisplit.cli.generate", "generate text from a checkpoint or a Hugging Face GPT-2 folder"),
     "serve": ("mpisplit.cli.serve", "serve a model over an OpenAI-compatible HTTP API from all ranks"),

@@ -4,6 +4,7 @@
     mpirun -n 4 mpisplit train --tp 2 --dp 2     # 2-way data x 2-way tensor parallel
     mpirun -n 4 mpisplit train --pp 2 --tp 2 --micro-batches 4   # 2 pipeline stages of tp=2
     mpirun -n 2 mpisplit train --data input.txt --steps 2000 --out runs/shakespeare
+    mpirun -n 4 mpisplit train --data data/corpus --tokenizer tok   # a prepared corpus (mpisplit prepare)
     mpirun -n 4 mpisplit train --out runs/x --resume   # continue from runs/x/latest
 
 Rank 0 shows progress, prints train/validation loss against the corpus's unigram entropy, and
@@ -29,7 +30,8 @@ D = TrainConfig()
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Train a character-level GPT with tensor (layer-split) and data parallelism over MPI.",
+        prog=prog, description="Train a GPT (character-level, or with a tokenizer's vocabulary on a prepared corpus) "
+        "with tensor (layer-split), pipeline and data parallelism over MPI.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("parallelism")
@@ -88,11 +90,14 @@ def _optimisation(g: argparse._ArgumentGroup) -> None:
 
 def _output(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data", type=str, default=D.data, help="UTF-8 text file (default: CPython's documentation "
-                   "text); with --init-from: token ids (.npy, or integers separated by spaces or commas), "
-                   "or text when the folder has a tokenizer")
+                   "text), a folder from `mpisplit prepare`, or with --init-from/--tokenizer: token ids (.npy, or "
+                   "integers separated by spaces or commas), or text encoded by the folder's tokenizer")
     g.add_argument("--init-from", type=str, default=D.init_from, metavar="FOLDER",
                    help="fine-tune from a Hugging Face folder (config.json + model.safetensors) of GPT-2 or the "
                    "Llama family (llama, qwen2, mistral), or a GGUF file (FILE.gguf); the model's shape is taken from it")
+    g.add_argument("--tokenizer", type=str, default=D.tokenizer, metavar="FOLDER",
+                   help="a fresh model whose vocabulary is this tokenizer's (tokenizer.json, or vocab.json + "
+                   "merges.txt); a prepared --data must have been prepared with it")
     g.add_argument("--out", type=str, default=D.out, help="run folder: metrics, checkpoints, sample, loss curve")
     g.add_argument("--eval-every", type=int, default=D.eval_every, help="steps between validation evaluations")
     g.add_argument("--eval-iters", type=int, default=D.eval_iters, help="validation batches per evaluation")

@@ -51,8 +51,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm (0: off)
     seed: int = 1337
     # ---- data and output
-    data: str | None = None  # UTF-8 text file (None: CPython's documentation text); token ids with init_from
+    data: str | None = None  # UTF-8 text file (None: CPython's documentation text), token ids, or a prepared corpus
     init_from: str | None = None  # fine-tune from a Hugging Face folder (GPT-2 or Llama family) or a GGUF file
+    tokenizer: str | None = None  # a fresh model with this Hugging Face tokenizer folder's vocabulary
     out: str = "out"  # run folder: metrics, checkpoints, sample, loss curve
     eval_every: int = 100  # steps between validation evaluations
     eval_iters: int = 8  # validation batches per evaluation

@@ -15,21 +15,32 @@ from mpisplit.runtime.errors import agree
 from mpisplit.training.amp import MixedPrecision
 from mpisplit.training.checkpoint import CheckpointReader
 from mpisplit.training.config import TrainConfig
-from mpisplit.training.data import TextDataset, default_corpus, load_text, load_token_ids
+from mpisplit.training.data import (
+    TextDataset,
+    TokenDataset,
+    default_corpus,
+    ids_digest,
+    load_text,
+    load_token_ids,
+)
 from mpisplit.training.optim import SGD, AdamW
+from mpisplit.training.prepared import load_tokens, uses_tokens
 from mpisplit.training.state import load_model, load_optimizer
 
 
 @dataclass
 class Data:
-    dataset: TextDataset
-    text: str  # what the ranks compare (token ids as latin-1 for id data)
+    dataset: TokenDataset
+    text: str  # what the ranks compare (the text, a digest of token ids, a prepared corpus's manifest)
     hf_config: GPTConfig | None  # the config of init_from (GPT-2 or Llama family)
 
 
-def load_data(config: TrainConfig) -> Data:
-    """The training text or token ids; raises ValueError naming the problem (call under agree)."""
-    if config.init_from is not None:
+def load_data(config: TrainConfig, rank: int = 0, size: int = 1) -> Data:
+    """The training text or token ids; raises ValueError naming the problem (call under agree on
+    every rank: `rank` of `size` checks its share of a prepared corpus's sha256)."""
+    if uses_tokens(config):  # a prepared corpus, or data encoded by --tokenizer
+        data = Data(*load_tokens(config, rank, size))
+    elif config.init_from is not None:
         if config.data is None:
             raise ValueError(
                 "--init-from needs --data: token ids (.npy, or integers separated by spaces or commas), "
@@ -37,7 +48,7 @@ def load_data(config: TrainConfig) -> Data:
             )
         hf_config = read_hf_config(config.init_from)
         ids = _fine_tuning_ids(config.data, config.init_from, hf_config.vocab_size)
-        data = Data(TextDataset.from_ids(ids, hf_config.vocab_size), ids.tobytes().decode("latin-1"), hf_config)
+        data = Data(TextDataset.from_ids(ids, hf_config.vocab_size), ids_digest(ids), hf_config)
     else:
         text = default_corpus() if config.data is None else load_text(config.data)
         data = Data(TextDataset(text), text, None)
@@ -72,7 +83,7 @@ class Model:
     resume_meta: dict | None
 
 
-def open_checkpoint(path: Path | None, config: TrainConfig, data: TextDataset, grid: Any) -> CheckpointReader | None:
+def open_checkpoint(path: Path | None, config: TrainConfig, data: TokenDataset, grid: Any) -> CheckpointReader | None:
     """The reader of the checkpoint to resume from, after checking it fits this run."""
     if path is None:
         return None
@@ -105,7 +116,8 @@ def model_config(config: TrainConfig, data: Data, reader: CheckpointReader | Non
 
 
 def fresh_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
-    """The shape of a model trained from scratch: GPT-2 parts, or Llama's with --arch llama."""
+    """The shape of a model trained from scratch: GPT-2 parts, or Llama's with --arch llama, with
+    the data's vocabulary (its characters, a prepared corpus's tokenizer or --tokenizer's)."""
     shape = {"vocab_size": vocab_size, "block_size": config.seq_len, "n_layer": config.layers,
              "n_head": config.heads, "n_embd": config.hidden, "dropout": config.dropout}
     if config.arch == "llama":

@@ -39,7 +39,6 @@ from mpisplit.runtime.faults import (
 from mpisplit.training import optim
 from mpisplit.training.checkpoint import latest_checkpoint
 from mpisplit.training.config import TrainConfig
-from mpisplit.training.data import unigram_entropy
 from mpisplit.training.plot import plot_run
 from mpisplit.training.run_log import RunLog
 from mpisplit.training.setup import build_model, load_data, open_checkpoint, rng_state
@@ -77,7 +76,7 @@ class Trainer:
         check_consistent(world, configuration=config.flags(), code=code_digests(list(code_files)))
         with agree(world):  # configuration and data: validated identically on every rank
             tp, dp = config.validate(world.Get_size())
-            data = load_data(config)
+            data = load_data(config, self.rank, world.Get_size())
             self.out = Path(config.out)
             resume_from = resolve_checkpoint(self.out) if config.resume else None
             self.faults = FaultInjector.from_env(self.rank)  # MPISPLIT_FAULT: a testing aid, inactive when unset
@@ -231,7 +230,7 @@ class Trainer:
             f"model: {cfg.n_layer} layers, hidden {cfg.n_embd}, {cfg.n_head} heads, context {c.seq_len}, "
             f"{self._num_parameters():,} parameters"
         )
-        self.entropy = unigram_entropy(self.data.train, self.data.vocab_size)
+        self.entropy = self.data.train_entropy()
         self.unit = "character" if self.data.tokenizer is not None else "token"
         say(f"unigram entropy of the training {self.unit}s: {self.entropy:.4f} nats (the loss of a context-free model)")
         if self.step:
@@ -290,7 +289,7 @@ class Trainer:
 
     def _sample(self) -> None:
         c, tok = self.config, self.data.tokenizer
-        prompt = tok.encode("\n")[None, :] if tok is not None and "\n" in tok.index else self.data.val[None, :1]
+        prompt = tok.encode("\n")[None, :] if tok is not None and "\n" in tok.index else self.data.val[:1][None, :]
         ids = self.model.generate(prompt, c.sample_len, temperature=0.8, top_k=20, seed=c.seed)
         sample = tok.decode(ids[0]) if tok is not None else " ".join(str(int(i)) for i in ids[0])
         if self.rank == 0:

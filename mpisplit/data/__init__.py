@@ -1,0 +1,13 @@
+"""Corpora prepared once and memory-mapped: `mpisplit prepare` writes token shards, a document
+index and manifest.json; training reads windows of them.
+
+    documents.py   the documents of the inputs (text files, JSONL lines, .gz, folders)
+    tokenizer.py   a tokenizer folder: its files' sha256, vocabulary, eos id
+    encode.py      batch encoding in worker processes
+    shards.py      writing one split's token shards and document index
+    prepare.py     the whole preparation, into a temporary folder renamed at the end
+    manifest.py    manifest.json: reading, checking shards against it
+    tokens.py      a split's shards memory-mapped read-only; windows copied out
+
+Sits above models/ (the tokenizer loader) and below training/.
+"""
