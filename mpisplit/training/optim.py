@@ -45,7 +45,11 @@ class Optimizer:
         self.lr = float(lr)
         self.step_count = 0
         # backward() writes the gradients into one flat block per dtype (reused every step)
-        grad_buffer.attach(self.params)
+        grad_buffer.attach(self.params, multiple=self._block_multiple())
+
+    def _block_multiple(self) -> int:
+        """The gradient block is padded to a multiple of this many elements."""
+        return 1
 
     def zero_grad(self) -> None:
         for p in self.params:

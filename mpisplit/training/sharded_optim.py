@@ -66,13 +66,18 @@ class ShardedAdamW(AdamW):
         self.dp_comm = dp_comm
         super().__init__(params, lr, betas, eps, weight_decay, decay_filter)
 
+    def _block_multiple(self) -> int:
+        return self.dp_comm.size  # every rank's part of the same length
+
     def _init_state(self) -> None:
         dp, r = self.dp_comm.size, self.dp_comm.rank
         index = {id(p): i for i, p in enumerate(self.params)}
         self.parts = []
         for buf in grad_buffer.attach(self.params, multiple=dp):
             xp = get_array_module(buf.flat)
-            data = xp.zeros_like(buf.flat)
+            # zeros (calloc'ed: pages appear as the parameters are copied in, while the arrays
+            # they replace are released), not zeros_like, which writes every page at once
+            data = xp.zeros(buf.flat.size, dtype=buf.flat.dtype)
             m = data.size // dp
             part = _Part(buf, data, m, r * m)
             offset = 0
