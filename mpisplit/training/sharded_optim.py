@@ -34,6 +34,7 @@ import numpy as np
 
 from mpisplit.nn.module import Parameter
 from mpisplit.parallel.comm import HOST_ALLREDUCE_CHUNK_BYTES
+from mpisplit.runtime.allocator import release_free_memory
 from mpisplit.runtime.backend import get_array_module, is_low_precision, to_numpy
 from mpisplit.training import grad_buffer
 from mpisplit.training.optim import AdamW, _decays
@@ -90,6 +91,8 @@ class ShardedAdamW(AdamW):
                 offset += p.size
             part.moments = {kind: xp.zeros(m, dtype=data.dtype) for kind in KINDS}
             self.parts.append(part)
+        if isinstance(self.parts[0].data, np.ndarray):
+            release_free_memory()  # the parameters' first arrays, now copied into the blocks
         self._offsets = {}  # parameter index -> (part, offset in the block)
         for part in self.parts:
             offset = 0
@@ -122,10 +125,9 @@ class ShardedAdamW(AdamW):
             return
         for part in self.parts:
             blocks = part.grads.flat.reshape(dp, part.m)  # row q: rank q's part
-            mine = blocks[self.dp_comm.rank]
             for s in self._pieces(part):
-                mine[s] = self.dp_comm.reduce_scatter(blocks[:, s], axis=0)[0]
-            mine *= 1.0 / dp
+                self.dp_comm.reduce_scatter_rows_(blocks, s)
+            blocks[self.dp_comm.rank] *= 1.0 / dp
 
     def clip_grad_norm(self, max_norm: float, tp_comm: Any, pp_comm: Any = None) -> float:
         """Scale this rank's part so that the global gradient norm is at most max_norm;
@@ -179,9 +181,8 @@ class ShardedAdamW(AdamW):
         if dp == 1:
             return
         blocks = part.data.reshape(dp, part.m)
-        mine = blocks[self.dp_comm.rank]
         for s in self._pieces(part):
-            blocks[:, s] = self.dp_comm.allgather(mine[None, s], axis=0)
+            self.dp_comm.allgather_rows_(blocks, s)
 
     # ------------------------------------------------------------------ memory and checkpoints
 
@@ -202,11 +203,9 @@ class ShardedAdamW(AdamW):
             for kind in KINDS:
                 full = xp.empty(dp * part.m, dtype=part.data.dtype)
                 blocks = full.reshape(dp, part.m)
+                blocks[self.dp_comm.rank] = part.moments[kind]
                 for s in self._pieces(part):
-                    if dp == 1:
-                        blocks[:, s] = part.moments[kind][None, s]
-                    else:
-                        blocks[:, s] = self.dp_comm.allgather(part.moments[kind][None, s], axis=0)
+                    self.dp_comm.allgather_rows_(blocks, s)
                 for i, (owner, offset) in self._offsets.items():
                     if owner is part:
                         p = self.params[i]
