@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,6 @@ ROWS_PER_RANK = 2  # sequences per DP rank and step
 
 
 def _rss_now() -> int:
-    import os
-
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -68,6 +68,7 @@ class Run:
         t = cfg["block_size"]
         self.x = rng.integers(0, cfg["vocab_size"], (ROWS_PER_RANK, t))
         self.y = rng.integers(0, cfg["vocab_size"], (ROWS_PER_RANK, t))
+        self.update_s: list[float] = []
 
     def state_bytes(self) -> int:
         if self.sharded:
@@ -78,6 +79,7 @@ class Run:
         grid, params = self.grid, self.model.parameters()
         loss = self.model.loss(self.x, self.y)
         loss.backward()
+        t0 = time.perf_counter()
         if self.sharded:
             self.opt.reduce_scatter_gradients()
             self.opt.clip_grad_norm(1.0, grid.tp_comm)
@@ -85,6 +87,7 @@ class Run:
             self.optim.average_gradients(params, grid.dp_comm)
             self.optim.clip_grad_norm(params, 1.0, grid.tp_comm)
         self.opt.step()
+        self.update_s.append(time.perf_counter() - t0)  # this rank's DP reduction, clip and update
         self.opt.zero_grad()
         return float(loss.data)
 
@@ -136,7 +139,12 @@ def child_time(cfg: dict, warmup: int, reps: int) -> dict:
     runs = {"unsharded": Run(ms, grid, cfg, False), "sharded": Run(ms, grid, cfg, True)}
     times = common.time_interleaved({k: r.step for k, r in runs.items()}, comm, warmup, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"dp": comm.Get_size(), "times": times, "median_s": med, "ratio": med["sharded"] / med["unsharded"]}
+    # the phase that differs: gradient reduction + clip + update (+ all-gather), slowest rank
+    update = {k: common.max_over_ranks(comm, r.update_s[-reps:]) for k, r in runs.items()}
+    upd = {k: statistics.median(v) for k, v in update.items()}
+    return {"dp": comm.Get_size(), "times": times, "median_s": med, "ratio": med["sharded"] / med["unsharded"],
+            "update_times": update, "update_median_s": upd, "update_ratio": upd["sharded"] / upd["unsharded"],
+            "load_average": os.getloadavg()[0]}
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -167,7 +175,8 @@ def main() -> None:
     ap.add_argument("--dps", type=int, nargs="+", default=[1, 2, 4], help="dp sizes of the memory rows")
     ap.add_argument("--reps", type=int, default=8, help="timed steps of each optimizer at dp = 2")
     ap.add_argument("--timeout", type=float, default=1800.0)
-    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"folder for bench_shard_optimizer.json (default {common.RESULTS_DIR}; none with --smoke)")
     ap.add_argument("--part", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["memory", "time"], help=argparse.SUPPRESS)
     ap.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
@@ -177,12 +186,13 @@ def main() -> None:
         return
     memory = {(dp, s): _launch(args, dp, ["--mode", "memory", *(["--sharded"] if s else [])])
               for dp in args.dps for s in (False, True)}
-    timing = _launch(args, 2, ["--mode", "time"])
+    timing = _launch(args, 2, ["--mode", "time", "--reps", str(args.reps)])
     rows = _report(memory, timing)
     result = {"machine": common.machine_info(), "model": SMOKE if args.smoke else FULL, "rows_per_rank": ROWS_PER_RANK,
               "memory": rows, "time_dp2": timing}
-    if not args.smoke:
-        print(f"wrote {common.write_json(args.out / 'bench_shard_optimizer.json', result)}")
+    out = args.out if args.out is not None else None if args.smoke else common.RESULTS_DIR
+    if out is not None:
+        print(f"wrote {common.write_json(out / 'bench_shard_optimizer.json', result)}")
 
 
 def _report(memory: dict, timing: dict) -> list[dict]:
@@ -198,13 +208,16 @@ def _report(memory: dict, timing: dict) -> list[dict]:
         rss, rss_plain = (max(r["delta_rss"] for r in p) for p in (part["per_rank"], plain))
         row = {"dp": dp, "state_bytes": state, "unsharded_state_bytes": total, "of_one_dp_th": state / (total / dp),
                "peak_rss_bytes": rss, "unsharded_peak_rss_bytes": rss_plain, "rss_ratio": rss / rss_plain,
-               "same_losses": part["losses"] == memory[dp, False]["losses"]}
+               "loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(part["losses"], memory[dp, False]["losses"]))}
         rows.append(row)
         print(f"{dp:>3} {state / 2**20:>15.1f} {total / 2**20:>10.1f} {row['of_one_dp_th']:>9.4f} "
               f"{rss / 2**20:>13.1f} {rss_plain / 2**20:>10.1f} {row['rss_ratio']:>6.3f}")
     med = timing["median_s"]
     print(f"step at dp 2: sharded {med['sharded']:.3f} s, unsharded {med['unsharded']:.3f} s, "
           f"ratio {timing['ratio']:.3f} (median of {len(timing['times']['sharded'])} interleaved steps)")
+    upd = timing["update_median_s"]
+    print(f"  of which DP reduction + clip + update: sharded {1000 * upd['sharded']:.1f} ms, unsharded "
+          f"{1000 * upd['unsharded']:.1f} ms, ratio {timing['update_ratio']:.3f} (load {timing['load_average']:.1f})")
     return rows
 
 
