@@ -18,6 +18,7 @@ frameworks are compared as a check that both ran the same model on the same batc
   python benchmarks/bench_vs_torch.py --rounds 5 --fresh --numpy --cases h1024
   python benchmarks/bench_vs_torch.py --pretrained-vs-fresh   # both models in one process
   python benchmarks/bench_vs_torch.py --profile --cases h1024 h512-v8192   # where mpisplit's step goes
+  python benchmarks/bench_vs_torch.py --one-process --cases h1024   # both frameworks in one process
 """
 
 from __future__ import annotations
@@ -203,6 +204,21 @@ def pretrained_vs_fresh(name: str, folder: Path, steps: int) -> dict:
             "pretrained/fresh": med["pretrained"] / med["fresh"]}
 
 
+def torch_vs_mpisplit_one_process(name: str, folder: Path, steps: int) -> dict:
+    """Both frameworks in one process, their steps alternated one by one (one thread each): the
+    ratio on a machine whose speed drifts (other jobs), where separate processes are not
+    comparable."""
+    common.limit_threads(1)
+    from mpisplit import kernels
+
+    theirs, _ = torch_step(name, folder)
+    mine, _ = mpisplit_step(name, folder, fresh=False)
+    kernels.warm_up()
+    med = _alternate({"torch": theirs, "mpisplit": mine}, {}, 2 * steps)
+    return {"case": name, "torch ms": 1000 * med["torch"], "mpisplit ms": 1000 * med["mpisplit"],
+            "mpisplit/torch": med["mpisplit"] / med["torch"], "load": os.getloadavg()[0]}
+
+
 def kernels_ab(name: str, folder: Path, steps: int) -> dict:
     """One model, its steps alternated with the fused kernels on and off (the NumPy path)."""
     from mpisplit import kernels
@@ -300,6 +316,8 @@ def main() -> None:
                    help="only compare from_pretrained with a fresh model, in one process")
     p.add_argument("--kernels-ab", action="store_true",
                    help="only compare the fused kernels with the NumPy path, in one process")
+    p.add_argument("--one-process", action="store_true",
+                   help="only time torch against mpisplit in one process, steps alternated")
     p.add_argument("--profile", action="store_true",
                    help="only profile mpisplit's step of each case (cProfile, one process, one thread)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
@@ -320,8 +338,9 @@ def main() -> None:
                 print(f"CPU: {common.machine_info()['cpu']}; {name}: {res['step ms']:.0f} ms per step under cProfile")
                 print(common.format_table(res["top"], ["function", "ms per step", "share", "calls per step"]))
         return
-    if args.pretrained_vs_fresh or args.kernels_ab:
-        one = pretrained_vs_fresh if args.pretrained_vs_fresh else kernels_ab
+    if args.pretrained_vs_fresh or args.kernels_ab or args.one_process:
+        one = (pretrained_vs_fresh if args.pretrained_vs_fresh else kernels_ab if args.kernels_ab
+               else torch_vs_mpisplit_one_process)
         with tempfile.TemporaryDirectory() as tmp:
             rows = []
             for name in args.cases:
