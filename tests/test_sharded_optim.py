@@ -133,8 +133,10 @@ def test_resume_across_sharded_unsharded_and_dp(runs: dict, folder: Path) -> Non
     # the batch in another order (1e-10, as test_trainer's dp against one rank)
     got = _resume(folder, half(sharded), f"to-dp1-{rank}", MPI.COMM_SELF, shard_optimizer=False)
     _same_histories(got, want, 1e-10)
-    if n > 1 and n % 2 == 0:  # sharded at dp = n into sharded at dp = n / 2 (x tp = 2)
-        got = _resume(folder, half(sharded), "to-dp-half", None, shard_optimizer=True, tp=2)
+    if n > 1 and n % 2 == 0:  # sharded at dp = n into sharded at dp = n / 2, x tp = 2 or x pp = 2
+        got = _resume(folder, half(sharded), "to-dp-half-tp", None, shard_optimizer=True, tp=2)
+        _same_histories(got, want, 1e-10)
+        got = _resume(folder, half(sharded), "to-dp-half-pp", None, shard_optimizer=True, pp=2)
         _same_histories(got, want, 1e-10)
 
 
