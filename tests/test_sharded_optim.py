@@ -194,6 +194,11 @@ def test_reduce_scatter_all_gather_counts_bytes_and_values(monkeypatch: pytest.M
     tp_comm.free()
 
 
+def test_sharded_adamw_needs_a_communicator() -> None:
+    with pytest.raises(TypeError, match="ShardedAdamW takes the DP Communicator .grid.dp_comm., got Intracomm"):
+        sharded_optim.ShardedAdamW(_params(), MPI.COMM_WORLD)
+
+
 def test_shard_optimizer_needs_adamw(folder: Path) -> None:
     with pytest.raises(ValueError, match="--shard-optimizer shards AdamW's moments: use it with --optimizer adamw"):
         train(_config(folder / "bad", folder / "text.txt", shard_optimizer=True, optimizer="sgd"))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mpisplit.nn.module import Parameter
-from mpisplit.parallel.comm import HOST_ALLREDUCE_CHUNK_BYTES
+from mpisplit.parallel.comm import HOST_ALLREDUCE_CHUNK_BYTES, Communicator
 from mpisplit.runtime.allocator import release_free_memory
 from mpisplit.runtime.backend import get_array_module, is_low_precision, to_numpy
 from mpisplit.training import grad_buffer
@@ -64,6 +64,8 @@ class ShardedAdamW(AdamW):
         self, params: Iterable[Parameter], dp_comm: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8, weight_decay: float = 0.0, decay_filter: Callable[[Parameter], bool] = _decays,
     ) -> None:
+        if not isinstance(dp_comm, Communicator):
+            raise TypeError(f"ShardedAdamW takes the DP Communicator (grid.dp_comm), got {type(dp_comm).__name__}")
         self.dp_comm = dp_comm
         super().__init__(params, lr, betas, eps, weight_decay, decay_filter)
 
@@ -74,6 +76,7 @@ class ShardedAdamW(AdamW):
         dp, r = self.dp_comm.size, self.dp_comm.rank
         index = {id(p): i for i, p in enumerate(self.params)}
         self.parts = []
+        self._offsets = {}  # parameter index -> (its part, its offset in the block)
         for buf in grad_buffer.attach(self.params, multiple=dp):
             xp = get_array_module(buf.flat)
             # zeros (calloc'ed: pages appear as the parameters are copied in, while the arrays
@@ -83,6 +86,7 @@ class ShardedAdamW(AdamW):
             part = _Part(buf, data, m, r * m)
             offset = 0
             for p in buf.params:
+                self._offsets[index[id(p)]] = (part, offset)
                 data[offset: offset + p.size] = p.data.reshape(-1)
                 p.data = data[offset: offset + p.size].reshape(p.shape)
                 lo, hi = max(offset, part.lo), min(offset + p.size, part.lo + m)
@@ -93,12 +97,6 @@ class ShardedAdamW(AdamW):
             self.parts.append(part)
         if isinstance(self.parts[0].data, np.ndarray):
             release_free_memory()  # the parameters' first arrays, now copied into the blocks
-        self._offsets = {}  # parameter index -> (part, offset in the block)
-        for part in self.parts:
-            offset = 0
-            for p in part.grads.params:
-                self._offsets[index[id(p)]] = (part, offset)
-                offset += p.size
 
     # ------------------------------------------------------------------ the step
 
