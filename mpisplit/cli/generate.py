@@ -22,7 +22,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
-    src.add_argument("--hf", help="a folder with config.json and model.safetensors in the Hugging Face GPT-2 layout")
+    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank dequantizes its slices")
+    src.add_argument("--hf", help="a Hugging Face folder (config.json, model.safetensors, a tokenizer) of GPT-2 "
+                     "or the Llama family (llama, qwen2, mistral)")
     p.add_argument("--prompt", default=None,
                    help="prompt text (a character-level checkpoint, or a folder with a tokenizer)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (models without a tokenizer)")
@@ -33,6 +35,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="cap the context (rotary models: the Llama family declares 8k-128k positions)")
     return p.parse_args(argv)
 
 
@@ -42,11 +46,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpi4py import MPI
 
     import mpisplit as ms
-    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
     from mpisplit.runtime.errors import agree, install_abort_on_exception
-    from mpisplit.training.checkpoint import CheckpointReader
-    from mpisplit.training.data import CharTokenizer
-    from mpisplit.training.state import load_model, resolve_checkpoint
+    from mpisplit.serving.loading import load_model_and_tokenizer
+    from mpisplit.training.state import resolve_checkpoint
 
     world = MPI.COMM_WORLD
     install_abort_on_exception(world)
@@ -61,22 +63,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         path = resolve_checkpoint(args.ckpt) if args.ckpt else None
     ms.limit_blas_threads(world)
     grid = ms.ProcessGrid(tp=tp)
-    tokenizer = None
-    if path is not None:
-        reader = CheckpointReader(path, grid.world)
-        with agree(world):
-            cfg = ms.GPTConfig(**reader.meta["config"])
-            cfg.validate(grid.tp)
-            chars = reader.meta.get("tokenizer")
-            tokenizer = CharTokenizer(chars) if chars else None
-        model = ms.GPT(cfg, grid, dtype=args.dtype, init=False)
-        load_model(reader, model)
-        reader.close()
-    else:
-        model = ms.GPT.from_pretrained(args.hf, grid, dtype=args.dtype)
-        cfg = model.config
-        with agree(world):
-            tokenizer = load_hf_tokenizer(args.hf, cfg.vocab_size)
+    model, tokenizer = load_model_and_tokenizer(grid, ckpt=None if path is None else str(path), hf=args.hf, gguf=args.gguf,
+                                                dtype=args.dtype, max_model_len=args.max_model_len)
+    cfg = model.config
     with agree(world):
         if args.prompt is not None:
             if tokenizer is None:

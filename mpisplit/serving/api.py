@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front end (starlette), run by uvicorn in a thread of rank 0.
 
-    POST /v1/completions   GET /v1/models   GET /health   GET /metrics
+    POST /v1/completions   POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics
 
 Nothing here calls MPI: a request is validated, handed to the Controller, and its events come
 back through an asyncio queue fed from the engine thread.
@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,7 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mpisplit.serving.chat import ChatLayout, validate_chat
 from mpisplit.serving.controller import Controller, Submission
+from mpisplit.serving.templates import ChatTemplate
 from mpisplit.serving.validation import (
     ApiError,
     CompletionRequest,
@@ -53,13 +55,16 @@ async def _read_body(request: Request) -> bytes:
 class CompletionsApp:
     """The routes, bound to one controller and one model."""
 
-    def __init__(self, controller: Controller, model: ModelInfo, api_key: str | None = None) -> None:
+    def __init__(self, controller: Controller, model: ModelInfo, api_key: str | None = None,
+                 chat_template: ChatTemplate | None = None) -> None:
         self.controller, self.model, self.api_key = controller, model, api_key
+        self.chat_template = chat_template
         self.created = int(time.time())
 
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -90,9 +95,18 @@ class CompletionsApp:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def completions(self, request: Request) -> Response:
+        return await self._complete(request, lambda body: validate_completion(body, self.model), TextLayout)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(
+            request, lambda body: validate_chat(body, self.model, self.chat_template), ChatLayout)
+
+    async def _complete(self, request: Request, validate: Callable[[dict], CompletionRequest],
+                        layout_class: type) -> Response:
+        """Validate, submit and answer in `layout_class`'s layout (TextLayout, ChatLayout)."""
         try:
             self._authorise(request)
-            req = validate_completion(parse_body(await _read_body(request)), self.model)
+            req = validate(parse_body(await _read_body(request)))
         except ApiError as err:
             return error_response(err)
         loop = asyncio.get_running_loop()
@@ -107,14 +121,13 @@ class CompletionsApp:
             return error_response(ApiError(
                 f"the queue is full ({self.controller.max_queue} requests waiting); retry later",
                 status=429, kind="rate_limit_error"))
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
-                "created": int(time.time()), "model": self.model.name}
+        layout = layout_class(self.model.name, req.logprobs is not None)
         if req.stream:
-            return StreamingResponse(self._stream(sub, req, head, events), media_type="text/event-stream",
+            return StreamingResponse(self._stream(sub, req, layout, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._collect(request, sub, req, head, events)
+        return await self._collect(request, sub, req, layout, events)
 
-    async def _collect(self, request: Request, sub: Submission, req: CompletionRequest, head: dict,
+    async def _collect(self, request: Request, sub: Submission, req: CompletionRequest, layout: Any,
                        events: asyncio.Queue) -> Response:
         pieces: list[dict] = []
         while True:
@@ -130,14 +143,14 @@ class CompletionsApp:
             pieces.append(ev)
             if ev["finish_reason"] is not None:
                 break
-        choice = _choice(pieces, req.logprobs is not None)
-        usage = _usage(req, sum(len(p["token_ids"]) for p in pieces))
-        return JSONResponse({**head, "choices": [choice], "usage": usage})
+        return JSONResponse(layout.whole(pieces, _usage(req, sum(len(p["token_ids"]) for p in pieces))))
 
-    async def _stream(self, sub: Submission, req: CompletionRequest, head: dict,
+    async def _stream(self, sub: Submission, req: CompletionRequest, layout: Any,
                       events: asyncio.Queue) -> AsyncIterator[bytes]:
         done, tokens = False, 0
         try:
+            for chunk in layout.opening():
+                yield _sse(chunk)
             while not done:
                 ev = await events.get()
                 if "error" in ev:
@@ -146,9 +159,10 @@ class CompletionsApp:
                     break
                 tokens += len(ev["token_ids"])
                 done = ev["finish_reason"] is not None
-                yield _sse({**head, "choices": [_choice([ev], req.logprobs is not None)]})
+                for chunk in layout.chunks(ev):
+                    yield _sse(chunk)
             if done and req.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(req, tokens)})
+                yield _sse(layout.usage_chunk(_usage(req, tokens)))
             yield b"data: [DONE]\n\n"
         finally:
             if not done:  # the client went away (or the request failed): free its slot
@@ -157,6 +171,27 @@ class CompletionsApp:
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class TextLayout:
+    """/v1/completions' answer and stream events (object "text_completion")."""
+
+    def __init__(self, model: str, with_logprobs: bool) -> None:
+        self.with_logprobs = with_logprobs
+        self.head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+                     "created": int(time.time()), "model": model}
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def chunks(self, ev: dict) -> list[dict]:
+        return [{**self.head, "choices": [_choice([ev], self.with_logprobs)]}]
+
+    def whole(self, pieces: list[dict], usage: dict) -> dict:
+        return {**self.head, "choices": [_choice(pieces, self.with_logprobs)], "usage": usage}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self.head, "choices": [], "usage": usage}
 
 
 def _choice(pieces: list[dict], with_logprobs: bool) -> dict:

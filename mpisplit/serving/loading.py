@@ -1,11 +1,11 @@
-"""A model and its tokenizer from an mpisplit checkpoint or a Hugging Face GPT-2 folder."""
+"""A model and its tokenizer from an mpisplit checkpoint or a Hugging Face folder (GPT-2 or Llama family)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from mpisplit.models import GPT, GPTConfig
-from mpisplit.models.hf_tokenizer import load_hf_tokenizer
+from mpisplit.models.hf import is_gguf, load_tokenizer, read_config
 from mpisplit.runtime.errors import agree
 from mpisplit.training.checkpoint import CheckpointReader
 from mpisplit.training.data import CharTokenizer
@@ -13,18 +13,25 @@ from mpisplit.training.state import load_model, resolve_checkpoint
 
 
 def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | None = None,
-                             dtype: str = "float32") -> tuple[GPT, Any]:
+                             dtype: str = "float32", max_model_len: int | None = None,
+                             gguf: str | None = None) -> tuple[GPT, Any]:
     """(model, tokenizer or None) on every rank; each rank reads only its slabs. Collective.
     A checkpoint's tokenizer is its character vocabulary; a folder's is tokenizer.json or
-    vocab.json + merges.txt (None without them: token ids only)."""
-    if (ckpt is None) == (hf is None):
-        raise ValueError("give exactly one of ckpt and hf")
+    vocab.json + merges.txt (None without them: token ids only); `hf` may also be a GGUF file. `max_model_len` caps the
+    context of a rotary model (the Llama family declares 8k-128k positions)."""
+    if (ckpt is None) + (hf is None) + (gguf is None) != 2:
+        raise ValueError("give exactly one of ckpt, hf and gguf")
+    if gguf is not None:
+        if not is_gguf(gguf):
+            raise ValueError(f"--gguf takes a .gguf file, got {gguf!r}")
+        hf = gguf  # read as the Llama-family folder it converts to
     if ckpt is not None:
         with agree(grid.world):
             path = resolve_checkpoint(ckpt)
         reader = CheckpointReader(path, grid.world)
         with agree(grid.world):
             cfg = GPTConfig(**reader.meta["config"])
+            cfg.block_size = capped_context(cfg, max_model_len)
             cfg.validate(grid.tp)
             chars = reader.meta.get("tokenizer")
             tokenizer = CharTokenizer(chars) if chars else None
@@ -32,7 +39,26 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
         load_model(reader, model)
         reader.close()
         return model, tokenizer
-    model = GPT.from_pretrained(hf, grid, dtype=dtype)
     with agree(grid.world):
-        tokenizer = load_hf_tokenizer(hf, model.config.vocab_size)
+        cfg = read_config(hf)
+        options = {"max_model_len": max_model_len} if cfg.positions == "rotary" else {}
+        capped_context(cfg, max_model_len)
+    model = GPT.from_pretrained(hf, grid, dtype=dtype, **options)
+    with agree(grid.world):
+        tokenizer = load_tokenizer(hf, model.config.vocab_size)
     return model, tokenizer
+
+
+def capped_context(cfg: GPTConfig, max_model_len: int | None) -> int:
+    """The context the model is run with: block_size, or less with max_model_len (rotary models
+    only: a learned position table's length is part of the weights)."""
+    if max_model_len is None:
+        return cfg.block_size
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len <= 0:
+        raise ValueError(f"--max-model-len must be a positive integer, got {max_model_len!r}")
+    if cfg.positions != "rotary":
+        if max_model_len < cfg.block_size:
+            raise ValueError(f"--max-model-len applies to rotary (Llama-family) models; this one has "
+                             f"{cfg.block_size} learned positions")
+        return cfg.block_size
+    return min(cfg.block_size, max_model_len)

@@ -39,6 +39,7 @@ class ServeOptions:
     api_key: str | None = None
     model_name: str = "mpisplit"
     drain_s: float = 10.0
+    chat_template: Any = None  # a templates.ChatTemplate; None: /v1/chat/completions answers 400
 
 
 def _start_http(controller: Controller, info: ModelInfo, opts: ServeOptions) -> tuple[Any, threading.Thread]:
@@ -46,7 +47,7 @@ def _start_http(controller: Controller, info: ModelInfo, opts: ServeOptions) -> 
 
     from mpisplit.serving.api import CompletionsApp
 
-    app = CompletionsApp(controller, info, opts.api_key).app()
+    app = CompletionsApp(controller, info, opts.api_key, opts.chat_template).app()
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
