@@ -17,6 +17,8 @@ frameworks are compared as a check that both ran the same model on the same batc
   python benchmarks/bench_vs_torch.py                  # the three cases, 3 rounds
   python benchmarks/bench_vs_torch.py --rounds 5 --fresh --numpy --cases h1024
   python benchmarks/bench_vs_torch.py --pretrained-vs-fresh   # both models in one process
+  python benchmarks/bench_vs_torch.py --profile --cases h1024 h512-v8192   # where mpisplit's step goes
+  python benchmarks/bench_vs_torch.py --one-process --cases h1024   # both frameworks in one process
 """
 
 from __future__ import annotations
@@ -202,6 +204,21 @@ def pretrained_vs_fresh(name: str, folder: Path, steps: int) -> dict:
             "pretrained/fresh": med["pretrained"] / med["fresh"]}
 
 
+def torch_vs_mpisplit_one_process(name: str, folder: Path, steps: int) -> dict:
+    """Both frameworks in one process, their steps alternated one by one (one thread each): the
+    ratio on a machine whose speed drifts (other jobs), where separate processes are not
+    comparable."""
+    common.limit_threads(1)
+    from mpisplit import kernels
+
+    theirs, _ = torch_step(name, folder)
+    mine, _ = mpisplit_step(name, folder, fresh=False)
+    kernels.warm_up()
+    med = _alternate({"torch": theirs, "mpisplit": mine}, {}, 2 * steps)
+    return {"case": name, "torch ms": 1000 * med["torch"], "mpisplit ms": 1000 * med["mpisplit"],
+            "mpisplit/torch": med["mpisplit"] / med["torch"], "load": os.getloadavg()[0]}
+
+
 def kernels_ab(name: str, folder: Path, steps: int) -> dict:
     """One model, its steps alternated with the fused kernels on and off (the NumPy path)."""
     from mpisplit import kernels
@@ -215,6 +232,35 @@ def kernels_ab(name: str, folder: Path, steps: int) -> dict:
     kernels.set_enabled(None)
     return {"case": name, "fused ms": 1000 * med["fused"], "numpy ms": 1000 * med["numpy"],
             "fused/numpy": med["fused"] / med["numpy"]}
+
+
+def profile_case(name: str, folder: Path, steps: int, top: int = 14) -> dict:
+    """mpisplit's step under cProfile (one thread, after warm-up): the functions with the most
+    own time, as a share of the profiled steps; what the time of a case goes to."""
+    import cProfile
+    import pstats
+
+    from mpisplit import kernels
+
+    common.limit_threads(1)
+    step, _ = mpisplit_step(name, folder, fresh=False)
+    kernels.warm_up()
+    for _ in range(2):
+        step()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    wall = (time.perf_counter() - t0) / steps
+    stats = pstats.Stats(prof).stats
+    total = sum(tt for _, _, tt, _, _ in stats.values())
+    rows = sorted(((tt, f"{Path(f).name}:{ln}({fn})" if f != "~" else fn, nc)
+                   for (f, ln, fn), (_, nc, tt, _, _) in stats.items()), reverse=True)[:top]
+    return {"case": name, "step ms": 1000 * wall,
+            "top": [{"function": fn, "ms per step": 1000 * tt / steps, "share": tt / total,
+                     "calls per step": nc / steps} for tt, fn, nc in rows]}
 
 
 # ---- parent: rounds, medians, ratios -----------------------------------------------------------
@@ -270,6 +316,10 @@ def main() -> None:
                    help="only compare from_pretrained with a fresh model, in one process")
     p.add_argument("--kernels-ab", action="store_true",
                    help="only compare the fused kernels with the NumPy path, in one process")
+    p.add_argument("--one-process", action="store_true",
+                   help="only time torch against mpisplit in one process, steps alternated")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile mpisplit's step of each case (cProfile, one process, one thread)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "bench_vs_torch.json")
     p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -280,8 +330,17 @@ def main() -> None:
         return
     if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
         p.error("--rounds, --steps and --warmup must be at least 1")
-    if args.pretrained_vs_fresh or args.kernels_ab:
-        one = pretrained_vs_fresh if args.pretrained_vs_fresh else kernels_ab
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.cases:
+                make_folder(name, Path(tmp) / name)
+                res = profile_case(name, Path(tmp) / name, args.steps)
+                print(f"CPU: {common.machine_info()['cpu']}; {name}: {res['step ms']:.0f} ms per step under cProfile")
+                print(common.format_table(res["top"], ["function", "ms per step", "share", "calls per step"]))
+        return
+    if args.pretrained_vs_fresh or args.kernels_ab or args.one_process:
+        one = (pretrained_vs_fresh if args.pretrained_vs_fresh else kernels_ab if args.kernels_ab
+               else torch_vs_mpisplit_one_process)
         with tempfile.TemporaryDirectory() as tmp:
             rows = []
             for name in args.cases:

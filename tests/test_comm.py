@@ -138,6 +138,41 @@ def test_reduce_scatter(comm: Communicator, dtype: type, axis: int, op: str) -> 
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [slice(0, 7), slice(2, 5), slice(6, 7), slice(3, 3)])
+def test_rows_in_place(comm: Communicator, dtype: type, cols: slice) -> None:
+    # (size, 7): row q is rank q's part; one column range per call, other columns untouched
+    size, r = comm.size, comm.rank
+    x = rank_data(r, (size, 7), dtype)
+    before = x.copy()
+    ref = np.sum(np.stack(all_data(size, (size, 7), dtype)), axis=0)
+    comm.reset_stats()
+    comm.reduce_scatter_rows_(x, cols)
+    want = before.copy()
+    want[r, cols] = ref[r, cols]
+    np.testing.assert_array_equal(x, want)
+    mine = [rank_data(q, (size, 7), dtype)[q] + 1 for q in range(size)]  # rank q's row, as q holds it
+    y = before.copy()
+    y[r] = mine[r]
+    comm.allgather_rows_(y, cols)
+    want = before.copy()
+    want[r] = mine[r]
+    for q in range(size):
+        want[q, cols] = mine[q][cols]
+    np.testing.assert_array_equal(y, want)
+    n = len(range(7)[cols])
+    each = {"calls": 1, "bytes": size * n * np.dtype(dtype).itemsize} if size > 1 else {"calls": 0, "bytes": 0}
+    stats = comm.stats()
+    assert stats["reduce_scatter"] == each and stats["allgather"] == each
+
+
+def test_rows_bad_input(comm: Communicator) -> None:
+    with pytest.raises(ValueError, match=r"needs a C-contiguous \(\d+, m\) array, got shape \(5,\)"):
+        comm.reduce_scatter_rows_(np.zeros(5), slice(0, 1))
+    with pytest.raises(TypeError, match="cols must be a slice with step 1"):
+        comm.allgather_rows_(np.zeros((comm.size, 4)), slice(0, 4, 2))
+
+
 def test_reduce_scatter_default_is_sum_over_axis0(comm: Communicator) -> None:
     shape = (comm.size, 3)
     total = np.sum(all_data(comm.size, shape, np.float64), axis=0)

@@ -79,6 +79,8 @@ def _optimisation(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--batch-size", type=int, default=D.batch_size,
                    help="global batch (sequences per step, over all DP ranks)")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default=D.optimizer)
+    g.add_argument("--shard-optimizer", action="store_true",
+                   help="hold 1/dp of the AdamW moments on each DP rank (reduce-scatter, update, all-gather)")
     g.add_argument("--lr", type=float, default=D.lr, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=D.min_lr, help="final learning rate (default: lr / 10)")
     g.add_argument("--warmup", type=int, default=D.warmup, help="linear warm-up steps")

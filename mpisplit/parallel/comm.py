@@ -37,6 +37,11 @@ KINDS = ("allreduce", "allgather", "reduce_scatter", "bcast")
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
 
+def _mpi_type(dtype: Any) -> MPI.Datatype:
+    """The MPI datatype of a NumPy dtype (for calls that take an explicit type)."""
+    return MPI._typedict[np.dtype(dtype).char]
+
+
 def _slices(n: int, step: int) -> list[slice]:
     # [0, n) in pieces of at most `step`; one empty slice for n == 0 so that every rank still
     # enters the collective once.
@@ -286,6 +291,50 @@ class Communicator:
             block = xp.ascontiguousarray(xp.moveaxis(block, 0, ax))
         self._count("reduce_scatter", x.nbytes)
         return block
+
+    # ---- in place on the rows of a (size, m) block: one column range per call -------------
+    # Rank q owns row q (a contiguous part of a flat block); a large block goes as several calls
+    # on column ranges of every row, like a host all-reduce in pieces.
+
+    def _check_rows(self, x: Any, cols: Any, what: str) -> int:
+        self._check_array(x, what)
+        if x.ndim != 2 or x.shape[0] != self.size or not x.flags.c_contiguous:
+            raise ValueError(f"{what} needs a C-contiguous ({self.size}, m) array, got shape {tuple(x.shape)}")
+        if not isinstance(cols, slice) or cols.step not in (None, 1):
+            raise TypeError(f"{what} cols must be a slice with step 1, got {cols!r}")
+        lo, hi, _ = cols.indices(x.shape[1])
+        n = max(0, hi - lo)
+        if n > self.max_count:
+            raise ValueError(f"{what}: {n} columns exceed max_count {self.max_count}")
+        return n
+
+    def reduce_scatter_rows_(self, x: Any, cols: slice, op: str = "sum") -> None:
+        """x[rank, cols] = op over the ranks of x[:, cols]; the other rows are left as they are."""
+        n = self._check_rows(x, cols, "reduce_scatter_rows_")
+        mpi_op = self._check_op(op)
+        if self.size == 1:
+            return
+        mine = x[self.rank, cols]
+        if isinstance(x, np.ndarray):
+            packed = x[:, cols].copy()  # (size, n), rank q's block in row q; never aliases `mine`
+            self.mpi.Reduce_scatter_block(packed, mine, op=mpi_op)
+            self._count("reduce_scatter", self.size * n * x.itemsize)
+        else:  # a device array: through the device path (counted there, the same bytes)
+            mine[...] = self.reduce_scatter(x[:, cols], axis=0, op=op)[0]
+
+    def allgather_rows_(self, x: Any, cols: slice) -> None:
+        """x[q, cols] = rank q's x[q, cols] on every rank, for every q; in place, no copy on the host."""
+        n = self._check_rows(x, cols, "allgather_rows_")
+        if self.size == 1:
+            return
+        if isinstance(x, np.ndarray):
+            lo = cols.indices(x.shape[1])[0]
+            m = x.shape[1]
+            displs = [q * m + lo for q in range(self.size)]
+            self.mpi.Allgatherv(MPI.IN_PLACE, [x.reshape(-1), ([n] * self.size, displs), _mpi_type(x.dtype)])
+            self._count("allgather", self.size * n * x.itemsize)
+        else:  # a device array: through the device path (counted there, the same bytes)
+            x[:, cols] = self.allgather(x[self.rank, cols][None], axis=0)
 
     def bcast(self, x: Any, root: int = 0) -> Any:
         """In place: x = root's x. Returns x."""

@@ -40,3 +40,14 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31, to
         ok = False
     _applied.append(ok)
     return ok
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the system (glibc's malloc_trim), once, after a large
+    one-off release the tuned thresholds would otherwise keep resident (the parameters' first
+    arrays once they are copied into one block). True when it ran."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False

@@ -1,6 +1,7 @@
 """Training: the loop (trainer.py, driven by a TrainConfig), what a run builds first (setup.py),
 the forward and backward of a step's micro-batches, pipelined or accumulated (step.py),
-optimizers and the learning-rate schedule, mixed precision, data, sharded checkpoints and the
+optimizers (AdamW with its state sharded over the DP ranks: sharded_optim.py) and the
+learning-rate schedule, mixed precision, data, sharded checkpoints and the
 training state they hold, the run log and the loss curve. Imports models/ and below.
 """
 

@@ -43,6 +43,7 @@ class TrainConfig:
     steps: int = 600  # optimizer steps
     batch_size: int = 16  # global batch: sequences per step over all DP ranks
     optimizer: str = "adamw"  # adamw or sgd
+    shard_optimizer: bool = False  # AdamW state 1/dp per DP rank: reduce-scatter, update the part, all-gather
     lr: float = 3e-3  # peak learning rate
     min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
     warmup: int = 50  # linear warm-up steps
@@ -133,6 +134,9 @@ class TrainConfig:
             raise ValueError(f"--amp keeps float32 master weights: use it with --dtype float32, not {self.dtype}")
         if self.amp == "bfloat16" and self.device != "gpu":
             raise ValueError("--amp bfloat16 needs --device gpu: NumPy has no bfloat16 arithmetic (use --amp float16)")
+        if self.shard_optimizer and self.optimizer != "adamw":
+            raise ValueError(f"--shard-optimizer shards AdamW's moments: use it with --optimizer adamw, "
+                             f"not {self.optimizer}")
         if self.arch != "llama" and (self.kv_heads is not None or self.rope_theta != 10000.0):
             raise ValueError("--kv-heads and --rope-theta apply to --arch llama")
         if self.kv_heads is not None and (self.kv_heads <= 0 or self.heads % self.kv_heads):

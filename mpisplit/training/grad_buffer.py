@@ -7,6 +7,10 @@ of that block, with no concatenated copy beside the gradients. Parameters of dif
 or devices get one block each. Gradients keep PyTorch's semantics: `zero_grad()` sets them to
 None and the next backward overwrites the view; a gradient kept from an earlier step must be
 copied by whoever keeps it.
+
+`multiple` pads the block with zeros to a multiple of that many elements: a block sharded over
+dp ranks (training/sharded_optim.py) is padded to a multiple of dp, so every rank's contiguous
+part has the same length. The padding is never a gradient's view and stays zero.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from mpisplit.runtime.backend import get_array_module
 class GradBuffer:
     """A flat block and the parameters whose `grad_store` are views of it, in order."""
 
-    def __init__(self, params: list[Any]) -> None:
+    def __init__(self, params: list[Any], multiple: int = 1) -> None:
         first = params[0].data
         xp = get_array_module(first)
         self.params = params
-        self.flat = xp.empty(sum(p.size for p in params), dtype=first.dtype)
+        self.size = sum(p.size for p in params)  # elements that are gradients
+        self.multiple = multiple
+        self.flat = xp.empty(-(-self.size // multiple) * multiple, dtype=first.dtype)
+        self.flat[self.size:] = 0
         offset = 0
         for p in params:
             p.grad_store = self.flat[offset: offset + p.size].reshape(p.shape)
@@ -43,18 +50,20 @@ def _group_key(p: Any) -> tuple[str, str]:
     return (type(p.data).__module__.split(".")[0], str(p.dtype))
 
 
-def attach(params: list[Any]) -> list[GradBuffer]:
-    """Give `params` gradient views of one flat buffer per (array library, dtype); idempotent."""
+def attach(params: list[Any], multiple: int = 1) -> list[GradBuffer]:
+    """Give `params` gradient views of one flat buffer per (array library, dtype), each padded
+    to a multiple of `multiple` elements; idempotent (an existing buffer of the same parameters
+    whose padding is a multiple of `multiple` is kept)."""
     groups: dict[tuple[str, str], list[Any]] = {}
     for p in params:
         groups.setdefault(_group_key(p), []).append(p)
     buffers = []
     for group in groups.values():
         existing = getattr(group[0], "grad_buffer", None)
-        if existing is not None and _same(existing.params, group):
+        if existing is not None and _same(existing.params, group) and existing.multiple % multiple == 0:
             buffers.append(existing)
         else:
-            buffers.append(GradBuffer(group))
+            buffers.append(GradBuffer(group, multiple))
     return buffers
 
 

@@ -45,7 +45,11 @@ class Optimizer:
         self.lr = float(lr)
         self.step_count = 0
         # backward() writes the gradients into one flat block per dtype (reused every step)
-        grad_buffer.attach(self.params)
+        grad_buffer.attach(self.params, multiple=self._block_multiple())
+
+    def _block_multiple(self) -> int:
+        """The gradient block is padded to a multiple of this many elements."""
+        return 1
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -57,6 +61,15 @@ class Optimizer:
     def state_arrays(self) -> dict[str, list[Any]]:
         """Per-parameter state by kind, each list aligned with `self.params` (for checkpoints)."""
         return {}
+
+    def state_kinds(self) -> list[str]:
+        """The kinds of per-parameter state (checkpoint names `optim/<kind>/<parameter name>`)."""
+        return list(self.state_arrays())
+
+    def load_state(self, kind: str, i: int, value: Any) -> None:
+        """Set state `kind` of parameter `i` from `value` (a host array of the parameter's shape)."""
+        dst = self.state_arrays()[kind][i]
+        dst[...] = get_array_module(dst).asarray(value, dtype=dst.dtype)
 
 
 class SGD(Optimizer):
@@ -113,34 +126,45 @@ class AdamW(Optimizer):
             raise ValueError(f"need weight_decay >= 0 and eps > 0, got {weight_decay} and {eps}")
         self.betas, self.eps, self.weight_decay = (b1, b2), eps, weight_decay
         self.decay = [decay_filter(p) for p in self.params]
+        self._init_state()
+
+    def _init_state(self) -> None:
         self.exp_avg = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
         self.exp_avg_sq = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
 
-    def step(self) -> None:
-        self.step_count += 1
+    def _bias_terms(self) -> tuple[float, float]:
+        """(step_size, root_bias) of step `step_count`: lr / (1 - b1^t) and sqrt(1 - b2^t)."""
         b1, b2 = self.betas
         t = self.step_count
-        step_size = self.lr / (1 - b1**t)
-        root_bias = math.sqrt(1 - b2**t)
+        return self.lr / (1 - b1**t), math.sqrt(1 - b2**t)
+
+    def _decay(self, i: int) -> float:
+        return 1 - self.lr * self.weight_decay if self.weight_decay and self.decay[i] else 1.0
+
+    def step(self) -> None:
+        self.step_count += 1
+        step_size, root_bias = self._bias_terms()
         for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
-                continue
-            decay = 1 - self.lr * self.weight_decay if self.weight_decay and self.decay[i] else 1.0
-            m, v = self.exp_avg[i], self.exp_avg_sq[i]
-            arrays = (p.data, g, m, v)
-            if kernels.applies(*arrays):  # one fused pass, bitwise the NumPy path's result
-                self._fused_update(*arrays, decay, step_size, root_bias)
-            elif isinstance(p.data, np.ndarray) and all(a.flags.c_contiguous for a in arrays):
-                # Cache-sized chunks: the dozen elementwise passes below then run in L2
-                # instead of streaming every full-size array through memory a dozen times.
-                flat = [a.reshape(-1) for a in arrays]
-                tmp = self._scratch(_CHUNK, p.dtype)
-                for lo in range(0, p.size, _CHUNK):
-                    hi = min(lo + _CHUNK, p.size)
-                    self._update(*(f[lo:hi] for f in flat), tmp[: hi - lo], decay, step_size, root_bias)
-            else:
-                self._update(p.data, g, m, v, self._scratch(p.shape, p.dtype), decay, step_size, root_bias)
+            if p.grad is not None:
+                self._apply(p.data, p.grad, self.exp_avg[i], self.exp_avg_sq[i], self._decay(i), step_size, root_bias)
+
+    def _apply(self, p: Any, g: Any, m: Any, v: Any, decay: float, step_size: float, root_bias: float) -> None:
+        """One AdamW update in place on four arrays of one shape: a parameter, or a contiguous
+        range of one (the sharded optimizer's part); elementwise, so any range gives the
+        whole parameter's bits."""
+        arrays = (p, g, m, v)
+        if kernels.applies(*arrays):  # one fused pass, bitwise the NumPy path's result
+            self._fused_update(*arrays, decay, step_size, root_bias)
+        elif isinstance(p, np.ndarray) and all(a.flags.c_contiguous for a in arrays):
+            # Cache-sized chunks: the dozen elementwise passes below then run in L2
+            # instead of streaming every full-size array through memory a dozen times.
+            flat = [a.reshape(-1) for a in arrays]
+            tmp = self._scratch(_CHUNK, p.dtype)
+            for lo in range(0, p.size, _CHUNK):
+                hi = min(lo + _CHUNK, p.size)
+                self._update(*(f[lo:hi] for f in flat), tmp[: hi - lo], decay, step_size, root_bias)
+        else:
+            self._update(p, g, m, v, self._scratch(p.shape, p.dtype), decay, step_size, root_bias)
 
     def _fused_update(self, p: Any, g: Any, m: Any, v: Any, decay: float, step_size: float,
                       root_bias: float) -> None:
@@ -212,8 +236,9 @@ def average_gradients(params: Iterable[Parameter], dp_comm: Any) -> None:
         return
     buf = grad_buffer.buffer_of(params)
     if buf is not None:  # the gradients already are one flat block (the optimizer's): in place
-        dp_comm.allreduce_(buf.flat)
-        buf.flat *= 1.0 / dp_comm.size
+        grads = buf.flat[: buf.size]  # without the padding of a block made for sharding
+        dp_comm.allreduce_(grads)
+        grads *= 1.0 / dp_comm.size
         return
     xp = get_array_module(params[0].grad)
     flat = xp.concatenate([p.grad.reshape(-1) for p in params])

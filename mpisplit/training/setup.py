@@ -25,6 +25,7 @@ from mpisplit.training.data import (
 )
 from mpisplit.training.optim import SGD, AdamW
 from mpisplit.training.prepared import load_tokens, uses_tokens
+from mpisplit.training.sharded_optim import ShardedAdamW
 from mpisplit.training.state import load_model, load_optimizer
 
 
@@ -136,7 +137,10 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
     else:
         model = GPT(cfg, grid, dtype=config.dtype, seed=config.seed, init=reader is None, device=config.device,
                     sequence_parallel=config.sequence_parallel, recompute=config.recompute)
-    if config.optimizer == "adamw":
+    if config.optimizer == "adamw" and config.shard_optimizer:
+        opt = ShardedAdamW(model.parameters(), grid.dp_comm, lr=config.lr, betas=(0.9, 0.99),
+                           weight_decay=config.weight_decay)
+    elif config.optimizer == "adamw":
         opt = AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     else:
         opt = SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -146,7 +150,7 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
         load_model(reader, model)
         with agree(grid.world):
             saved_opt = meta.get("optimizer", {}).get("type")
-            if saved_opt != type(opt).__name__:
+            if saved_opt != getattr(opt, "checkpoint_type", type(opt).__name__):
                 raise ValueError(f"checkpoint optimizer {saved_opt} differs from --optimizer {config.optimizer}")
         load_optimizer(reader, model, opt)
         start_step = int(meta["step"])

@@ -2,7 +2,8 @@
 
 Tensor names in a checkpoint: `model/<parameter name>` and
 `optim/<kind>/<parameter name>` (kind: exp_avg, exp_avg_sq, momentum). Optimizer
-moments are split exactly like their parameter, so they reshard with it.
+moments are split exactly like their parameter, so they reshard with it; a sharded optimizer
+(training/sharded_optim.py) saves them in the same layout and loads its range of each.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ def training_shards(model: Module, optimizer: Optimizer | None = None) -> dict[s
     return shards
 
 
-def _load_into(reader: CheckpointReader, name: str, p: Parameter, dst: Any) -> None:
+def _read_slab(reader: CheckpointReader, name: str, p: Parameter) -> np.ndarray:
+    """This rank's slab of checkpoint tensor `name` laid out like `p` (host array of p.shape)."""
     lo, hi = p.slab_bounds()
     slab = load_shard(
         reader, name, global_shape=p.global_shape, split_axis=p.split_axis,
         start=lo if p.split_axis is not None else None, stop=hi if p.split_axis is not None else None,
     )
-    xp = get_array_module(dst)
-    dst[...] = xp.asarray(slab.reshape(p.shape), dtype=dst.dtype)
+    return slab.reshape(p.shape)
 
 
 @contextmanager
@@ -76,16 +77,17 @@ def load_model(reader: CheckpointReader, model: Module) -> None:
     job). Collective."""
     with _per_stage(reader, model):
         for name, p in model.named_parameters():
-            _load_into(reader, f"model/{name}", p, p.data)
+            p.data[...] = get_array_module(p.data).asarray(_read_slab(reader, f"model/{name}", p), dtype=p.dtype)
 
 
 def load_optimizer(reader: CheckpointReader, model: Module, optimizer: Optimizer) -> None:
-    """Read the optimizer moments, resharded like their parameters. Collective."""
+    """Read the optimizer moments, resharded like their parameters (a sharded optimizer keeps
+    its range of each slab). Collective."""
     names = {id(p): name for name, p in model.named_parameters()}
     with _per_stage(reader, model):
-        for kind, arrays in optimizer.state_arrays().items():
-            for p, arr in zip(optimizer.params, arrays):
-                _load_into(reader, f"optim/{kind}/{names[id(p)]}", p, arr)
+        for kind in optimizer.state_kinds():
+            for i, p in enumerate(optimizer.params):
+                optimizer.load_state(kind, i, _read_slab(reader, f"optim/{kind}/{names[id(p)]}", p))
     optimizer.step_count = int(reader.meta.get("optimizer", {}).get("step_count", 0))
 
 
@@ -96,7 +98,9 @@ def save_training_state(
     """Write model (and optimizer) slabs plus metadata as `root/step-XXXXXXXX`. Collective."""
     meta = dict(meta)
     if optimizer is not None:
-        meta["optimizer"] = {"type": type(optimizer).__name__, "step_count": optimizer.step_count}
+        # a sharded AdamW saves AdamW's layout: its checkpoints are AdamW's
+        kind = getattr(optimizer, "checkpoint_type", type(optimizer).__name__)
+        meta["optimizer"] = {"type": kind, "step_count": optimizer.step_count}
     return save_checkpoint(
         root, step, training_shards(model, optimizer), grid=grid, meta=meta, rank_meta=rank_meta, keep_last=keep_last,
     )

@@ -42,6 +42,7 @@ from mpisplit.training.config import TrainConfig
 from mpisplit.training.plot import plot_run
 from mpisplit.training.run_log import RunLog
 from mpisplit.training.setup import build_model, load_data, open_checkpoint, rng_state
+from mpisplit.training.sharded_optim import ShardedAdamW
 from mpisplit.training.state import resolve_checkpoint, save_training_state
 from mpisplit.training.step import StepRunner
 
@@ -165,8 +166,7 @@ class Trainer:
         skipped = mp is not None and not mp.unscale_()  # an overflow on any rank skips the step on every rank
         norm = float("nan")
         if not skipped:
-            optim.average_gradients(self.model.parameters(), grid.dp_comm)
-            norm = optim.clip_grad_norm(self.model.parameters(), c.grad_clip, grid.tp_comm, grid.pp_comm)
+            norm = self._reduce_and_clip()
         if grid.dp > 1:
             value = float(grid.dp_comm.allreduce(np.array([value]))[0] / grid.dp)
         value = self.faults.poison_loss(done, value)
@@ -183,6 +183,16 @@ class Trainer:
             mp.zero_grad()
         self.opt.zero_grad()
         return value, norm, skipped, decision
+
+    def _reduce_and_clip(self) -> float:
+        """DP average of the gradients and the global-norm clip; returns the norm. A sharded
+        optimizer reduce-scatters the block and clips its part; otherwise one all-reduce."""
+        grid, clip = self.grid, self.config.grad_clip
+        if isinstance(self.opt, ShardedAdamW):
+            self.opt.reduce_scatter_gradients()
+            return self.opt.clip_grad_norm(clip, grid.tp_comm, grid.pp_comm)
+        optim.average_gradients(self.model.parameters(), grid.dp_comm)
+        return optim.clip_grad_norm(self.model.parameters(), clip, grid.tp_comm, grid.pp_comm)
 
     def evaluate(self) -> float:
         """Mean validation loss over eval_iters batches and every DP rank."""
@@ -220,6 +230,7 @@ class Trainer:
             f"{'sequence parallel, ' if self.net.sequence_parallel else ''}"
             f"{self.threads} BLAS thread(s) per rank, {c.dtype}"
             f"{f' master weights, {c.amp} compute' if c.amp else ''}, device {c.device}"
+            f"{', optimizer state sharded over dp' if c.shard_optimizer else ''}"
         )
         say(
             f"data: {'CPython documentation text' if c.data is None else c.data}, "
