@@ -88,6 +88,7 @@ def to_hf(ckpt: str, out: str, tp: int | None, dtype: str | None, world: Any) ->
 def from_hf(hf: str, out_root: str, step: int, tp: int | None, dtype: str | None, world: Any) -> str:
     import mpisplit as ms
     from mpisplit.models import hf_gpt2
+    from mpisplit.models.hf_eos import eos_token_ids
     from mpisplit.runtime.errors import agree
     from mpisplit.training.state import save_training_state
 
@@ -98,9 +99,11 @@ def from_hf(hf: str, out_root: str, step: int, tp: int | None, dtype: str | None
         tp = choose_tp(tp, world.Get_size(), cfg.n_head)
         cfg.validate(tp)
         dtype = dtype or hf_gpt2.weights_dtype(hf).name
+        eos = list(eos_token_ids(hf))
     grid = ms.ProcessGrid(tp=tp, comm=world)
     model = ms.GPT.from_pretrained(hf, grid, dtype=dtype)
-    meta = {"config": model.config.to_dict(), "step": step, "dtype": dtype, "source": {"huggingface_gpt2": str(hf)}}
+    meta = {"config": model.config.to_dict(), "step": step, "dtype": dtype, "source": {"huggingface_gpt2": str(hf)},
+            "eos_token_ids": eos}
     # keep_last=sys.maxsize: a conversion never deletes other checkpoints under OUT_ROOT.
     path = save_training_state(out_root, step, model, None, grid, meta=meta, keep_last=sys.maxsize)
     grid.free()

@@ -2,8 +2,10 @@
 
     POST /v1/completions   GET /v1/models   GET /health   GET /metrics
 
-Nothing here calls MPI: a request is validated, handed to the Controller, and its events come
-back through an asyncio queue fed from the engine thread.
+Nothing here calls MPI: a request is validated, handed to the Controller (n choices: n
+sequences), and its events come back through an asyncio queue fed from the engine thread. A
+client that closes its connection cancels its sequences at once (a task waits for the
+disconnect message beside the handler; starlette does the same for a stream).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -21,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mpisplit.serving.controller import Controller, Submission
+from mpisplit.serving.sampling import SamplingParams
 from mpisplit.serving.validation import (
     ApiError,
     CompletionRequest,
@@ -30,7 +35,6 @@ from mpisplit.serving.validation import (
 )
 
 MAX_BODY_BYTES = 1 << 20
-DISCONNECT_POLL_S = 0.25
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -95,78 +99,105 @@ class CompletionsApp:
             req = validate_completion(parse_body(await _read_body(request)), self.model)
         except ApiError as err:
             return error_response(err)
+        if req.ignored:
+            print(f"warning: fields ignored in a completion request: {', '.join(req.ignored)}",
+                  file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        sub = Submission(
-            prompt=req.prompt, max_tokens=req.max_tokens, sampling=req.sampling, stops=req.stops,
-            logprobs=req.logprobs, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-        )
+        subs = [Submission(
+            prompt=req.prompt, max_tokens=req.max_tokens, sampling=choice_sampling(req.sampling, i),
+            stops=req.stops, logprobs=req.logprobs,
+            sink=lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)),
+        ) for i in range(req.n)]
         if not self.controller.alive or self.controller.stopping.is_set():
             return error_response(ApiError("the server is shutting down", status=503, kind="server_error"))
-        if not self.controller.submit(sub):
+        if not self.controller.submit_all(subs):
             return error_response(ApiError(
                 f"the queue is full ({self.controller.max_queue} requests waiting); retry later",
                 status=429, kind="rate_limit_error"))
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                 "created": int(time.time()), "model": self.model.name}
+        echo = self.model.tokenizer.decode(req.prompt) if req.echo else ""
         if req.stream:
-            return StreamingResponse(self._stream(sub, req, head, events), media_type="text/event-stream",
+            return StreamingResponse(self._stream(subs, req, head, events, echo), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._collect(request, sub, req, head, events)
+        return await self._collect(request, subs, req, head, events, echo)
 
-    async def _collect(self, request: Request, sub: Submission, req: CompletionRequest, head: dict,
-                       events: asyncio.Queue) -> Response:
-        pieces: list[dict] = []
-        while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.controller.cancel(sub.rid)
-                    return Response(status_code=499)
-                continue
-            if "error" in ev:
-                return error_response(ApiError(ev["error"], status=ev["status"], kind="server_error"))
-            pieces.append(ev)
-            if ev["finish_reason"] is not None:
-                break
-        choice = _choice(pieces, req.logprobs is not None)
-        usage = _usage(req, sum(len(p["token_ids"]) for p in pieces))
-        return JSONResponse({**head, "choices": [choice], "usage": usage})
+    def _cancel(self, subs: list[Submission]) -> None:
+        for sub in subs:
+            self.controller.cancel(sub.rid)
 
-    async def _stream(self, sub: Submission, req: CompletionRequest, head: dict,
-                      events: asyncio.Queue) -> AsyncIterator[bytes]:
-        done, tokens = False, 0
+    async def _collect(self, request: Request, subs: list[Submission], req: CompletionRequest, head: dict,
+                       events: asyncio.Queue, echo: str) -> Response:
+        watcher = asyncio.create_task(_put_on_disconnect(request, events))
+        pieces: list[list[dict]] = [[] for _ in subs]
+        left = len(subs)
         try:
-            while not done:
-                ev = await events.get()
+            while left:
+                i, ev = await events.get()
+                if i is None:  # the client went away: free the slots at the next engine step
+                    self._cancel(subs)
+                    return Response(status_code=499)
+                if "error" in ev:
+                    self._cancel(subs)
+                    return error_response(ApiError(ev["error"], status=ev["status"], kind="server_error"))
+                pieces[i].append(ev)
+                left -= ev["finish_reason"] is not None
+        finally:
+            watcher.cancel()
+        choices = [_choice(i, p, req.logprobs is not None, echo) for i, p in enumerate(pieces)]
+        usage = _usage(req, sum(len(ev["token_ids"]) for p in pieces for ev in p))
+        return JSONResponse({**head, "choices": choices, "usage": usage})
+
+    async def _stream(self, subs: list[Submission], req: CompletionRequest, head: dict,
+                      events: asyncio.Queue, echo: str) -> AsyncIterator[bytes]:
+        left, tokens = len(subs), 0
+        try:
+            if echo:
+                for i in range(len(subs)):
+                    yield _sse({**head, "choices": [_choice(i, [], False, echo)]})
+            while left:
+                i, ev = await events.get()
                 if "error" in ev:
                     err = ApiError(ev["error"], status=ev["status"], kind="server_error")
                     yield _sse(err.body())
                     break
                 tokens += len(ev["token_ids"])
-                done = ev["finish_reason"] is not None
-                yield _sse({**head, "choices": [_choice([ev], req.logprobs is not None)]})
-            if done and req.include_usage:
+                left -= ev["finish_reason"] is not None
+                yield _sse({**head, "choices": [_choice(i, [ev], req.logprobs is not None)]})
+            if not left and req.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(req, tokens)})
             yield b"data: [DONE]\n\n"
         finally:
-            if not done:  # the client went away (or the request failed): free its slot
-                self.controller.cancel(sub.rid)
+            if left:  # the client went away (or a choice failed): free the slots
+                self._cancel(subs)
+
+
+async def _put_on_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Wait for the client to close the connection (the body is read: the next ASGI message
+    is the disconnect), then wake the waiting handler at once."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait((None, None))
+
+
+def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of n draws with seed + index (mod 2^63): each reproducible, all different."""
+    return replace(sampling, seed=(sampling.seed + index) % 2**63)
 
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _choice(pieces: list[dict], with_logprobs: bool) -> dict:
+def _choice(index: int, pieces: list[dict], with_logprobs: bool, echo: str = "") -> dict:
     logprobs = None
     if with_logprobs:
         logprobs = {k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
         for p in pieces:
             for k in logprobs:
                 logprobs[k] += p["logprobs"][k]
-    return {"index": 0, "text": "".join(p["text"] for p in pieces), "logprobs": logprobs,
+    return {"index": index, "text": echo + "".join(p["text"] for p in pieces), "logprobs": logprobs,
             "finish_reason": pieces[-1]["finish_reason"] if pieces else None,
             "token_ids": [t for p in pieces for t in p["token_ids"]]}
 

@@ -39,6 +39,7 @@ class ServeOptions:
     api_key: str | None = None
     model_name: str = "mpisplit"
     drain_s: float = 10.0
+    eos_token_ids: tuple[int, ...] = ()  # the model's, from the loading code; a sequence ends at one
 
 
 def _start_http(controller: Controller, info: ModelInfo, opts: ServeOptions) -> tuple[Any, threading.Thread]:
@@ -72,7 +73,7 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     """Serve `model` until SIGTERM; collective over the model's grid. Returns 0."""
     model.eval()
     invariant = check_batch_invariance(model)  # collective
-    engine = Engine(model, opts.max_batch, opts.prefill_chunk)
+    engine = Engine(model, opts.max_batch, opts.prefill_chunk, opts.eos_token_ids)
     channel = ControlChannel(model.grid.world)
     if channel.rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 leads the shutdown

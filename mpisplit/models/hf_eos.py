@@ -1,0 +1,46 @@
+"""The end-of-sequence token ids of a Hugging Face folder, for every model family.
+
+config.json and generation_config.json may each give `eos_token_id` as an integer or a list
+(Llama 3 Instruct: [128001, 128008, 128009]; its chat turns end with <|eot_id|>, which is not
+the tokenizer's eos). Generation stops at any of them: the union, config.json's first, each
+id once, in the order the files list them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FILES = ("config.json", "generation_config.json")
+
+
+def _ids_in(path: Path) -> list[int]:
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    value = data.get("eos_token_id")
+    if value is None:
+        return []
+    ids = value if isinstance(value, list) else [value]
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"{path}: eos_token_id must be a non-negative integer or a list of them, got {value!r}")
+    return ids
+
+
+def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:
+    """The union of config.json's and generation_config.json's eos_token_id (each an int or a
+    list; either file may lack it), config.json's first, without repeats. () when neither has one."""
+    folder = Path(folder)
+    out: list[int] = []
+    for name in FILES:
+        for i in _ids_in(folder / name):
+            if i not in out:
+                out.append(i)
+    return tuple(out)
