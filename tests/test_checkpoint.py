@@ -424,8 +424,8 @@ def test_reads_hash_each_file_before_using_it(saved: Path) -> None:
 
     on_rank0(flip)
     reader = CheckpointReader(saved, COMM)
-    mine = [s for s in reader._entry("embed/weight")["shards"] if s["file"].startswith(f"tp{COMM.rank:02d}-")][0]
-    read_mine = lambda r: r.read("embed/weight", 0, mine["start"], mine["stop"])  # noqa: E731
+    mine = next(s for s in reader._entry("embed/weight")["shards"] if s["file"].startswith(f"tp{COMM.rank:02d}-"))
+    read_mine = lambda r: r.read("embed/weight", 0, mine["start"], mine["stop"])
     where = f"rank {COMM.size - 1}: "
     raises_everywhere(
         ValueError, rf"^{where}checkpoint file .*{re.escape(last.name)} is corrupt: sha256 [0-9a-f]{{64}}, "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 API_KEY_ENV = "MPISPLIT_API_KEY"
@@ -76,7 +77,7 @@ def api_key(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
     name, value = given[0]
     if name == "--api-key-file":
         try:
-            lines = open(value, encoding="utf-8").read().splitlines()
+            lines = Path(value).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"--api-key-file {value!r} cannot be read: {exc}") from None
         value = lines[0].strip() if lines else ""
