@@ -121,7 +121,7 @@ def test_serve_help_lists_every_flag():
                          timeout=60, env=serve_env(), check=True).stdout
     out = " ".join(out.split())
     for flag in ("--ckpt", "--hf", "--host", "--port", "--tp", "--dtype", "--max-batch", "--max-queue",
-                 "--api-key", "--prefill-chunk"):
+                 "--api-key", "--api-key-file", "--prefill-chunk"):
         assert flag in out
     assert "127.0.0.1" in out and "(default: 16)" in out
     top = subprocess.run([sys.executable, "-m", "mpisplit.cli.main", "--help"], capture_output=True, text=True,
