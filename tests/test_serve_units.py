@@ -303,3 +303,50 @@ def test_library_generate_stops_at_eos():
     with pytest.raises(ValueError, match="eos token id 31 is not an integer in"):
         model.generate(prompts, 2, eos_token_ids=(31,))
     model.grid.free()
+
+
+def test_incremental_detokenization_equals_the_whole_decode():
+    """Random ids of a byte-level BPE trained on text with multi-byte characters (so pieces end
+    mid-character): the streamed pieces join to the tokenizer's decode of all the ids, with
+    stop strings too (the text before the first one, as plain string search finds it)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from mpisplit.models.hf_tokenizer import HFTokenizer
+
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Über café naïve résumé → déjà vu, the quick brown fox " * 5], vocab_size=300,
+                            show_progress=False)
+    tok = HFTokenizer(bpe._tokenizer, "test")
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        ids = rng.integers(0, bpe.get_vocab_size(), 60).tolist()
+        whole = tok.decode(ids)
+        stops = [] if trial % 2 else [whole[20:23]]
+        s = TextStream(tok, stops)
+        pieces = []
+        for t in ids:
+            pieces.append(s.push(t))
+            if s.stopped:
+                break
+        if not s.stopped:
+            pieces.append(s.flush())
+        want = whole[: whole.find(stops[0])] if stops and whole.find(stops[0]) >= 0 else whole
+        assert "".join(pieces) == want, trial
+
+
+def test_nucleus_equals_the_full_sort():
+    """top_p's kept set through partitions equals the one of a stable argsort of the whole
+    vocabulary, ties and flat distributions included."""
+    from mpisplit.serving.sampling import _nucleus
+
+    rng = np.random.default_rng(11)
+    for V, scale in ((49152, 3.0), (49152, 0.01), (300, 1.0), (5, 1.0)):
+        for rounding in (None, 2):
+            z = rng.normal(0, scale, V)
+            p = np.exp(z - z.max())
+            p = np.round(p, rounding) + 1e-9 if rounding else p
+            p /= p.sum()
+            for top_p in (5e-324, 0.1, 0.5, 0.9, 0.999999):
+                order = np.argsort(-p, kind="stable")
+                cum = np.cumsum(p[order])
+                want = order[: int(np.searchsorted(cum, top_p)) + 1]
+                assert np.array_equal(_nucleus(p, top_p), want), (V, scale, rounding, top_p)

@@ -96,14 +96,29 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     p = np.exp(z)
     p /= p.sum()
     if params.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        # the smallest set reaching top_p (a sum that is top_p but for rounding reaches it)
-        keep = order[: int(np.searchsorted(cum, params.top_p * (1 - 1e-12))) + 1]
+        keep = _nucleus(p, params.top_p * (1 - 1e-12))  # a sum that is top_p but for rounding reaches it
         cut = np.zeros_like(p)
         cut[keep] = p[keep]
         p = cut / cut.sum()
     return int(rng.choice(p.shape[-1], p=p))
+
+
+def _nucleus(p: np.ndarray, target: float, first: int = 64) -> np.ndarray:
+    """The smallest prefix of the tokens by descending p (ties by id) whose sum reaches target.
+
+    The same ids, and the same running sums bit for bit, as a stable argsort of the whole
+    vocabulary, at O(V) per try: the m largest by partition, then every id at or above the
+    m-th value (ties included) sorted; m grows 8-fold until their sum reaches target."""
+    V = p.shape[-1]
+    m = min(first, V)
+    while True:
+        kth = np.partition(p, V - m)[V - m]
+        cand = np.flatnonzero(p >= kth)  # ids ascending: the stable order of equal values
+        order = cand[np.argsort(-p[cand], kind="stable")]
+        cum = np.cumsum(p[order])  # a prefix of the whole vocabulary's running sum
+        if cum[-1] >= target or len(order) == V:
+            return order[: int(np.searchsorted(cum, target)) + 1]
+        m = min(8 * m, V)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
