@@ -30,7 +30,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["n1", "n2"])
 def server(request, ckpt):
-    with Server(request.param, ["--ckpt", str(ckpt), "--dtype", "float64", "--prefill-chunk", "8"]) as srv:
+    with Server(request.param, ["--ckpt", str(ckpt), "--dtype", "float64", "--prefill-chunk", "8",
+                                "--batch-invariant"]) as srv:
         srv.ranks = request.param
         yield srv
 
@@ -318,7 +319,7 @@ def test_four_ranks_greedy_equals_generate_and_concurrent_equals_alone(ckpt):
 
     env = {**base_env(), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
     expected = generate_command(ckpt, PROMPTS[0], 10)
-    with Server(4, ["--ckpt", str(ckpt), "--dtype", "float64"], env=env) as srv:
+    with Server(4, ["--ckpt", str(ckpt), "--dtype", "float64", "--batch-invariant"], env=env) as srv:
         assert complete(srv.url, PROMPTS[0], max_tokens=10).choices[0].text == expected
         jobs = [{"prompt": p, "max_tokens": 5, "logprobs": 1} for p in PROMPTS[:3]]
         alone = [as_record(complete(srv.url, **job)) for job in jobs]

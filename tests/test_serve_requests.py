@@ -48,7 +48,8 @@ def eos_case(tmp_path_factory):
 @pytest.fixture(scope="module", params=[1, 2], ids=["n1", "n2"])
 def server(request, eos_case):
     env = {**serve_env(), "MPISPLIT_API_KEY": KEY}
-    with Server(request.param, ["--ckpt", str(eos_case["root"]), "--dtype", "float64", "--prefill-chunk", "4"],
+    with Server(request.param, ["--ckpt", str(eos_case["root"]), "--dtype", "float64", "--prefill-chunk", "4",
+                                      "--batch-invariant", "--max-num-batched-tokens", "12"],
                 env=env) as srv:
         srv.ranks = request.param
         yield srv

@@ -75,10 +75,14 @@ class Engine:
     """KV-cache slots and the sequences in them; `step()` is collective over the TP ranks."""
 
     def __init__(self, model: Any, max_batch: int, prefill_chunk: int = 256,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+                 eos_token_ids: tuple[int, ...] = (), *, max_batched_tokens: int | None = None,
+                 batch_invariant: bool = True) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        if max_batched_tokens is not None and max_batched_tokens < 1:
+            raise ValueError(f"max_batched_tokens must be >= 1, got {max_batched_tokens}")
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.max_batched_tokens, self.batch_invariant = max_batched_tokens, batch_invariant
         self.eos_token_ids = tuple(int(i) for i in check_eos_ids(eos_token_ids, model.config.vocab_size))
         self.cache = SlotCache(model, max_batch)
         self.running: dict[int, Sequence] = {}  # rid -> sequence
@@ -114,7 +118,19 @@ class Engine:
             self.add(SequenceSpec.from_json(d))
 
     def _batch(self) -> tuple[list[Sequence], list[Segment], np.ndarray]:
-        seqs = sorted(self.running.values(), key=lambda s: s.slot)
+        """This step's sequences: every decoding one (a token each), then prompt chunks in
+        arrival order while they fit `max_batched_tokens` (at least one chunk when nothing
+        decodes). A chunk is never cut to fit: its size depends on the prompt alone, so a
+        sequence's arithmetic stays that of running alone; a chunk that does not fit waits."""
+        chosen = [s for s in self.running.values() if not s.in_prompt]
+        used, budget = len(chosen), self.max_batched_tokens
+        for seq in sorted((s for s in self.running.values() if s.in_prompt), key=lambda s: s.spec.rid):
+            count = min(self.prefill_chunk, len(seq.spec.prompt) - seq.fed)
+            if budget is not None and used + count > budget and chosen:
+                break  # this chunk and the later ones wait: first come, first read
+            chosen.append(seq)
+            used += count
+        seqs = sorted(chosen, key=lambda s: s.slot)
         segments, feeds = [], []
         for seq in seqs:
             if seq.in_prompt:
@@ -133,7 +149,7 @@ class Engine:
         if self.faults:
             self.faults.before_step(self.steps)
         seqs, segments, tokens = self._batch()
-        logits = forward_segments(self.model, tokens, segments, self.cache)
+        logits = forward_segments(self.model, tokens, segments, self.cache, self.batch_invariant)
         outputs = []
         for seq, seg, row in zip(seqs, segments, logits):
             seq.fed += seg.count
