@@ -5,17 +5,15 @@ the server never reports healthy. The checkpoint is a real tp=2 training run's."
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from _serving import serve_env
 from conftest import REPO_ROOT, mpiexec_command
 from mpi4py import MPI
+from test_cli import run
 
 from mpisplit.training.data import default_corpus
 
@@ -26,18 +24,9 @@ TINY = ["--layers", "2", "--hidden", "24", "--heads", "4", "--seq-len", "16", "-
         "--eval-every", "0", "--sample-len", "0", "--no-progress", "--dtype", "float64", "--tp", "2"]
 
 
-def launch(argv: list[str], cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess:
+def launch(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`mpiexec -n 2 python argv...`; the whole process group killed (and the test failed) on timeout."""
-    cmd = [*mpiexec_command(2), sys.executable, *argv]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=serve_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (a rank waits in a collective)\n{out}\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run([*mpiexec_command(2), sys.executable, *argv], cwd)
 
 
 @pytest.fixture(scope="module")

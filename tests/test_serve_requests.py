@@ -49,7 +49,7 @@ def eos_case(tmp_path_factory):
 def server(request, eos_case):
     env = {**serve_env(), "MPISPLIT_API_KEY": KEY}
     with Server(request.param, ["--ckpt", str(eos_case["root"]), "--dtype", "float64", "--prefill-chunk", "4",
-                                      "--batch-invariant", "--max-num-batched-tokens", "12"],
+                                      "--batch-invariant", "--max-num-batched-tokens", "20"],
                 env=env) as srv:
         srv.ranks = request.param
         yield srv

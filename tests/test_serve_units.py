@@ -136,6 +136,11 @@ def test_serve_refuses_bad_flags():
     out = subprocess.run([sys.executable, "-m", "mpisplit.serve", "--ckpt", "/nonexistent"],
                          capture_output=True, text=True, timeout=60, env=serve_env(), check=False)
     assert out.returncode == 2 and "does not exist" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "mpisplit.serve", "--ckpt", "/nonexistent", "--max-batch", "4",
+                          "--prefill-chunk", "8", "--max-num-batched-tokens", "11"],
+                         capture_output=True, text=True, timeout=60, env=serve_env(), check=False)
+    assert out.returncode == 2 and "--max-num-batched-tokens must be 0 (no limit) or >= --max-batch + " \
+        "--prefill-chunk (12), got 11" in out.stderr
 
 
 def test_serve_on_a_gpu_without_cupy_stops_every_rank(tmp_path):
