@@ -15,32 +15,39 @@ from pathlib import Path
 FILES = ("config.json", "generation_config.json")
 
 
-def _ids_in(path: Path) -> list[int]:
+def _read(path: Path) -> dict:
     if not path.is_file():
-        return []
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise TypeError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    value = data.get("eos_token_id")
-    if value is None:
-        return []
-    ids = value if isinstance(value, list) else [value]
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-            raise ValueError(f"{path}: eos_token_id must be a non-negative integer or a list of them, got {value!r}")
-    return ids
+    return data
+
+
+def union_eos(*configs: dict, where: str = "config") -> tuple[int, ...]:
+    """The union of the configs' `eos_token_id` (each an int, a list or absent), in order, each
+    id once. For sources that are not a folder of JSON files (a GGUF file's converted configs)."""
+    out: list[int] = []
+    for config in configs:
+        value = config.get("eos_token_id")
+        ids = [] if value is None else value if isinstance(value, list) else [value]
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"{where}: eos_token_id must be a non-negative integer or a list of them, "
+                                 f"got {value!r}")
+            if i not in out:
+                out.append(i)
+    return tuple(out)
 
 
 def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:
     """The union of config.json's and generation_config.json's eos_token_id (each an int or a
     list; either file may lack it), config.json's first, without repeats. () when neither has one."""
     folder = Path(folder)
-    out: list[int] = []
+    out: tuple[int, ...] = ()
     for name in FILES:
-        for i in _ids_in(folder / name):
-            if i not in out:
-                out.append(i)
-    return tuple(out)
+        out = union_eos({"eos_token_id": list(out)}, _read(folder / name), where=str(folder / name))
+    return out
