@@ -10,7 +10,7 @@ import numpy as np
 from mpisplit import kernels
 from mpisplit.autograd.operands import _one_minus_, _operands, _unbroadcast
 from mpisplit.autograd.tensor import Function, Tensor
-from mpisplit.runtime.backend import get_array_module
+from mpisplit.runtime.backend import get_array_module, is_low_precision
 
 
 class Add(Function):
@@ -237,3 +237,49 @@ def dropout(x: Tensor, p: float, rng: Any, training: bool = True) -> Tensor:
     if not training or p == 0.0:
         return x
     return Dropout.apply(x, p=p, rng=rng)
+
+
+class SwiGLU(Function):
+    """silu(gate) * up, silu(x) = x * sigmoid(x) (the Llama MLP's gate). 16-bit inputs are
+    computed in float32 and cast back."""
+
+    def forward(self, gate: Any, up: Any) -> Any:
+        xp = get_array_module(gate)
+        low = is_low_precision(gate.dtype)
+        g32, u32 = (gate.astype(xp.float32), up.astype(xp.float32)) if low else (gate, up)
+        s = _sigmoid(g32)
+        self.save(gate, up, s)
+        out = g32 * s
+        out *= u32
+        return out.astype(gate.dtype) if low else out
+
+    def backward(self, g: Any) -> tuple[Any, Any]:
+        gate, up, s = self.saved
+        dtype = gate.dtype
+        if is_low_precision(dtype):
+            g, gate, up = g.astype(s.dtype), gate.astype(s.dtype), up.astype(s.dtype)
+        silu = gate * s
+        gu = g * silu if self.needs_input_grad[1] else None
+        gg = None
+        if self.needs_input_grad[0]:
+            # d silu / dx = s (1 + x (1 - s))
+            gg = 1.0 - s
+            gg *= gate
+            gg += 1.0
+            gg *= s
+            gg *= up
+            gg *= g
+        if is_low_precision(dtype):
+            gg, gu = (None if a is None else a.astype(dtype) for a in (gg, gu))
+        return gg, gu
+
+
+def _sigmoid(x: Any) -> Any:
+    """1 / (1 + exp(-x)) without overflow: exp of a non-positive argument only."""
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))  # in (0, 1]
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return SwiGLU.apply(gate, up)

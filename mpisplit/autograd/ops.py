@@ -19,6 +19,7 @@ from mpisplit.autograd.elementwise import (
     Neg,
     ReLU,
     Sub,
+    SwiGLU,
     Tanh,
     add,
     div,
@@ -31,6 +32,7 @@ from mpisplit.autograd.elementwise import (
     neg,
     relu,
     sub,
+    swiglu,
     tanh,
 )
 from mpisplit.autograd.linalg import (
@@ -48,14 +50,17 @@ from mpisplit.autograd.losses import (
 from mpisplit.autograd.reductions import (
     LayerNorm,
     LogSoftmax,
+    RMSNorm,
     Softmax,
     Sum,
     layer_norm,
     log_softmax,
     mean,
+    rms_norm,
     softmax,
     sum,
 )
+from mpisplit.autograd.rotary import Rotary, rotary
 from mpisplit.autograd.shape import (
     Concat,
     Embedding,
@@ -89,11 +94,14 @@ __all__ = [
     "MatMul",
     "Mul",
     "Neg",
+    "RMSNorm",
     "ReLU",
     "Reshape",
+    "Rotary",
     "Softmax",
     "Sub",
     "Sum",
+    "SwiGLU",
     "Tanh",
     "Transpose",
     "add",
@@ -119,10 +127,13 @@ __all__ = [
     "neg",
     "relu",
     "reshape",
+    "rms_norm",
+    "rotary",
     "softmax",
     "split",
     "sub",
     "sum",
+    "swiglu",
     "tanh",
     "transpose",
 ]

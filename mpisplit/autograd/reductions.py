@@ -156,3 +156,43 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
     if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
         raise ValueError(f"layer_norm: weight {weight.shape} and bias {bias.shape} must be ({x.shape[-1]},)")
     return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+class RMSNorm(Function):
+    """x / sqrt(mean(x^2) + eps) * w over the last axis (Llama). The statistics are float32 or
+    wider: 16-bit inputs are normalised in float32, cast back, then scaled by w (as transformers
+    does)."""
+
+    def forward(self, x: Any, w: Any, eps: float = 1e-6) -> Any:
+        xp = get_array_module(x)
+        low = is_low_precision(x.dtype)
+        xf = x.astype(xp.float32) if low else x
+        var = (xf * xf).mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + eps)
+        xhat = xf * rstd
+        if low:
+            xhat = xhat.astype(x.dtype)
+        self.save(xhat, rstd, w)
+        return xhat * w
+
+    def backward(self, g: Any) -> tuple[Any, Any]:
+        xhat, rstd, w = self.saved
+        h = xhat.shape[-1]
+        gw = (g * xhat).reshape(-1, h).sum(axis=0) if self.needs_input_grad[1] else None
+        gx = None
+        if self.needs_input_grad[0]:
+            low = is_low_precision(w.dtype)
+            gxhat = g * w
+            xh = xhat
+            if low:
+                gxhat, xh = gxhat.astype(rstd.dtype), xhat.astype(rstd.dtype)
+            # dx = rstd * (gxhat - xhat * mean(gxhat * xhat))
+            gx = gxhat - xh * (gxhat * xh).mean(axis=-1, keepdims=True)
+            gx *= rstd
+            if low:
+                gx = gx.astype(w.dtype)
+        return gx, gw
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float = 1e-6) -> Tensor:
+    return RMSNorm.apply(x, w, eps=eps)

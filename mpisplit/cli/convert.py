@@ -1,13 +1,17 @@
-"""Convert between mpisplit checkpoints and Hugging Face GPT-2 folders.
+"""Convert between mpisplit checkpoints and Hugging Face folders (GPT-2, Llama, Qwen2, Mistral).
 
     mpirun -n 2 mpisplit convert --to-hf out/run1 gpt2-export
     mpirun -n 4 mpisplit convert --from-hf gpt2-folder ckpt-root --step 0
     mpisplit convert --to-hf out/run1/step-00000600 gpt2-export --dtype float32
+    mpirun -n 1 mpisplit convert --from-gguf model.gguf llama-folder
 
 --to-hf reads an mpisplit checkpoint (a run folder's latest step, or one step folder; saved at
-any TP degree) and writes config.json + model.safetensors in the Hugging Face GPT-2 layout.
+any TP degree) and writes config.json + model.safetensors in the Hugging Face layout of its family.
 --from-hf reads such a folder and writes an mpisplit checkpoint OUT_ROOT/step-XXXXXXXX (model
 weights and config; no tokenizer, no optimizer state); other checkpoints under OUT_ROOT are kept.
+--from-gguf reads a llama.cpp GGUF file (Llama or Qwen2) and writes a new Hugging Face folder
+(config.json, generation_config.json, model.safetensors in float32, tokenizer.json,
+tokenizer_config.json with the chat template); rank 0 writes it.
 
 Any world size works: each rank holds only its slabs. The TP degree is the largest one that
 divides both the world size and n_head unless --tp is given; the remaining ranks form data-parallel
@@ -32,11 +36,15 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument(
         "--to-hf", nargs=2, metavar=("CKPT", "OUT_FOLDER"),
-        help="mpisplit checkpoint (run folder or step folder) -> Hugging Face GPT-2 folder",
+        help="mpisplit checkpoint (run folder or step folder) -> Hugging Face folder",
     )
     way.add_argument(
         "--from-hf", nargs=2, metavar=("HF_FOLDER", "OUT_ROOT"),
-        help="Hugging Face GPT-2 folder -> mpisplit checkpoint under OUT_ROOT",
+        help="Hugging Face folder (GPT-2 or Llama family) -> mpisplit checkpoint under OUT_ROOT",
+    )
+    way.add_argument(
+        "--from-gguf", nargs=2, metavar=("GGUF_FILE", "OUT_FOLDER"),
+        help="llama.cpp GGUF file (Llama, Qwen2) -> new Hugging Face folder, weights dequantized to float32",
     )
     p.add_argument("--step", type=int, default=0, help="step number of the written checkpoint (--from-hf)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: see above)")
@@ -44,7 +52,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "--dtype", choices=["float32", "float64"], default=None,
         help="dtype of the written weights (default: the source's; float16/bfloat16 become float32)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.from_gguf and (args.tp is not None or args.dtype not in (None, "float32") or args.step):
+        p.error("--from-gguf writes float32 weights from rank 0: --tp, --dtype and --step do not apply")
+    return args
 
 
 def choose_tp(requested: int | None, world_size: int, n_head: int) -> int:
@@ -85,9 +96,9 @@ def to_hf(ckpt: str, out: str, tp: int | None, dtype: str | None, world: Any) ->
     )
 
 
-def from_hf(hf: str, out_root: str, step: int, tp: int | None, dtype: str | None, world: Any) -> str:
+def from_hf(hf_folder: str, out_root: str, step: int, tp: int | None, dtype: str | None, world: Any) -> str:
     import mpisplit as ms
-    from mpisplit.models import hf_gpt2
+    from mpisplit.models import hf
     from mpisplit.models.hf_eos import eos_token_ids
     from mpisplit.runtime.errors import agree
     from mpisplit.training.state import save_training_state
@@ -95,19 +106,30 @@ def from_hf(hf: str, out_root: str, step: int, tp: int | None, dtype: str | None
     with agree(world):
         if step < 0:
             raise ValueError(f"--step must be >= 0, got {step}")
-        cfg = hf_gpt2.read_config(hf)
+        cfg = hf.read_config(hf_folder)
         tp = choose_tp(tp, world.Get_size(), cfg.n_head)
         cfg.validate(tp)
-        dtype = dtype or hf_gpt2.weights_dtype(hf).name
-        eos = list(eos_token_ids(hf))
+        dtype = dtype or hf.weights_dtype(hf_folder).name
+        eos = list(eos_token_ids(hf_folder))
     grid = ms.ProcessGrid(tp=tp, comm=world)
-    model = ms.GPT.from_pretrained(hf, grid, dtype=dtype)
-    meta = {"config": model.config.to_dict(), "step": step, "dtype": dtype, "source": {"huggingface_gpt2": str(hf)},
-            "eos_token_ids": eos}
+    model = ms.GPT.from_pretrained(hf_folder, grid, dtype=dtype)
+    source = {f"huggingface_{cfg.family}": str(hf_folder)}
+    meta = {"config": model.config.to_dict(), "step": step, "dtype": dtype, "source": source, "eos_token_ids": eos}
     # keep_last=sys.maxsize: a conversion never deletes other checkpoints under OUT_ROOT.
     path = save_training_state(out_root, step, model, None, grid, meta=meta, keep_last=sys.maxsize)
     grid.free()
-    return f"wrote {path} from {hf}: {model.num_parameters():,} parameters, {dtype}, tp={tp}"
+    return f"wrote {path} from {hf_folder}: {model.num_parameters():,} parameters, {dtype}, tp={tp}"
+
+
+def from_gguf(path: str, out: str, world: Any) -> str:
+    from mpisplit.models.gguf import convert_to_hf
+    from mpisplit.runtime.errors import agree
+
+    with agree(world):
+        if world.Get_rank() == 0:
+            convert_to_hf(path, out)
+    return f"wrote {out} (config.json, generation_config.json, model.safetensors, tokenizer.json, " \
+        f"tokenizer_config.json) from {path}"
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -120,6 +142,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     install_abort_on_exception(world)
     if args.to_hf:
         summary = to_hf(*args.to_hf, args.tp, args.dtype, world)
+    elif args.from_gguf:
+        summary = from_gguf(*args.from_gguf, world)
     else:
         summary = from_hf(*args.from_hf, args.step, args.tp, args.dtype, world)
     if world.Get_rank() == 0:

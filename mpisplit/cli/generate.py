@@ -25,7 +25,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
-    src.add_argument("--hf", help="a folder with config.json and model.safetensors in the Hugging Face GPT-2 layout")
+    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank dequantizes its slices")
+    src.add_argument("--hf", help="a Hugging Face folder (config.json, model.safetensors, a tokenizer) of GPT-2 "
+                     "or the Llama family (llama, qwen2, mistral)")
     p.add_argument("--prompt", default=None,
                    help="prompt text (a character-level checkpoint, or a folder with a tokenizer)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (models without a tokenizer)")
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate all --max-new-tokens, past the model's end-of-sequence ids")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="cap the context (rotary models: the Llama family declares 8k-128k positions)")
     return p.parse_args(argv)
 
 
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise ValueError(f"--tp {tp} does not divide the world size {world.Get_size()}")
     ms.limit_blas_threads(world)
     grid = ms.ProcessGrid(tp=tp)
-    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype)
+    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
+                                                     dtype=args.dtype, max_model_len=args.max_model_len)
     cfg = model.config
     with agree(world):
         if args.prompt is not None:

@@ -3,6 +3,7 @@
     mpirun -n 4 mpisplit train --steps 600          # = python train.py
     mpirun -n 2 mpisplit generate --ckpt out --prompt "The "
     mpirun -n 2 mpisplit serve --ckpt out --port 8000
+    mpirun -n 2 mpisplit chat --hf smollm2-folder
     mpirun -n 2 mpisplit convert --to-hf out gpt2-export
     mpisplit plot out
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "train": ("mpisplit.cli.train", "train a GPT over MPI ranks (tensor and data parallel)"),
     "generate": ("mpisplit.cli.generate", "generate text from a checkpoint or a Hugging Face GPT-2 folder"),
     "serve": ("mpisplit.cli.serve", "serve a model over an OpenAI-compatible HTTP API from all ranks"),
+    "chat": ("mpisplit.cli.chat", "a conversation with a model in the terminal, from all ranks"),
     "convert": ("mpisplit.cli.convert", "convert between mpisplit checkpoints and Hugging Face GPT-2 folders"),
     "plot": ("mpisplit.cli.plot", "draw a run's loss curve (RUN_DIR/loss.png)"),
 }

@@ -5,8 +5,9 @@
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "out", "prompt": "The ", "max_tokens": 20, "temperature": 0}'
 
-Rank 0 answers HTTP (POST /v1/completions, GET /v1/models, /health, /metrics) and leads the
-engine; every rank holds its slab of the weights and the keys and values of its own heads.
+Rank 0 answers HTTP (POST /v1/completions and /v1/chat/completions, GET /v1/models, /health,
+/metrics) and leads the engine; every rank holds its slab of the weights and the keys and
+values of its own heads.
 SIGTERM drains the requests in flight and exits 0.
 """
 
@@ -27,7 +28,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
-    src.add_argument("--hf", help="a Hugging Face GPT-2 folder (config.json, model.safetensors, "
+    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank dequantizes its slices")
+    src.add_argument("--hf", help="a Hugging Face folder of GPT-2 or the Llama family (config.json, model.safetensors, "
                                   "tokenizer.json or vocab.json + merges.txt)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default="auto",
                    help="with --device gpu: the collective path (README, GPUs)")
     p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the context the KV cache is sized for (rotary models; default: the model's positions)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429")
     p.add_argument("--prefill-chunk", type=int, default=256,
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                         f"list: prefer {API_KEY_ENV} or --api-key-file)")
     p.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the folder name)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for /v1/chat/completions (default: the folder's own, if any)")
     return p.parse_args(argv)
 
 
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpisplit.runtime.errors import agree, install_abort_on_exception
     from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.serving.server import ServeOptions, default_model_name, serve
+    from mpisplit.serving.templates import load_chat_template
 
     world = MPI.COMM_WORLD
     install_abort_on_exception(world)
@@ -127,14 +134,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         binding = use_gpu(grid, comm=args.comm)  # collective; raises on every rank alike
         if world.Get_rank() == 0:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
-    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, dtype=args.dtype)
+    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
+                                                     dtype=args.dtype, max_model_len=args.max_model_len)
     model.to(args.device)
+    with agree(world):
+        template = load_chat_template(args.hf or args.gguf, args.chat_template)
     opts = ServeOptions(
         host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk, api_key=key, eos_token_ids=eos, batch_invariant=args.batch_invariant,
         max_batched_tokens=(args.max_batch + args.prefill_chunk if args.max_num_batched_tokens is None
-                            else args.max_num_batched_tokens or None),
-        model_name=args.model_name or default_model_name(args.ckpt or args.hf),
+                            else args.max_num_batched_tokens or None), chat_template=template,
+        model_name=args.model_name or default_model_name(args.ckpt or args.hf or args.gguf),
     )
     code = serve(model, tokenizer, opts)
     grid.free()

@@ -50,11 +50,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="how collectives move GPU buffers: CUDA-aware MPI, pinned host staging or NCCL "
                    "(auto: nccl, else CUDA-aware MPI when the library reports it, else staged)")
     g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["gpt", "llama"], default=D.arch,
+                   help="a fresh model's parts: gpt (GPT-2: LayerNorm, GELU, learned positions) or llama "
+                   "(RMSNorm, SwiGLU, rotary positions, grouped-query attention)")
     g.add_argument("--layers", type=int, default=D.layers, help="transformer blocks")
     g.add_argument("--hidden", type=int, default=D.hidden, help="hidden size (multiple of --heads)")
     g.add_argument("--heads", type=int, default=D.heads, help="attention heads (--tp must divide it)")
     g.add_argument("--seq-len", type=int, default=D.seq_len, help="context length in characters")
     g.add_argument("--dropout", type=float, default=D.dropout, help="dropout probability while training")
+    g.add_argument("--kv-heads", type=int, default=D.kv_heads,
+                   help="--arch llama: key/value heads (divides --heads; tp must divide it or be a multiple of it)")
+    g.add_argument("--intermediate", type=int, default=D.intermediate, help="MLP width (default: 4 * --hidden)")
+    g.add_argument("--rope-theta", type=float, default=D.rope_theta, help="--arch llama: the rotary base")
     g.add_argument("--dtype", choices=["float32", "float64"], default=D.dtype)
     g.add_argument("--amp", choices=["float16", "bfloat16"], default=D.amp,
                    help="mixed precision: compute in this dtype with float32 master weights and dynamic "
@@ -84,8 +91,8 @@ def _output(g: argparse._ArgumentGroup) -> None:
                    "text); with --init-from: token ids (.npy, or integers separated by spaces or commas), "
                    "or text when the folder has a tokenizer")
     g.add_argument("--init-from", type=str, default=D.init_from, metavar="FOLDER",
-                   help="fine-tune GPT-2 weights from a Hugging Face folder (config.json + model.safetensors); "
-                   "--layers/--hidden/--heads are taken from it")
+                   help="fine-tune from a Hugging Face folder (config.json + model.safetensors) of GPT-2 or the "
+                   "Llama family (llama, qwen2, mistral), or a GGUF file (FILE.gguf); the model's shape is taken from it")
     g.add_argument("--out", type=str, default=D.out, help="run folder: metrics, checkpoints, sample, loss curve")
     g.add_argument("--eval-every", type=int, default=D.eval_every, help="steps between validation evaluations")
     g.add_argument("--eval-iters", type=int, default=D.eval_iters, help="validation batches per evaluation")

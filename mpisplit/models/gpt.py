@@ -1,14 +1,18 @@
-"""A GPT-2 style language model, split over the TP ranks of a ProcessGrid.
+"""A decoder-only language model (GPT-2 or the Llama family), split over the TP ranks of a ProcessGrid.
 
-    tokens (B, T) -> wte (vocab-parallel) + wpe -> n_layer x [x + attn(ln_1(x)); x + mlp(ln_2(x))]
-    -> ln_f -> logits = x @ wte^T (tied head, vocab-parallel)
+    tokens (B, T) -> wte (vocab-parallel) [+ wpe] -> n_layer x [x + attn(ln_1(x)); x + mlp(ln_2(x))]
+    -> ln_f -> logits = x @ wte^T (tied head) or x @ lm_head^T (vocab-parallel)
 
-Parameter names follow the Hugging Face GPT-2 layout without its "transformer."
-prefix (h.0.attn.c_attn.weight, ...). `model(idx)` gathers the logits on every
-rank; `model.loss(idx, targets)` keeps them split (vocab-parallel loss).
+The parts come from the config (models/config.py): ln_* are LayerNorm or RMSNorm, attn is GPT-2's
+fused attention with learned positions (wpe) or grouped-query attention with rotary positions
+(nn/gqa.py), mlp is the GELU MLP or SwiGLU. Parameter names are the same for every family
+(wte, h.{i}.ln_1, h.{i}.attn.c_attn | q_proj/k_proj/v_proj/o_proj, h.{i}.mlp.c_fc | gate_proj/
+up_proj/down_proj, ln_f, lm_head); the Hugging Face names of each family are data in
+models/hf_layout.py. `model(idx)` gathers the logits on every rank; `model.loss(idx, targets)`
+keeps them split (vocab-parallel loss).
 
 On a grid with pp > 1 stages the model is one stage: its share of the blocks (stage_blocks),
-the embeddings on the first stage, ln_f and the tied head on the last (which keeps a copy of
+the embeddings on the first stage, ln_f and the head on the last (a tied head keeps a copy of
 wte, marked `pipeline_copy`, whose gradient is summed with the first stage's). A stage runs
 through `stage_forward` / `stage_loss`, driven by mpisplit.parallel.pipeline.
 
@@ -32,9 +36,13 @@ from mpisplit.models.recompute import check_recompute, recomputed
 from mpisplit.nn.attention import KVCache, ParallelSelfAttention
 from mpisplit.nn.cross_entropy import check_targets, vocab_parallel_cross_entropy
 from mpisplit.nn.embedding import VocabParallelEmbedding
+from mpisplit.nn.gqa import GroupedQueryAttention
 from mpisplit.nn.layernorm import LayerNorm
-from mpisplit.nn.mlp import ParallelMLP
+from mpisplit.nn.mlp import ParallelMLP, SwiGLUMLP
 from mpisplit.nn.module import Module, Parameter
+from mpisplit.nn.rmsnorm import RMSNorm
+from mpisplit.nn.rotary import RotaryTables
+from mpisplit.parallel.comm import Communicator
 from mpisplit.parallel.mappings import gather_from_tp
 from mpisplit.runtime.backend import resolve_dtype, to_numpy
 
@@ -51,17 +59,32 @@ class PositionEmbedding(Module):
         return self.weight[offset: offset + length]
 
 
-class Block(Module):
-    """Pre-LayerNorm transformer block: two all-reduces forward, two backward."""
+def _norm(cfg: GPTConfig, dtype: np.dtype) -> Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps, dtype=dtype)
+    return LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, dtype=dtype)
 
-    def __init__(self, cfg: GPTConfig, tp_comm: Any, dtype: np.dtype) -> None:
+
+class Block(Module):
+    """Pre-norm transformer block: two all-reduces forward, two backward."""
+
+    def __init__(self, cfg: GPTConfig, tp_comm: Any, dtype: np.dtype, rotary: RotaryTables | None = None) -> None:
         proj_std = 0.02 / np.sqrt(2 * cfg.n_layer)  # residual projections, GPT-2 scaling
-        self.ln_1 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.attn = ParallelSelfAttention(
-            cfg.n_embd, cfg.n_head, tp_comm, dropout=cfg.dropout, dtype=dtype, proj_std=proj_std,
-        )
-        self.ln_2 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.mlp = ParallelMLP(cfg.n_embd, 4 * cfg.n_embd, tp_comm, dtype=dtype, proj_std=proj_std)
+        self.ln_1 = _norm(cfg, dtype)
+        if cfg.positions == "learned":
+            self.attn = ParallelSelfAttention(
+                cfg.n_embd, cfg.n_head, tp_comm, dropout=cfg.dropout, dtype=dtype, proj_std=proj_std,
+            )
+        else:
+            self.attn = GroupedQueryAttention(
+                cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size, tp_comm, rotary, qkv_bias=cfg.qkv_bias,
+                out_bias=cfg.out_bias, dropout=cfg.dropout, dtype=dtype, proj_std=proj_std,
+            )
+        self.ln_2 = _norm(cfg, dtype)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLUMLP(cfg.n_embd, cfg.ffn_size, tp_comm, bias=cfg.mlp_bias, dtype=dtype, proj_std=proj_std)
+        else:
+            self.mlp = ParallelMLP(cfg.n_embd, cfg.ffn_size, tp_comm, bias=cfg.mlp_bias, dtype=dtype, proj_std=proj_std)
         self.dropout = cfg.dropout
 
     def forward(
@@ -79,7 +102,7 @@ class Block(Module):
 
 
 class GPT(Module):
-    """GPT-2 architecture over `grid.tp_comm`; see the module docstring."""
+    """A decoder over `grid.tp_comm` (GPT-2 or Llama-family parts); see the module docstring."""
 
     def __init__(
         self, config: GPTConfig, grid: Any, *, dtype: Any = "float32", seed: int = 0, init: bool = True,
@@ -94,13 +117,21 @@ class GPT(Module):
         self.dtype = resolve_dtype(dtype)
         self.is_first, self.is_last = stage == 0, stage == pp - 1
         comm = grid.tp_comm
-        if self.is_first or self.is_last:
+        tied = config.tie_embeddings
+        if self.is_first or (self.is_last and tied):
             self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, comm, dtype=self.dtype)
             # The last stage's head is a copy of the first stage's table: saved once, by the first.
             self.wte.weight.pipeline_copy = not self.is_first
-        self.wpe = PositionEmbedding(config.block_size, config.n_embd, self.dtype) if self.is_first else None
-        self.h = BlockList({i: Block(config, comm, self.dtype) for i in stage_blocks(config.n_layer, pp, stage)})
-        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_eps, dtype=self.dtype) if self.is_last else None
+        self.lm_head = (VocabParallelEmbedding(config.vocab_size, config.n_embd, comm, dtype=self.dtype)
+                        if self.is_last and not tied else None)
+        learned = config.positions == "learned"
+        self.wpe = PositionEmbedding(config.block_size, config.n_embd, self.dtype) if self.is_first and learned else None
+        self.rotary = None if learned else RotaryTables(config.head_size, config.rope_theta, config.rope_scaling,
+                                                          config.block_size)
+        self.kv_replica_comm = _kv_replica_comm(config, comm)
+        self.h = BlockList({i: Block(config, comm, self.dtype, self.rotary)
+                            for i in stage_blocks(config.n_layer, pp, stage)})
+        self.ln_f = _norm(config, self.dtype) if self.is_last else None
         self.sequence_parallel = bool(sequence_parallel) and grid.tp > 1
         self.recompute = check_recompute(recompute)  # none, selective (attention core) or full (blocks)
         # Dropout streams: replicated activations need the same mask on every TP rank;
@@ -152,15 +183,30 @@ class GPT(Module):
                 f"sequence parallelism splits the sequence over tp={tp} ranks: length {T} is not divisible by {tp}"
             )
 
+    @property
+    def kv_replica_params(self) -> list[Parameter]:
+        """Key/value slabs replicated on several TP ranks (tp > kv heads): each holds a partial
+        gradient, to be summed over `kv_replica_comm`."""
+        return [p for p in self.parameters() if p.replicas > 1]
+
+    @property
+    def head(self) -> VocabParallelEmbedding:
+        """The vocab-parallel output layer (last stage): the token table when tied, else lm_head."""
+        return self.wte if self.lm_head is None else self.lm_head
+
     def embed(self, idx: Any, offset: int = 0, *, sequence_parallel: bool = False) -> Tensor:
-        """Token ids (B, T) -> token + position embeddings (B, T, h), after dropout (first stage);
+        """Token ids (B, T) -> token (+ position) embeddings (B, T, h), after dropout (first stage);
         with `sequence_parallel` this rank's (B, T/t, h) block of them."""
         p = self.config.dropout if self.training and offset == 0 else 0.0
         if not sequence_parallel:
-            x = self.wte(idx) + self.wpe(idx.shape[1], offset)  # (B, T, h)
+            x = self.wte(idx)  # (B, T, h)
+            if self.wpe is not None:
+                x = x + self.wpe(idx.shape[1], offset)
             return ops.dropout(x, p, self.rng_shared)
         n = idx.shape[1] // self.grid.tp
-        x = self.wte(idx, sequence_parallel=True) + self.wpe(n, offset + self.grid.tp_rank * n)  # (B, T/t, h)
+        x = self.wte(idx, sequence_parallel=True)  # (B, T/t, h)
+        if self.wpe is not None:
+            x = x + self.wpe(n, offset + self.grid.tp_rank * n)
         return ops.dropout(x, p, self.rng_local)
 
     def run_blocks(
@@ -196,7 +242,8 @@ class GPT(Module):
         return self.ln_f(self.run_blocks(x, sequence_parallel=sequence_parallel))
 
     def _embed_cached(self, idx: Any, offset: int) -> Tensor:
-        return self.wte(idx) + self.wpe(idx.shape[1], offset)  # decoding: no dropout
+        x = self.wte(idx)  # decoding: no dropout
+        return x if self.wpe is None else x + self.wpe(idx.shape[1], offset)
 
     def stage_forward(self, inp: Any) -> Tensor:
         """One pipeline stage's forward: token ids (first stage) or the previous stage's output
@@ -217,7 +264,8 @@ class GPT(Module):
         targets = targets.data if isinstance(targets, Tensor) else targets
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
         return vocab_parallel_cross_entropy(
-            self.wte.logits(hidden, sequence_parallel=self.sequence_parallel), targets, self.grid.tp_comm, vocab_start=self.wte.vocab_start,
+            self.head.logits(hidden, sequence_parallel=self.sequence_parallel), targets, self.grid.tp_comm,
+            vocab_start=self.head.vocab_start,
             vocab_size=self.config.vocab_size, ignore_index=ignore_index, overwrite_logits=True,
         )
 
@@ -230,7 +278,7 @@ class GPT(Module):
 
     def forward(self, idx: Any) -> Tensor:
         """idx (B, T) -> full logits (B, T, vocab_size) on every rank (all-gathered)."""
-        local = self.wte.logits(self.hidden_states(idx))  # (B, T, Vp/t)
+        local = self.head.logits(self.hidden_states(idx))  # (B, T, Vp/t)
         full = gather_from_tp(local, self.grid.tp_comm)  # (B, T, Vp)
         V = self.config.vocab_size
         return full if full.shape[-1] == V else full[..., :V]
@@ -290,7 +338,7 @@ class GPT(Module):
                             feed = idx[:, -keep:]
                         else:
                             feed = idx[:, -1:]
-                        local = self.wte.logits(self.hidden_states(feed, caches))
+                        local = self.head.logits(self.hidden_states(feed, caches))
                         logits = gather_from_tp(local[:, -1:], self.grid.tp_comm).data[:, 0, : self.config.vocab_size]
                     nxt = _choose(np.asarray(to_numpy(logits), dtype=np.float64), temperature, top_k, rng)
                     nxt = np.where(ended, idx[:, -1], nxt)  # an ended row repeats its eos
@@ -314,14 +362,27 @@ class GPT(Module):
             block.attn.dropout = p
 
     @classmethod
-    def from_pretrained(cls, folder: Any, grid: Any, dtype: Any = "float32") -> GPT:
-        """Load GPT-2 weights saved in the Hugging Face layout (config.json + model.safetensors);
-        each rank reads only its slices. See mpisplit.models.hf_gpt2."""
+    def from_pretrained(cls, folder: Any, grid: Any, dtype: Any = "float32", **options: Any) -> GPT:
+        """Load a Hugging Face folder (config.json + model.safetensors) of GPT-2 or the Llama family
+        (model_type llama, qwen2, mistral), or a GGUF file; each rank reads only its slices. `options`
+        (Llama family): max_model_len caps the context. See models/hf_gpt2.py, models/hf_llama.py."""
+        from mpisplit.models import hf, hf_llama
+
+        if hf.is_gguf(folder):
+            return hf.from_gguf(cls, folder, grid, dtype, **options)
+        if hf_llama.is_llama_folder(folder):
+            return hf_llama.from_pretrained(cls, folder, grid, dtype, **options)
         return hf_gpt2.from_pretrained(cls, folder, grid, dtype)
 
     def save_pretrained(self, folder: Any) -> None:
-        """Write config.json + model.safetensors in the Hugging Face GPT-2 layout (unpadded). Collective."""
-        hf_gpt2.save_pretrained(self, folder)
+        """Write config.json + model.safetensors in the Hugging Face layout of the model's family
+        (unpadded). Collective."""
+        if self.config.family == "gpt2":
+            hf_gpt2.save_pretrained(self, folder)
+        else:
+            from mpisplit.models import hf_llama
+
+            hf_llama.save_pretrained(self, folder)
 
     def num_parameters(self) -> int:
         """Parameters of the global (unsplit, unpadded) model, of this stage's part at pp > 1;
@@ -336,6 +397,15 @@ def check_eos_ids(eos_token_ids: Any, vocab_size: int) -> np.ndarray:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= int(i) < vocab_size:
             raise ValueError(f"eos token id {i!r} is not an integer in [0, {vocab_size})")
     return np.asarray(ids, dtype=np.int64)
+
+
+def _kv_replica_comm(config: GPTConfig, tp_comm: Any) -> Communicator | None:
+    """The TP ranks that hold the same key/value heads (tp > kv heads), or None. Collective over TP."""
+    tp, kv = tp_comm.size, config.kv_heads
+    if config.positions == "learned" or kv % tp == 0:
+        return None
+    rep = tp // kv
+    return Communicator._adopt(tp_comm.mpi.Split(tp_comm.rank // rep, tp_comm.rank))
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:

@@ -45,7 +45,14 @@ def union_eos(*configs: dict, where: str = "config") -> tuple[int, ...]:
 
 def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:
     """The union of config.json's and generation_config.json's eos_token_id (each an int or a
-    list; either file may lack it), config.json's first, without repeats. () when neither has one."""
+    list; either file may lack it), config.json's first, without repeats. () when neither has one.
+    A GGUF file: the same union over the configs its metadata converts to."""
+    from mpisplit.models.hf import is_gguf
+
+    if is_gguf(folder):
+        from mpisplit.models.gguf.config import generation_config, hf_config
+
+        return union_eos(hf_config(folder), generation_config(folder), where=str(folder))
     folder = Path(folder)
     out: tuple[int, ...] = ()
     for name in FILES:

@@ -133,7 +133,7 @@ def _parse_config(folder: Path) -> tuple[GPTConfig, bool]:
     if cfg.get("model_type") != "gpt2":
         raise ValueError(
             f"{path}: model_type {cfg.get('model_type')!r} (architectures {cfg.get('architectures')}); "
-            f"only GPT-2 models (model_type 'gpt2') load"
+            f"GPT-2 (model_type 'gpt2') and the Llama family (model_type 'llama', 'qwen2', 'mistral') load"
         )
     act = cfg.get("activation_function", "gelu_new")
     if act not in _TANH_GELUS:

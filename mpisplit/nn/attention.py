@@ -32,6 +32,58 @@ def valid_tp_degrees(n_heads: int) -> list[int]:
     return [d for d in range(1, n_heads + 1) if n_heads % d == 0]
 
 
+def dropout_mask(att: Any, p: float, rng: Any) -> Any:
+    """The scaled keep-mask of attention-weight dropout (None when p == 0)."""
+    if p <= 0.0:
+        return None
+    mask = (rng.random(att.shape, dtype=ops.draw_dtype(att.dtype)) >= p).astype(att.dtype)
+    mask *= 1.0 / (1.0 - p)
+    return mask
+
+
+def causal_weights(q: Any, k: Any, scale: float) -> Any:
+    """softmax(q k^T * scale + causal mask) for q (..., T, hs), k (..., T, hs) that broadcast
+    against each other (grouped query heads: q (B, kv, g, T, hs), k (B, kv, 1, T, hs))."""
+    xp = get_array_module(q)
+    att = q @ k.swapaxes(-1, -2)  # (..., T, T)
+    T = att.shape[-1]
+    if kernels.applies(att):  # scale, mask and softmax in one pass per row
+        from mpisplit.kernels.softmax import causal_softmax_forward
+
+        causal_softmax_forward(att, scale)
+        return att
+    low = is_low_precision(att.dtype)  # 16-bit compute: the softmax runs in float32
+    if low:
+        att = att.astype(xp.float32)
+    att *= scale
+    att += ops.causal_mask(T, T, 0, xp, att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    if low:
+        att = att.astype(q.dtype)  # weights kept (and multiplied) in 16 bits
+    return att
+
+
+def causal_softmax_backward(ga: Any, att: Any, scale: float) -> Any:
+    """d loss / d scores from d loss / d weights `ga` (overwritten where possible)."""
+    if kernels.applies(ga, att):
+        from mpisplit.kernels.softmax import causal_softmax_backward as fused
+
+        fused(att, ga, scale)
+        return ga
+    xp, dtype = get_array_module(ga), ga.dtype
+    low = is_low_precision(dtype)
+    if low:  # softmax backward in float32
+        ga, att = ga.astype(xp.float32), att.astype(xp.float32)
+    ga -= (ga * att).sum(axis=-1, keepdims=True)
+    ga *= att
+    ga *= scale
+    if low:
+        ga = ga.astype(dtype)
+    return ga
+
+
 class _HeadAttention(Function):
     """qkv (B, T, 3, nh, hs) -> causal attention of each head -> (B, T, nh*hs).
 
@@ -47,7 +99,7 @@ class _HeadAttention(Function):
         self.scale = 1.0 / math.sqrt(hs)
         self.p, self.replay = p, copy.deepcopy(rng) if recompute and p > 0.0 else None
         att = self._weights(qkv)
-        mask = self._mask(att, p, rng)
+        mask = dropout_mask(att, p, rng)
         v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         y = (att if mask is None else att * mask) @ v  # (B, nh, T, hs)
         if recompute:
@@ -56,43 +108,17 @@ class _HeadAttention(Function):
             self.save(qkv, att, mask)
         return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
 
-    @staticmethod
-    def _mask(att: Any, p: float, rng: Any) -> Any:
-        if p <= 0.0:
-            return None
-        mask = (rng.random(att.shape, dtype=ops.draw_dtype(att.dtype)) >= p).astype(att.dtype)
-        mask *= 1.0 / (1.0 - p)
-        return mask
-
     def _weights(self, qkv: Any) -> Any:
         """softmax(q k^T / sqrt(hs) + causal mask): (B, nh, T, T)."""
-        xp = get_array_module(qkv)
-        T = qkv.shape[1]
         q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         k = qkv[:, :, 1].transpose(0, 2, 1, 3)
-        att = q @ k.transpose(0, 1, 3, 2)  # (B, nh, T, T)
-        if kernels.applies(att):  # scale, mask and softmax in one pass per row
-            from mpisplit.kernels.softmax import causal_softmax_forward
-
-            causal_softmax_forward(att, self.scale)
-            return att
-        low = is_low_precision(att.dtype)  # 16-bit compute: the softmax runs in float32
-        if low:
-            att = att.astype(xp.float32)
-        att *= self.scale
-        att += ops.causal_mask(T, T, 0, xp, att.dtype)
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
-        if low:
-            att = att.astype(qkv.dtype)  # weights kept (and multiplied) in 16 bits
-        return att
+        return causal_weights(q, k, self.scale)
 
     def backward(self, g: Any) -> Any:
         qkv, att, mask = self.saved
         if att is None:  # selective recomputation: the weights and the very same mask again
             att = self._weights(qkv)
-            mask = self._mask(att, self.p, self.replay)
+            mask = dropout_mask(att, self.p, self.replay)
         xp = get_array_module(g)
         B, T, _, nh, hs = qkv.shape
         q = qkv[:, :, 0].transpose(0, 2, 1, 3)
@@ -105,27 +131,10 @@ class _HeadAttention(Function):
         ga = gy @ v.transpose(0, 1, 3, 2)  # d loss / d (dropped) attention
         if mask is not None:
             ga *= mask
-        if kernels.applies(ga, att):
-            from mpisplit.kernels.softmax import causal_softmax_backward
-
-            causal_softmax_backward(att, ga, self.scale)
-        else:
-            ga = self._softmax_backward(ga, att)
+        ga = causal_softmax_backward(ga, att, self.scale)
         gqkv[:, :, 0] = (ga @ k).transpose(0, 2, 1, 3)
         gqkv[:, :, 1] = (ga.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)
         return gqkv
-
-    def _softmax_backward(self, ga: Any, att: Any) -> Any:
-        xp, dtype = get_array_module(ga), ga.dtype
-        low = is_low_precision(dtype)
-        if low:  # softmax backward in float32
-            ga, att = ga.astype(xp.float32), att.astype(xp.float32)
-        ga -= (ga * att).sum(axis=-1, keepdims=True)  # softmax backward
-        ga *= att
-        ga *= self.scale
-        if low:
-            ga = ga.astype(dtype)
-        return ga
 
 
 class KVCache:
@@ -183,6 +192,7 @@ class ParallelSelfAttention(Module):
         self.dtype = resolve_dtype(dtype)
         self.head_size = hidden // n_heads
         self.local_heads = n_heads // tp
+        self.local_kv_heads = self.local_heads  # every head has its own keys and values
         hl = self.local_heads * self.head_size
         start = tp_comm.rank * hl
         self.c_attn = QKVProjection(hidden, hl, start, self.dtype, std)
@@ -216,6 +226,17 @@ class ParallelSelfAttention(Module):
             p = self.dropout if self.training else 0.0
             y = _HeadAttention.apply(qkv, p=p, rng=rng, recompute=recompute_core)  # (B, T, hl)
         return self.c_proj(y, sequence_parallel=sequence_parallel)
+
+    def rows_qkv(self, x: Tensor, positions: Any) -> tuple[Any, Any, Any]:
+        """Decoding rows x (1, N, h) -> arrays q, k, v (1, N, nh_local, hs) (positions are the
+        model's learned table, added before the blocks)."""
+        qkv = ops.linear(copy_to_tp(x, self.comm), self.c_attn.weight, self.c_attn.bias).data  # (1, N, 3*hl)
+        qkv = qkv.reshape(*qkv.shape[:2], 3, self.local_heads, self.head_size)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    @property
+    def out_proj(self) -> RowParallelLinear:
+        return self.c_proj
 
     def _decode(self, qkv: Any, cache: KVCache) -> Tensor:
         B, T = qkv.shape[:2]

@@ -197,3 +197,19 @@ class RowParallelLinear(Module):
         else:
             y = reduce_from_tp(partial, self.comm)
         return y if self.bias is None else y + self.bias
+
+
+def column_group(x: Tensor, layers: list[Any], comm: Any, sequence_parallel: bool = False) -> list[Tensor]:
+    """Several column-split layers (anything with `weight` (k, n_i) and `bias`) on the same input,
+    which enters the TP region once: one all-reduce of dX backward for all of them. Under
+    sequence parallelism their slabs are concatenated into one product, so the sequence blocks
+    are all-gathered once (and once more in backward) for the group."""
+    if not sequence_parallel:
+        xt = copy_to_tp(x, comm)  # the gradients of every branch meet here, then one all-reduce
+        return [ops.linear(xt, layer.weight, layer.bias) for layer in layers]
+    widths = [layer.weight.shape[1] for layer in layers]
+    biases = [layer.bias for layer in layers]
+    w = ops.concat([layer.weight for layer in layers], axis=1)  # (k, sum n_i)
+    b = None if biases[0] is None else ops.concat(biases, axis=0)
+    y = sequence_parallel_linear(x, w, b, comm)  # (B, T, sum n_i)
+    return ops.split(y, widths, axis=-1) if len(layers) > 1 else [y]

@@ -47,6 +47,9 @@ class Parameter(Tensor):
         # A second copy of a weight that another pipeline stage owns (the last stage's tied
         # head): its gradient is summed with the owner's, it is saved and counted there.
         self.pipeline_copy = False
+        # A slab that `replicas` TP ranks hold alike (a key/value head replicated because tp >
+        # kv heads): its gradient is summed over them, it is saved and counted by replica 0.
+        self.replicas, self.replica_rank = 1, 0
         if int(np.prod(self.view_shape)) != self.size:
             raise ValueError(f"view_shape {self.view_shape} does not hold a slab of shape {self.shape}")
 

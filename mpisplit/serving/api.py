@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front end (starlette), run by uvicorn in a thread of rank 0.
 
-    POST /v1/completions   GET /v1/models   GET /health   GET /metrics
+    POST /v1/completions   POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics
 
 Nothing here calls MPI: a request is validated, handed to the Controller (n choices: n
 sequences), and its events come back through an asyncio queue fed from the engine thread. A
@@ -15,7 +15,7 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,8 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mpisplit.serving.chat import ChatLayout, validate_chat
 from mpisplit.serving.controller import Controller, Submission
 from mpisplit.serving.sampling import SamplingParams
+from mpisplit.serving.templates import ChatTemplate
 from mpisplit.serving.validation import (
     ApiError,
     CompletionRequest,
@@ -57,13 +59,16 @@ async def _read_body(request: Request) -> bytes:
 class CompletionsApp:
     """The routes, bound to one controller and one model."""
 
-    def __init__(self, controller: Controller, model: ModelInfo, api_key: str | None = None) -> None:
+    def __init__(self, controller: Controller, model: ModelInfo, api_key: str | None = None,
+                 chat_template: ChatTemplate | None = None) -> None:
         self.controller, self.model, self.api_key = controller, model, api_key
+        self.chat_template = chat_template
         self.created = int(time.time())
 
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -94,14 +99,22 @@ class CompletionsApp:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def completions(self, request: Request) -> Response:
+        return await self._complete(request, lambda body: validate_completion(body, self.model), TextLayout)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(
+            request, lambda body: validate_chat(body, self.model, self.chat_template), ChatLayout)
+
+    async def _complete(self, request: Request, validate: Callable[[dict], CompletionRequest],
+                        layout_class: type) -> Response:
+        """Validate, submit n sequences and answer in `layout_class`'s layout (TextLayout, ChatLayout)."""
         try:
             self._authorise(request)
-            req = validate_completion(parse_body(await _read_body(request)), self.model)
+            req = validate(parse_body(await _read_body(request)))
         except ApiError as err:
             return error_response(err)
         if req.ignored:
-            print(f"warning: fields ignored in a completion request: {', '.join(req.ignored)}",
-                  file=sys.stderr, flush=True)
+            print(f"warning: fields ignored in a request: {', '.join(req.ignored)}", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         subs = [Submission(
@@ -115,20 +128,19 @@ class CompletionsApp:
             return error_response(ApiError(
                 f"the queue is full ({self.controller.max_queue} requests waiting); retry later",
                 status=429, kind="rate_limit_error"))
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
-                "created": int(time.time()), "model": self.model.name}
         echo = self.model.tokenizer.decode(req.prompt) if req.echo else ""
+        layout = layout_class(self.model.name, req.logprobs is not None, echo=echo)
         if req.stream:
-            return StreamingResponse(self._stream(subs, req, head, events, echo), media_type="text/event-stream",
+            return StreamingResponse(self._stream(subs, req, layout, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._collect(request, subs, req, head, events, echo)
+        return await self._collect(request, subs, req, layout, events)
 
     def _cancel(self, subs: list[Submission]) -> None:
         for sub in subs:
             self.controller.cancel(sub.rid)
 
-    async def _collect(self, request: Request, subs: list[Submission], req: CompletionRequest, head: dict,
-                       events: asyncio.Queue, echo: str) -> Response:
+    async def _collect(self, request: Request, subs: list[Submission], req: CompletionRequest, layout: Any,
+                       events: asyncio.Queue) -> Response:
         watcher = asyncio.create_task(_put_on_disconnect(request, events))
         pieces: list[list[dict]] = [[] for _ in subs]
         left = len(subs)
@@ -145,17 +157,16 @@ class CompletionsApp:
                 left -= ev["finish_reason"] is not None
         finally:
             watcher.cancel()
-        choices = [_choice(i, p, req.logprobs is not None, echo) for i, p in enumerate(pieces)]
         usage = _usage(req, sum(len(ev["token_ids"]) for p in pieces for ev in p))
-        return JSONResponse({**head, "choices": choices, "usage": usage})
+        return JSONResponse(layout.whole(pieces, usage))
 
-    async def _stream(self, subs: list[Submission], req: CompletionRequest, head: dict,
-                      events: asyncio.Queue, echo: str) -> AsyncIterator[bytes]:
+    async def _stream(self, subs: list[Submission], req: CompletionRequest, layout: Any,
+                      events: asyncio.Queue) -> AsyncIterator[bytes]:
         left, tokens = len(subs), 0
         try:
-            if echo:
-                for i in range(len(subs)):
-                    yield _sse({**head, "choices": [_choice(i, [], False, echo)]})
+            for i in range(len(subs)):
+                for chunk in layout.opening(i):
+                    yield _sse(chunk)
             while left:
                 i, ev = await events.get()
                 if "error" in ev:
@@ -164,9 +175,10 @@ class CompletionsApp:
                     break
                 tokens += len(ev["token_ids"])
                 left -= ev["finish_reason"] is not None
-                yield _sse({**head, "choices": [_choice(i, [ev], req.logprobs is not None)]})
+                for chunk in layout.chunks(ev, i):
+                    yield _sse(chunk)
             if not left and req.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(req, tokens)})
+                yield _sse(layout.usage_chunk(_usage(req, tokens)))
             yield b"data: [DONE]\n\n"
         finally:
             if left:  # the client went away (or a choice failed): free the slots
@@ -188,6 +200,29 @@ def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class TextLayout:
+    """/v1/completions' answer and stream events (object "text_completion"); `echo`: the
+    prompt's text, before each choice's."""
+
+    def __init__(self, model: str, with_logprobs: bool, echo: str = "") -> None:
+        self.with_logprobs, self.echo = with_logprobs, echo
+        self.head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+                     "created": int(time.time()), "model": model}
+
+    def opening(self, index: int) -> list[dict]:
+        return [{**self.head, "choices": [_choice(index, [], False, self.echo)]}] if self.echo else []
+
+    def chunks(self, ev: dict, index: int) -> list[dict]:
+        return [{**self.head, "choices": [_choice(index, [ev], self.with_logprobs)]}]
+
+    def whole(self, pieces: list[list[dict]], usage: dict) -> dict:
+        choices = [_choice(i, p, self.with_logprobs, self.echo) for i, p in enumerate(pieces)]
+        return {**self.head, "choices": choices, "usage": usage}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self.head, "choices": [], "usage": usage}
 
 
 def _choice(index: int, pieces: list[dict], with_logprobs: bool, echo: str = "") -> dict:

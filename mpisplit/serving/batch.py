@@ -1,4 +1,5 @@
-"""One forward pass over many sequences at once, each in its own KV-cache slot.
+"""One forward pass over many sequences at once, each in its own KV-cache slot (any decoder:
+the model's parts do the work; attention caches its local key/value heads, grouped or not).
 
 The tokens of every running sequence are laid end to end in one row of the batch:
 x (1, N, h), N = the tokens fed this step (a prompt chunk for a sequence still in prefill,
@@ -26,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from mpisplit.autograd import Tensor, no_grad, ops
+from mpisplit.autograd import Tensor, no_grad
 from mpisplit.autograd.linalg import row_blocks
-from mpisplit.parallel.mappings import copy_to_tp, gather_from_tp
+from mpisplit.nn.gqa import grouped_decode
+from mpisplit.parallel.mappings import gather_from_tp
 from mpisplit.runtime.backend import get_array_module, to_numpy
 
 ROW_BLOCK = 8  # rows per matrix-product call in a batched forward
@@ -44,41 +46,46 @@ class Segment:
 
 
 class SlotCache:
-    """Keys and values of every block's local heads for `slots` sequences: per layer
-    k, v (slots, nh_local, max_len, hs). A slot's length is kept by the caller."""
+    """Keys and values of every block's local key/value heads for `slots` sequences: per layer
+    k, v (slots, kv_local, max_len, hs). A slot's length is kept by the caller."""
 
     def __init__(self, model: Any, slots: int, max_len: int | None = None) -> None:
         n = model.config.block_size if max_len is None else max_len
         attn = model.h[0].attn
-        xp = get_array_module(attn.c_attn.weight.data)
-        shape = (slots, attn.local_heads, n, attn.head_size)
+        xp = get_array_module(attn.out_proj.weight.data)
+        shape = (slots, attn.local_kv_heads, n, attn.head_size)
         self.k = [xp.zeros(shape, dtype=model.dtype) for _ in model.h]
         self.v = [xp.zeros(shape, dtype=model.dtype) for _ in model.h]
         self.slots, self.max_len = slots, n
 
 
-def _attention(attn: Any, x: Tensor, layer: int, cache: SlotCache, segments: list[Segment]) -> Tensor:
-    """ParallelSelfAttention over the segments: x (1, N, h) -> (1, N, h), one all-reduce."""
-    N = x.shape[1]
-    qkv = ops.linear(copy_to_tp(x, attn.comm), attn.c_attn.weight, attn.c_attn.bias).data  # (1, N, 3*hl)
-    qkv = qkv.reshape(1, N, 3, attn.local_heads, attn.head_size)
-    xp = get_array_module(qkv)
-    y = xp.zeros((1, N, attn.local_heads * attn.head_size), dtype=qkv.dtype)  # padding rows stay 0
+def _attention(attn: Any, x: Tensor, positions: Any, layer: int, cache: SlotCache, segments: list[Segment]) -> Tensor:
+    """The block's attention over the segments: x (1, N, h) -> (1, N, h), one all-reduce."""
+    q, k_new, v_new = attn.rows_qkv(x, positions)  # (1, N, nh, hs), (1, N, kv, hs)
+    xp = get_array_module(q)
+    y = xp.zeros((1, q.shape[1], attn.local_heads * attn.head_size), dtype=q.dtype)  # padding rows stay 0
     k_all, v_all = cache.k[layer], cache.v[layer]
     row = 0
     for seg in segments:
-        part = qkv[:, row: row + seg.count]  # (1, t, 3, nh, hs)
+        rows = slice(row, row + seg.count)
         end = seg.start + seg.count
-        k_all[seg.slot, :, seg.start: end] = part[0, :, 1].transpose(1, 0, 2)
-        v_all[seg.slot, :, seg.start: end] = part[0, :, 2].transpose(1, 0, 2)
-        q = part[:, :, 0].transpose(0, 2, 1, 3)  # (1, nh, t, hs)
-        k = k_all[seg.slot: seg.slot + 1, :, :end]  # (1, nh, end, hs), as a one-sequence cache holds it
+        k_all[seg.slot, :, seg.start: end] = k_new[0, rows].transpose(1, 0, 2)
+        v_all[seg.slot, :, seg.start: end] = v_new[0, rows].transpose(1, 0, 2)
+        k = k_all[seg.slot: seg.slot + 1, :, :end]  # (1, kv, end, hs), as a one-sequence cache holds it
         v = v_all[seg.slot: seg.slot + 1, :, :end]
-        # one query at the newest position sees every cached key: its mask would add zeros
-        out = ops.Attention().forward(q, k, v, causal=seg.count > 1, offset=seg.start)  # (1, nh, t, hs)
-        y[:, row: row + seg.count] = out.transpose(0, 2, 1, 3).reshape(1, seg.count, -1)
+        out = grouped_decode(q[:, rows], k, v, seg.start)  # (1, t, nh, hs)
+        y[:, rows] = out.reshape(1, seg.count, -1)
         row += seg.count
-    return attn.c_proj(Tensor(y))
+    return attn.out_proj(Tensor(y))
+
+
+def _embed(model: Any, ids: np.ndarray, positions: np.ndarray) -> Tensor:
+    """Token (+ learned position) embeddings of ids (1, P) at positions (P,)."""
+    x = model.wte(ids)  # (1, P, h)
+    if model.wpe is None:
+        return x
+    xp = get_array_module(model.wpe.weight.data)
+    return x + Tensor(model.wpe.weight.data[xp.asarray(positions)])
 
 
 def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], cache: SlotCache,
@@ -99,16 +106,16 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], ca
     if int(positions.max()) >= model.config.block_size:
         raise ValueError(f"position {int(positions.max())} is past block_size={model.config.block_size}")
     with no_grad(), row_blocks(ROW_BLOCK) if batch_invariant else contextlib.nullcontext():
-        xp = get_array_module(model.wpe.weight.data)
-        x = model.wte(ids) + Tensor(model.wpe.weight.data[xp.asarray(positions)])  # (1, P, h)
+        x = _embed(model, ids, positions)  # (1, P, h)
         for layer, block in enumerate(model.h):
-            x = x + _attention(block.attn, block.ln_1(x), layer, cache, segments)
+            x = x + _attention(block.attn, block.ln_1(x), positions, layer, cache, segments)
             x = x + block.mlp(block.ln_2(x))
         x = model.ln_f(x)
         last = np.cumsum([s.count for s in segments]) - 1
         last = np.append(last, np.full(-len(last) % per_call, n - 1))  # the head's rows padded too
+        xp = get_array_module(x.data)
         rows = Tensor(x.data[:, xp.asarray(last)])  # (1, S', h)
-        local = model.wte.logits(rows)
+        local = model.head.logits(rows)
         full = gather_from_tp(local, model.grid.tp_comm).data[0, : len(segments), : model.config.vocab_size]
     return np.asarray(to_numpy(full), dtype=np.float64)
 

@@ -1,10 +1,10 @@
-"""A model, its tokenizer and its end-of-sequence ids from an mpisplit checkpoint or a Hugging
-Face GPT-2 folder.
+"""A model, its tokenizer and its end-of-sequence ids from an mpisplit checkpoint, a Hugging
+Face folder (GPT-2 or Llama family) or a GGUF file.
 
-The eos ids: a folder's come from its config.json and generation_config.json
-(`models.hf_eos.eos_token_ids`); a checkpoint's from its meta "eos_token_ids" (written by
-`mpisplit convert --from-hf` from the folder's), else none: a character-level checkpoint has
-no end-of-sequence token and generates to max_tokens.
+The eos ids: a folder's come from its config.json and generation_config.json, a GGUF file's
+from its metadata (`models.hf_eos.eos_token_ids`); a checkpoint's from its meta
+"eos_token_ids" (written by `mpisplit convert --from-hf` from the folder's), else none: a
+character-level checkpoint has no end-of-sequence token and generates to max_tokens.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from mpisplit.models import GPT, GPTConfig
 from mpisplit.models.gpt import check_eos_ids
+from mpisplit.models.hf import is_gguf, load_tokenizer, read_config
 from mpisplit.models.hf_eos import eos_token_ids
-from mpisplit.models.hf_tokenizer import load_hf_tokenizer
 from mpisplit.runtime.errors import agree
 from mpisplit.training.checkpoint import CheckpointReader
 from mpisplit.training.data import CharTokenizer
@@ -22,19 +22,27 @@ from mpisplit.training.state import load_model, resolve_checkpoint
 
 
 def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | None = None,
-                             dtype: str = "float32") -> tuple[GPT, Any, tuple[int, ...]]:
+                             dtype: str = "float32", max_model_len: int | None = None,
+                             gguf: str | None = None) -> tuple[GPT, Any, tuple[int, ...]]:
     """(model, tokenizer or None, eos ids) on every rank; each rank reads only its slabs, and
     hashes the checkpoint files it reads before using them. Collective. A checkpoint's
     tokenizer is its character vocabulary; a folder's is tokenizer.json or vocab.json +
-    merges.txt (None without them: token ids only)."""
-    if (ckpt is None) == (hf is None):
-        raise ValueError("give exactly one of ckpt and hf")
+    merges.txt (None without them: token ids only); `hf` may also be a GGUF file.
+    `max_model_len` caps the context of a rotary model (the Llama family declares 8k-128k
+    positions)."""
+    if (ckpt is None) + (hf is None) + (gguf is None) != 2:
+        raise ValueError("give exactly one of ckpt, hf and gguf")
+    if gguf is not None:
+        if not is_gguf(gguf):
+            raise ValueError(f"--gguf takes a .gguf file, got {gguf!r}")
+        hf = gguf  # read as the Llama-family folder it converts to
     if ckpt is not None:
         with agree(grid.world):
             path = resolve_checkpoint(ckpt)
         reader = CheckpointReader(path, grid.world)
         with agree(grid.world):
             cfg = GPTConfig(**reader.meta["config"])
+            cfg.block_size = capped_context(cfg, max_model_len)
             cfg.validate(grid.tp)
             chars = reader.meta.get("tokenizer")
             tokenizer = CharTokenizer(chars) if chars else None
@@ -43,8 +51,27 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
         load_model(reader, model)
         reader.close()
         return model, tokenizer, eos
-    model = GPT.from_pretrained(hf, grid, dtype=dtype)
     with agree(grid.world):
-        tokenizer = load_hf_tokenizer(hf, model.config.vocab_size)
+        cfg = read_config(hf)
+        options = {"max_model_len": max_model_len} if cfg.positions == "rotary" else {}
+        capped_context(cfg, max_model_len)
+    model = GPT.from_pretrained(hf, grid, dtype=dtype, **options)
+    with agree(grid.world):
+        tokenizer = load_tokenizer(hf, model.config.vocab_size)
         eos = tuple(int(i) for i in check_eos_ids(eos_token_ids(hf), model.config.vocab_size))
     return model, tokenizer, eos
+
+
+def capped_context(cfg: GPTConfig, max_model_len: int | None) -> int:
+    """The context the model is run with: block_size, or less with max_model_len (rotary models
+    only: a learned position table's length is part of the weights)."""
+    if max_model_len is None:
+        return cfg.block_size
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len <= 0:
+        raise ValueError(f"--max-model-len must be a positive integer, got {max_model_len!r}")
+    if cfg.positions != "rotary":
+        if max_model_len < cfg.block_size:
+            raise ValueError(f"--max-model-len applies to rotary (Llama-family) models; this one has "
+                             f"{cfg.block_size} learned positions")
+        return cfg.block_size
+    return min(cfg.block_size, max_model_len)

@@ -42,6 +42,7 @@ class ServeOptions:
     eos_token_ids: tuple[int, ...] = ()  # the model's, from the loading code; a sequence ends at one
     batch_invariant: bool = False  # 8-row BLAS calls: a request's bits independent of the batch
     max_batched_tokens: int | None = None  # tokens fed per engine step (decodes first); None: no limit
+    chat_template: Any = None  # a templates.ChatTemplate; None: /v1/chat/completions answers 400
 
 
 def _start_http(controller: Controller, info: ModelInfo, opts: ServeOptions) -> tuple[Any, threading.Thread]:
@@ -49,7 +50,7 @@ def _start_http(controller: Controller, info: ModelInfo, opts: ServeOptions) -> 
 
     from mpisplit.serving.api import CompletionsApp
 
-    app = CompletionsApp(controller, info, opts.api_key).app()
+    app = CompletionsApp(controller, info, opts.api_key, opts.chat_template).app()
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)

@@ -28,11 +28,15 @@ class TrainConfig:
     device: str = "cpu"  # where slabs live: cpu or gpu
     comm: str = "auto"  # GPU collectives: auto, mpi (CUDA-aware), staged (pinned host) or nccl
     # ---- model
+    arch: str = "gpt"  # gpt (GPT-2 parts) or llama (RMSNorm, SwiGLU, rotary, grouped-query attention)
     layers: int = 4  # transformer blocks
     hidden: int = 128  # hidden size (a multiple of heads)
     heads: int = 4  # attention heads (tp must divide it)
     seq_len: int = 64  # context length in tokens
     dropout: float = 0.0  # dropout probability while training
+    kv_heads: int | None = None  # --arch llama: key/value heads (None: --heads)
+    intermediate: int | None = None  # MLP width (None: 4 * hidden)
+    rope_theta: float = 10000.0  # --arch llama: rotary base
     dtype: str = "float32"  # float32 or float64
     amp: str | None = None  # mixed precision compute dtype: float16 or bfloat16 (float32 master weights)
     # ---- optimisation
@@ -48,7 +52,7 @@ class TrainConfig:
     seed: int = 1337
     # ---- data and output
     data: str | None = None  # UTF-8 text file (None: CPython's documentation text); token ids with init_from
-    init_from: str | None = None  # fine-tune GPT-2 weights from a Hugging Face folder
+    init_from: str | None = None  # fine-tune from a Hugging Face folder (GPT-2 or Llama family) or a GGUF file
     out: str = "out"  # run folder: metrics, checkpoints, sample, loss curve
     eval_every: int = 100  # steps between validation evaluations
     eval_iters: int = 8  # validation batches per evaluation
@@ -113,11 +117,11 @@ class TrainConfig:
                 f"--sequence-parallel splits the sequence over tp={tp} ranks: --seq-len {self.seq_len} "
                 f"is not divisible by {tp}"
             )
-        if self.pp > 1 and self.init_from is not None:
-            raise ValueError(f"--init-from is not supported with --pp {self.pp}: fine-tune at --pp 1")
+        if self.pp > 1 and self.init_from is not None and not _llama_folder(self.init_from):
+            raise ValueError(f"--init-from of a GPT-2 folder is not supported with --pp {self.pp}: fine-tune at --pp 1")
 
     def _check_choices(self) -> None:
-        for name, allowed in (("device", ("cpu", "gpu")), ("comm", ("auto", "mpi", "staged", "nccl")),
+        for name, allowed in (("arch", ("gpt", "llama")), ("device", ("cpu", "gpu")), ("comm", ("auto", "mpi", "staged", "nccl")),
                               ("dtype", ("float32", "float64")), ("amp", (None, "float16", "bfloat16")),
                               ("optimizer", ("adamw", "sgd")), ("recompute", ("none", "selective", "full"))):
             if getattr(self, name) not in allowed:
@@ -128,6 +132,12 @@ class TrainConfig:
             raise ValueError(f"--amp keeps float32 master weights: use it with --dtype float32, not {self.dtype}")
         if self.amp == "bfloat16" and self.device != "gpu":
             raise ValueError("--amp bfloat16 needs --device gpu: NumPy has no bfloat16 arithmetic (use --amp float16)")
+        if self.arch != "llama" and (self.kv_heads is not None or self.rope_theta != 10000.0):
+            raise ValueError("--kv-heads and --rope-theta apply to --arch llama")
+        if self.kv_heads is not None and (self.kv_heads <= 0 or self.heads % self.kv_heads):
+            raise ValueError(f"--kv-heads {self.kv_heads} must be positive and divide --heads {self.heads}")
+        if self.intermediate is not None and self.intermediate <= 0:
+            raise ValueError(f"--intermediate must be positive, got {self.intermediate}")
         if self.lr < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"need --lr >= 0 and 0 <= --dropout < 1, got {self.lr} and {self.dropout}")
 
@@ -137,6 +147,14 @@ class TrainConfig:
     def flags(self) -> dict[str, Any]:
         """{"--flag": value}: what every rank compares before training."""
         return {f"--{_flag(k)}": v for k, v in sorted(asdict(self).items())}
+
+
+def _llama_folder(source: str) -> bool:
+    """A Llama-family folder or a GGUF file (their loader reads one pipeline stage's tensors)."""
+    from mpisplit.models.hf import is_gguf
+    from mpisplit.models.hf_llama import is_llama_folder
+
+    return is_gguf(source) or is_llama_folder(source)
 
 
 def _flag(name: str) -> str:

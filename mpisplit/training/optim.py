@@ -233,7 +233,7 @@ def global_grad_norm(params: Iterable[Parameter], tp_comm: Any, pp_comm: Any = N
     split_sq, replicated_sq = 0.0, 0.0
     xp = np
     for p in params:
-        if p.grad is None or p.pipeline_copy:
+        if p.grad is None or p.pipeline_copy or p.replica_rank > 0:  # replicas: counted by the first
             continue
         flat = p.grad.reshape(-1)
         if is_low_precision(flat.dtype):  # sum the squares in float32 at least

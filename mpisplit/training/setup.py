@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from mpisplit.models import GPT, GPTConfig
-from mpisplit.models.hf_gpt2 import read_config as read_hf_config
-from mpisplit.models.hf_tokenizer import load_hf_tokenizer
+from mpisplit.models.hf import load_tokenizer
+from mpisplit.models.hf import read_config as read_hf_config
 from mpisplit.runtime.errors import agree
 from mpisplit.training.amp import MixedPrecision
 from mpisplit.training.checkpoint import CheckpointReader
@@ -24,7 +24,7 @@ from mpisplit.training.state import load_model, load_optimizer
 class Data:
     dataset: TextDataset
     text: str  # what the ranks compare (token ids as latin-1 for id data)
-    hf_config: GPTConfig | None  # the GPT-2 config of init_from
+    hf_config: GPTConfig | None  # the config of init_from (GPT-2 or Llama family)
 
 
 def load_data(config: TrainConfig) -> Data:
@@ -48,7 +48,7 @@ def load_data(config: TrainConfig) -> Data:
 def _fine_tuning_ids(path: str, folder: str, vocab_size: int) -> Any:
     """Token ids from `path`: read as ids (.npy, or a file of integers), else as text encoded
     by the folder's tokenizer."""
-    tokenizer = load_hf_tokenizer(folder, vocab_size)
+    tokenizer = load_tokenizer(folder, vocab_size)
     if tokenizer is None or Path(path).suffix == ".npy":
         return load_token_ids(path, vocab_size)
     text = load_text(path)
@@ -96,15 +96,22 @@ def model_config(config: TrainConfig, data: Data, reader: CheckpointReader | Non
         cfg = data.hf_config
         cfg.dropout = config.dropout
     else:
-        cfg = GPTConfig(
-            vocab_size=data.dataset.vocab_size, block_size=config.seq_len, n_layer=config.layers,
-            n_head=config.heads, n_embd=config.hidden, dropout=config.dropout,
-        )
+        cfg = fresh_config(config, data.dataset.vocab_size)
     with agree(grid.world):
         cfg.validate(grid.tp)
         if config.seq_len > cfg.block_size:
             raise ValueError(f"--seq-len {config.seq_len} exceeds the checkpoint's block_size {cfg.block_size}")
     return cfg
+
+
+def fresh_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The shape of a model trained from scratch: GPT-2 parts, or Llama's with --arch llama."""
+    shape = {"vocab_size": vocab_size, "block_size": config.seq_len, "n_layer": config.layers,
+             "n_head": config.heads, "n_embd": config.hidden, "dropout": config.dropout}
+    if config.arch == "llama":
+        return GPTConfig.llama(**shape, n_kv_head=config.kv_heads, intermediate_size=config.intermediate,
+                               rope_theta=config.rope_theta)
+    return GPTConfig(**shape, intermediate_size=config.intermediate)
 
 
 def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None, grid: Any) -> Model:

@@ -29,12 +29,15 @@ from mpisplit.training.optim import Optimizer
 
 def _shard(p: Parameter, array: Any) -> ShardInfo:
     local = to_numpy(array).reshape(p.view_shape)
+    if p.replica_rank > 0:  # a replicated key/value head: its first replica saves the rows
+        local = local[(slice(None),) * p.split_axis + (slice(0, 0),)]
     return ShardInfo(array=np.ascontiguousarray(local), global_shape=p.global_shape, split_axis=p.split_axis, start=p.start)
 
 
 def training_shards(model: Module, optimizer: Optimizer | None = None) -> dict[str, ShardInfo]:
     """Every slab this rank holds, by checkpoint name; a pipeline stage's copy of a weight that
-    another stage owns (the last stage's tied head) is left to the owner."""
+    another stage owns (the last stage's tied head) is left to the owner; the other replicas of a
+    replicated key/value head hold no rows."""
     params = [(name, p) for name, p in model.named_parameters() if not p.pipeline_copy]
     shards = {f"model/{name}": _shard(p, p.data) for name, p in params}
     if optimizer is not None:

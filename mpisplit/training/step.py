@@ -65,12 +65,14 @@ class StepRunner:
                 loss.backward(None if seed is None else loss.xp.asarray(seed, dtype=loss.dtype))
                 total += float(to_numpy(loss.data))
             self.sum_sequence_parallel_gradients()
+            self.sum_replica_gradients()
             return total
         shape, dtype = self._boundary(rows, x.shape[1])
         outs = one_forward_one_backward(self._stage_step(xs, ys, 1.0 / m), m, self.link, shape, dtype, like,
                                         loss_seed=seed)
         self.sum_tied_gradients()
         self.sum_sequence_parallel_gradients()
+        self.sum_replica_gradients()
         return self._share_loss(outs)
 
     def evaluate(self, x: Any, y: Any) -> float:
@@ -87,7 +89,7 @@ class StepRunner:
     def sum_tied_gradients(self) -> None:
         """wte's gradient summed between the first stage (embedding) and the last (head)."""
         comm = self.grid.embed_comm
-        if comm is not None:
+        if comm is not None and self.net.config.tie_embeddings:
             w = self.net.wte.weight
             if w.grad is None:
                 w.grad = w.grad_store if w.grad_store is not None else get_array_module(w.data).empty_like(w.data)
@@ -98,15 +100,14 @@ class StepRunner:
         """Under sequence parallelism, the gradients that each TP rank holds only for its own
         tokens (LayerNorms, row biases, positions) summed over TP: one all-reduce, one buffer."""
         params = [p for p in getattr(self.net, "sequence_parallel_params", []) if p.grad is not None]
-        if not params:
-            return
-        xp = get_array_module(params[0].grad)
-        flat = xp.concatenate([p.grad.reshape(-1) for p in params])
-        self.grid.tp_comm.allreduce_(flat)
-        offset = 0
-        for p in params:  # back into the same arrays: a gradient buffer's views stay its views
-            p.grad[...] = flat[offset: offset + p.grad.size].reshape(p.shape)
-            offset += p.size
+        _sum_gradients(params, self.grid.tp_comm)
+
+    def sum_replica_gradients(self) -> None:
+        """A key/value head replicated on several TP ranks (tp > kv heads): each rank's gradient
+        covers only its own query heads; summed over the ranks that share the head."""
+        comm = getattr(self.net, "kv_replica_comm", None)
+        if comm is not None:
+            _sum_gradients([p for p in self.net.kv_replica_params if p.grad is not None], comm)
 
     def _boundary(self, rows: int, seq: int) -> tuple[tuple[int, ...], Any]:
         if getattr(self.net, "sequence_parallel", False):
@@ -121,3 +122,17 @@ class StepRunner:
         value = np.array([sum(float(to_numpy(o.data)) for o in outs) if self.net.is_last else 0.0])
         self.grid.pp_comm.bcast(value, root=self.grid.pp - 1)
         return float(value[0])
+
+
+def _sum_gradients(params: list, comm: Any) -> None:
+    """All-reduce the gradients of `params` over `comm` in one buffer, back into the same arrays
+    (a gradient buffer's views stay its views)."""
+    if not params:
+        return
+    xp = get_array_module(params[0].grad)
+    flat = xp.concatenate([p.grad.reshape(-1) for p in params])
+    comm.allreduce_(flat)
+    offset = 0
+    for p in params:
+        p.grad[...] = flat[offset: offset + p.grad.size].reshape(p.shape)
+        offset += p.size

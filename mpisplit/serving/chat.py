@@ -1,0 +1,181 @@
+"""POST /v1/chat/completions: a conversation in, the assistant's answer out, in OpenAI's chat
+layout. The conversation is rendered by the model's chat template (templates.py) and then goes
+the way of a completion: the same validation of every other field, the same engine, batching
+and streaming; only the request's `messages` and the answer's layout are chat's own.
+
+    request   messages [{role: system|user|assistant, content: str | [{type: "text", text}]}],
+              max_completion_tokens (or max_tokens; default: the rest of the context),
+              logprobs (bool), top_logprobs (0..20), and the completion fields
+    answer    {id: "chatcmpl-...", object: "chat.completion", choices: [{index, message: {role,
+              content}, logprobs: {content: [{token, logprob, bytes, top_logprobs}]} | null,
+              finish_reason}], usage}
+    stream    "chat.completion.chunk" events: delta {role: "assistant", content: ""} first, then
+              {content}, then {} with the finish_reason; with include_usage a last chunk with
+              choices [] and usage
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from mpisplit.serving.templates import ChatTemplate, ChatTemplateError
+from mpisplit.serving.validation import (
+    MAX_LOGPROBS,
+    ApiError,
+    CompletionRequest,
+    ModelInfo,
+    _integer,
+    validate_completion,
+)
+
+ROLES = ("system", "user", "assistant")
+CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")  # refused unless empty
+
+
+def _content(content: Any, i: int) -> str:
+    """A message's text: a string, or text parts joined by newlines (as vLLM joins them)."""
+    if isinstance(content, str):
+        return content
+    where = f"'messages[{i}].content'"
+    if isinstance(content, list) and content:
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(f"{where} parts must be {{\"type\": \"text\", \"text\": STRING}}; got a part "
+                               f"of type {kind!r} (only text is supported)", "messages")
+        return "\n".join(part["text"] for part in content)
+    raise ApiError(f"{where} must be a string or a non-empty list of text parts, got {str(content)[:80]!r}",
+                   "messages")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """The request's messages as the template sees them: [{"role", "content": str}]."""
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError("'messages' is missing: send a list of {\"role\", \"content\"}", "messages")
+    if not isinstance(messages, list):
+        raise ApiError(f"'messages' must be a list of {{\"role\", \"content\"}}, got {type(messages).__name__}",
+                       "messages")
+    if not messages:
+        raise ApiError("'messages' is empty (it needs at least one message)", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(f"'messages[{i}]' must be an object with 'role' and 'content', "
+                           f"got {type(message).__name__}", "messages")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ApiError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}; got {role!r}", "messages")
+        out.append({"role": role, "content": _content(message.get("content"), i)})
+    return out
+
+
+def chat_prompt(messages: list[dict], model: ModelInfo, template: ChatTemplate | None) -> list[int]:
+    """The token ids of the rendered conversation (special tokens read as special, none added)."""
+    if template is None:
+        raise ApiError("this model has no chat template (no chat_template.jinja and no chat_template in "
+                       "tokenizer_config.json); start the server with --chat-template FILE, or use "
+                       "/v1/completions", "messages")
+    if model.tokenizer is None:
+        raise ApiError("this model has no tokenizer; chat needs one (use /v1/completions with token ids)",
+                       "messages")
+    try:
+        text = template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise ApiError(f"the chat template refused the conversation: {exc}", "messages") from None
+    try:
+        ids = [int(i) for i in model.tokenizer.encode(text)]
+    except ValueError as exc:
+        raise ApiError(f"the rendered conversation cannot be encoded: {exc}", "messages") from None
+    if not ids:
+        raise ApiError("the conversation renders to no tokens at all", "messages")
+    return ids
+
+
+def _max_tokens(body: dict, prompt: int, block_size: int) -> int:
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = _integer(body, key, None, low=1)
+    room = block_size - prompt
+    if value is None and room >= 1:
+        return room
+    if value is None or prompt + value > block_size:
+        asked = "" if value is None else f" plus {key} ({value})"
+        raise ApiError(f"the conversation renders to {prompt} tokens{asked}; the model's context is {block_size} "
+                       "tokens", "messages")
+    return value
+
+
+def _logprobs(body: dict) -> int | None:
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(f"'logprobs' must be true or false, got {wanted!r}", "logprobs")
+    top = _integer(body, "top_logprobs", None, low=0, high=MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def validate_chat(body: dict, model: ModelInfo, template: ChatTemplate | None) -> CompletionRequest:
+    """The chat request as the engine takes it (a completion of the rendered prompt), or ApiError."""
+    for key in UNSUPPORTED:
+        if body.get(key):
+            raise ApiError(f"'{key}' is not supported (no tool calls)", key)
+    if body.get("echo"):
+        raise ApiError("'echo' is a /v1/completions field (chat answers hold no prompt)", "echo")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise ApiError(f"'response_format' must be {{\"type\": \"text\"}} (no JSON modes), got {fmt!r}",
+                       "response_format")
+    prompt = chat_prompt(chat_messages(body), model, template)
+    rest = {k: v for k, v in body.items() if k not in CHAT_ONLY}
+    rest.update(prompt=prompt, max_tokens=_max_tokens(body, len(prompt), model.block_size), logprobs=_logprobs(body))
+    return validate_completion(rest, model)
+
+
+def chat_logprobs(pieces: list[dict]) -> dict:
+    """Completion-layout logprobs of some events in the chat layout."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    content = []
+    for p in pieces:
+        lp = p["logprobs"]
+        for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            content.append({**entry(token, value), "top_logprobs": [entry(t, v) for t, v in top.items()]})
+    return {"content": content}
+
+
+class ChatLayout:
+    """The answer and the stream events of one chat request (see the module docstring)."""
+
+    def __init__(self, model: str, with_logprobs: bool, echo: str = "") -> None:
+        self.with_logprobs = with_logprobs  # echo: refused by validate_chat
+        self.head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
+                     "created": int(time.time()), "model": model}
+
+    def _chunk(self, index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
+
+    def opening(self, index: int) -> list[dict]:
+        return [self._chunk(index, {"role": "assistant", "content": ""})]
+
+    def chunks(self, ev: dict, index: int) -> list[dict]:
+        out = []
+        if ev["text"] or self.with_logprobs:
+            out.append(self._chunk(index, {"content": ev["text"]}, chat_logprobs([ev]) if self.with_logprobs else None))
+        if ev["finish_reason"] is not None:
+            out.append(self._chunk(index, {}, None, ev["finish_reason"]))
+        return out
+
+    def whole(self, pieces: list[list[dict]], usage: dict) -> dict:
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(p["text"] for p in ps)},
+                    "logprobs": chat_logprobs(ps) if self.with_logprobs else None,
+                    "finish_reason": ps[-1]["finish_reason"] if ps else None} for i, ps in enumerate(pieces)]
+        return {**self.head, "choices": choices, "usage": usage}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self.head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
