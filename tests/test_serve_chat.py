@@ -33,7 +33,7 @@ def chat_folder(tmp_path_factory):
 def server(chat_folder):
     folder, _, _ = chat_folder
     with Server(2, ["--hf", str(folder), "--dtype", "float64", "--model-name", "tiny-chat",
-                    "--prefill-chunk", "16"]) as srv:
+                    "--prefill-chunk", "16", "--batch-invariant"]) as srv:
         yield srv
 
 
@@ -147,7 +147,8 @@ BAD = [
     ({"messages": CONVERSATIONS["one-turn"], "logprobs": 3}, "logprobs", "true or false"),
     ({"messages": CONVERSATIONS["one-turn"], "logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
     ({"messages": CONVERSATIONS["one-turn"], "temperature": -1}, "temperature", ">= 0"),
-    ({"messages": CONVERSATIONS["one-turn"], "n": 2}, "n", "must be 1"),
+    ({"messages": CONVERSATIONS["one-turn"], "n": 17}, "n", "<= 16"),
+    ({"messages": CONVERSATIONS["one-turn"], "echo": True}, "echo", "/v1/completions field"),
     ({"messages": CONVERSATIONS["one-turn"], "model": "gpt-9"}, "model", "gpt-9"),
     ({"messages": CONVERSATIONS["one-turn"], "tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"messages": CONVERSATIONS["one-turn"], "stream": "yes"}, "stream", "true or false"),

@@ -355,3 +355,15 @@ def test_nucleus_equals_the_full_sort():
                 cum = np.cumsum(p[order])
                 want = order[: int(np.searchsorted(cum, top_p)) + 1]
                 assert np.array_equal(_nucleus(p, top_p), want), (V, scale, rounding, top_p)
+
+
+def test_eos_ids_of_a_gguf_file():
+    """A GGUF file's eos ids: its tokenizer.ggml.eos_token_id (read here with the gguf package)."""
+    from _smollm2 import smollm2_gguf
+
+    gguf = pytest.importorskip("gguf")
+    from mpisplit.models.hf_eos import eos_token_ids
+
+    path = smollm2_gguf()
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.eos_token_id"]
+    assert eos_token_ids(path) == (int(field.parts[field.data[0]][0]),)
