@@ -357,13 +357,16 @@ def test_nucleus_equals_the_full_sort():
                 assert np.array_equal(_nucleus(p, top_p), want), (V, scale, rounding, top_p)
 
 
-def test_eos_ids_of_a_gguf_file():
-    """A GGUF file's eos ids: its tokenizer.ggml.eos_token_id (read here with the gguf package)."""
-    from _smollm2 import smollm2_gguf
+def test_eos_ids_of_a_gguf_file(tmp_path):
+    """A GGUF file's eos ids: the eos it was written with, then llama.cpp's end-of-turn id
+    (Llama 3's <|eot_id|> is not the eos) when the file names one."""
+    pytest.importorskip("gguf")
+    import _gguf_files as G
 
-    gguf = pytest.importorskip("gguf")
     from mpisplit.models.hf_eos import eos_token_ids
 
-    path = smollm2_gguf()
-    field = gguf.GGUFReader(path).fields["tokenizer.ggml.eos_token_id"]
-    assert eos_token_ids(path) == (int(field.parts[field.data[0]][0]),)
+    plain = G.write_gguf(tmp_path / "a.gguf", G.TINY, G.llama_arrays(G.TINY))
+    assert eos_token_ids(plain) == (2,)  # write_gguf's add_eos_token_id(2)
+    turn = G.write_gguf(tmp_path / "b.gguf", G.TINY, G.llama_arrays(G.TINY),
+                        metadata={"tokenizer.ggml.eot_token_id": 5})
+    assert eos_token_ids(turn) == (2, 5)

@@ -50,9 +50,10 @@ def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:
     from mpisplit.models.hf import is_gguf
 
     if is_gguf(folder):
-        from mpisplit.models.gguf.config import generation_config, hf_config
+        from mpisplit.models.gguf.config import generation_config
 
-        return union_eos(hf_config(folder), generation_config(folder), where=str(folder))
+        # its eos, then llama.cpp's eot/eom: a superset of the converted config.json's eos
+        return union_eos(generation_config(folder), where=str(folder))
     folder = Path(folder)
     out: tuple[int, ...] = ()
     for name in FILES:
