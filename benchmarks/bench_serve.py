@@ -57,11 +57,11 @@ def write_model(folder: Path, shape: str, seed: int = 0) -> None:
 
 
 def start_server(folder: Path, tp: int, dtype: str, max_batch: int, timeout: float = 120,
-                 device: str = "cpu", comm: str = "auto") -> tuple[subprocess.Popen, str]:
+                 device: str = "cpu", comm: str = "auto", extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [common.mpiexec_path(), "-n", str(tp), sys.executable, "-m", "mpisplit.serve", "--hf", str(folder),
            "--port", "0", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "1024",
-           "--device", device, "--comm", comm]
+           "--device", device, "--comm", comm, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     deadline = time.monotonic() + timeout

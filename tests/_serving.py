@@ -51,9 +51,11 @@ def tiny_model(vocab: int, seed: int, block_size: int = 64) -> ms.GPT:
     return model
 
 
-def write_char_checkpoint(root: Path, seed: int = 11) -> Path:
+def write_char_checkpoint(root: Path, seed: int = 11, eos_token_ids: list[int] | None = None) -> Path:
     model = tiny_model(len(CHARS), seed)
     meta = {"config": model.config.to_dict(), "tokenizer": CHARS, "dtype": "float64"}
+    if eos_token_ids is not None:
+        meta["eos_token_ids"] = eos_token_ids
     save_training_state(root, 1, model, None, model.grid, meta=meta)
     model.grid.free()
     return root

@@ -324,6 +324,21 @@ def test_bench_serve_smoke() -> None:
     assert "CPU: " in out.stdout
 
 
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own server")
+def test_bench_burst_smoke(tmp_path: Path) -> None:
+    """bench_burst.py --smoke: a real server with a token budget, quiet and burst rows."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "HYDI_", "PMIX_", "OMPI_"))}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_burst.py"), "--smoke", "--settings",
+                          "32:48", "--out", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["budget"], r["burst"]) for r in rows] == [(48, 0), (48, 8)]
+    assert all(r["gaps"] > 0 and r["itl_ms_p99"] >= r["itl_ms_p50"] > 0 for r in rows)
+    assert "CPU: " in out.stdout
+
+
 @pytest.mark.timeout(300)
 def test_pipeline_bench_smoke(tmp_path: Path) -> None:
     """benchmarks/pipeline.py at 2 ranks: the bubble rows carry the formula, the memory rows

@@ -405,10 +405,33 @@ def test_flipped_byte_fails_verify(saved: Path) -> None:
     on_rank0(flip)
     reader = CheckpointReader(saved, COMM)
     raises_everywhere(
-        ValueError, rf"{re.escape(last.name)}: sha256 [0-9a-f]{{64}} != index", saved, reader.verify
+        ValueError, rf"{re.escape(last.name)} is corrupt: sha256 [0-9a-f]{{64}}, the index records [0-9a-f]{{64}}", saved, reader.verify
     )
     if COMM.size > 1:
         reader.verify(["blocks.0.ln.weight"])  # replicated: only tp00 is hashed
+
+
+def test_reads_hash_each_file_before_using_it(saved: Path) -> None:
+    """No verify() call: a rank's first read from a file hashes it. A flipped byte in the last
+    rank's file fails that rank's read, and so every rank's (only that rank hashes it);
+    verify=False reads it silently, as every load did before."""
+    last = saved / f"tp{COMM.size - 1:02d}-of-{COMM.size:02d}.safetensors"
+
+    def flip() -> None:
+        data = bytearray(last.read_bytes())
+        data[len(data) // 2 + 4] ^= 0x01
+        last.write_bytes(bytes(data))
+
+    on_rank0(flip)
+    reader = CheckpointReader(saved, COMM)
+    mine = next(s for s in reader._entry("embed/weight")["shards"] if s["file"].startswith(f"tp{COMM.rank:02d}-"))
+    read_mine = lambda r: r.read("embed/weight", 0, mine["start"], mine["stop"])
+    where = f"rank {COMM.size - 1}: "
+    raises_everywhere(
+        ValueError, rf"^{where}checkpoint file .*{re.escape(last.name)} is corrupt: sha256 [0-9a-f]{{64}}, "
+        r"the index records [0-9a-f]{64}$", saved, lambda: read_mine(reader),
+    )
+    read_mine(CheckpointReader(saved, COMM, verify=False))
 
 
 def test_truncated_file(saved: Path) -> None:

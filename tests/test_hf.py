@@ -509,3 +509,28 @@ def test_logits_match_transformers(tmp_path: Path) -> None:
     with ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF) as grid:
         ours = ms.to_numpy(ms.GPT.from_pretrained(tmp_path / "theirs", grid, dtype="float64")(idx).data)
     assert max_rel(ours, theirs) < 1e-12
+
+
+@pytest.mark.parametrize("damage", ["truncated", "offsets past the end"])
+def test_broken_weights_file_is_a_clear_error(tmp_path: Path, damage: str) -> None:
+    """A model.safetensors cut in half, or whose header says the last tensor runs past the
+    file's end: ValueError naming the file (never a crash or garbage weights)."""
+    if MPI.COMM_WORLD.Get_size() > 1:
+        pytest.skip("one process writes and reads its own folder")
+    grid = ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF)
+    cfg = ms.GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=8)
+    ms.GPT(cfg, grid, dtype="float32", seed=0).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    raw = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(raw[: len(raw) // 2])
+    else:
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8: 8 + n])
+        last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+        header[last]["data_offsets"][1] += 4096
+        text = json.dumps(header).encode()
+        weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*(incomplete|not fully covered|invalid|cannot read)"):
+        ms.GPT.from_pretrained(tmp_path, grid)
+    grid.free()

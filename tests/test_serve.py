@@ -30,7 +30,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["n1", "n2"])
 def server(request, ckpt):
-    with Server(request.param, ["--ckpt", str(ckpt), "--dtype", "float64", "--prefill-chunk", "8"]) as srv:
+    with Server(request.param, ["--ckpt", str(ckpt), "--dtype", "float64", "--prefill-chunk", "8",
+                                "--batch-invariant"]) as srv:
         srv.ranks = request.param
         yield srv
 
@@ -87,7 +88,7 @@ def test_logprobs_equal_in_process_log_softmax(server, ckpt):
     import mpisplit as ms
 
     grid = ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF)
-    model, tok = load_model_and_tokenizer(grid, ckpt=str(ckpt), dtype="float64")
+    model, tok, _ = load_model_and_tokenizer(grid, ckpt=str(ckpt), dtype="float64")
     ids = tok.encode(PROMPTS[2] + resp.choices[0].text)
     logits = model(ids[None]).data[0]
     P = len(PROMPTS[2])
@@ -171,7 +172,8 @@ BAD = [
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": 5}, "prompt", "string or a list"),
     ({"prompt": "a", "model": "gpt-9"}, "model", "gpt-9"),
-    ({"prompt": "a", "n": 2}, "n", "must be 1"),
+    ({"prompt": "a", "n": 17}, "n", "<= 16"),
+    ({"prompt": "a", "n": 2, "best_of": 3}, "best_of", "must equal 'n'"),
     ({"prompt": "a", "logprobs": 50}, "logprobs", "<= 20"),
     ({"prompt": "a", "stop": [""]}, "stop", "non-empty"),
     ({"prompt": "a", "max_tokens": "ten"}, "max_tokens", "integer"),
@@ -194,7 +196,7 @@ def test_malformed_bodies_and_server_goes_on(server):
         r = post(content)
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     with pytest.raises(openai.BadRequestError):
-        complete(server.url, "a", n=3)
+        complete(server.url, "a", suffix="!")
     assert complete(server.url, "a", max_tokens=2).choices[0].finish_reason == "length"
 
 
@@ -317,7 +319,7 @@ def test_four_ranks_greedy_equals_generate_and_concurrent_equals_alone(ckpt):
 
     env = {**base_env(), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
     expected = generate_command(ckpt, PROMPTS[0], 10)
-    with Server(4, ["--ckpt", str(ckpt), "--dtype", "float64"], env=env) as srv:
+    with Server(4, ["--ckpt", str(ckpt), "--dtype", "float64", "--batch-invariant"], env=env) as srv:
         assert complete(srv.url, PROMPTS[0], max_tokens=10).choices[0].text == expected
         jobs = [{"prompt": p, "max_tokens": 5, "logprobs": 1} for p in PROMPTS[:3]]
         alone = [as_record(complete(srv.url, **job)) for job in jobs]

@@ -33,7 +33,7 @@ def chat_folder(tmp_path_factory):
 def server(chat_folder):
     folder, _, _ = chat_folder
     with Server(2, ["--hf", str(folder), "--dtype", "float64", "--model-name", "tiny-chat",
-                    "--prefill-chunk", "16"]) as srv:
+                    "--prefill-chunk", "16", "--batch-invariant"]) as srv:
         yield srv
 
 
@@ -147,7 +147,8 @@ BAD = [
     ({"messages": CONVERSATIONS["one-turn"], "logprobs": 3}, "logprobs", "true or false"),
     ({"messages": CONVERSATIONS["one-turn"], "logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
     ({"messages": CONVERSATIONS["one-turn"], "temperature": -1}, "temperature", ">= 0"),
-    ({"messages": CONVERSATIONS["one-turn"], "n": 2}, "n", "must be 1"),
+    ({"messages": CONVERSATIONS["one-turn"], "n": 17}, "n", "<= 16"),
+    ({"messages": CONVERSATIONS["one-turn"], "echo": True}, "echo", "/v1/completions field"),
     ({"messages": CONVERSATIONS["one-turn"], "model": "gpt-9"}, "model", "gpt-9"),
     ({"messages": CONVERSATIONS["one-turn"], "tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"messages": CONVERSATIONS["one-turn"], "stream": "yes"}, "stream", "true or false"),
@@ -194,7 +195,7 @@ def test_checkpoint_with_chat_template_file(char_ckpt):
     text = load_chat_template(None, template).render(messages)
     assert text == "system says be kind\nuser says hi\nassistant says "
     grid = ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF)
-    model, _ = load_model_and_tokenizer(grid, ckpt=str(ckpt), dtype="float64")
+    model, _, _ = load_model_and_tokenizer(grid, ckpt=str(ckpt), dtype="float64")
     expected = "".join(CHARS[t] for t in greedy_reference(model, [CHARS.index(c) for c in text], 12))
     grid.free()
     with Server(1, ["--ckpt", str(ckpt), "--dtype", "float64", "--chat-template", str(template)]) as srv:

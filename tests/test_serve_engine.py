@@ -45,15 +45,18 @@ def specs():
     return out
 
 
-def run(model, batch: list[SequenceSpec], chunk: int) -> tuple[dict, dict]:
-    """Join one request per step; tokens and logits per request."""
-    eng = Engine(model, max_batch=8, prefill_chunk=chunk)
+def run(model, batch: list[SequenceSpec], chunk: int, budget: int | None = None,
+        fed: list[int] | None = None) -> tuple[dict, dict]:
+    """Join one request per step; tokens and logits per request (and tokens fed per step)."""
+    eng = Engine(model, max_batch=8, prefill_chunk=chunk, max_batched_tokens=budget)
     tokens = {s.rid: [] for s in batch}
     logits = {s.rid: [] for s in batch}
     pending = list(batch)
     while pending or eng.running:
         if pending and eng.has_room:
             eng.add(pending.pop(0))
+        if fed is not None:
+            fed.append(len(eng._batch()[2]))
         for out in eng.step():
             tokens[out.rid].append(out.token)
             logits[out.rid].append(out.logits)
@@ -73,6 +76,23 @@ def test_engine_equals_generate_and_is_batch_invariant(model):
             assert np.array_equal(np.array(la[s.rid]), np.array(lt[s.rid])), s.rid
         else:
             assert np.allclose(np.array(la[s.rid]), np.array(lt[s.rid]), atol=1e-12, rtol=0)
+
+
+@pytest.mark.timeout(300)
+def test_token_budget_defers_whole_chunks_and_changes_no_bit(model):
+    """max_batched_tokens=9 with 6-token chunks: every decoding sequence each step, a prompt
+    chunk only where it fits whole (or nothing else runs); the tokens and logits are those of
+    the unlimited engine, bit for bit at tp <= 2."""
+    free, lf = run(model, specs(), chunk=6)
+    fed: list[int] = []
+    tight, lt = run(model, specs(), chunk=6, budget=9, fed=fed)
+    assert tight == free
+    assert max(fed) <= 9 and len(fed) > sum(1 for _ in specs())
+    for rid in free:
+        if model.grid.tp <= 2:
+            assert np.array_equal(np.array(lf[rid]), np.array(lt[rid])), rid
+        else:
+            assert np.allclose(np.array(lf[rid]), np.array(lt[rid]), atol=1e-12, rtol=0)
 
 
 @pytest.mark.timeout(300)

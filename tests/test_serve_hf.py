@@ -135,3 +135,33 @@ def test_fine_tune_from_folder_on_text(hf_folder, tmp_path):
 
     ds = load_data(TrainConfig(init_from=str(folder), data=str(data), seq_len=16)).dataset
     assert np.concatenate([ds.train, ds.val]).tolist() == bpe.encode(TEXT).ids
+
+
+def test_generate_stops_at_the_folders_eos_ids_as_transformers_does(hf_folder, tmp_path):
+    """generation_config.json lists two eos ids, one the greedy continuation reaches at k:
+    `mpisplit generate --hf` ends there (the eos id printed, as transformers' generate returns
+    it), --ignore-eos runs on; transformers, reading the same folder, stops at the same token."""
+    import shutil
+
+    folder, _, model, bpe = hf_folder
+    ids = bpe.encode(PROMPT).ids
+    gen = greedy_reference(model, ids, 12).tolist()
+    k = next(i for i in range(1, 12) if gen[i] not in gen[:i])
+    unused = next(t for t in range(len(bpe.get_vocab())) if t not in gen)
+    eos_folder = tmp_path / "with-eos"
+    shutil.copytree(folder, eos_folder)
+    (eos_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [unused, gen[k]]}))
+
+    def generate(*extra: str) -> list[int]:
+        out = subprocess.run(
+            [sys.executable, "-m", "mpisplit.generate", "--hf", str(eos_folder), "--dtype", "float64",
+             "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "12", *extra],
+            capture_output=True, text=True, timeout=60, env=serve_env(), check=True,
+        ).stdout
+        return [int(t) for t in out.strip().split(",")][len(ids):]
+
+    assert generate() == gen[: k + 1]
+    assert generate("--ignore-eos") == gen
+    ref = _transformers_reference(eos_folder, ids, 12)
+    if ref is not None:
+        assert ref[0] == gen[: k + 1]

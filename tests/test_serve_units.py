@@ -11,7 +11,13 @@ import pytest
 from _serving import serve_env, write_char_checkpoint
 
 import mpisplit as ms
-from mpisplit.serving.sampling import SamplingParams, choose, log_softmax, top_logprobs
+from mpisplit.serving.sampling import (
+    SamplingParams,
+    choose,
+    log_softmax,
+    process_logits,
+    top_logprobs,
+)
 from mpisplit.serving.text import TextStream, held_back
 from mpisplit.serving.validation import ApiError, ModelInfo, parse_body, validate_completion
 from mpisplit.training.data import CharTokenizer
@@ -115,7 +121,7 @@ def test_serve_help_lists_every_flag():
                          timeout=60, env=serve_env(), check=True).stdout
     out = " ".join(out.split())
     for flag in ("--ckpt", "--hf", "--host", "--port", "--tp", "--dtype", "--max-batch", "--max-queue",
-                 "--api-key", "--prefill-chunk"):
+                 "--api-key", "--api-key-file", "--prefill-chunk"):
         assert flag in out
     assert "127.0.0.1" in out and "(default: 16)" in out
     top = subprocess.run([sys.executable, "-m", "mpisplit.cli.main", "--help"], capture_output=True, text=True,
@@ -130,6 +136,11 @@ def test_serve_refuses_bad_flags():
     out = subprocess.run([sys.executable, "-m", "mpisplit.serve", "--ckpt", "/nonexistent"],
                          capture_output=True, text=True, timeout=60, env=serve_env(), check=False)
     assert out.returncode == 2 and "does not exist" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "mpisplit.serve", "--ckpt", "/nonexistent", "--max-batch", "4",
+                          "--prefill-chunk", "8", "--max-num-batched-tokens", "11"],
+                         capture_output=True, text=True, timeout=60, env=serve_env(), check=False)
+    assert out.returncode == 2 and "--max-num-batched-tokens must be 0 (no limit) or >= --max-batch + " \
+        "--prefill-chunk (12), got 11" in out.stderr
 
 
 def test_serve_on_a_gpu_without_cupy_stops_every_rank(tmp_path):
@@ -178,3 +189,184 @@ def test_row_blocks_give_a_row_the_same_bits_whatever_else_is_in_the_call(dtype,
                 assert np.array_equal(ops.linear_t(ms.Tensor(xs), wt).data[pos], ref_t), (rows, pos)
         with pytest.raises(ValueError, match="multiple of row_blocks"):
             ops.linear(ms.Tensor(x[:12]), w)
+
+
+EDGE_VALUES = [5e-324, 1e-310, 1e-300, 9.99e-6, 1e-5, 0.3, 1.0, 7.0, 1e300]
+
+
+@pytest.mark.parametrize("temperature", EDGE_VALUES)
+def test_sampling_is_finite_for_every_accepted_value(temperature):
+    """Every temperature and top_p validation accepts, with and without top_k, min_p, bias and
+    penalties, on logits as spread as a float32 model gives: a token id, never NaN; below 1e-5
+    the argmax (vLLM's greedy rule)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 30, 257)
+    logits[17] = 400.0
+    history = rng.integers(0, 257, 40).tolist()
+    for top_p in (5e-324, 1e-300, 0.5, 1.0):
+        for extra in ({}, {"top_k": 1}, {"top_k": 50, "min_p": 5e-324}, {"min_p": 1.0},
+                      {"logit_bias": ((3, 100.0), (17, -100.0)), "presence_penalty": 2.0, "frequency_penalty": -2.0,
+                       "repetition_penalty": 0.01}):
+            params = SamplingParams(temperature=temperature, top_p=top_p, **extra)
+            z = process_logits(logits, params, history[:10], history[10:])
+            assert not np.isnan(z).any()
+            with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow is harmless
+                token = choose(z, params, np.random.default_rng(1))
+            assert 0 <= token < 257
+            cut = top_p <= 1e-300 or extra.get("top_k") == 1 or extra.get("min_p") == 1.0
+            if temperature < 1e-5 or (cut and temperature < 1e3):  # at 1e300 every p rounds alike
+                assert token == int(np.argmax(z)), (temperature, top_p, extra)
+
+
+def test_process_logits_equals_the_formulas_token_by_token():
+    """OpenAI's presence/frequency rule over the completion, transformers' repetition rule over
+    prompt and completion, the bias added, the banned ids at -inf: against plain loops."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, 40)
+    prompt, generated = [1, 2, 2, 5], [5, 7, 7, 7, 9, 1]
+    params = SamplingParams(logit_bias=((0, 3.0), (7, -1.5)), presence_penalty=0.4, frequency_penalty=0.25,
+                            repetition_penalty=1.3)
+    want = logits.copy()
+    want[0] += 3.0
+    want[7] -= 1.5
+    for t in set(prompt + generated):
+        want[t] = want[t] / 1.3 if want[t] > 0 else want[t] * 1.3
+    for t in set(generated):
+        want[t] -= generated.count(t) * 0.25 + 0.4
+    want[[4, 9]] = -np.inf
+    got = process_logits(logits, params, prompt, generated, banned=(4, 9))
+    assert np.array_equal(got, want)
+    assert np.array_equal(process_logits(logits, SamplingParams(), prompt, generated), logits)
+
+
+def test_top_logprobs_equals_a_full_sort_with_ties():
+    rng = np.random.default_rng(5)
+    for V, n in ((49152, 20), (100, 100), (7, 3), (50, 1)):
+        lp = np.round(rng.normal(0, 1, V), 1)  # many ties
+        ref = np.lexsort((np.arange(V), -lp))[:n]
+        assert [i for i, _ in top_logprobs(lp, n)] == ref.tolist()
+        assert [v for _, v in top_logprobs(lp, n)] == lp[ref].tolist()
+
+
+def test_huge_integers_and_unknown_fields():
+    body = parse_body(b'{"prompt": "a", "max_tokens": ' + b"1" * 5000 + b', "stuff": 1}')
+    with pytest.raises(ApiError, match=r"'max_tokens' must be in \[1, 32\], got <an integer of 5000 digits>") as info:
+        validate_completion(body, MODEL)
+    assert info.value.param == "max_tokens"
+    assert validate_completion(parse_body(b'{"prompt": "a", "stuff": 1}'), MODEL).ignored == ("stuff",)
+    with pytest.raises(ApiError, match="'use_beam_search' is not supported"):
+        validate_completion({"prompt": "a", "use_beam_search": True}, MODEL)
+    assert validate_completion({"prompt": "a", "use_beam_search": False, "suffix": ""}, MODEL).ignored == ()
+
+
+def test_eos_ids_from_a_folder(tmp_path):
+    from mpisplit.models.hf_eos import eos_token_ids
+
+    assert eos_token_ids(tmp_path) == ()
+    (tmp_path / "config.json").write_text('{"eos_token_id": 128001}')
+    assert eos_token_ids(tmp_path) == (128001,)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [128001, 128008, 128009]}')
+    assert eos_token_ids(tmp_path) == (128001, 128008, 128009)
+    (tmp_path / "config.json").write_text('{"eos_token_id": [7, 128009]}')
+    assert eos_token_ids(tmp_path) == (7, 128009, 128001, 128008)
+    (tmp_path / "config.json").write_text('{"eos_token_id": "two"}')
+    with pytest.raises(ValueError, match="config.json: eos_token_id must be"):
+        eos_token_ids(tmp_path)
+
+
+def test_api_key_sources(tmp_path):
+    from mpisplit.cli.serve import api_key, parse_args
+
+    (tmp_path / "k").write_text("from-file\n")
+    assert api_key(parse_args(["--ckpt", "x"]), {}) is None
+    assert api_key(parse_args(["--ckpt", "x"]), {"MPISPLIT_API_KEY": "from-env"}) == "from-env"
+    assert api_key(parse_args(["--ckpt", "x", "--api-key-file", str(tmp_path / "k")]), {}) == "from-file"
+    assert api_key(parse_args(["--ckpt", "x", "--api-key", "k"]), {}) == "k"
+    with pytest.raises(ValueError, match="one way, not --api-key-file and MPISPLIT_API_KEY"):
+        api_key(parse_args(["--ckpt", "x", "--api-key-file", str(tmp_path / "k")]), {"MPISPLIT_API_KEY": "e"})
+    with pytest.raises(ValueError, match="empty"):
+        api_key(parse_args(["--ckpt", "x"]), {"MPISPLIT_API_KEY": ""})
+    with pytest.raises(ValueError, match="cannot be read"):
+        api_key(parse_args(["--ckpt", "x", "--api-key-file", str(tmp_path / "absent")]), {})
+
+
+def test_library_generate_stops_at_eos():
+    """GPT.generate with eos ids: a row ends at its first eos (kept, then repeated), the loop at
+    the last row's; the tokens before are the ignore-eos run's."""
+    from _serving import tiny_model
+
+    model = tiny_model(31, seed=6)
+    prompts = np.array([[1, 2, 3], [4, 5, 6]])
+    free = model.generate(prompts, 20)[:, 3:].tolist()
+    eos = tuple(next(t for i, t in enumerate(row) if i > 0 and t not in row[:i]) for row in free)
+    ends = [min(row.index(t) for t in eos if t in row) for row in free]
+    ended = model.generate(prompts, 20, eos_token_ids=eos)[:, 3:].tolist()
+    assert len(ended[0]) == max(ends) + 1 < 20
+    for row, end, got in zip(free, ends, ended):
+        assert got == row[: end + 1] + [row[end]] * (max(ends) - end)
+    assert model.generate(prompts, 20, temperature=1e-310)[:, 3:].tolist() == free
+    with pytest.raises(ValueError, match="eos token id 31 is not an integer in"):
+        model.generate(prompts, 2, eos_token_ids=(31,))
+    model.grid.free()
+
+
+def test_incremental_detokenization_equals_the_whole_decode():
+    """Random ids of a byte-level BPE trained on text with multi-byte characters (so pieces end
+    mid-character): the streamed pieces join to the tokenizer's decode of all the ids, with
+    stop strings too (the text before the first one, as plain string search finds it)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from mpisplit.models.hf_tokenizer import HFTokenizer
+
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Über café naïve résumé → déjà vu, the quick brown fox " * 5], vocab_size=300,
+                            show_progress=False)
+    tok = HFTokenizer(bpe._tokenizer, "test")
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        ids = rng.integers(0, bpe.get_vocab_size(), 60).tolist()
+        whole = tok.decode(ids)
+        stops = [] if trial % 2 else [whole[20:23]]
+        s = TextStream(tok, stops)
+        pieces = []
+        for t in ids:
+            pieces.append(s.push(t))
+            if s.stopped:
+                break
+        if not s.stopped:
+            pieces.append(s.flush())
+        want = whole[: whole.find(stops[0])] if stops and whole.find(stops[0]) >= 0 else whole
+        assert "".join(pieces) == want, trial
+
+
+def test_nucleus_equals_the_full_sort():
+    """top_p's kept set through partitions equals the one of a stable argsort of the whole
+    vocabulary, ties and flat distributions included."""
+    from mpisplit.serving.sampling import _nucleus
+
+    rng = np.random.default_rng(11)
+    for V, scale in ((49152, 3.0), (49152, 0.01), (300, 1.0), (5, 1.0)):
+        for rounding in (None, 2):
+            z = rng.normal(0, scale, V)
+            p = np.exp(z - z.max())
+            p = np.round(p, rounding) + 1e-9 if rounding else p
+            p /= p.sum()
+            for top_p in (5e-324, 0.1, 0.5, 0.9, 0.999999):
+                order = np.argsort(-p, kind="stable")
+                cum = np.cumsum(p[order])
+                want = order[: int(np.searchsorted(cum, top_p)) + 1]
+                assert np.array_equal(_nucleus(p, top_p), want), (V, scale, rounding, top_p)
+
+
+def test_eos_ids_of_a_gguf_file(tmp_path):
+    """A GGUF file's eos ids: the eos it was written with, then llama.cpp's end-of-turn id
+    (Llama 3's <|eot_id|> is not the eos) when the file names one."""
+    pytest.importorskip("gguf")
+    import _gguf_files as G
+
+    from mpisplit.models.hf_eos import eos_token_ids
+
+    plain = G.write_gguf(tmp_path / "a.gguf", G.TINY, G.llama_arrays(G.TINY))
+    assert eos_token_ids(plain) == (2,)  # write_gguf's add_eos_token_id(2)
+    turn = G.write_gguf(tmp_path / "b.gguf", G.TINY, G.llama_arrays(G.TINY),
+                        metadata={"tokenizer.ggml.eot_token_id": 5})
+    assert eos_token_ids(turn) == (2, 5)

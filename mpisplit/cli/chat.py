@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         tp = _check(args, world.Get_size())
     ms.limit_blas_threads(world)
     grid = ms.ProcessGrid(tp=tp)
-    model, tokenizer = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf, dtype=args.dtype,
-                                                max_model_len=args.max_model_len)
+    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
+                                                     dtype=args.dtype, max_model_len=args.max_model_len)
     with agree(world):
         template = load_chat_template(args.hf or args.gguf, args.chat_template)
         if template is None:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.hf or args.gguf or args.ckpt!r} has no tokenizer; chat needs one")
     model.eval()
-    engine = Engine(model, max_batch=1)
+    engine = Engine(model, max_batch=1, eos_token_ids=eos)
     channel = ControlChannel(grid.world)
     if channel.rank != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 ends the session for every rank

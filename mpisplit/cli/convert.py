@@ -99,6 +99,7 @@ def to_hf(ckpt: str, out: str, tp: int | None, dtype: str | None, world: Any) ->
 def from_hf(hf_folder: str, out_root: str, step: int, tp: int | None, dtype: str | None, world: Any) -> str:
     import mpisplit as ms
     from mpisplit.models import hf
+    from mpisplit.models.hf_eos import eos_token_ids
     from mpisplit.runtime.errors import agree
     from mpisplit.training.state import save_training_state
 
@@ -109,10 +110,11 @@ def from_hf(hf_folder: str, out_root: str, step: int, tp: int | None, dtype: str
         tp = choose_tp(tp, world.Get_size(), cfg.n_head)
         cfg.validate(tp)
         dtype = dtype or hf.weights_dtype(hf_folder).name
+        eos = list(eos_token_ids(hf_folder))
     grid = ms.ProcessGrid(tp=tp, comm=world)
     model = ms.GPT.from_pretrained(hf_folder, grid, dtype=dtype)
     source = {f"huggingface_{cfg.family}": str(hf_folder)}
-    meta = {"config": model.config.to_dict(), "step": step, "dtype": dtype, "source": source}
+    meta = {"config": model.config.to_dict(), "step": step, "dtype": dtype, "source": source, "eos_token_ids": eos}
     # keep_last=sys.maxsize: a conversion never deletes other checkpoints under OUT_ROOT.
     path = save_training_state(out_root, step, model, None, grid, meta=meta, keep_last=sys.maxsize)
     grid.free()

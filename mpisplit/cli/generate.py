@@ -5,14 +5,17 @@
     mpisplit generate --hf gpt2-folder --prompt-ids 464,3290 --max-new-tokens 20
 
 Every rank holds its slab of each weight and caches the keys and values of its
-own heads; the checkpoint may have been saved at any TP degree. Rank 0 prints.
+own heads; the checkpoint may have been saved at any TP degree (its files' sha256 checked by
+the ranks that read them). Generation ends at the model's end-of-sequence ids (a folder's
+config.json / generation_config.json, a checkpoint's meta) unless --ignore-eos; the printed
+text leaves the eos token out, the printed ids keep it. Rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -35,6 +38,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate all --max-new-tokens, past the model's end-of-sequence ids")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="cap the context (rotary models: the Llama family declares 8k-128k positions)")
     return p.parse_args(argv)
@@ -48,7 +53,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     import mpisplit as ms
     from mpisplit.runtime.errors import agree, install_abort_on_exception
     from mpisplit.serving.loading import load_model_and_tokenizer
-    from mpisplit.training.state import resolve_checkpoint
 
     world = MPI.COMM_WORLD
     install_abort_on_exception(world)
@@ -60,11 +64,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         tp = world.Get_size() if args.tp is None else args.tp
         if tp <= 0 or world.Get_size() % tp:
             raise ValueError(f"--tp {tp} does not divide the world size {world.Get_size()}")
-        path = resolve_checkpoint(args.ckpt) if args.ckpt else None
     ms.limit_blas_threads(world)
     grid = ms.ProcessGrid(tp=tp)
-    model, tokenizer = load_model_and_tokenizer(grid, ckpt=None if path is None else str(path), hf=args.hf, gguf=args.gguf,
-                                                dtype=args.dtype, max_model_len=args.max_model_len)
+    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
+                                                     dtype=args.dtype, max_model_len=args.max_model_len)
     cfg = model.config
     with agree(world):
         if args.prompt is not None:
@@ -85,11 +88,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     ids = model.generate(
         prompt[None, :], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-        use_cache=not args.no_cache,
+        use_cache=not args.no_cache, eos_token_ids=() if args.ignore_eos else eos,
     )[0]
     if grid.rank == 0:
         if tokenizer is not None and args.prompt is not None:
-            print(tokenizer.decode(ids), flush=True)
+            ended = len(ids) > len(prompt) and int(ids[-1]) in eos and not args.ignore_eos
+            print(tokenizer.decode(ids[:-1] if ended else ids), flush=True)  # the eos token's text left out
         else:
             print(",".join(str(int(i)) for i in ids), flush=True)
     grid.free()

@@ -46,6 +46,8 @@ from mpisplit.parallel.comm import Communicator
 from mpisplit.parallel.mappings import gather_from_tp
 from mpisplit.runtime.backend import resolve_dtype, to_numpy
 
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS)
+
 
 class PositionEmbedding(Module):
     """Learned absolute positions (block_size, h), replicated on every rank."""
@@ -298,11 +300,14 @@ class GPT(Module):
 
     def generate(
         self, idx: Any, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-        seed: int = 0, use_cache: bool = True, callback: Any = None,
+        seed: int = 0, use_cache: bool = True, callback: Any = None, eos_token_ids: tuple[int, ...] = (),
     ) -> np.ndarray:
-        """Append `max_new_tokens` tokens to each row of idx (B, T0); returns (B, T0 + n) ids.
+        """Append up to `max_new_tokens` tokens to each row of idx (B, T0); returns (B, T0 + n) ids.
 
-        temperature 0 is greedy; otherwise sample from softmax(logits / temperature),
+        A row that draws one of `eos_token_ids` ends there (the eos id is kept); later columns
+        of that row repeat it, and generation stops once every row has ended, so n may be less
+        than max_new_tokens. () never stops early (the loading code passes the model's ids).
+        temperature below SAMPLING_EPS is greedy; otherwise sample from softmax(logits / temperature),
         restricted to the `top_k` most likely tokens when given, with a generator
         seeded by `seed` (the same on every rank, so every rank draws the same token).
         With `use_cache`, each rank keeps the keys and values of its own heads; when
@@ -314,7 +319,9 @@ class GPT(Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        eos = check_eos_ids(eos_token_ids, self.config.vocab_size)
         rng = np.random.default_rng(seed)
+        ended = np.zeros(idx.shape[0], dtype=bool)
         S = self.config.block_size
         was_training = self.training
         self.eval()
@@ -334,9 +341,13 @@ class GPT(Module):
                         local = self.head.logits(self.hidden_states(feed, caches))
                         logits = gather_from_tp(local[:, -1:], self.grid.tp_comm).data[:, 0, : self.config.vocab_size]
                     nxt = _choose(np.asarray(to_numpy(logits), dtype=np.float64), temperature, top_k, rng)
+                    nxt = np.where(ended, idx[:, -1], nxt)  # an ended row repeats its eos
                     idx = np.concatenate([idx, nxt[:, None]], axis=1)
                     if callback is not None:
                         callback(step, nxt)
+                    ended |= np.isin(nxt, eos)
+                    if ended.all():
+                        break
         finally:
             self.train(was_training)
         return idx
@@ -379,6 +390,15 @@ class GPT(Module):
         return int(sum(np.prod(p.global_shape) for p in self.parameters() if not p.pipeline_copy))
 
 
+def check_eos_ids(eos_token_ids: Any, vocab_size: int) -> np.ndarray:
+    """The eos ids as an int64 array, or ValueError naming the bad one."""
+    ids = tuple(eos_token_ids)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= int(i) < vocab_size:
+            raise ValueError(f"eos token id {i!r} is not an integer in [0, {vocab_size})")
+    return np.asarray(ids, dtype=np.int64)
+
+
 def _kv_replica_comm(config: GPTConfig, tp_comm: Any) -> Communicator | None:
     """The TP ranks that hold the same key/value heads (tp > kv heads), or None. Collective over TP."""
     tp, kv = tp_comm.size, config.kv_heads
@@ -390,7 +410,7 @@ def _kv_replica_comm(config: GPTConfig, tp_comm: Any) -> Communicator | None:
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
     """Next token per row of logits (B, V): argmax, or a sample at `temperature` from the top k."""
-    if temperature == 0.0:
+    if temperature < SAMPLING_EPS:
         return logits.argmax(axis=-1)
     z = logits / temperature
     if top_k is not None and top_k < z.shape[-1]:

@@ -2,8 +2,10 @@
 
     POST /v1/completions   POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics
 
-Nothing here calls MPI: a request is validated, handed to the Controller, and its events come
-back through an asyncio queue fed from the engine thread.
+Nothing here calls MPI: a request is validated, handed to the Controller (n choices: n
+sequences), and its events come back through an asyncio queue fed from the engine thread. A
+client that closes its connection cancels its sequences at once (a task waits for the
+disconnect message beside the handler; starlette does the same for a stream).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,6 +26,7 @@ from starlette.routing import Route
 
 from mpisplit.serving.chat import ChatLayout, validate_chat
 from mpisplit.serving.controller import Controller, Submission
+from mpisplit.serving.sampling import SamplingParams
 from mpisplit.serving.templates import ChatTemplate
 from mpisplit.serving.validation import (
     ApiError,
@@ -32,7 +37,6 @@ from mpisplit.serving.validation import (
 )
 
 MAX_BODY_BYTES = 1 << 20
-DISCONNECT_POLL_S = 0.25
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -103,70 +107,95 @@ class CompletionsApp:
 
     async def _complete(self, request: Request, validate: Callable[[dict], CompletionRequest],
                         layout_class: type) -> Response:
-        """Validate, submit and answer in `layout_class`'s layout (TextLayout, ChatLayout)."""
+        """Validate, submit n sequences and answer in `layout_class`'s layout (TextLayout, ChatLayout)."""
         try:
             self._authorise(request)
             req = validate(parse_body(await _read_body(request)))
         except ApiError as err:
             return error_response(err)
+        if req.ignored:
+            print(f"warning: fields ignored in a request: {', '.join(req.ignored)}", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        sub = Submission(
-            prompt=req.prompt, max_tokens=req.max_tokens, sampling=req.sampling, stops=req.stops,
-            logprobs=req.logprobs, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-        )
+        subs = [Submission(
+            prompt=req.prompt, max_tokens=req.max_tokens, sampling=choice_sampling(req.sampling, i),
+            stops=req.stops, logprobs=req.logprobs,
+            sink=lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)),
+        ) for i in range(req.n)]
         if not self.controller.alive or self.controller.stopping.is_set():
             return error_response(ApiError("the server is shutting down", status=503, kind="server_error"))
-        if not self.controller.submit(sub):
+        if not self.controller.submit_all(subs):
             return error_response(ApiError(
                 f"the queue is full ({self.controller.max_queue} requests waiting); retry later",
                 status=429, kind="rate_limit_error"))
-        layout = layout_class(self.model.name, req.logprobs is not None)
+        echo = self.model.tokenizer.decode(req.prompt) if req.echo else ""
+        layout = layout_class(self.model.name, req.logprobs is not None, echo=echo)
         if req.stream:
-            return StreamingResponse(self._stream(sub, req, layout, events), media_type="text/event-stream",
+            return StreamingResponse(self._stream(subs, req, layout, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._collect(request, sub, req, layout, events)
+        return await self._collect(request, subs, req, layout, events)
 
-    async def _collect(self, request: Request, sub: Submission, req: CompletionRequest, layout: Any,
+    def _cancel(self, subs: list[Submission]) -> None:
+        for sub in subs:
+            self.controller.cancel(sub.rid)
+
+    async def _collect(self, request: Request, subs: list[Submission], req: CompletionRequest, layout: Any,
                        events: asyncio.Queue) -> Response:
-        pieces: list[dict] = []
-        while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.controller.cancel(sub.rid)
-                    return Response(status_code=499)
-                continue
-            if "error" in ev:
-                return error_response(ApiError(ev["error"], status=ev["status"], kind="server_error"))
-            pieces.append(ev)
-            if ev["finish_reason"] is not None:
-                break
-        return JSONResponse(layout.whole(pieces, _usage(req, sum(len(p["token_ids"]) for p in pieces))))
-
-    async def _stream(self, sub: Submission, req: CompletionRequest, layout: Any,
-                      events: asyncio.Queue) -> AsyncIterator[bytes]:
-        done, tokens = False, 0
+        watcher = asyncio.create_task(_put_on_disconnect(request, events))
+        pieces: list[list[dict]] = [[] for _ in subs]
+        left = len(subs)
         try:
-            for chunk in layout.opening():
-                yield _sse(chunk)
-            while not done:
-                ev = await events.get()
+            while left:
+                i, ev = await events.get()
+                if i is None:  # the client went away: free the slots at the next engine step
+                    self._cancel(subs)
+                    return Response(status_code=499)
+                if "error" in ev:
+                    self._cancel(subs)
+                    return error_response(ApiError(ev["error"], status=ev["status"], kind="server_error"))
+                pieces[i].append(ev)
+                left -= ev["finish_reason"] is not None
+        finally:
+            watcher.cancel()
+        usage = _usage(req, sum(len(ev["token_ids"]) for p in pieces for ev in p))
+        return JSONResponse(layout.whole(pieces, usage))
+
+    async def _stream(self, subs: list[Submission], req: CompletionRequest, layout: Any,
+                      events: asyncio.Queue) -> AsyncIterator[bytes]:
+        left, tokens = len(subs), 0
+        try:
+            for i in range(len(subs)):
+                for chunk in layout.opening(i):
+                    yield _sse(chunk)
+            while left:
+                i, ev = await events.get()
                 if "error" in ev:
                     err = ApiError(ev["error"], status=ev["status"], kind="server_error")
                     yield _sse(err.body())
                     break
                 tokens += len(ev["token_ids"])
-                done = ev["finish_reason"] is not None
-                for chunk in layout.chunks(ev):
+                left -= ev["finish_reason"] is not None
+                for chunk in layout.chunks(ev, i):
                     yield _sse(chunk)
-            if done and req.include_usage:
+            if not left and req.include_usage:
                 yield _sse(layout.usage_chunk(_usage(req, tokens)))
             yield b"data: [DONE]\n\n"
         finally:
-            if not done:  # the client went away (or the request failed): free its slot
-                self.controller.cancel(sub.rid)
+            if left:  # the client went away (or a choice failed): free the slots
+                self._cancel(subs)
+
+
+async def _put_on_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Wait for the client to close the connection (the body is read: the next ASGI message
+    is the disconnect), then wake the waiting handler at once."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait((None, None))
+
+
+def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of n draws with seed + index (mod 2^63): each reproducible, all different."""
+    return replace(sampling, seed=(sampling.seed + index) % 2**63)
 
 
 def _sse(obj: Any) -> bytes:
@@ -174,34 +203,36 @@ def _sse(obj: Any) -> bytes:
 
 
 class TextLayout:
-    """/v1/completions' answer and stream events (object "text_completion")."""
+    """/v1/completions' answer and stream events (object "text_completion"); `echo`: the
+    prompt's text, before each choice's."""
 
-    def __init__(self, model: str, with_logprobs: bool) -> None:
-        self.with_logprobs = with_logprobs
+    def __init__(self, model: str, with_logprobs: bool, echo: str = "") -> None:
+        self.with_logprobs, self.echo = with_logprobs, echo
         self.head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                      "created": int(time.time()), "model": model}
 
-    def opening(self) -> list[dict]:
-        return []
+    def opening(self, index: int) -> list[dict]:
+        return [{**self.head, "choices": [_choice(index, [], False, self.echo)]}] if self.echo else []
 
-    def chunks(self, ev: dict) -> list[dict]:
-        return [{**self.head, "choices": [_choice([ev], self.with_logprobs)]}]
+    def chunks(self, ev: dict, index: int) -> list[dict]:
+        return [{**self.head, "choices": [_choice(index, [ev], self.with_logprobs)]}]
 
-    def whole(self, pieces: list[dict], usage: dict) -> dict:
-        return {**self.head, "choices": [_choice(pieces, self.with_logprobs)], "usage": usage}
+    def whole(self, pieces: list[list[dict]], usage: dict) -> dict:
+        choices = [_choice(i, p, self.with_logprobs, self.echo) for i, p in enumerate(pieces)]
+        return {**self.head, "choices": choices, "usage": usage}
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self.head, "choices": [], "usage": usage}
 
 
-def _choice(pieces: list[dict], with_logprobs: bool) -> dict:
+def _choice(index: int, pieces: list[dict], with_logprobs: bool, echo: str = "") -> dict:
     logprobs = None
     if with_logprobs:
         logprobs = {k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
         for p in pieces:
             for k in logprobs:
                 logprobs[k] += p["logprobs"][k]
-    return {"index": 0, "text": "".join(p["text"] for p in pieces), "logprobs": logprobs,
+    return {"index": index, "text": echo + "".join(p["text"] for p in pieces), "logprobs": logprobs,
             "finish_reason": pieces[-1]["finish_reason"] if pieces else None,
             "token_ids": [t for p in pieces for t in p["token_ids"]]}
 

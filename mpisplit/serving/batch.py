@@ -21,6 +21,7 @@ wherever it sits, so a sequence's logits do not depend on what else runs with it
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,28 +88,31 @@ def _embed(model: Any, ids: np.ndarray, positions: np.ndarray) -> Tensor:
     return x + Tensor(model.wpe.weight.data[xp.asarray(positions)])
 
 
-def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], cache: SlotCache) -> np.ndarray:
+def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], cache: SlotCache,
+                     batch_invariant: bool = True) -> np.ndarray:
     """tokens (N,) laid out as `segments` -> float64 logits (len(segments), vocab) at the last
     token of each segment, the same on every TP rank. Writes the new keys and values into
-    `cache`. Collective over the model's TP communicator."""
+    `cache`. Collective over the model's TP communicator. Without `batch_invariant`, one BLAS
+    call per matrix product and no padding (faster; a row's last bits may then depend on the batch)."""
     n = int(tokens.shape[0])
     if n != sum(s.count for s in segments) or n == 0:
         raise ValueError(f"{n} tokens do not fill segments of {[s.count for s in segments]}")
-    padded = -(-n // ROW_BLOCK) * ROW_BLOCK
+    per_call = ROW_BLOCK if batch_invariant else 1
+    padded = -(-n // per_call) * per_call
     ids = np.zeros((1, padded), dtype=np.int64)
     ids[0, :n] = tokens
     positions = np.zeros(padded, dtype=np.int64)
     positions[:n] = np.concatenate([np.arange(s.start, s.start + s.count) for s in segments])
     if int(positions.max()) >= model.config.block_size:
         raise ValueError(f"position {int(positions.max())} is past block_size={model.config.block_size}")
-    with no_grad(), row_blocks(ROW_BLOCK):
+    with no_grad(), row_blocks(ROW_BLOCK) if batch_invariant else contextlib.nullcontext():
         x = _embed(model, ids, positions)  # (1, P, h)
         for layer, block in enumerate(model.h):
             x = x + _attention(block.attn, block.ln_1(x), positions, layer, cache, segments)
             x = x + block.mlp(block.ln_2(x))
         x = model.ln_f(x)
         last = np.cumsum([s.count for s in segments]) - 1
-        last = np.append(last, np.full(-len(last) % ROW_BLOCK, n - 1))  # the head's rows padded too
+        last = np.append(last, np.full(-len(last) % per_call, n - 1))  # the head's rows padded too
         xp = get_array_module(x.data)
         rows = Tensor(x.data[:, xp.asarray(last)])  # (1, S', h)
         local = model.head.logits(rows)

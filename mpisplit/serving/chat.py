@@ -31,7 +31,7 @@ from mpisplit.serving.validation import (
 )
 
 ROLES = ("system", "user", "assistant")
-CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
+CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format")
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")  # refused unless empty
 
 
@@ -123,6 +123,8 @@ def validate_chat(body: dict, model: ModelInfo, template: ChatTemplate | None) -
     for key in UNSUPPORTED:
         if body.get(key):
             raise ApiError(f"'{key}' is not supported (no tool calls)", key)
+    if body.get("echo"):
+        raise ApiError("'echo' is a /v1/completions field (chat answers hold no prompt)", "echo")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise ApiError(f"'response_format' must be {{\"type\": \"text\"}} (no JSON modes), got {fmt!r}",
@@ -149,31 +151,31 @@ def chat_logprobs(pieces: list[dict]) -> dict:
 class ChatLayout:
     """The answer and the stream events of one chat request (see the module docstring)."""
 
-    def __init__(self, model: str, with_logprobs: bool) -> None:
-        self.with_logprobs = with_logprobs
+    def __init__(self, model: str, with_logprobs: bool, echo: str = "") -> None:
+        self.with_logprobs = with_logprobs  # echo: refused by validate_chat
         self.head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
                      "created": int(time.time()), "model": model}
 
-    def _chunk(self, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    def _chunk(self, index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
 
-    def opening(self) -> list[dict]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+    def opening(self, index: int) -> list[dict]:
+        return [self._chunk(index, {"role": "assistant", "content": ""})]
 
-    def chunks(self, ev: dict) -> list[dict]:
+    def chunks(self, ev: dict, index: int) -> list[dict]:
         out = []
         if ev["text"] or self.with_logprobs:
-            out.append(self._chunk({"content": ev["text"]}, chat_logprobs([ev]) if self.with_logprobs else None))
+            out.append(self._chunk(index, {"content": ev["text"]}, chat_logprobs([ev]) if self.with_logprobs else None))
         if ev["finish_reason"] is not None:
-            out.append(self._chunk({}, None, ev["finish_reason"]))
+            out.append(self._chunk(index, {}, None, ev["finish_reason"]))
         return out
 
-    def whole(self, pieces: list[dict], usage: dict) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(p["text"] for p in pieces)},
-                  "logprobs": chat_logprobs(pieces) if self.with_logprobs else None,
-                  "finish_reason": pieces[-1]["finish_reason"] if pieces else None}
-        return {**self.head, "choices": [choice], "usage": usage}
+    def whole(self, pieces: list[list[dict]], usage: dict) -> dict:
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(p["text"] for p in ps)},
+                    "logprobs": chat_logprobs(ps) if self.with_logprobs else None,
+                    "finish_reason": ps[-1]["finish_reason"] if ps else None} for i, ps in enumerate(pieces)]
+        return {**self.head, "choices": choices, "usage": usage}
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self.head, "object": "chat.completion.chunk", "choices": [], "usage": usage}

@@ -8,6 +8,10 @@ one event (a dict) at a time:
     {"text", "token_ids", "logprobs", "finish_reason"}   a piece of the completion; the last
                                                           one has finish_reason set
     {"error", "status"}                                   the request failed
+
+A failure in one request's own work (its sampling, the same on every rank; its text on rank
+0) fails that request alone with a 500. A failure in a step (the forward pass, a collective)
+can leave the ranks apart: it fails every request and ends the job.
 """
 
 from __future__ import annotations
@@ -74,13 +78,20 @@ class Controller:
 
     # -------------------------------------------------- called from HTTP threads
     def submit(self, sub: Submission) -> bool:
+        return self.submit_all([sub])
+
+    def submit_all(self, subs: list[Submission]) -> bool:
+        """All of `subs` (the n choices of one request) or, when the queue has no room for
+        them all, none."""
         with self._lock:
-            if self._queued >= self.max_queue or self.stopping.is_set():
+            if self._queued + len(subs) > self.max_queue or self.stopping.is_set():
                 return False
-            self._queued += 1
-            sub.rid = next(self._ids)
-        self.metrics.queue_length.inc()
-        self._inbox.put(sub)
+            self._queued += len(subs)
+            for sub in subs:
+                sub.rid = next(self._ids)
+        for sub in subs:
+            self.metrics.queue_length.inc()
+            self._inbox.put(sub)
         return True
 
     def cancel(self, rid: int) -> None:
@@ -162,6 +173,9 @@ class Controller:
             act = self.active.get(out.rid)
             if act is None:
                 continue
+            if out.error is not None:  # sampling failed, alike on every rank: the engine dropped it
+                self._fail(out.rid, f"sampling failed: {out.error}", in_engine=False)
+                continue
             if act.tokens == 0:
                 self.metrics.ttft.observe(now - act.sub.arrived)
             else:
@@ -169,21 +183,43 @@ class Controller:
             act.tokens += 1
             act.last = now
             self.metrics.generated_tokens.inc()
-            offset = len(act.stream.text)
-            text = act.stream.push(out.token)
-            event = {"text": text, "token_ids": [out.token], "logprobs": None, "finish_reason": None}
-            if act.sub.logprobs is not None:
-                event["logprobs"] = self._logprobs(out, act.sub.logprobs, offset)
-            if act.stream.stopped:
-                event["finish_reason"] = "stop"
-                self._stopped.append(out.rid)  # its slot is freed at the next step
-            elif out.finished:
-                event["text"] += act.stream.flush()
-                event["finish_reason"] = "length"
+            try:
+                event = self._event(act, out)
+            except Exception as exc:  # noqa: BLE001 - rank 0's own work for one request
+                self._fail(out.rid, f"detokenizing failed: {type(exc).__name__}: {exc}",
+                           in_engine=not out.finished)
+                continue
             if event["finish_reason"] is not None:
                 self._finish(out.rid, event["finish_reason"])
             act.sub.sink(event)
         self.metrics.running.set(len(self.active))
+
+    def _event(self, act: _Active, out: StepOutput) -> dict:
+        """The piece of text (and logprobs) that `out` adds to the completion. A stop token's
+        own text is not part of the completion (vLLM's skip_special_tokens), its id is."""
+        if self.engine.faults:
+            self.engine.faults.in_text(self.engine.steps)
+        offset = len(act.stream.text)
+        text = "" if out.reason == "stop" else act.stream.push(out.token)
+        event = {"text": text, "token_ids": [out.token], "logprobs": None, "finish_reason": None}
+        if act.sub.logprobs is not None:
+            event["logprobs"] = self._logprobs(out, act.sub.logprobs, offset)
+        if act.stream.stopped:
+            event["finish_reason"] = "stop"
+            if not out.finished:
+                self._stopped.append(out.rid)  # its slot is freed at the next step
+        elif out.finished:
+            event["text"] += act.stream.flush()
+            event["finish_reason"] = out.reason
+        return event
+
+    def _fail(self, rid: int, message: str, in_engine: bool) -> None:
+        """Fail one request with a 500; the others go on."""
+        act = self.active.pop(rid)
+        self.metrics.requests.labels("error").inc()
+        if in_engine:
+            self._stopped.append(rid)
+        act.sub.sink({"error": message, "status": 500})
 
     def _logprobs(self, out: StepOutput, n: int, offset: int) -> dict:
         lp = log_softmax(out.logits)

@@ -1,11 +1,20 @@
-"""A model and its tokenizer from an mpisplit checkpoint or a Hugging Face folder (GPT-2 or Llama family)."""
+"""A model, its tokenizer and its end-of-sequence ids from an mpisplit checkpoint, a Hugging
+Face folder (GPT-2 or Llama family) or a GGUF file.
+
+The eos ids: a folder's come from its config.json and generation_config.json, a GGUF file's
+from its metadata (`models.hf_eos.eos_token_ids`); a checkpoint's from its meta
+"eos_token_ids" (written by `mpisplit convert --from-hf` from the folder's), else none: a
+character-level checkpoint has no end-of-sequence token and generates to max_tokens.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from mpisplit.models import GPT, GPTConfig
+from mpisplit.models.gpt import check_eos_ids
 from mpisplit.models.hf import is_gguf, load_tokenizer, read_config
+from mpisplit.models.hf_eos import eos_token_ids
 from mpisplit.runtime.errors import agree
 from mpisplit.training.checkpoint import CheckpointReader
 from mpisplit.training.data import CharTokenizer
@@ -14,11 +23,13 @@ from mpisplit.training.state import load_model, resolve_checkpoint
 
 def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | None = None,
                              dtype: str = "float32", max_model_len: int | None = None,
-                             gguf: str | None = None) -> tuple[GPT, Any]:
-    """(model, tokenizer or None) on every rank; each rank reads only its slabs. Collective.
-    A checkpoint's tokenizer is its character vocabulary; a folder's is tokenizer.json or
-    vocab.json + merges.txt (None without them: token ids only); `hf` may also be a GGUF file. `max_model_len` caps the
-    context of a rotary model (the Llama family declares 8k-128k positions)."""
+                             gguf: str | None = None) -> tuple[GPT, Any, tuple[int, ...]]:
+    """(model, tokenizer or None, eos ids) on every rank; each rank reads only its slabs, and
+    hashes the checkpoint files it reads before using them. Collective. A checkpoint's
+    tokenizer is its character vocabulary; a folder's is tokenizer.json or vocab.json +
+    merges.txt (None without them: token ids only); `hf` may also be a GGUF file.
+    `max_model_len` caps the context of a rotary model (the Llama family declares 8k-128k
+    positions)."""
     if (ckpt is None) + (hf is None) + (gguf is None) != 2:
         raise ValueError("give exactly one of ckpt, hf and gguf")
     if gguf is not None:
@@ -35,10 +46,11 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
             cfg.validate(grid.tp)
             chars = reader.meta.get("tokenizer")
             tokenizer = CharTokenizer(chars) if chars else None
+            eos = tuple(int(i) for i in check_eos_ids(reader.meta.get("eos_token_ids", ()), cfg.vocab_size))
         model = GPT(cfg, grid, dtype=dtype, init=False)
         load_model(reader, model)
         reader.close()
-        return model, tokenizer
+        return model, tokenizer, eos
     with agree(grid.world):
         cfg = read_config(hf)
         options = {"max_model_len": max_model_len} if cfg.positions == "rotary" else {}
@@ -46,7 +58,8 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
     model = GPT.from_pretrained(hf, grid, dtype=dtype, **options)
     with agree(grid.world):
         tokenizer = load_tokenizer(hf, model.config.vocab_size)
-    return model, tokenizer
+        eos = tuple(int(i) for i in check_eos_ids(eos_token_ids(hf), model.config.vocab_size))
+    return model, tokenizer, eos
 
 
 def capped_context(cfg: GPTConfig, max_model_len: int | None) -> int:

@@ -39,6 +39,9 @@ class ServeOptions:
     api_key: str | None = None
     model_name: str = "mpisplit"
     drain_s: float = 10.0
+    eos_token_ids: tuple[int, ...] = ()  # the model's, from the loading code; a sequence ends at one
+    batch_invariant: bool = False  # 8-row BLAS calls: a request's bits independent of the batch
+    max_batched_tokens: int | None = None  # tokens fed per engine step (decodes first); None: no limit
     chat_template: Any = None  # a templates.ChatTemplate; None: /v1/chat/completions answers 400
 
 
@@ -72,8 +75,9 @@ def _bound_port(server: Any, fallback: int) -> int:
 def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     """Serve `model` until SIGTERM; collective over the model's grid. Returns 0."""
     model.eval()
-    invariant = check_batch_invariance(model)  # collective
-    engine = Engine(model, opts.max_batch, opts.prefill_chunk)
+    invariant = check_batch_invariance(model) if opts.batch_invariant else True  # collective
+    engine = Engine(model, opts.max_batch, opts.prefill_chunk, opts.eos_token_ids,
+                    max_batched_tokens=opts.max_batched_tokens, batch_invariant=opts.batch_invariant)
     channel = ControlChannel(model.grid.world)
     if channel.rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 leads the shutdown

@@ -24,7 +24,14 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 class TextStream:
-    """Feed token ids one at a time; `push` returns the new text that is safe to show."""
+    """Feed token ids one at a time; `push` returns the new text that is safe to show.
+
+    Incremental, as vLLM's and transformers' streamers decode: only the ids from the last
+    stable offset on are decoded each time (a few tokens: those of the previous piece and the
+    new one), and the new text is what that window decodes to beyond what its older part
+    decodes to (so a decoder that treats a window's first token specially, e.g. a leading
+    space, gives the same piece). The window moves on once its text ends in a whole character.
+    Rank 0's work per token is then flat in the completion's length."""
 
     def __init__(self, tokenizer: Any, stops: list[str]) -> None:
         self.tokenizer, self.stops = tokenizer, stops
@@ -32,17 +39,28 @@ class TextStream:
         self.text = ""  # decoded so far (whole characters only)
         self.sent = 0  # characters already returned
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] decode to the end of `text`
+        self._read = 0
+        self._longest_stop = max((len(t) for t in stops), default=0)
+
+    def _window(self) -> tuple[str, str]:
+        """(text of ids[prefix:read], text of ids[prefix:])."""
+        return self.tokenizer.decode(self.ids[self._prefix: self._read]), self.tokenizer.decode(self.ids[self._prefix:])
 
     def push(self, token: int) -> str:
         """The next safe piece of text after `token` (possibly ""); sets `stopped` at a stop string."""
         self.ids.append(int(token))
         if self.tokenizer is None:
             return ""
-        decoded = self.tokenizer.decode(self.ids)
-        if decoded.endswith("\ufffd"):
-            return ""  # an incomplete character: wait for its other bytes
-        self.text = decoded
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
+        old, new = self._window()
+        if new.endswith("\ufffd") or len(new) <= len(old):
+            return ""  # an incomplete character (or nothing yet): wait for the next bytes
+        start = len(self.text)
+        self.text += new[len(old):]
+        self._prefix, self._read = self._read, len(self.ids)
+        # a stop string that ends in the new piece starts at most its length before it
+        lo = max(0, min(start, self.sent) - self._longest_stop)
+        hits = [i for i in (self.text.find(s, lo) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
             self.text = self.text[: min(hits)]
@@ -50,9 +68,12 @@ class TextStream:
         return self._take(len(self.text) - held_back(self.text, self.stops))
 
     def flush(self) -> str:
-        """At the end (no stop string met): everything not sent yet."""
+        """At the end (no stop string met): everything not sent yet, an incomplete last
+        character as the tokenizer decodes it (U+FFFD)."""
         if self.tokenizer is not None and not self.stopped:
-            self.text = self.tokenizer.decode(self.ids)
+            old, new = self._window()
+            self.text += new[len(old):]
+            self._prefix = self._read = len(self.ids)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:

@@ -16,7 +16,46 @@ from mpisplit.serving.sampling import SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_STOPS = 16
-IGNORED_WHEN_DEFAULT = {"frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "echo": False}
+MAX_STOP_TOKEN_IDS = 64
+MAX_N = 16
+MAX_LOGIT_BIAS = 1024  # entries
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence_penalty and frequency_penalty
+REPETITION_RANGE = (0.01, 100.0)  # |logit| * 100 stays finite
+# The request fields of /v1/completions this server reads (OpenAI's and vLLM's sampling extras).
+COMPLETION_FIELDS = frozenset({
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
+    "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p",
+    "user", "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
+})
+# vLLM's fields that change the output and that this server does not implement: refused unless
+# they hold their default (a field nobody knows is ignored, as vLLM ignores it, and logged).
+REFUSED_UNLESS_DEFAULT = {
+    "suffix": (None, ""), "use_beam_search": (False,), "length_penalty": (1, 1.0),
+    "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "response_format": (None,),
+    "logits_processors": (None,), "structured_outputs": (None,),
+}
+
+
+class HugeInteger:
+    """A JSON integer with more digits than Python converts (its int-string limit): kept as
+    text so that validation can name its field instead of the parser failing the whole body."""
+
+    def __init__(self, digits: str) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {len(self.digits.lstrip('-'))} digits>"
+
+
+def _parse_int(text: str) -> int | HugeInteger:
+    try:
+        return int(text)
+    except ValueError:
+        return HugeInteger(text)
 
 
 class ApiError(Exception):
@@ -48,11 +87,14 @@ class CompletionRequest:
     logprobs: int | None
     stream: bool
     include_usage: bool
+    n: int = 1
+    echo: bool = False
+    ignored: tuple[str, ...] = ()  # unknown fields, ignored as vLLM ignores them
 
 
 def parse_body(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_int=_parse_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -64,6 +106,9 @@ def _integer(body: dict, key: str, default: Any, low: int | None = None, high: i
     value = body.get(key, default)
     if value is None:
         return default
+    if isinstance(value, HugeInteger):
+        limit = f"in [{low}, {high}]" if low is not None and high is not None else "a smaller integer"
+        raise ApiError(f"'{key}' must be {limit}, got {value!r}", key)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(f"'{key}' must be an integer, got {value!r}", key)
     if low is not None and value < low:
@@ -73,13 +118,38 @@ def _integer(body: dict, key: str, default: Any, low: int | None = None, high: i
     return value
 
 
-def _number(body: dict, key: str, default: float) -> float:
+def _as_float(value: Any, key: str) -> float:
+    """A finite JSON number as a float, or ApiError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(f"'{key}' must be a number, got {value!r}", key)
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ApiError(f"'{key}' must be a finite number, got {value!r}", key)
+    return out
+
+
+def _number(body: dict, key: str, default: float, low: float | None = None, high: float | None = None) -> float:
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(f"'{key}' must be a number, got {value!r}", key)
-    return float(value)
+    out = _as_float(value, key)
+    if (low is not None and out < low) or (high is not None and out > high):
+        limit = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}")
+        raise ApiError(f"'{key}' must be {limit}, got {value!r}", key)
+    return out
+
+
+def _boolean(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(f"'{key}' must be true or false, got {value!r}", key)
+    return value
 
 
 def _prompt(body: dict, model: ModelInfo) -> list[int]:
@@ -119,10 +189,44 @@ def _stops(body: dict, model: ModelInfo) -> list[str]:
     return stops
 
 
-def _sampling(body: dict) -> SamplingParams:
-    temperature = _number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise ApiError(f"'temperature' must be >= 0, got {temperature}", "temperature")
+def _token_ids(value: Any, key: str, vocab_size: int, limit: int) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise ApiError(f"'{key}' must be a list of token ids, got {value!r}", key)
+    if len(value) > limit:
+        raise ApiError(f"'{key}' has {len(value)} ids; at most {limit}", key)
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise ApiError(f"'{key}' token id {bad[0]} is outside [0, {vocab_size})", key)
+    return tuple(dict.fromkeys(value))
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs, ids ascending."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ApiError(f"'logit_bias' must be an object of token id -> bias, got {raw!r}", "logit_bias")
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise ApiError(f"'logit_bias' has {len(raw)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias")
+    out: dict[int, float] = {}
+    for key, value in raw.items():
+        tid = int(key) if key.isascii() and key.isdigit() and len(key) <= 12 else -1
+        if not 0 <= tid < vocab_size:
+            raise ApiError(f"'logit_bias' key {key[:40]!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        bias = _as_float(value, "logit_bias")
+        if not LOGIT_BIAS_RANGE[0] <= bias <= LOGIT_BIAS_RANGE[1]:
+            raise ApiError(f"'logit_bias' of token {tid} must be in {list(LOGIT_BIAS_RANGE)}, got {value!r}",
+                           "logit_bias")
+        out[tid] = bias
+    return tuple(sorted(out.items()))
+
+
+def sampling_params(body: dict, vocab_size: int, max_tokens: int) -> SamplingParams:
+    """Every sampling field of a completion (or chat) request, checked; the seed drawn when absent."""
+    temperature = _number(body, "temperature", 1.0, low=0.0)
     top_p = _number(body, "top_p", 1.0)
     if not 0.0 < top_p <= 1.0:
         raise ApiError(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
@@ -131,17 +235,34 @@ def _sampling(body: dict) -> SamplingParams:
         raise ApiError(f"'top_k' must be >= 1 (or -1 for all tokens), got {top_k}", "top_k")
     seed = _integer(body, "seed", None, low=0, high=2**63 - 1)
     seed = secrets.randbits(63) if seed is None else seed
-    return SamplingParams(temperature=temperature, top_k=None if top_k in (None, -1) else top_k,
-                          top_p=top_p, seed=seed)
+    stop_token_ids = _token_ids(body.get("stop_token_ids"), "stop_token_ids", vocab_size, MAX_STOP_TOKEN_IDS)
+    min_tokens = _integer(body, "min_tokens", 0, low=0, high=max_tokens)
+    return SamplingParams(
+        temperature=temperature, top_k=None if top_k in (None, -1) else top_k, top_p=top_p,
+        min_p=_number(body, "min_p", 0.0, low=0.0, high=1.0), seed=seed, logit_bias=_logit_bias(body, vocab_size),
+        presence_penalty=_number(body, "presence_penalty", 0.0, *PENALTY_RANGE),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, *PENALTY_RANGE),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, *REPETITION_RANGE),
+        ignore_eos=_boolean(body, "ignore_eos", False), stop_token_ids=stop_token_ids, min_tokens=min_tokens,
+    )
 
 
-def _unsupported(body: dict) -> None:
-    n = _integer(body, "n", 1)
-    if n != 1:
-        raise ApiError(f"'n' must be 1 (one choice per request), got {n}", "n")
-    for key, default in IGNORED_WHEN_DEFAULT.items():
-        if body.get(key, default) not in (default, None):
-            raise ApiError(f"'{key}' is not supported (only {default!r}), got {body[key]!r}", key)
+def choice_count(body: dict) -> int:
+    """`n` (with `best_of`, which may only repeat it: no choices are drawn to be thrown away)."""
+    n = _integer(body, "n", 1, low=1, high=MAX_N)
+    best_of = _integer(body, "best_of", None)
+    if best_of is not None and best_of != n:
+        raise ApiError(f"'best_of' must equal 'n' ({n}): choices are not ranked, got {best_of}", "best_of")
+    return n
+
+
+def unknown_fields(body: dict, known: frozenset[str]) -> tuple[str, ...]:
+    """Refuse the fields this server knows but does not implement (unless at their default);
+    return the names of the fields nobody knows (ignored, as vLLM ignores them)."""
+    for key, defaults in REFUSED_UNLESS_DEFAULT.items():
+        if key in body and not any(body[key] == d and type(body[key]) is type(d) for d in defaults):
+            raise ApiError(f"'{key}' is not supported (only {defaults[0]!r}), got {body[key]!r}", key)
+    return tuple(sorted(k for k in body if k not in known and k not in REFUSED_UNLESS_DEFAULT))
 
 
 def validate_completion(body: dict, model: ModelInfo) -> CompletionRequest:
@@ -149,22 +270,30 @@ def validate_completion(body: dict, model: ModelInfo) -> CompletionRequest:
     name = body.get("model")
     if name is not None and name != model.name:
         raise ApiError(f"model {name!r} is not served here; this server serves {model.name!r}", "model")
-    _unsupported(body)
+    ignored = unknown_fields(body, COMPLETION_FIELDS)
+    n = choice_count(body)
     prompt = _prompt(body, model)
-    max_tokens = _integer(body, "max_tokens", 16, low=1)
+    max_tokens = _integer(body, "max_tokens", 16, low=1, high=model.block_size)
     if len(prompt) + max_tokens > model.block_size:
         raise ApiError(
             f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is {len(prompt) + max_tokens} "
             f"tokens; the model's context is {model.block_size}", "max_tokens",
         )
     logprobs = _integer(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(f"'stream' must be true or false, got {stream!r}", "stream")
+    echo = _boolean(body, "echo", False)
+    if echo and logprobs is not None:
+        raise ApiError("'echo' with 'logprobs' (the prompt's logprobs) is not supported", "echo")
+    if echo and model.tokenizer is None:
+        raise ApiError("'echo' needs a tokenizer; this model takes and gives token ids only", "echo")
+    stream = _boolean(body, "stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(f"'stream_options' must be an object, got {options!r}", "stream_options")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(f"'user' must be a string, got {user!r}", "user")
     return CompletionRequest(
-        prompt=prompt, max_tokens=max_tokens, sampling=_sampling(body), stops=_stops(body, model),
-        logprobs=logprobs, stream=stream, include_usage=bool(options.get("include_usage", False)),
+        prompt=prompt, max_tokens=max_tokens, sampling=sampling_params(body, model.vocab_size, max_tokens),
+        stops=_stops(body, model), logprobs=logprobs, stream=stream,
+        include_usage=bool(options.get("include_usage", False)), n=n, echo=echo, ignored=ignored,
     )

@@ -17,6 +17,10 @@ from mpisplit.runtime.faults.common import (
 
 FAULT_KINDS = ("raise", "hang", "sleep", "kill", "signal", "nan", "inf")
 _SIGNAL_NAMES = ("TERM", "INT", "USR1", "USR2", "HUP")
+# nan/inf: grad or loss. raise: before the step (default), or inside one serving request's
+# work at that engine step: "sample" (choosing its token, on the ranks named), "text" (rank 0's
+# detokenizing and stop matching).
+TARGETS = ("grad", "loss", "sample", "text")
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,11 @@ def parse_faults(spec: str) -> list[Fault]:
         signal@rank=0,step=4,sig=USR1   rank 0 sends itself SIGUSR1 before step 4
         nan@step=4                 NaN in one gradient element on every rank at step 4
         inf@rank=1,step=2,target=loss   rank 1's loss value becomes inf at step 2
+        raise@step=3,target=sample   a server's sampling raises at engine step 3 (every rank)
+        raise@rank=0,step=3,target=text  rank 0's text work for a request raises at engine step 3
 
-    Keys: rank (>= 0), step (>= 1), seconds (sleep), sig (TERM INT USR1 USR2 HUP), target (grad
-    or loss), error (runtime or value). A missing rank or step means every rank or every step.
+    Keys: rank (>= 0), step (>= 1), seconds (sleep), sig (TERM INT USR1 USR2 HUP), target (grad,
+    loss, sample or text), error (runtime or value). A missing rank or step means every rank or every step.
     ValueError names a bad part.
     """
     faults: list[Fault] = []
@@ -109,7 +115,7 @@ def parse_faults(spec: str) -> list[Fault]:
                     )
                 fields[key] = name
             elif key in ("target", "error"):
-                allowed = ("grad", "loss") if key == "target" else ("runtime", "value")
+                allowed = TARGETS if key == "target" else ("runtime", "value")
                 if value not in allowed:
                     raise ValueError(
                         f"{FAULT_ENV}: {key} must be one of {allowed}, got {value!r} in {part!r}"
@@ -150,8 +156,24 @@ class FaultInjector:
     def _due(self, step: int, kinds: tuple[str, ...]) -> list[Fault]:
         return [f for f in self.faults if f.kind in kinds and f.applies(self.rank, step)]
 
+    def _raise(self, step: int, where: str) -> None:
+        for f in self._due(step, ("raise",)):
+            if f.target == where:
+                error = ValueError if f.error == "value" else RuntimeError
+                raise error(f"injected fault ({FAULT_ENV}): rank {self.rank} raises in {where} at step {step}")
+
+    def in_sampling(self, step: int) -> None:
+        """raise with target=sample: inside a serving request's sampling at engine step `step`."""
+        self._raise(step, "sample")
+
+    def in_text(self, step: int) -> None:
+        """raise with target=text: inside rank 0's text work for a request at engine step `step`."""
+        self._raise(step, "text")
+
     def before_step(self, step: int) -> None:
         for f in self._due(step, ("sleep", "signal", "raise", "hang", "kill")):
+            if f.kind == "raise" and f.target in ("sample", "text"):
+                continue
             if f.kind == "sleep":
                 time.sleep(f.seconds)
             elif f.kind == "signal":

@@ -110,11 +110,16 @@ class CheckpointReader:
     constructor are collective over `comm` (a Communicator or mpi4py comm; None:
     this process alone): every rank calls them in the same order, and a problem on
     any rank raises ValueError / FileNotFoundError on all. Never writes to disk.
+
+    With `verify` (the default), a rank hashes each file before its first read from it and
+    compares the sha256 with the index, so no rank uses a weight from a corrupted file: a
+    mismatch raises ValueError naming the file and both digests, on every rank.
     """
 
-    def __init__(self, path: str | os.PathLike, comm: Any = None) -> None:
+    def __init__(self, path: str | os.PathLike, comm: Any = None, *, verify: bool = True) -> None:
         self.path = Path(path)
         self._comm = comm
+        self._verify = verify
         self._handles: dict[str, Any] = {}
         index = None
         # World rank 0 reads and validates; the others receive the parsed index.
@@ -289,15 +294,32 @@ class CheckpointReader:
         fpath = self.path / fname
         try:
             if fname not in self._handles:
+                if self._verify:
+                    self._check_sha256(fname)
                 self._handles[fname] = safe_open(str(fpath), framework="numpy")
             handle = self._handles[fname]
             return handle.get_slice(name)[src] if src else handle.get_tensor(name)
         except FileNotFoundError:
             raise FileNotFoundError(f"checkpoint file {fpath} is missing") from None
+        except ValueError:
+            raise
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
             raise ValueError(
                 f"checkpoint file {fpath}: cannot read tensor {name!r}: {exc}"
             ) from None
+
+    def _check_sha256(self, fname: str) -> None:
+        """Hash `fname` (streamed in chunks) against the index: local, before its first read."""
+        fpath = self.path / fname
+        try:
+            digest = sha256_file(fpath)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint file {fpath} is missing") from None
+        except OSError as exc:
+            raise OSError(f"checkpoint file {fpath} cannot be read: {exc}") from None
+        want = self._index["files"][fname]
+        if digest != want:
+            raise ValueError(f"checkpoint file {fpath} is corrupt: sha256 {digest}, the index records {want}")
 
     def verify(self, names: Iterable[str] | None = None) -> None:
         """Check the sha256 of the files holding `names` (all if None) against the index.
@@ -313,16 +335,7 @@ class CheckpointReader:
                 else (_mpi(self._comm).Get_rank(), _mpi(self._comm).Get_size())
             )
             for fname in files[rank::size]:
-                fpath = self.path / fname
-                try:
-                    digest = sha256_file(fpath)
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"checkpoint file {fpath} is missing") from None
-                if digest != self._index["files"][fname]:
-                    raise ValueError(
-                        f"checkpoint file {fpath}: sha256 {digest} != index "
-                        f"{self._index['files'][fname]}"
-                    )
+                self._check_sha256(fname)
 
     def close(self) -> None:
         """Release the memory maps of the shard files (local)."""
