@@ -307,7 +307,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--tp-child", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    p.add_argument("--prompt-ids", help="the prompt as a JSON list of token ids (default: the chat-formatted "
+                                        "built-in prompt, through the folder's tokenizer)")
     a = p.parse_args()
     for name in ("new_tokens", "batch", "seq", "rounds", "warmup", "steps", "tp"):
         if getattr(a, name) < 1:
@@ -328,7 +329,7 @@ def main() -> None:
         build_from_gguf(a.from_gguf, a.hf)
     if not (a.hf / "config.json").exists():
         raise SystemExit(f"{a.hf} has no config.json (pass --from-gguf GGUF to build it)")
-    a.prompt = prompt_ids(a.hf)
+    a.prompt = prompt_ids(a.hf) if a.prompt_ids is None else json.loads(a.prompt_ids)
     info = common.machine_info()
     print(f"CPU: {info['cpu']}, {info['cores']} cores, load {info['load_average_1_5_15min'][0]:.1f}; "
           f"{a.rounds} rounds, median of {a.steps} after {a.warmup} warm-up; prompt {len(a.prompt)} tokens, "
