@@ -114,7 +114,6 @@ def weight_stream_floor(model: Any, reps: int = 5) -> float:
 
 def torch_task(task: str, folder: Path, a: argparse.Namespace) -> tuple[Any, dict]:
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
@@ -148,15 +147,7 @@ def torch_task(task: str, folder: Path, a: argparse.Namespace) -> tuple[Any, dic
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     idx, tgt = (torch.from_numpy(x) for x in train_batch(model.config.vocab_size, a.batch, a.seq))
 
-    def step() -> float:
-        logits = model(idx).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step, info
+    return common.torch_train_step(model, opt, idx, tgt), info
 
 
 def mpisplit_task(task: str, folder: Path, a: argparse.Namespace) -> tuple[Any, dict]:
@@ -185,14 +176,7 @@ def mpisplit_task(task: str, folder: Path, a: argparse.Namespace) -> tuple[Any, 
                          decay_filter=lambda p: True)
     idx, tgt = train_batch(model.config.vocab_size, a.batch, a.seq)
 
-    def step() -> float:
-        loss = model.loss(idx, tgt)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return float(loss.data)
-
-    return step, info
+    return common.mpisplit_train_step(model, opt, idx, tgt), info
 
 
 def child(framework: str, task: str, folder: Path, a: argparse.Namespace) -> dict:
