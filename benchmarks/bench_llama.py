@@ -55,7 +55,6 @@ def build_from_gguf(gguf: Path, folder: Path) -> None:
     src, name = str(gguf.parent), gguf.name
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
     config = AutoConfig.from_pretrained(src, gguf_file=name)
-    config.quantization_config = None  # the weights saved are plain float32
     fresh = LlamaForCausalLM(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.save_pretrained(folder)
