@@ -91,7 +91,6 @@ def batch(name: str) -> tuple[Any, Any]:
 
 def torch_step(name: str, folder: Path) -> tuple[Any, Any]:
     import torch
-    import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
     torch.set_num_threads(1)
@@ -99,16 +98,8 @@ def torch_step(name: str, folder: Path) -> tuple[Any, Any]:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     idx, tgt = (torch.from_numpy(a) for a in batch(name))
-
-    def step() -> float:
-        logits = model(idx).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return step, {"torch": torch.__version__, "adamw": "torch.optim.AdamW defaults (for-each off on CPU)"}
+    info = {"torch": torch.__version__, "adamw": "torch.optim.AdamW defaults (for-each off on CPU)"}
+    return common.torch_train_step(model, opt, idx, tgt), info
 
 
 def mpisplit_step(name: str, folder: Path, fresh: bool) -> tuple[Any, Any]:
@@ -124,17 +115,9 @@ def mpisplit_step(name: str, folder: Path, fresh: bool) -> tuple[Any, Any]:
     opt = ms.optim.AdamW(list(model.parameters()), lr=LR, betas=BETAS, eps=EPS,
                          weight_decay=WEIGHT_DECAY, decay_filter=lambda p: True)
     idx, tgt = batch(name)
-
-    def step() -> float:
-        loss = model.loss(idx, tgt)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return float(loss.data)
-
     from mpisplit import kernels
 
-    return step, {"kernels": kernels.backend_name()}
+    return common.mpisplit_train_step(model, opt, idx, tgt), {"kernels": kernels.backend_name()}
 
 
 def child(framework: str, name: str, folder: Path, warmup: int, steps: int) -> dict:

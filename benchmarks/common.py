@@ -202,6 +202,34 @@ def matmul_gflops(n: int, dtype: Any, repeats: int = 3, seed: int = 0) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
+def torch_train_step(model: Any, opt: Any, idx: Any, tgt: Any) -> Callable[[], float]:
+    """One step of a transformers causal LM: logits, cross-entropy, backward, `opt`, zero_grad."""
+    import torch.nn.functional as F
+
+    def step() -> float:
+        logits = model(idx).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def mpisplit_train_step(model: Any, opt: Any, idx: Any, tgt: Any) -> Callable[[], float]:
+    """One step of an mpisplit GPT: loss, backward, `opt`, zero_grad."""
+
+    def step() -> float:
+        loss = model.loss(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.data)
+
+    return step
+
+
 # ---- output -----------------------------------------------------------------------------------
 
 

@@ -309,6 +309,33 @@ def test_scripts_help() -> None:
         assert r.returncode == 0 and "--smoke" in r.stdout, script
 
 
+@pytest.mark.timeout(300)
+def test_bench_llama_smoke(tmp_path: Path) -> None:
+    """bench_llama.py on a tiny random Llama folder: decode at tp 1 and 2, a training step, both
+    frameworks, the same first loss."""
+    _single_rank_with_mpiexec()
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "llama.json"
+    r = _run_script(["benchmarks/bench_llama.py", "--hf", str(tmp_path / "hf"), "--prompt-ids", "[5, 9, 2, 40]",
+                     "--tp", "2", "--new-tokens", "3", "--batch", "1", "--seq", "8", "--rounds", "1",
+                     "--steps", "1", "--out", str(out)], timeout=280)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["task"], row["framework"]) for row in rows] == [
+        ("decode", "torch"), ("decode", "mpisplit"), ("decode", "mpisplit-tp2"), ("train", "torch"), ("train", "mpisplit")]
+    for row in rows:
+        assert row["median s"] > 0 and row["peak RSS MB"] > 0
+    assert all(row["decode tok/s"] > 0 and row["floor tok/s"] for row in rows[1:3])
+    assert float(rows[4]["check"].split()[-1]) < 1e-5  # first-loss difference, float32
+    assert "CPU: " in r.stdout
+
+
 @pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own server")
 def test_bench_serve_smoke() -> None:
     """bench_serve.py --smoke: a real server, concurrency 1 and 4, every row complete."""

@@ -277,8 +277,12 @@ class SwiGLU(Function):
 def _sigmoid(x: Any) -> Any:
     """1 / (1 + exp(-x)) without overflow: exp of a non-positive argument only."""
     xp = get_array_module(x)
-    e = xp.exp(-xp.abs(x))  # in (0, 1]
-    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+    e = xp.abs(x)
+    xp.negative(e, out=e)
+    xp.exp(e, out=e)  # in (0, 1]
+    den = e + 1.0
+    xp.copyto(e, 1.0, where=x >= 0)  # numerator: 1 where x >= 0, e below
+    return xp.divide(e, den, out=den).astype(x.dtype, copy=False)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:

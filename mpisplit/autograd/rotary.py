@@ -12,21 +12,30 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from mpisplit.autograd.tensor import Function, Tensor
 from mpisplit.runtime.backend import get_array_module
 
 
-def _rotate_half(x: Any, sign: float) -> Any:
-    """sign=+1: cat(-x2, x1) (rotate_half); sign=-1: cat(x2, -x1) (its transpose)."""
+def _rope(x: Any, c: Any, s: Any, sign: float) -> Any:
+    """sign=+1: x * c + rotate_half(x) * s; sign=-1: x * c + rotate_half^T(x * s); c, s broadcast
+    against x. Written per half, (x1 c1 - x2 s1, x2 c2 + x1 s2) and (x1 c1 + x2 s2, x2 c2 - x1 s1):
+    the same roundings as the whole-width form (negation is exact and a + (-b) is a - b), with no
+    rotated copy of x."""
     xp = get_array_module(x)
     half = x.shape[-1] // 2
-    out = xp.empty_like(x)
-    out[..., :half] = x[..., half:]
-    out[..., half:] = x[..., :half]
+    out = xp.empty(np.broadcast_shapes(x.shape, c.shape), dtype=xp.result_type(x, c))
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
+    xp.multiply(x1, c1, out=o1)
+    xp.multiply(x2, c2, out=o2)
     if sign > 0:
-        out[..., :half] *= -1
+        o1 -= x2 * s1
+        o2 += x1 * s2
     else:
-        out[..., half:] *= -1
+        o1 += x2 * s2
+        o2 -= x1 * s1
     return out
 
 
@@ -36,14 +45,10 @@ class Rotary(Function):
     def forward(self, x: Any, cos: Any = None, sin: Any = None) -> Any:
         c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, d): broadcast over batch and heads
         self.c, self.s = c, s
-        out = x * c
-        out += _rotate_half(x, 1.0) * s
-        return out
+        return _rope(x, c, s, 1.0)
 
     def backward(self, g: Any) -> Any:
-        out = g * self.c
-        out += _rotate_half(g * self.s, -1.0)
-        return out
+        return _rope(g, self.c, self.s, -1.0)
 
 
 def rotary(x: Tensor, cos: Any, sin: Any) -> Tensor:
@@ -55,6 +60,4 @@ def rotary(x: Tensor, cos: Any, sin: Any) -> Tensor:
 
 def rotary_array(x: Any, cos: Any, sin: Any) -> Any:
     """rope(x) on a raw array (decoding, no graph): x (..., T, n, d), tables (T, d)."""
-    out = x * cos[:, None, :]
-    out += _rotate_half(x, 1.0) * sin[:, None, :]
-    return out
+    return _rope(x, cos[:, None, :], sin[:, None, :], 1.0)

@@ -338,8 +338,8 @@ class GPT(Module):
                             feed = idx[:, -keep:]
                         else:
                             feed = idx[:, -1:]
-                        local = self.head.logits(self.hidden_states(feed, caches))
-                        logits = gather_from_tp(local[:, -1:], self.grid.tp_comm).data[:, 0, : self.config.vocab_size]
+                        last = self.hidden_states(feed, caches)[:, -1:]  # the head on the newest row only
+                        logits = gather_from_tp(self.head.logits(last), self.grid.tp_comm).data[:, 0, : self.config.vocab_size]
                     nxt = _choose(np.asarray(to_numpy(logits), dtype=np.float64), temperature, top_k, rng)
                     nxt = np.where(ended, idx[:, -1], nxt)  # an ended row repeats its eos
                     idx = np.concatenate([idx, nxt[:, None]], axis=1)
