@@ -91,7 +91,7 @@ def run(url: str, vocab: int, streams: int, tokens: int, burst: int, burst_len: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--settings", nargs="+", default=["256:none", "256:264", "64:72", "32:40"],
+    p.add_argument("--settings", nargs="+", default=["256:none", "256:272", "64:80", "32:48"],
                    help="PREFILL_CHUNK:BUDGET pairs (BUDGET none: no --max-num-batched-tokens)")
     p.add_argument("--tokens", type=int, default=400, help="tokens per stream")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "bench_burst.json")
