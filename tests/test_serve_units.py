@@ -272,6 +272,17 @@ def test_eos_ids_from_a_folder(tmp_path):
     (tmp_path / "config.json").write_text('{"eos_token_id": "two"}')
     with pytest.raises(ValueError, match="config.json: eos_token_id must be"):
         eos_token_ids(tmp_path)
+    # the tokenizer's eos token (tokenizer_config.json's, looked up in tokenizer.json) joins them
+    (tmp_path / "config.json").write_text('{"eos_token_id": 7}')
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": {"content": "<|eot|>"}}')
+    (tmp_path / "tokenizer.json").write_text(
+        '{"added_tokens": [{"id": 5, "content": "<|bos|>"}, {"id": 9, "content": "<|eot|>"}], "model": {"vocab": {}}}')
+    assert eos_token_ids(tmp_path) == (7, 128001, 128008, 128009, 9)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "w"}')
+    (tmp_path / "tokenizer.json").write_text('{"added_tokens": [], "model": {"vocab": {"w": 3, "x": 4}}}')
+    assert eos_token_ids(tmp_path) == (7, 128001, 128008, 128009, 3)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "absent"}')
+    assert eos_token_ids(tmp_path) == (7, 128001, 128008, 128009)
 
 
 def test_api_key_sources(tmp_path):

@@ -45,7 +45,8 @@ def union_eos(*configs: dict, where: str = "config") -> tuple[int, ...]:
 
 def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:
     """The union of config.json's and generation_config.json's eos_token_id (each an int or a
-    list; either file may lack it), config.json's first, without repeats. () when neither has one.
+    list; either file may lack it), config.json's first, then the tokenizer's eos token
+    (tokenizer_config.json's eos_token in tokenizer.json), without repeats. () when none has one.
     A GGUF file: the same union over the configs its metadata converts to."""
     from mpisplit.models.hf import is_gguf
 
@@ -58,4 +59,24 @@ def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:
     out: tuple[int, ...] = ()
     for name in FILES:
         out = union_eos({"eos_token_id": list(out)}, _read(folder / name), where=str(folder / name))
-    return out
+    tokenizer_eos = _tokenizer_eos(folder)
+    return out + tuple(i for i in tokenizer_eos if i not in out)
+
+
+def _tokenizer_eos(folder: Path) -> tuple[int, ...]:
+    """The id of tokenizer_config.json's eos_token (a string, or {"content": ...}) in tokenizer.json
+    (its added tokens, then its vocabulary); () when either file or the token is missing."""
+    config, vocab_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not (config.is_file() and vocab_file.is_file()):
+        return ()
+    token = _read(config).get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    if not isinstance(token, str):
+        return ()
+    tok = _read(vocab_file)
+    for added in tok.get("added_tokens") or []:
+        if isinstance(added, dict) and added.get("content") == token and isinstance(added.get("id"), int):
+            return (added["id"],)
+    vocab = (tok.get("model") or {}).get("vocab")
+    found = vocab.get(token) if isinstance(vocab, dict) else None
+    return (found,) if isinstance(found, int) else ()
