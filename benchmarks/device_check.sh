@@ -10,7 +10,7 @@
 # 1 rank, collectives at 2); whether NCCL accepts 2 ranks on one GPU; the GPU tests at 2 ranks
 # with auto; train.py on the GPU (float32, float16 mixed precision at 2 ranks, pp=2 and tp=2 with
 # sequence parallelism at 2 ranks on the staged path; a fresh Llama-family model at tp 2 with its KV
-# heads split and replicated); a server on the GPU answering streamed
+# heads split and replicated; AdamW sharded over 2 DP ranks); a server on the GPU answering streamed
 # completions (benchmarks/bench_serve.py --smoke, tp 1 and 2). Every step has a
 # time limit taken from a 7.5-minute budget, so the script ends in time whatever happens; a
 # failed step is reported and the next one runs. Files under $OUT: device_check.log (all
@@ -134,9 +134,11 @@ step train-2ranks-tp2-sp-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 2 
 LLAMA=(--arch llama --kv-heads 2 --intermediate 256)
 step train-2ranks-llama-tp2-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" "${LLAMA[@]}" --tp 2 --comm staged --out /tmp/run_llama
 step train-2ranks-llama-kv1-sp-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --arch llama --kv-heads 1 --tp 2 --sequence-parallel --comm staged --out /tmp/run_llama_kv1
+# AdamW's state sharded over 2 data-parallel ranks sharing the GPU
+step train-2ranks-dp2-shard-optimizer-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 1 --dp 2 --shard-optimizer --comm staged --out /tmp/run_zero
 step serve-2ranks-gpu-staged 60 python3 benchmarks/bench_serve.py --smoke --device gpu --comm staged --no-peer --tp 2
 cat /tmp/run_f32/metrics.jsonl /tmp/run_amp/metrics.jsonl /tmp/run_pp2/metrics.jsonl /tmp/run_sp/metrics.jsonl \
-    /tmp/run_llama/metrics.jsonl /tmp/run_llama_kv1/metrics.jsonl \
+    /tmp/run_llama/metrics.jsonl /tmp/run_llama_kv1/metrics.jsonl /tmp/run_zero/metrics.jsonl \
     > "$OUT/train_metrics.jsonl" 2> /dev/null
 
 echo "=== summary (step, exit status, seconds); total $((SECONDS - START))s"
