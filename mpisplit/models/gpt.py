@@ -372,6 +372,8 @@ class GPT(Module):
             return hf.from_gguf(cls, folder, grid, dtype, **options)
         if hf_llama.is_llama_folder(folder):
             return hf_llama.from_pretrained(cls, folder, grid, dtype, **options)
+        if options:
+            raise TypeError(f"options {sorted(options)} apply to Llama-family models, not to a GPT-2 folder")
         return hf_gpt2.from_pretrained(cls, folder, grid, dtype)
 
     def save_pretrained(self, folder: Any) -> None:
