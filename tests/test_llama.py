@@ -31,6 +31,7 @@ from mpisplit.parallel.grid import ProcessGrid
 from mpisplit.serving.batch import Segment, SlotCache, forward_segments
 from mpisplit.training.checkpoint import CheckpointReader
 from mpisplit.training.state import load_model, save_training_state
+from mpisplit.training.step import _sum_gradients
 
 pytestmark = pytest.mark.mpi
 COMM = MPI.COMM_WORLD
@@ -99,12 +100,8 @@ def _loss_grads(model, ids, targets, comm):
     loss = model.loss(ids, targets)
     loss.backward()
     if model.kv_replica_comm is not None:  # what the training step does after backward
-        from mpisplit.training.step import _sum_gradients
-
         _sum_gradients(model.kv_replica_params, model.kv_replica_comm)
     if model.sequence_parallel:
-        from mpisplit.training.step import _sum_gradients
-
         _sum_gradients(model.sequence_parallel_params, comm)
     return float(loss.data), {n: gather_global(p, comm)(p.grad) for n, p in model.named_parameters()}
 

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 from _serving import Server, serve_env
-from _smollm2 import smollm2_gguf
+from _smollm2 import CHATS, smollm2_gguf
 from conftest import REPO_ROOT
 from mpi4py import MPI
 
@@ -30,14 +30,6 @@ pytest.importorskip("gguf", reason="the gguf package reads the model file")
 
 QUESTION = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 N = 8
-CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one short sentence."},
-     {"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "What is the capital of France?"},
-     {"role": "assistant", "content": "The capital of France is Paris."},
-     {"role": "user", "content": "And of Italy?"}],
-]
 CHAT_TOKENS = 24
 
 

@@ -118,18 +118,24 @@ def _number(cfg: dict, key: str, default: float, where: Path) -> float:
     return float(value)
 
 
+def read_json_object(path: Path) -> dict:
+    """A folder's JSON file holding an object (config.json, ...); clear errors for anything else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: {str(path.parent)!r} is not a Hugging Face model folder") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    _require(isinstance(data, dict), f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _parse_config(folder: Path) -> tuple[GPTConfig, bool]:
     """(GPTConfig, tie_word_embeddings) of config.json in `folder`."""
     if not folder.is_dir():
         raise FileNotFoundError(f"Hugging Face model folder {str(folder)!r} does not exist")
     path = folder / CONFIG_NAME
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: {str(folder)!r} is not a Hugging Face model folder") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    _require(isinstance(cfg, dict), f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(path)
     if cfg.get("model_type") != "gpt2":
         raise ValueError(
             f"{path}: model_type {cfg.get('model_type')!r} (architectures {cfg.get('architectures')}); "
@@ -259,6 +265,9 @@ class _WeightFiles:
                     raise ValueError(f"{path}: malformed header entry for tensor {name!r}: {e!r}") from None
                 self.entries[name] = (path, code, shape, data_start + begin)
         self._handles: dict[Path, Any] = {}
+
+    def names(self) -> set[str]:
+        return set(self.entries)
 
     def file_of(self, name: str) -> Path:
         return self.entries[name][0]

@@ -74,15 +74,11 @@ def from_pretrained(cls: type[Module], folder: Any, grid: Any, dtype: Any = "flo
     return model
 
 
-def _names(files: Any) -> set[str]:
-    return files.names() if hasattr(files, "names") else set(files.entries)
-
-
 def _check_tensors(model: Module, files: Any) -> dict[str, tuple[str, bool]]:
     """{mpisplit name: (file name, transposed)}; ValueError for missing, extra or misshapen tensors."""
     params = dict(model.named_parameters())
     keys = {name: hf_name(name) for name in params}
-    present = _names(files)
+    present = files.names()
     missing = sorted(k for k, _ in keys.values() if k not in present)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -17,26 +17,14 @@ Read as transformers reads it:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mpisplit.models.config import GPTConfig
+from mpisplit.models.hf_gpt2 import read_json_object
 
 LLAMA_TYPES = ("llama", "qwen2", "mistral")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
-
-
-def load_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: {str(path.parent)!r} is not a Hugging Face model folder") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")  # noqa: TRY004 - a bad file
-    return data
 
 
 def _int(cfg: dict, key: str, where: Path, default: Any = None) -> int:
@@ -85,7 +73,7 @@ def _sliding_window(cfg: dict, model_type: str) -> int | None:
 def parse_config(folder: Path, max_model_len: int | None = None) -> GPTConfig:
     """The GPTConfig of a Llama-family folder's config.json (ValueError naming what is wrong)."""
     path = folder / "config.json"
-    return config_from_dict(load_json(path), path, max_model_len)
+    return config_from_dict(read_json_object(path), path, max_model_len)
 
 
 def config_from_dict(cfg: dict, path: Any, max_model_len: int | None = None) -> GPTConfig:
