@@ -264,8 +264,10 @@ def test_queue_full_disconnect_api_key_and_sigterm(ckpt):
     """One slot and a queue of one: a third request gets 429; a dropped stream frees the slot;
     --api-key guards /v1; SIGTERM lets the request in flight finish, then the job exits 0."""
     key = "s3cret"
+    # Every engine step sleeps 50 ms, so the first stream still holds its slot when it is closed.
+    env = {**serve_env(), "MPISPLIT_FAULT": "sleep@seconds=0.05"}
     with Server(2, ["--ckpt", str(ckpt), "--dtype", "float64", "--max-batch", "1", "--max-queue", "1",
-                    "--api-key", key]) as srv:
+                    "--api-key", key], env=env) as srv:
         with pytest.raises(openai.AuthenticationError):
             client(srv.url, api_key="wrong").completions.create(model="char", prompt="a", max_tokens=2)
         c = client(srv.url, api_key=key)

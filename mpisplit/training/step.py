@@ -52,11 +52,18 @@ class StepRunner:
     def forward_backward(self, x: Any, y: Any, *, loss_scale: float = 1.0) -> float:
         """Gradients of the mean loss over this rank's batch (x, y: (B, T) token ids), times
         `loss_scale` (mixed precision), accumulate in the parameters' .grad; returns that mean
-        loss (unscaled), the same on every stage."""
+        loss (unscaled), the same on every stage. A scaled backward may overflow float16: the
+        loss scaler finds the non-finite gradients and skips the step, so NumPy's overflow
+        warnings are silenced there (and only there)."""
+        if loss_scale == 1.0:
+            return self._forward_backward(x, y, None)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._forward_backward(x, y, float(loss_scale))
+
+    def _forward_backward(self, x: Any, y: Any, seed: float | None) -> float:
         m = self.micro_batches
         xs, ys, rows = self._split(x, y)
         like = self._like()
-        seed = None if loss_scale == 1.0 else float(loss_scale)
         if self.link is None:
             total = 0.0
             for xi, yi in zip(xs, ys):
