@@ -28,7 +28,8 @@ from mpisplit.autograd.tensor import no_grad
 from mpisplit.models.gpt import GPT
 from mpisplit.models.hf_llama_config import parse_config
 from mpisplit.parallel.grid import ProcessGrid
-from mpisplit.serving.batch import Segment, SlotCache, forward_segments
+from mpisplit.serving.batch import Segment, forward_segments
+from mpisplit.serving.kv_pool import PagedKV
 from mpisplit.training.checkpoint import CheckpointReader
 from mpisplit.training.state import load_model, save_training_state
 from mpisplit.training.step import _sum_gradients
@@ -174,15 +175,15 @@ def test_batched_serving_forward_equals_the_model_and_is_batch_invariant(folders
     for tp in layouts(c):
         with ProcessGrid(tp=tp) as grid:
             model = GPT.from_pretrained(folder, grid, dtype="float64")
-            cache = SlotCache(model, 3, max_len=16)
-            alone = forward_segments(model, a, [Segment(0, 0, 7)], cache)
+            kv = PagedKV(model, 8, 4)  # blocks of 4 positions: a's 8 positions in blocks 5, 2
+            alone = forward_segments(model, a, [Segment((5, 2), 0, 7)], kv)
             ref = dense.forward(c, w, a[None])[0, -1]
             assert max_rel(alone[0], ref) < 1e-12
             # decode a's next token beside b's prefill: a's logits must not depend on b
-            step = forward_segments(model, np.concatenate([b, a[:1]]), [Segment(1, 0, 4), Segment(0, 7, 1)], cache)
-            cache2 = SlotCache(model, 1, max_len=16)
-            forward_segments(model, a, [Segment(0, 0, 7)], cache2)
-            solo = forward_segments(model, a[:1], [Segment(0, 7, 1)], cache2)
+            step = forward_segments(model, np.concatenate([b, a[:1]]), [Segment((0,), 0, 4), Segment((5, 2), 7, 1)], kv)
+            kv2 = PagedKV(model, 2, 8)  # one contiguous block
+            forward_segments(model, a, [Segment((1,), 0, 7)], kv2)
+            solo = forward_segments(model, a[:1], [Segment((1,), 7, 1)], kv2)
             assert np.array_equal(step[1], solo[0]), (family, tp)
             full = dense.forward(c, w, np.concatenate([a, a[:1]])[None])[0, -1]
             assert max_rel(solo[0], full) < 1e-12

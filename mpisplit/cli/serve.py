@@ -39,11 +39,17 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                    help="where the weights and KV cache live (gpu: one per rank, CuPy)")
     p.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default="auto",
                    help="with --device gpu: the collective path (README, GPUs)")
-    p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences admitted at once (decoded together)")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="the context the KV cache is sized for (rotary models; default: the model's positions)")
+                   help="the longest context of a request (rotary models; default: the model's positions)")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="KV-cache memory per rank: bytes with a unit (2GiB, 512MiB) or a fraction below 1 of "
+                        "the memory available to a rank (default: --max-batch full contexts, at most 0.5 of it)")
+    p.add_argument("--kv-block-size", type=int, default=16, help="token positions per KV-cache block")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt in full (default: full blocks of earlier prompts are reused)")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait for a slot; more get HTTP 429")
+                   help="requests that may wait to be admitted; more get HTTP 429")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens of one sequence read per engine step")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -65,13 +71,18 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def _check(args: argparse.Namespace, world_size: int) -> int:
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--prefill-chunk", args.prefill_chunk, 1), ("--port", args.port, 0)):
+                             ("--prefill-chunk", args.prefill_chunk, 1), ("--port", args.port, 0),
+                             ("--kv-block-size", args.kv_block_size, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     least = args.max_batch + args.prefill_chunk  # every decode and one whole chunk always fit
     if args.max_num_batched_tokens is not None and 0 != args.max_num_batched_tokens < least:
         raise ValueError(f"--max-num-batched-tokens must be 0 (no limit) or >= --max-batch + --prefill-chunk "
                          f"({least}), got {args.max_num_batched_tokens}")
+    if args.kv_cache_memory is not None:
+        from mpisplit.serving.kv_pool import parse_memory
+
+        args.kv_cache_memory = parse_memory(args.kv_cache_memory)
     if args.port > 65535:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
     tp = world_size if args.tp is None else args.tp
@@ -144,6 +155,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prefill_chunk=args.prefill_chunk, api_key=key, eos_token_ids=eos, batch_invariant=args.batch_invariant,
         max_batched_tokens=(args.max_batch + args.prefill_chunk if args.max_num_batched_tokens is None
                             else args.max_num_batched_tokens or None), chat_template=template,
+        kv_cache_memory=args.kv_cache_memory, kv_block_size=args.kv_block_size, prefix_cache=not args.no_prefix_cache,
         model_name=args.model_name or default_model_name(args.ckpt or args.hf or args.gguf),
     )
     code = serve(model, tokenizer, opts)

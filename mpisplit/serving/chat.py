@@ -95,16 +95,15 @@ def chat_prompt(messages: list[dict], model: ModelInfo, template: ChatTemplate |
     return ids
 
 
-def _max_tokens(body: dict, prompt: int, block_size: int) -> int:
+def _max_tokens(body: dict, prompt: int, model: ModelInfo) -> int:
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     value = _integer(body, key, None, low=1)
-    room = block_size - prompt
+    room = model.limit - prompt
     if value is None and room >= 1:
         return room
-    if value is None or prompt + value > block_size:
+    if value is None or prompt + value > model.limit:
         asked = "" if value is None else f" plus {key} ({value})"
-        raise ApiError(f"the conversation renders to {prompt} tokens{asked}; the model's context is {block_size} "
-                       "tokens", "messages")
+        raise ApiError(f"the conversation renders to {prompt} tokens{asked}; {model.limit_text()}", "messages")
     return value
 
 
@@ -131,7 +130,7 @@ def validate_chat(body: dict, model: ModelInfo, template: ChatTemplate | None) -
                        "response_format")
     prompt = chat_prompt(chat_messages(body), model, template)
     rest = {k: v for k, v in body.items() if k not in CHAT_ONLY}
-    rest.update(prompt=prompt, max_tokens=_max_tokens(body, len(prompt), model.block_size), logprobs=_logprobs(body))
+    rest.update(prompt=prompt, max_tokens=_max_tokens(body, len(prompt), model), logprobs=_logprobs(body))
     return validate_completion(rest, model)
 
 

@@ -117,9 +117,9 @@ class Controller:
                 payload = self._plan()
                 if payload is None:
                     continue
-                self.channel.send(STEP, payload)
-                self.engine.apply(payload)
+                self.channel.send(STEP, payload)  # rank 0's engine has applied it already
                 outputs = self.engine.step()
+                self.metrics.observe_cache(self.engine)
                 self.metrics.batch_occupancy.observe(len(self.engine.running) + sum(o.finished for o in outputs))
                 self._deliver(outputs)
         except BaseException:
@@ -140,7 +140,9 @@ class Controller:
             pass
 
     def _plan(self) -> dict | None:
-        """This step's removals (cancelled, stopped) and additions (waiting, while slots last)."""
+        """This step's removals (cancelled, stopped) and additions (waiting, first come first
+        placed, while the engine can place them), applied to rank 0's engine as decided; the
+        payload tells the other ranks the same."""
         remove = []
         while True:
             try:
@@ -154,14 +156,20 @@ class Controller:
                 self._drop_waiting(rid)
         remove += [rid for rid in self._stopped if rid in self.engine.running]
         self._stopped.clear()
-        slots = len(self.engine.free_slots) + len(set(remove) & set(self.engine.running))
+        for rid in remove:
+            self.engine.remove(rid)
         add = []
-        while self.waiting and len(add) < slots:
-            sub = self.waiting.popleft()
+        while self.waiting:
+            sub = self.waiting[0]
+            spec = SequenceSpec(sub.rid, sub.prompt, sub.max_tokens, sub.sampling)
+            if not self.engine.can_admit(spec):
+                break
+            self.waiting.popleft()
             self._unqueue()
+            self.engine.add(spec)
             self.active[sub.rid] = _Active(sub, TextStream(self.tokenizer, sub.stops))
             self.metrics.prompt_tokens.inc(len(sub.prompt))
-            add.append(SequenceSpec(sub.rid, sub.prompt, sub.max_tokens, sub.sampling).to_json())
+            add.append(spec.to_json())
         if not add and not remove and not self.engine.running:
             return None
         self.metrics.running.set(len(self.active))

@@ -1,16 +1,26 @@
-"""The engine every rank runs: sequences in KV-cache slots, one batched step at a time.
+"""The engine every rank runs: sequences in the paged KV cache, one batched step at a time.
 
 The state here is replicated: every rank applies the same additions and removals (broadcast by
-rank 0, see channel.py) and runs the same step, so every rank holds the same sequences, feeds
-the same tokens and draws the same next tokens. Per step, each sequence still in its prompt
-feeds its next chunk of at most `prefill_chunk` tokens (chunking depends on the prompt alone,
-never on the batch), and each decoding sequence feeds its last token; see batch.py. A
-sequence ends at max_tokens or at a stop token id (the model's eos ids unless ignore_eos, and
-the request's stop_token_ids; not before min_tokens, which bans them until then).
+rank 0, see channel.py) and runs the same step, so every rank holds the same sequences and
+blocks, feeds the same tokens and draws the same next tokens. Per step, each sequence still
+reading its tokens feeds its next chunk of at most `prefill_chunk` of them, and each decoding
+sequence feeds its last token; see batch.py. A sequence ends at max_tokens or at a stop token
+id (the model's eos ids unless ignore_eos, and the request's stop_token_ids; not before
+min_tokens, which bans them until then).
+
+KV blocks (blocks.py): a sequence is admitted when the blocks of its prompt are available
+(its longest cached prefix of full blocks is taken from the prefix cache instead of computed;
+at least its last token is always computed, for its logits). A decoding sequence takes a new
+block each time it crosses into one; when none is available, the newest sequence is
+preempted: its blocks are let go (its full ones stay cached) and it is placed again, oldest
+first and before any new admission, as soon as its tokens' blocks are available; it then
+reads its prompt and the tokens it had generated again, and goes on drawing from its own
+random generator, so its tokens are those it would have drawn without the preemption.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +28,9 @@ import numpy as np
 
 from mpisplit.models.gpt import check_eos_ids
 from mpisplit.runtime.faults.injection import FaultInjector
-from mpisplit.serving.batch import Segment, SlotCache, forward_segments
+from mpisplit.serving.batch import Segment, forward_segments
+from mpisplit.serving.blocks import ROOT, BlockManager, block_digests
+from mpisplit.serving.kv_pool import PagedKV
 from mpisplit.serving.sampling import SamplingParams, choose, process_logits
 
 
@@ -44,14 +56,18 @@ class SequenceSpec:
 @dataclass
 class Sequence:
     spec: SequenceSpec
-    slot: int
+    order: int  # admission order: the newest is preempted first
     rng: np.random.Generator
-    fed: int = 0  # tokens in the cache
+    tokens: list[int] = field(default_factory=list)  # the prompt, then the generated tokens
     generated: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # the block table; empty while preempted
+    digests: list[bytes] = field(default_factory=list)  # of its full blocks whose keys are cached
+    fed: int = 0  # positions in the cache
 
     @property
-    def in_prompt(self) -> bool:
-        return self.fed < len(self.spec.prompt)
+    def remaining(self) -> int:
+        """Tokens still to feed before the next draw (1 while decoding)."""
+        return len(self.tokens) - self.fed
 
 
 @dataclass
@@ -72,11 +88,14 @@ class StepOutput:
 
 
 class Engine:
-    """KV-cache slots and the sequences in them; `step()` is collective over the TP ranks."""
+    """Sequences (at most `max_batch`) in a paged KV cache of `kv_blocks` blocks of
+    `kv_block_size` positions (default: room for max_batch full contexts); `step()` is
+    collective over the TP ranks."""
 
     def __init__(self, model: Any, max_batch: int, prefill_chunk: int = 256,
                  eos_token_ids: tuple[int, ...] = (), *, max_batched_tokens: int | None = None,
-                 batch_invariant: bool = True) -> None:
+                 batch_invariant: bool = True, kv_blocks: int | None = None, kv_block_size: int = 16,
+                 prefix_cache: bool = True) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         if max_batched_tokens is not None and max_batched_tokens < 1:
@@ -84,31 +103,77 @@ class Engine:
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.max_batched_tokens, self.batch_invariant = max_batched_tokens, batch_invariant
         self.eos_token_ids = tuple(int(i) for i in check_eos_ids(eos_token_ids, model.config.vocab_size))
-        self.cache = SlotCache(model, max_batch)
-        self.running: dict[int, Sequence] = {}  # rid -> sequence
-        self.free_slots = list(range(max_batch))
+        if kv_blocks is None:
+            kv_blocks = max_batch * -(-model.config.block_size // kv_block_size)
+        self.kv = PagedKV(model, kv_blocks, kv_block_size)
+        self.blocks = BlockManager(kv_blocks, kv_block_size, prefix_cache)
+        self.running: dict[int, Sequence] = {}  # rid -> sequence, placed or preempted
+        self.preempted: list[Sequence] = []  # waiting for blocks, oldest first
+        self.preemptions = 0
+        self._order = itertools.count()
         self.steps = 0  # steps run (the "step" of MPISPLIT_FAULT, a testing aid inactive when unset)
         self.faults = FaultInjector.from_env(model.grid.rank)
 
+    # ------------------------------------------------------------------ admission
+    @property
+    def capacity(self) -> int:
+        """The most positions one sequence can hold: the pool's, capped by the context."""
+        return min(self.blocks.num_blocks * self.blocks.block_size, self.model.config.block_size)
+
     @property
     def has_room(self) -> bool:
-        return bool(self.free_slots)
+        """Whether a new sequence may join now (a slot free, nobody preempted)."""
+        return len(self.running) < self.max_batch and not self.preempted
+
+    def can_admit(self, spec: SequenceSpec) -> bool:
+        """Whether `add(spec)` would place it now."""
+        if not self.has_room:
+            return False
+        reuse = self.blocks.cached_prefix(self._prefix_digests(spec.prompt))
+        need = self.blocks.blocks_for(len(spec.prompt)) - len(reuse)
+        return need <= self.blocks.available - self.blocks.idle_among(reuse)
 
     def add(self, spec: SequenceSpec) -> None:
-        if not self.free_slots:
-            raise RuntimeError("no free KV-cache slot")
         if spec.rid in self.running:
             raise RuntimeError(f"request {spec.rid} is already running")
-        if len(spec.prompt) + spec.max_tokens > self.model.config.block_size or not spec.prompt:
-            raise ValueError(f"request {spec.rid} does not fit the context")
-        slot = self.free_slots.pop(0)
-        self.running[spec.rid] = Sequence(spec, slot, np.random.default_rng(spec.sampling.seed))
+        if len(spec.prompt) + spec.max_tokens > self.capacity or not spec.prompt:
+            raise ValueError(f"request {spec.rid} does not fit the context or the KV cache")
+        if not self.has_room:
+            raise RuntimeError("no free sequence slot")
+        seq = Sequence(spec, next(self._order), np.random.default_rng(spec.sampling.seed), list(spec.prompt))
+        if not self._place(seq, count=True):
+            raise RuntimeError(f"no KV blocks for request {spec.rid}")
+        self.running[spec.rid] = seq
+
+    def _prefix_digests(self, tokens: list[int]) -> list[bytes]:
+        """Digests of the full blocks before the last token (which is always computed)."""
+        if not self.blocks.prefix_cache:
+            return []
+        return block_digests(tokens[: len(tokens) - 1], self.blocks.block_size)
+
+    def _place(self, seq: Sequence, count: bool = False) -> bool:
+        """Blocks for every token of `seq`: its cached prefix taken, the rest allocated."""
+        digests = self._prefix_digests(seq.tokens)
+        reuse = self.blocks.cached_prefix(digests)
+        self.blocks.take(reuse)
+        fresh = self.blocks.allocate(self.blocks.blocks_for(len(seq.tokens)) - len(reuse))
+        if fresh is None:
+            self.blocks.release(reuse)
+            return False
+        if count:
+            self.blocks.count_lookup(len(seq.tokens), len(reuse) * self.blocks.block_size)
+        seq.blocks, seq.digests = reuse + fresh, digests[: len(reuse)]
+        seq.fed = len(reuse) * self.blocks.block_size
+        return True
 
     def remove(self, rid: int) -> None:
         seq = self.running.pop(rid, None)
-        if seq is not None:
-            self.free_slots.append(seq.slot)
-            self.free_slots.sort()
+        if seq is None:
+            return
+        if seq in self.preempted:
+            self.preempted.remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
 
     def apply(self, payload: dict) -> None:
         """Removals, then additions, as broadcast by rank 0."""
@@ -117,43 +182,86 @@ class Engine:
         for d in payload.get("add", []):
             self.add(SequenceSpec.from_json(d))
 
+    # ------------------------------------------------------------------ blocks while running
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.digests, seq.fed = [], [], 0
+        self.preempted.append(seq)
+        self.preempted.sort(key=lambda s: s.order)
+        self.preemptions += 1
+
+    def _resume(self) -> None:
+        while self.preempted and self._place(self.preempted[0]):
+            self.preempted.pop(0)
+
+    def _grow(self, decoding: list[Sequence]) -> list[Sequence]:
+        """A block for each decoding sequence's next position where it needs one, oldest first;
+        the newest sequences are preempted while none is available. The ones still placed."""
+        out = []
+        for seq in sorted(decoding, key=lambda s: s.order):
+            while seq.blocks and seq.fed == len(seq.blocks) * self.blocks.block_size:
+                new = self.blocks.allocate(1)
+                if new is not None:
+                    seq.blocks += new
+                    break
+                self._preempt(max((s for s in self.running.values() if s.blocks), key=lambda s: s.order))
+            if seq.blocks:
+                out.append(seq)
+        return out
+
+    def _register(self, seq: Sequence) -> None:
+        """Name the blocks `seq` has filled since the last step in the prefix cache."""
+        if not self.blocks.prefix_cache:
+            return
+        bs, done = self.blocks.block_size, len(seq.digests)
+        full = seq.fed // bs
+        if full > done:
+            parent = seq.digests[-1] if seq.digests else ROOT
+            new = block_digests(seq.tokens[: full * bs], bs, parent, start=done)
+            for i, d in enumerate(new, start=done):
+                self.blocks.register(seq.blocks[i], d)
+            seq.digests += new
+
+    # ------------------------------------------------------------------ the step
     def _batch(self) -> tuple[list[Sequence], list[Segment], np.ndarray]:
-        """This step's sequences: every decoding one (a token each), then prompt chunks in
-        arrival order while they fit `max_batched_tokens` (at least one chunk when nothing
-        decodes). A chunk is never cut to fit: its size depends on the prompt alone, so a
-        sequence's arithmetic stays that of running alone; a chunk that does not fit waits."""
-        chosen = [s for s in self.running.values() if not s.in_prompt]
+        """This step's sequences: every decoding one (a token each), then chunks of the ones
+        still reading their tokens, in admission order, while they fit `max_batched_tokens`
+        (at least one chunk when nothing decodes). A chunk is never cut to fit: its size
+        depends on the sequence alone; a chunk that does not fit waits."""
+        self._resume()
+        placed = [s for s in self.running.values() if s.blocks]
+        chosen = self._grow([s for s in placed if s.remaining == 1])
         used, budget = len(chosen), self.max_batched_tokens
-        for seq in sorted((s for s in self.running.values() if s.in_prompt), key=lambda s: s.spec.rid):
-            count = min(self.prefill_chunk, len(seq.spec.prompt) - seq.fed)
+        for seq in sorted((s for s in placed if s.remaining > 1 and s.blocks), key=lambda s: s.order):
+            count = min(self.prefill_chunk, seq.remaining)
             if budget is not None and used + count > budget and chosen:
                 break  # this chunk and the later ones wait: first come, first read
             chosen.append(seq)
             used += count
-        seqs = sorted(chosen, key=lambda s: s.slot)
+        seqs = sorted(chosen, key=lambda s: s.order)
         segments, feeds = [], []
         for seq in seqs:
-            if seq.in_prompt:
-                chunk = seq.spec.prompt[seq.fed: seq.fed + self.prefill_chunk]
-            else:
-                chunk = seq.generated[-1:]
-            segments.append(Segment(seq.slot, seq.fed, len(chunk)))
+            chunk = seq.tokens[seq.fed: seq.fed + min(self.prefill_chunk, seq.remaining)]
+            segments.append(Segment(tuple(seq.blocks), seq.fed, len(chunk)))
             feeds.extend(chunk)
         return seqs, segments, np.asarray(feeds, dtype=np.int64)
 
     def step(self) -> list[StepOutput]:
-        """Feed every running sequence once; draw a token for each that has read its prompt."""
+        """Feed every placed sequence once; draw a token for each that has read all its tokens."""
         if not self.running:
             return []
         self.steps += 1
         if self.faults:
             self.faults.before_step(self.steps)
         seqs, segments, tokens = self._batch()
-        logits = forward_segments(self.model, tokens, segments, self.cache, self.batch_invariant)
+        if not seqs:
+            return []
+        logits = forward_segments(self.model, tokens, segments, self.kv, self.batch_invariant)
         outputs = []
         for seq, seg, row in zip(seqs, segments, logits):
             seq.fed += seg.count
-            if seq.in_prompt:
+            self._register(seq)
+            if seq.remaining:
                 continue
             out = self._sample(seq, row)
             if out.finished:
@@ -180,6 +288,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - one request's failure, the same on every rank
             return StepOutput(rid, -1, row, "error", f"{type(exc).__name__}: {exc}")
         seq.generated.append(token)
+        seq.tokens.append(token)
         if token in stops and len(seq.generated) >= params.min_tokens:
             reason = "stop"
         elif len(seq.generated) >= seq.spec.max_tokens:

@@ -22,6 +22,7 @@ from mpisplit.serving.batch import check_batch_invariance
 from mpisplit.serving.channel import SHUTDOWN, ControlChannel
 from mpisplit.serving.controller import Controller, follow
 from mpisplit.serving.engine import Engine
+from mpisplit.serving.kv_pool import kv_blocks
 from mpisplit.serving.metrics import ServerMetrics
 from mpisplit.serving.validation import ModelInfo
 
@@ -43,6 +44,9 @@ class ServeOptions:
     batch_invariant: bool = False  # 8-row BLAS calls: a request's bits independent of the batch
     max_batched_tokens: int | None = None  # tokens fed per engine step (decodes first); None: no limit
     chat_template: Any = None  # a templates.ChatTemplate; None: /v1/chat/completions answers 400
+    kv_cache_memory: int | float | None = None  # bytes per rank, a fraction of the available, None: default
+    kv_block_size: int = 16
+    prefix_cache: bool = True
 
 
 def _start_http(controller: Controller, info: ModelInfo, opts: ServeOptions) -> tuple[Any, threading.Thread]:
@@ -76,8 +80,10 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     """Serve `model` until SIGTERM; collective over the model's grid. Returns 0."""
     model.eval()
     invariant = check_batch_invariance(model) if opts.batch_invariant else True  # collective
+    blocks = kv_blocks(model, opts.kv_block_size, opts.kv_cache_memory, opts.max_batch, model.config.block_size)
     engine = Engine(model, opts.max_batch, opts.prefill_chunk, opts.eos_token_ids,
-                    max_batched_tokens=opts.max_batched_tokens, batch_invariant=opts.batch_invariant)
+                    max_batched_tokens=opts.max_batched_tokens, batch_invariant=opts.batch_invariant,
+                    kv_blocks=blocks, kv_block_size=opts.kv_block_size, prefix_cache=opts.prefix_cache)
     channel = ControlChannel(model.grid.world)
     if channel.rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 leads the shutdown
@@ -85,8 +91,10 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
         follow(engine, channel)
         channel.free()
         return 0
-    info = ModelInfo(opts.model_name, model.config.vocab_size, model.config.block_size, tokenizer)
+    info = ModelInfo(opts.model_name, model.config.vocab_size, model.config.block_size, tokenizer,
+                     kv_tokens=blocks * opts.kv_block_size)
     metrics = ServerMetrics(opts.max_batch)
+    metrics.observe_cache(engine)
     controller = Controller(engine, channel, tokenizer, metrics, opts.max_queue, opts.drain_s)
     try:
         server, thread = _start_http(controller, info, opts)

@@ -76,6 +76,18 @@ class ModelInfo:
     vocab_size: int
     block_size: int
     tokenizer: Any  # encode/decode, or None: token ids only
+    kv_tokens: int | None = None  # the most positions the KV cache holds for one sequence
+
+    @property
+    def limit(self) -> int:
+        """The most tokens (prompt + completion) one request may have."""
+        return self.block_size if self.kv_tokens is None else min(self.block_size, self.kv_tokens)
+
+    def limit_text(self) -> str:
+        if self.limit < self.block_size:
+            return (f"the KV cache holds {self.limit} positions a sequence (--kv-cache-memory; "
+                    f"the model's context is {self.block_size})")
+        return f"the model's context is {self.block_size}"
 
 
 @dataclass
@@ -273,11 +285,11 @@ def validate_completion(body: dict, model: ModelInfo) -> CompletionRequest:
     ignored = unknown_fields(body, COMPLETION_FIELDS)
     n = choice_count(body)
     prompt = _prompt(body, model)
-    max_tokens = _integer(body, "max_tokens", 16, low=1, high=model.block_size)
-    if len(prompt) + max_tokens > model.block_size:
+    max_tokens = _integer(body, "max_tokens", 16, low=1, high=model.limit)
+    if len(prompt) + max_tokens > model.limit:
         raise ApiError(
             f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is {len(prompt) + max_tokens} "
-            f"tokens; the model's context is {model.block_size}", "max_tokens",
+            f"tokens; {model.limit_text()}", "max_tokens",
         )
     logprobs = _integer(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
     echo = _boolean(body, "echo", False)
