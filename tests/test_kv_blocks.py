@@ -67,12 +67,13 @@ def test_no_prefix_cache_names_nothing():
     assert ROOT == b""
 
 
-def _pool(rng, keys: np.ndarray, table: list[int], blocks: int, bs: int) -> np.ndarray:
-    """keys (KV, L, d) written into a (blocks, KV, bs, d) pool along `table`; the rest noise."""
-    pool = rng.standard_normal((blocks, keys.shape[0], bs, keys.shape[2]))
-    for p in range(keys.shape[1]):
-        pool[table[p // bs], :, p % bs] = keys[:, p]
-    return pool
+def _pool(rng, x: np.ndarray, table: list[int], blocks: int, bs: int, keys: bool) -> np.ndarray:
+    """x (KV, L, d) written into a pool along `table`, the rest noise: keys (blocks, KV, d, bs),
+    values (blocks, KV, bs, d)."""
+    pool = rng.standard_normal((blocks, x.shape[0], bs, x.shape[2]))
+    for p in range(x.shape[1]):
+        pool[table[p // bs], :, p % bs] = x[:, p]
+    return np.ascontiguousarray(pool.transpose(0, 1, 3, 2)) if keys else pool
 
 
 @pytest.mark.skipif(not kernels.enabled(), reason="the compiled kernels need numba")
@@ -85,7 +86,7 @@ def test_paged_attention_equals_attention_and_depends_on_the_row_alone(heads, kv
     k, v = rng.standard_normal((kv, L, d)), rng.standard_normal((kv, L, d))
     q = rng.standard_normal((L, heads, d))
     table = [5, 0, 3]
-    kp, vp = _pool(rng, k, table, 6, bs), _pool(rng, v, table, 6, bs)
+    kp, vp = _pool(rng, k, table, 6, bs, True), _pool(rng, v, table, 6, bs, False)
     tables = np.array([table], dtype=np.int64)
     out = np.empty_like(q)
     paged_attention(q, kp, vp, tables, np.array([0]), np.array([L]), out)
@@ -95,7 +96,7 @@ def test_paged_attention_equals_attention_and_depends_on_the_row_alone(heads, kv
     # the same rows cut into chunks (3 + 1 + 7 rows), beside another sequence, in another
     # placement of the blocks: the same bits
     other = np.array([[1, 2, 4]], dtype=np.int64)
-    kp2, vp2 = _pool(rng, k, [2, 4, 1], 6, bs), _pool(rng, v, [2, 4, 1], 6, bs)
+    kp2, vp2 = _pool(rng, k, [2, 4, 1], 6, bs, True), _pool(rng, v, [2, 4, 1], 6, bs, False)
     got = np.empty_like(q)
     for lo, hi in ((0, 3), (3, 4), (4, L)):
         both = np.concatenate([q[:2], q[lo:hi]])

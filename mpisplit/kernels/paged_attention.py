@@ -3,9 +3,10 @@
     paged_attention(q, k_pool, v_pool, tables, starts, counts, out)
 
 q (N, H, d): the queries of S sequences laid end to end, sequence s's `counts[s]` rows at
-positions starts[s] .. starts[s] + counts[s] - 1. k_pool, v_pool (blocks, KV, bs, d): the
-cache; sequence s's position p is in block tables[s, p // bs] at offset p % bs (its own new
-keys included: they are written before this runs). Query head h reads key/value head
+positions starts[s] .. starts[s] + counts[s] - 1. k_pool (blocks, KV, d, bs) and v_pool
+(blocks, KV, bs, d): the cache, a block's keys transposed (so the scores of its keys are
+computed side by side); sequence s's position p is in block tables[s, p // bs] at offset
+p % bs (its own new keys included: they are written before this runs). Query head h reads key/value head
 h // (H / KV). out (N, H, d) receives softmax(q k^T / sqrt(d)) v over keys 0..p of a query at p.
 
 Each query row is computed by itself, in one fixed order: the dot products over d, the
@@ -24,51 +25,73 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _dot(a, b):
-    """sum_i a[i] b[i] in float64; reassociated (vectorised) in one order fixed by len(a)."""
-    total = 0.0
-    for i in range(a.shape[0]):
-        total += np.float64(a[i]) * np.float64(b[i])
-    return total
+@numba.njit(cache=True, error_model="numpy")
+def _scores(q, row, h0, group, k_pool, table, g, n, scale, scores, tile):
+    """scores[hh, j] = q[row, h0 + hh] . k_j * scale for keys j < n of cache head g, in
+    float64, summed over d in order; a block's keys side by side (vectorised across keys),
+    each key row loaded once for the group's query heads."""
+    d, bs = k_pool.shape[2], k_pool.shape[3]
+    for j0 in range(0, n, bs):
+        b = table[j0 // bs]
+        tile[:, :] = 0.0
+        for i in range(d):
+            for hh in range(group):
+                qi = np.float64(q[row, h0 + hh, i])
+                for o in range(bs):
+                    tile[hh, o] += qi * np.float64(k_pool[b, g, i, o])
+        for hh in range(group):
+            for o in range(bs):
+                scores[hh, j0 + o] = tile[hh, o] * scale
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _row(qh, k_pool, v_pool, table, g, n, scale, scores, acc, out_row):
-    """One query head against keys 0..n-1 of one sequence (head g of the cache)."""
-    bs = k_pool.shape[2]
-    mx = -np.inf
-    for j in range(n):
-        s = _dot(qh, k_pool[table[j // bs], g, j % bs]) * scale
-        scores[j] = s
-        mx = max(mx, s)
-    acc[:] = 0.0
-    total = 0.0
-    for j in range(n):
-        w = math.exp(scores[j] - mx)
-        total += w
-        vj = v_pool[table[j // bs], g, j % bs]
-        for i in range(acc.shape[0]):
-            acc[i] += w * np.float64(vj[i])
-    inv = 1.0 / total
-    for i in range(acc.shape[0]):
-        out_row[i] = acc[i] * inv
+def _weighted_values(scores, group, n, v_pool, table, g, acc, totals):
+    """Softmax numerators exp(s - max) in place, their sums in key order, and acc[hh] = the
+    numerators times the values, summed in key order."""
+    bs, d = v_pool.shape[2], v_pool.shape[3]
+    for hh in range(group):
+        mx = -np.inf
+        for j in range(n):
+            mx = max(mx, scores[hh, j])
+        total = 0.0
+        for j in range(n):
+            w = math.exp(scores[hh, j] - mx)
+            scores[hh, j] = w
+            total += w
+        totals[hh] = total
+        acc[hh, :] = 0.0
+    for j0 in range(0, n, bs):
+        b = table[j0 // bs]
+        for o in range(min(bs, n - j0)):
+            for hh in range(group):
+                w = scores[hh, j0 + o]
+                for i in range(d):
+                    acc[hh, i] += w * np.float64(v_pool[b, g, o, i])
 
 
 @numba.njit(cache=True, error_model="numpy")
 def paged_attention(q, k_pool, v_pool, tables, starts, counts, out):
     H, d = q.shape[1], q.shape[2]
-    group = H // k_pool.shape[1]
+    kv = k_pool.shape[1]
+    group = H // kv
     scale = 1.0 / math.sqrt(d)
     longest = 1
     for s in range(starts.shape[0]):
         longest = max(longest, starts[s] + counts[s])
-    scores = np.empty(longest)
-    acc = np.empty(d)
+    bs = k_pool.shape[3]
+    scores = np.empty((group, -(-longest // bs) * bs))
+    acc = np.empty((group, d))
+    tile = np.empty((group, bs))
+    totals = np.empty(group)
     row = 0
     for s in range(starts.shape[0]):
         for r in range(counts[s]):
             n = starts[s] + r + 1
-            for h in range(H):
-                _row(q[row, h], k_pool, v_pool, tables[s], h // group, n, scale, scores, acc, out[row, h])
+            for g in range(kv):
+                _scores(q, row, g * group, group, k_pool, tables[s], g, n, scale, scores, tile)
+                _weighted_values(scores, group, n, v_pool, tables[s], g, acc, totals)
+                for hh in range(group):
+                    inv = 1.0 / totals[hh]
+                    for i in range(d):
+                        out[row, g * group + hh, i] = acc[hh, i] * inv
             row += 1

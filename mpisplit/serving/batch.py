@@ -77,12 +77,15 @@ class _Index:
                    np.array([s.count for s in segments], dtype=np.int64))
 
 
-def _gathered(pool: Any, blocks: tuple[int, ...], end: int) -> Any:
-    """A sequence's positions 0..end-1 of one layer's pool -> (1, kv, end, hs)."""
+def _gathered(pool: Any, blocks: tuple[int, ...], end: int, keys: bool) -> Any:
+    """A sequence's positions 0..end-1 of one layer's pool -> (1, kv, end, hs); key blocks are
+    stored transposed, (kv, hs, bs)."""
     xp = get_array_module(pool)
-    nb, (_, kv, bs, hs) = -(-end // pool.shape[2]), pool.shape
-    part = pool[xp.asarray(blocks[:nb])]  # (nb, kv, bs, hs)
-    return part.transpose(1, 0, 2, 3).reshape(1, kv, nb * bs, hs)[:, :, :end]
+    bs = pool.shape[3] if keys else pool.shape[2]
+    nb = -(-end // bs)
+    part = pool[xp.asarray(blocks[:nb])]  # (nb, kv, hs, bs) or (nb, kv, bs, hs)
+    part = part.transpose(1, 0, 3, 2) if keys else part.transpose(1, 0, 2, 3)
+    return part.reshape(1, part.shape[0], nb * bs, part.shape[3])[:, :, :end]
 
 
 def _attention(attn: Any, x: Tensor, positions: Any, layer: int, kv: PagedKV, segments: list[Segment],
@@ -92,7 +95,7 @@ def _attention(attn: Any, x: Tensor, positions: Any, layer: int, kv: PagedKV, se
     xp = get_array_module(q)
     n = index.rows
     k_pool, v_pool = kv.k[layer], kv.v[layer]
-    k_pool[index.blocks, :, index.offsets] = k_new[0, :n]
+    k_pool[index.blocks, :, :, index.offsets] = k_new[0, :n]
     v_pool[index.blocks, :, index.offsets] = v_new[0, :n]
     y = xp.zeros((1, q.shape[1], attn.local_heads * attn.head_size), dtype=q.dtype)  # padding rows stay 0
     qs = xp.ascontiguousarray(q[0, :n])
@@ -106,7 +109,7 @@ def _attention(attn: Any, x: Tensor, positions: Any, layer: int, kv: PagedKV, se
     row = 0
     for seg in segments:
         end = seg.start + seg.count
-        k, v = _gathered(k_pool, seg.blocks, end), _gathered(v_pool, seg.blocks, end)
+        k, v = _gathered(k_pool, seg.blocks, end, keys=True), _gathered(v_pool, seg.blocks, end, keys=False)
         out = grouped_decode(qs[None, row: row + seg.count], k, v, seg.start)  # (1, t, nh, hs)
         y[:, row: row + seg.count] = out.reshape(1, seg.count, -1)
         row += seg.count

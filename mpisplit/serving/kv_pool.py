@@ -1,7 +1,9 @@
 """The paged KV cache's memory: one pool of blocks per layer, sized once at start.
 
-Per layer, k and v are (num_blocks, kv_local, block_size, head_size) arrays in the model's
-dtype on its device (NumPy or CuPy), kv_local being the key/value heads this rank holds. How
+Per layer, v is a (num_blocks, kv_local, block_size, head_size) array in the model's dtype on
+its device (NumPy or CuPy), kv_local being the key/value heads this rank holds, and k the same
+with each block transposed, (num_blocks, kv_local, head_size, block_size): the attention
+kernel computes a block's scores side by side. How
 many blocks: `--kv-cache-memory` bytes per rank (or a fraction of the memory available to
 each rank), else enough for max_batch full contexts, capped at half the memory available per
 rank. blocks.py decides which block holds what.
@@ -47,9 +49,9 @@ class PagedKV:
     def __init__(self, model: Any, num_blocks: int, block_size: int) -> None:
         attn = model.h[0].attn
         xp = get_array_module(attn.out_proj.weight.data)
-        shape = (num_blocks, attn.local_kv_heads, block_size, attn.head_size)
-        self.k = [xp.zeros(shape, dtype=model.dtype) for _ in model.h]
-        self.v = [xp.zeros(shape, dtype=model.dtype) for _ in model.h]
+        kv, hs = attn.local_kv_heads, attn.head_size
+        self.k = [xp.zeros((num_blocks, kv, hs, block_size), dtype=model.dtype) for _ in model.h]
+        self.v = [xp.zeros((num_blocks, kv, block_size, hs), dtype=model.dtype) for _ in model.h]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
