@@ -3,7 +3,8 @@
 Each kernel does in one pass over memory what the NumPy path does in several: GELU (forward
 and backward), LayerNorm (forward and backward), the causal softmax of attention (forward and
 backward), the rows of the cross-entropy, AdamW over its four arrays, and the embedding's
-gradient rows (np.add.at's result, bit for bit, at memory speed). The NumPy code in the
+gradient rows (np.add.at's result, bit for bit, at memory speed); for serving, attention over
+the paged KV cache, each query row by itself (paged_attention.py). The NumPy code in the
 autograd Functions stays the reference and the fallback: it runs on GPUs, for 16-bit dtypes,
 on machines without numba, and everywhere when `MPISPLIT_KERNELS=numpy`.
 
@@ -79,7 +80,7 @@ def warm_up(dtype: Any = np.float32) -> None:
     that neither the first step's time nor a memory baseline taken after this includes it."""
     if not enabled():
         return
-    from mpisplit.kernels import adamw, cross_entropy, gelu, layernorm, scatter, softmax
+    from mpisplit.kernels import adamw, cross_entropy, gelu, layernorm, paged_attention, scatter, softmax
 
     f = np.dtype(dtype).type
     x = np.ones((2, 4), dtype=dtype)
@@ -99,5 +100,8 @@ def warm_up(dtype: Any = np.float32) -> None:
     cross_entropy.softmax_grad_rows(out, sums.astype(dtype), np.zeros(2, np.int64), np.ones(2, bool), np.ones(2))
     scatter.scatter_add_rows(out, np.array([1, 1, 0]), np.ones((3, 4), dtype=dtype))
     scatter.scatter_add_rows(out, np.array([1, 1, 0], np.int32), np.ones((3, 4), dtype=dtype))
+    q, pool = np.ones((1, 2, 2), dtype=dtype), np.ones((1, 1, 2, 2), dtype=dtype)
+    paged_attention.paged_attention(q, pool, pool, np.zeros((1, 1), np.int64), np.zeros(1, np.int64),
+                                    np.ones(1, np.int64), np.empty_like(q))
     p, g, out = x.reshape(-1).copy(), g.reshape(-1), out.reshape(-1)  # AdamW runs on flat views
     adamw.adamw_update(p, g, out, np.ones_like(p), f(0.1), f(0.9), f(0.1), f(1.0), False, f(1.0), f(1e-8), f(1e-3))

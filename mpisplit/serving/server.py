@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpisplit import kernels
 from mpisplit.serving.batch import check_batch_invariance
 from mpisplit.serving.channel import SHUTDOWN, ControlChannel
 from mpisplit.serving.controller import Controller, follow
@@ -79,6 +80,7 @@ def _bound_port(server: Any, fallback: int) -> int:
 def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     """Serve `model` until SIGTERM; collective over the model's grid. Returns 0."""
     model.eval()
+    kernels.warm_up(model.dtype)  # compiled (or loaded) now, not during the first request
     invariant = check_batch_invariance(model) if opts.batch_invariant else True  # collective
     blocks = kv_blocks(model, opts.kv_block_size, opts.kv_cache_memory, opts.max_batch, model.config.block_size)
     engine = Engine(model, opts.max_batch, opts.prefill_chunk, opts.eos_token_ids,
