@@ -105,3 +105,15 @@ def test_paged_attention_equals_attention_and_depends_on_the_row_alone(heads, kv
                         np.array([0, lo]), np.array([2, hi - lo]), res)
         got[lo:hi] = res[2:]
     assert np.array_equal(got, out)
+
+
+def test_memory_sizes():
+    from mpisplit.serving.kv_pool import parse_memory
+
+    assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("512MiB") == 512 * 2**20
+    assert parse_memory("1.5GB") == 1_500_000_000 and parse_memory("800000") == 800_000
+    assert parse_memory(" 64 kib ") == 65536
+    assert parse_memory("0.3") == pytest.approx(0.3) and isinstance(parse_memory("0.3"), float)
+    for bad in ("lots", "1.5XB", "0", "-1GiB", ""):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_memory(bad)
