@@ -10,8 +10,8 @@ GGUF's weights dequantised into a Hugging Face folder, built once with bench_lla
 answers streamed requests sent through httpx from threads of this process. Four parts, per tp:
 - memory: `--mem-seqs` (64) requests of distinct random prompts that grow to `--mem-len` (200)
   tokens, sent at once. /metrics and the ranks' VmRSS (/proc/PID/status) are polled meanwhile;
-  the peak of mpisplit_kv_blocks_used x block bytes and the growth of the resident set from the
-  idle server to that peak are compared with mem_seqs x mem_len x bytes per token (2 x layers x
+  the peak of mpisplit_kv_blocks_used x block bytes and the largest growth of the resident set
+  over the idle server's (per rank) are compared with mem_seqs x mem_len x bytes per token (2 x layers x
   local KV heads x head_dim x itemsize, per rank) and with the whole pool's size;
 - shared prefix: chat requests sharing a ~300-token system prompt, each with its own short user
   message, with prefix caching and, on a second server, with --no-prefix-cache: time to first
@@ -262,7 +262,8 @@ def memory_part(url: str, proc: subprocess.Popen, folder: Path, tp: int, a: argp
     per_token = kv_bytes_per_token(folder, tp)
     block_bytes = per_token * a.block_size
     ideal = a.mem_seqs * a.mem_len * per_token
-    growth = max(r - b for r, b in zip(peak["rss"], before))
+    # blocks are taken at admission and written as the prompts are read: the resident set peaks later
+    growth = max(max(r - b for r, b in zip(s["rss"], before)) for s in poll.samples)
     return {
         "tp": tp, "ranks": len(pids), "seqs": a.mem_seqs, "tokens_each": a.mem_len, "bytes_per_token": per_token,
         "ideal_MiB": ideal / 2**20, "pool_blocks": pool_blocks, "pool_MiB": pool_blocks * block_bytes / 2**20,
@@ -271,7 +272,7 @@ def memory_part(url: str, proc: subprocess.Popen, folder: Path, tp: int, a: argp
         "blocks_x_ideal": peak["blocks_used"] * block_bytes / ideal,
         "rss_before_MiB": max(before) / 2**20, "rss_at_peak_MiB": max(peak["rss"]) / 2**20,
         "rss_growth_MiB": growth / 2**20, "rss_growth_x_ideal": growth / ideal,
-        "rss_max_growth_MiB": max(max(r - b for r, b in zip(s["rss"], before)) for s in poll.samples) / 2**20,
+        "rss_growth_at_blocks_peak_MiB": max(r - b for r, b in zip(peak["rss"], before)) / 2**20,
         "preemptions": after.get("mpisplit_preemptions_total", 0.0) - before_m.get("mpisplit_preemptions_total", 0.0),
         "samples": len(poll.samples), "wall_s": run["wall_s"],
     }
@@ -484,7 +485,7 @@ def report(results: list[dict], peer: dict | None, a: argparse.Namespace, info: 
     mem = [r["memory"] for r in results]
     print(common.format_table(mem, ["tp", "seqs", "tokens_each", "bytes_per_token", "ideal_MiB", "pool_MiB",
                                     "peak_blocks_used", "peak_running", "blocks_MiB", "blocks_x_ideal",
-                                    "rss_before_MiB", "rss_growth_MiB", "rss_growth_x_ideal", "rss_max_growth_MiB",
+                                    "rss_before_MiB", "rss_growth_MiB", "rss_growth_x_ideal", "rss_growth_at_blocks_peak_MiB",
                                     "preemptions"]))
     print("peer (transformers generate, one thread):", "not installed" if peer is None else json.dumps(peer))
     for res in results:
