@@ -11,7 +11,8 @@
 # with auto; train.py on the GPU (float32, float16 mixed precision at 2 ranks, pp=2 and tp=2 with
 # sequence parallelism at 2 ranks on the staged path; a fresh Llama-family model at tp 2 with its KV
 # heads split and replicated; AdamW sharded over 2 DP ranks); a server on the GPU answering streamed
-# completions (benchmarks/bench_serve.py --smoke, tp 1 and 2). Every step has a
+# completions (benchmarks/bench_serve.py --smoke, tp 1 and 2), its paged KV cache and prefix caching
+# (benchmarks/bench_paged.py --smoke). Every step has a
 # time limit taken from a 7.5-minute budget, so the script ends in time whatever happens; a
 # failed step is reported and the next one runs. Files under $OUT: device_check.log (all
 # output), summary.txt (one line per step: name, exit status, seconds), nvidia-smi.txt,
@@ -125,6 +126,8 @@ step train-1rank-float32 60 python3 "${TRAIN[@]}" --out /tmp/run_f32
 # serving: a real server on the GPU answering streamed greedy completions through httpx, each
 # checked for its full token count (tp 1 here; tp 2 sharing the GPU at the end)
 step serve-1rank-gpu 60 python3 benchmarks/bench_serve.py --smoke --device gpu --no-peer
+# the paged KV cache from the GPU: shared-prefix requests with and without prefix caching, 8 long sequences
+step serve-paged-gpu 60 python3 benchmarks/bench_paged.py --smoke --device gpu --no-peer
 step train-2ranks-tp2-amp-float16 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 2 --amp float16 --out /tmp/run_amp
 # pipeline stages and sequence parallelism, 2 ranks sharing the GPU on the staged path
 step train-2ranks-pp2-staged 60 "$MPIEXEC" -n 2 python3 "${TRAIN[@]}" --tp 1 --pp 2 --micro-batches 2 --comm staged --out /tmp/run_pp2
