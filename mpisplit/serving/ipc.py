@@ -1,15 +1,15 @@
 """The socket between rank 0's engine process and the HTTP front-end process: pickled
 messages, each framed by its length (8 bytes, little-endian).
 
-    front end -> engine   ("submit", key, [Choice, ...])   one request's n choices, all or none
-                          ("cancel", key)                   the client went away (or a choice failed)
-                          ("ask", qid, "metrics" | "health")
     engine -> front end   ("config", FrontendConfig)       the first message
                           ("ack", key, status, message)     200 accepted, 429 queue full, 503 stopping
                           ("events", [(key, index, event), ...])   one engine step's events, in order
-                          ("answer", qid, value)
+                          ("answer", qid, value)            to an "ask"
                           ("stop",)                         close the listening socket and exit
-    front end -> engine   ("started", port) or ("failed", message), once, after ("config", ...)
+    front end -> engine   ("started", port) or ("failed", message)   once, the answer to "config"
+                          ("submit", key, [Choice, ...])   one request's n choices, all or none
+                          ("cancel", key)                   the client went away (or a choice failed)
+                          ("ask", qid, "metrics" | "health")
 
 Both ends are this library's own processes on one socketpair, so pickle is safe here (the
 socket is never reachable from the network). One message per engine step carries every
@@ -62,7 +62,8 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
 
 
 def recv(sock: socket.socket) -> Any:
-    """Blocking receive of one message; EOFError when the other end has closed."""
+    """Blocking receive of one message; EOFError when the other end has closed (ConnectionError
+    when it closed with data of ours unread)."""
     header = _read_exactly(sock, HEADER_BYTES)
     body = None if header is None else _read_exactly(sock, int.from_bytes(header, "little"))
     if body is None:
@@ -75,6 +76,6 @@ async def read(reader: asyncio.StreamReader) -> Any:
     try:
         header = await reader.readexactly(HEADER_BYTES)
         body = await reader.readexactly(int.from_bytes(header, "little"))
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionError):  # closed; reset when it left data unread
         raise EOFError("the other end of the front-end socket closed it") from None
     return pickle.loads(body)
