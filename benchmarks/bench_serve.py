@@ -14,7 +14,9 @@ completions of random token-id prompts through httpx. Reported per concurrency: 
 tokens/s over the whole run, time to first token and inter-token latency (p50, p99), and the
 ratio of tokens/s to the smallest concurrency (concurrency 1: one request at a time). With
 `--repeats R` the levels run R times in turn on the same server, so that load from other jobs
-falls on all of them alike; every row is kept and the table shows each level's median. `--gguf
+falls on all of them alike; every row is kept, the table shows each level's medians and the
+median (and range) of its ratio to the smallest level of the same repeat. `--baseline-src DIR`
+serves an older source tree beside this one, the two servers' levels in turn. `--gguf
 FILE` serves a GGUF file instead (prompts of random ids below 1000). The clients run in this
 process, the server in its own. The peer, when PyTorch and
 transformers are installed: transformers' greedy `generate` on the same weights and prompts,
@@ -65,8 +67,11 @@ def write_model(folder: Path, shape: str, seed: int = 0) -> None:
 
 def start_server(folder: Path, tp: int, dtype: str, max_batch: int, timeout: float = 120,
                  device: str = "cpu", comm: str = "auto", extra: tuple[str, ...] = (),
-                 source: str = "--hf") -> tuple[subprocess.Popen, str]:
+                 source: str = "--hf", src: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`src`: serve the mpisplit package of that source tree instead of this one."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [common.mpiexec_path(), "-n", str(tp), sys.executable, "-m", "mpisplit.serve", source, str(folder),
            "--port", "0", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "1024",
            "--device", device, "--comm", comm, *extra]
@@ -161,14 +166,21 @@ def peer_transformers(folder: Path, prompts: list[list[int]], max_tokens: int) -
             "tokens_per_s": len(prompts) * max_tokens / wall, "wall_s": wall}
 
 
-def median_rows(rows: list[dict]) -> list[dict]:
-    """One row per (tp, concurrency): the median of each figure over its repeats."""
-    keys = sorted({(r["tp"], r["concurrency"]) for r in rows}, key=lambda k: (k[0], k[1]))
+def median_rows(rows: list[dict], lowest: int) -> list[dict]:
+    """One row per (server, tp, concurrency): the median of each figure over its repeats, and
+    the median over repeats of tokens/s against the lowest concurrency of the same repeat (runs
+    next to each other in time, so a change in the machine's load falls on both)."""
+    keys = sorted({(r["server"], r["tp"], r["concurrency"]) for r in rows})
     out = []
-    for tp, c in keys:
-        runs = [r for r in rows if r["tp"] == tp and r["concurrency"] == c]
-        out.append({k: (float(np.median([r[k] for r in runs])) if isinstance(v, float) else v)
-                    for k, v in runs[0].items() if k != "repeat"} | {"runs": len(runs)})
+    for server, tp, c in keys:
+        runs = [r for r in rows if (r["server"], r["tp"], r["concurrency"]) == (server, tp, c)]
+        row = {k: (float(np.median([r[k] for r in runs])) if isinstance(v, float) else v)
+               for k, v in runs[0].items() if k != "repeat"} | {"runs": len(runs)}
+        ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r in runs for b in rows
+                  if (b["server"], b["tp"], b["concurrency"], b["repeat"]) == (server, tp, lowest, r["repeat"])]
+        row["x_vs_lowest_concurrency"] = float(np.median(ratios))
+        row["x_range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        out.append(row)
     return out
 
 
@@ -188,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="run the concurrency levels this many times, in turn")
     p.add_argument("--gguf", type=Path, default=None, help="serve this GGUF file instead of a random GPT-2")
     p.add_argument("--max-model-len", type=int, default=None, help="the server's --max-model-len (with --gguf)")
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="also serve from this mpisplit source tree (e.g. `git worktree add DIR COMMIT`), "
+                        "both servers up together and their levels run in turn")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--smoke", action="store_true", help="tiny model, few requests: checks that it runs")
@@ -207,28 +222,33 @@ def main(argv: list[str] | None = None) -> int:
         vocab = SHAPES[args.shape][3] if args.gguf is None else 1000
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
+        sources = {"this": None} | ({} if args.baseline_src is None else {"baseline": args.baseline_src})
         for tp in args.tp:
-            proc, url = start_server(args.gguf or folder, tp, args.dtype, max_batch, device=args.device,
-                                     comm=args.comm, extra=extra, source="--hf" if args.gguf is None else "--gguf")
+            servers = {}
             try:
-                run_level(url, prompts[:2], args.max_tokens, 2)  # warm-up
+                for name, src in sources.items():
+                    servers[name] = start_server(args.gguf or folder, tp, args.dtype, max_batch, device=args.device,
+                                                 comm=args.comm, extra=extra, src=src,
+                                                 source="--hf" if args.gguf is None else "--gguf")
+                    run_level(servers[name][1], prompts[:2], args.max_tokens, 2)  # warm-up
                 for repeat in range(args.repeats):
-                    for c in args.concurrency:
-                        row = {"tp": tp, "repeat": repeat, **run_level(url, prompts, args.max_tokens, c)}
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                    for name, (_, url) in servers.items():
+                        for c in args.concurrency:
+                            row = {"server": name, "tp": tp, "repeat": repeat,
+                                   **run_level(url, prompts, args.max_tokens, c)}
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
             finally:
-                stop_server(proc)
+                for proc, _ in servers.values():
+                    stop_server(proc)
         if not args.no_peer and args.gguf is None:
             peer = peer_transformers(folder, prompts, args.max_tokens)
-    table = median_rows(rows)
+    table = median_rows(rows, min(args.concurrency))
     for row in table:
-        base = next(r for r in table if r["tp"] == row["tp"] and r["concurrency"] == min(args.concurrency))
-        row["x_vs_lowest_concurrency"] = row["tokens_per_s"] / base["tokens_per_s"]
         if peer is not None:
             row["x_vs_transformers"] = row["tokens_per_s"] / peer["tokens_per_s"]
-    columns = ["tp", "concurrency", "tokens_per_s", "x_vs_lowest_concurrency", "ttft_ms_p50", "ttft_ms_p99",
-               "itl_ms_p50", "itl_ms_p99"]
+    columns = ["server", "tp", "concurrency", "tokens_per_s", "x_vs_lowest_concurrency", "x_range", "ttft_ms_p50",
+               "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"]
     if peer is not None:
         columns.append("x_vs_transformers")
     print(f"server --max-batch {max_batch}; medians of {args.repeats} run(s) per level")

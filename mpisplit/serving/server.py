@@ -44,7 +44,8 @@ class ServeOptions:
 
 
 def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
-    """Serve `model` until SIGTERM; collective over the model's grid. Returns 0."""
+    """Serve `model` until SIGTERM; collective over the model's grid. Returns 0 (RuntimeError, after
+    the other ranks have stopped, when the HTTP front end died)."""
     model.eval()
     invariant = check_batch_invariance(model) if opts.batch_invariant else True  # collective
     engine = Engine(model, opts.max_batch, opts.prefill_chunk, opts.eos_token_ids,
