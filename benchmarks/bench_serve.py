@@ -4,12 +4,21 @@
     python benchmarks/bench_serve.py --tp 2 --concurrency 16 --requests 32
     python benchmarks/bench_serve.py --smoke              # seconds: checks that it runs
     python benchmarks/bench_serve.py --smoke --device gpu --no-peer   # the same, served from a GPU
+    python benchmarks/bench_serve.py --max-batch 16 --concurrency 16 48 --requests 96 --repeats 3
+                                                          # the queue: 3x --max-batch clients
+    python benchmarks/bench_serve.py --gguf SmolLM2.gguf --max-model-len 256 --no-peer
 
 For each tp a real server (`mpiexec -n tp python -m mpisplit.serve --hf FOLDER`) is started on
 a small random GPT-2 (written to a temporary Hugging Face folder); clients stream greedy
 completions of random token-id prompts through httpx. Reported per concurrency: generated
 tokens/s over the whole run, time to first token and inter-token latency (p50, p99), and the
-ratio of tokens/s to concurrency 1 (one request at a time). The peer, when PyTorch and
+ratio of tokens/s to the smallest concurrency (concurrency 1: one request at a time). With
+`--repeats R` the levels run R times in turn on the same server, so that load from other jobs
+falls on all of them alike; every row is kept, the table shows each level's medians and the
+median (and range) of its ratio to the smallest level of the same repeat. `--baseline-src DIR`
+serves an older source tree beside this one, the two servers' levels in turn. `--gguf
+FILE` serves a GGUF file instead (prompts of random ids below 1000). The clients run in this
+process, the server in its own. The peer, when PyTorch and
 transformers are installed: transformers' greedy `generate` on the same weights and prompts,
 one request at a time, in one process with one thread.
 """
@@ -57,9 +66,13 @@ def write_model(folder: Path, shape: str, seed: int = 0) -> None:
 
 
 def start_server(folder: Path, tp: int, dtype: str, max_batch: int, timeout: float = 120,
-                 device: str = "cpu", comm: str = "auto", extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+                 device: str = "cpu", comm: str = "auto", extra: tuple[str, ...] = (),
+                 source: str = "--hf", src: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`src`: serve the mpisplit package of that source tree instead of this one."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [common.mpiexec_path(), "-n", str(tp), sys.executable, "-m", "mpisplit.serve", "--hf", str(folder),
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [common.mpiexec_path(), "-n", str(tp), sys.executable, "-m", "mpisplit.serve", source, str(folder),
            "--port", "0", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "1024",
            "--device", device, "--comm", comm, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -153,6 +166,24 @@ def peer_transformers(folder: Path, prompts: list[list[int]], max_tokens: int) -
             "tokens_per_s": len(prompts) * max_tokens / wall, "wall_s": wall}
 
 
+def median_rows(rows: list[dict], lowest: int) -> list[dict]:
+    """One row per (server, tp, concurrency): the median of each figure over its repeats, and
+    the median over repeats of tokens/s against the lowest concurrency of the same repeat (runs
+    next to each other in time, so a change in the machine's load falls on both)."""
+    keys = sorted({(r["server"], r["tp"], r["concurrency"]) for r in rows})
+    out = []
+    for server, tp, c in keys:
+        runs = [r for r in rows if (r["server"], r["tp"], r["concurrency"]) == (server, tp, c)]
+        row = {k: (float(np.median([r[k] for r in runs])) if isinstance(v, float) else v)
+               for k, v in runs[0].items() if k != "repeat"} | {"runs": len(runs)}
+        ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r in runs for b in rows
+                  if (b["server"], b["tp"], b["concurrency"], b["repeat"]) == (server, tp, lowest, r["repeat"])]
+        row["x_vs_lowest_concurrency"] = float(np.median(ratios))
+        row["x_range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
@@ -165,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="the server's --device")
     p.add_argument("--comm", choices=["auto", "mpi", "staged", "nccl"], default="auto",
                    help="the server's --comm (GPU collective path)")
+    p.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: the largest concurrency)")
+    p.add_argument("--repeats", type=int, default=1, help="run the concurrency levels this many times, in turn")
+    p.add_argument("--gguf", type=Path, default=None, help="serve this GGUF file instead of a random GPT-2")
+    p.add_argument("--max-model-len", type=int, default=None, help="the server's --max-model-len (with --gguf)")
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="also serve from this mpisplit source tree (e.g. `git worktree add DIR COMMIT`), "
+                        "both servers up together and their levels run in turn")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--smoke", action="store_true", help="tiny model, few requests: checks that it runs")
@@ -174,39 +212,51 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency, args.tp = [c for c in args.concurrency if c <= 4] or [1], args.tp[:1]
     info = common.machine_info()
     print(f"CPU: {info['cpu']} ({info['cores']} cores), load {info['load_average_1_5_15min']}", flush=True)
+    max_batch = args.max_batch or max(args.concurrency)
+    extra = () if args.max_model_len is None else ("--max-model-len", str(args.max_model_len))
     rows, peer = [], None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "bench"
-        write_model(folder, args.shape)
-        vocab = SHAPES[args.shape][3]
+        if args.gguf is None:
+            write_model(folder, args.shape)
+        vocab = SHAPES[args.shape][3] if args.gguf is None else 1000
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
+        sources = {"this": None} | ({} if args.baseline_src is None else {"baseline": args.baseline_src})
         for tp in args.tp:
-            proc, url = start_server(folder, tp, args.dtype, max(args.concurrency), device=args.device,
-                                     comm=args.comm)
+            servers = {}
             try:
-                run_level(url, prompts[:2], args.max_tokens, 2)  # warm-up
-                for c in args.concurrency:
-                    row = {"tp": tp, **run_level(url, prompts, args.max_tokens, c)}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                for name, src in sources.items():
+                    servers[name] = start_server(args.gguf or folder, tp, args.dtype, max_batch, device=args.device,
+                                                 comm=args.comm, extra=extra, src=src,
+                                                 source="--hf" if args.gguf is None else "--gguf")
+                    run_level(servers[name][1], prompts[:2], args.max_tokens, 2)  # warm-up
+                for repeat in range(args.repeats):
+                    for name, (_, url) in servers.items():
+                        for c in args.concurrency:
+                            row = {"server": name, "tp": tp, "repeat": repeat,
+                                   **run_level(url, prompts, args.max_tokens, c)}
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
             finally:
-                stop_server(proc)
-        if not args.no_peer:
+                for proc, _ in servers.values():
+                    stop_server(proc)
+        if not args.no_peer and args.gguf is None:
             peer = peer_transformers(folder, prompts, args.max_tokens)
-    for row in rows:
-        base = next(r for r in rows if r["tp"] == row["tp"] and r["concurrency"] == min(args.concurrency))
-        row["x_vs_one_at_a_time"] = row["tokens_per_s"] / base["tokens_per_s"]
+    table = median_rows(rows, min(args.concurrency))
+    for row in table:
         if peer is not None:
             row["x_vs_transformers"] = row["tokens_per_s"] / peer["tokens_per_s"]
-    columns = ["tp", "concurrency", "tokens_per_s", "x_vs_one_at_a_time", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99"]
+    columns = ["server", "tp", "concurrency", "tokens_per_s", "x_vs_lowest_concurrency", "x_range", "ttft_ms_p50",
+               "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"]
     if peer is not None:
         columns.append("x_vs_transformers")
-    print(common.format_table(rows, columns))
+    print(f"server --max-batch {max_batch}; medians of {args.repeats} run(s) per level")
+    print(common.format_table(table, columns))
     print("peer (transformers generate, one at a time):", "not installed" if peer is None else json.dumps(peer))
     if not args.smoke:
         common.write_json(args.out / "bench_serve.json", {"machine": info, "args": vars(args) | {"out": str(args.out)},
-                                                          "rows": rows, "peer": peer})
+                                                          "rows": rows, "table": table, "peer": peer})
     return 0
 
 

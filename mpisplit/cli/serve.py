@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         except ImportError as exc:
             raise ValueError(f"serving needs the 'serve' extra: pip install 'mpisplit[serve]' ({exc})") from None
     # One BLAS thread per rank unless MPISPLIT_BLAS_THREADS says otherwise: a step's matmuls are
-    # small, and rank 0's HTTP thread needs a core of its own (measured: 2 BLAS threads on
+    # small, and rank 0's HTTP front end needs a core of its own (measured: 2 BLAS threads on
     # 2 shared cores served 16 clients 3-10x slower).
     ms.limit_blas_threads(world, threads=None if os.environ.get("MPISPLIT_BLAS_THREADS", "").strip() else 1)
     grid = ms.ProcessGrid(tp=tp)

@@ -5,6 +5,8 @@
     channel.py     rank 0's header + payload broadcasts, waited for without spinning
     controller.py  rank 0's scheduling, text, stop strings and logprobs; the follower loop
     api.py         the HTTP routes (starlette), validation.py their input checks
+    frontend.py    the process that runs them (uvicorn); relay.py its other end on rank 0;
+                   ipc.py the messages between the two (one per engine step carries its tokens)
     server.py      the whole server on every rank; loading.py, sampling.py, text.py, metrics.py
 
 Imports models/ and training/ (checkpoints, tokenizers) and below; cli/serve.py drives it.

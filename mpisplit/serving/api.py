@@ -1,11 +1,11 @@
-"""The OpenAI-compatible HTTP front end (starlette), run by uvicorn in a thread of rank 0.
+"""The OpenAI-compatible HTTP front end (starlette), run by uvicorn in the front-end process.
 
     POST /v1/completions   POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics
 
-Nothing here calls MPI: a request is validated, handed to the Controller (n choices: n
-sequences), and its events come back through an asyncio queue fed from the engine thread. A
-client that closes its connection cancels its sequences at once (a task waits for the
-disconnect message beside the handler; starlette does the same for a stream).
+Nothing here calls MPI: a request is validated, its n choices are submitted to the engine
+through the EngineLink (frontend.py), and its events come back on an asyncio queue. A client
+that closes its connection cancels its sequences at once (a task waits for the disconnect
+message beside the handler; starlette does the same for a stream).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mpisplit.serving.chat import ChatLayout, validate_chat
-from mpisplit.serving.controller import Controller, Submission
+from mpisplit.serving.ipc import Choice
 from mpisplit.serving.sampling import SamplingParams
 from mpisplit.serving.templates import ChatTemplate
 from mpisplit.serving.validation import (
@@ -57,11 +57,11 @@ async def _read_body(request: Request) -> bytes:
 
 
 class CompletionsApp:
-    """The routes, bound to one controller and one model."""
+    """The routes, bound to one engine (a frontend.EngineLink) and one model."""
 
-    def __init__(self, controller: Controller, model: ModelInfo, api_key: str | None = None,
+    def __init__(self, link: Any, model: ModelInfo, api_key: str | None = None,
                  chat_template: ChatTemplate | None = None) -> None:
-        self.controller, self.model, self.api_key = controller, model, api_key
+        self.link, self.model, self.api_key = link, model, api_key
         self.chat_template = chat_template
         self.created = int(time.time())
 
@@ -83,11 +83,14 @@ class CompletionsApp:
                            kind="authentication_error")
 
     async def health(self, request: Request) -> Response:
-        ok = self.controller.alive and not self.controller.stopping.is_set()
+        ok = bool(await self.link.ask("health"))
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self.controller.metrics.render(), media_type="text/plain; version=0.0.4")
+        text = await self.link.ask("metrics")
+        if text is None:
+            return Response("the engine has stopped\n", status_code=503, media_type="text/plain")
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request) -> Response:
         try:
@@ -115,60 +118,48 @@ class CompletionsApp:
             return error_response(err)
         if req.ignored:
             print(f"warning: fields ignored in a request: {', '.join(req.ignored)}", file=sys.stderr, flush=True)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        subs = [Submission(
-            prompt=req.prompt, max_tokens=req.max_tokens, sampling=choice_sampling(req.sampling, i),
-            stops=req.stops, logprobs=req.logprobs,
-            sink=lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)),
-        ) for i in range(req.n)]
-        if not self.controller.alive or self.controller.stopping.is_set():
-            return error_response(ApiError("the server is shutting down", status=503, kind="server_error"))
-        if not self.controller.submit_all(subs):
-            return error_response(ApiError(
-                f"the queue is full ({self.controller.max_queue} requests waiting); retry later",
-                status=429, kind="rate_limit_error"))
+        choices = [Choice(prompt=req.prompt, max_tokens=req.max_tokens, sampling=choice_sampling(req.sampling, i),
+                          stops=req.stops, logprobs=req.logprobs) for i in range(req.n)]
+        pending, status, message = await self.link.submit(choices)
+        if pending is None:  # 503 stopping, 429 queue full
+            kind = "rate_limit_error" if status == 429 else "server_error"
+            return error_response(ApiError(message, status=status, kind=kind))
         echo = self.model.tokenizer.decode(req.prompt) if req.echo else ""
         layout = layout_class(self.model.name, req.logprobs is not None, echo=echo)
         if req.stream:
-            return StreamingResponse(self._stream(subs, req, layout, events), media_type="text/event-stream",
+            return StreamingResponse(self._stream(pending, req, layout), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._collect(request, subs, req, layout, events)
+        return await self._collect(request, pending, req, layout)
 
-    def _cancel(self, subs: list[Submission]) -> None:
-        for sub in subs:
-            self.controller.cancel(sub.rid)
-
-    async def _collect(self, request: Request, subs: list[Submission], req: CompletionRequest, layout: Any,
-                       events: asyncio.Queue) -> Response:
-        watcher = asyncio.create_task(_put_on_disconnect(request, events))
-        pieces: list[list[dict]] = [[] for _ in subs]
-        left = len(subs)
+    async def _collect(self, request: Request, pending: Any, req: CompletionRequest, layout: Any) -> Response:
+        watcher = asyncio.create_task(_put_on_disconnect(request, pending.events))
+        pieces: list[list[dict]] = [[] for _ in range(req.n)]
+        left = req.n
         try:
             while left:
-                i, ev = await events.get()
+                i, ev = await pending.events.get()
                 if i is None:  # the client went away: free the slots at the next engine step
-                    self._cancel(subs)
+                    self.link.cancel(pending)
                     return Response(status_code=499)
                 if "error" in ev:
-                    self._cancel(subs)
+                    self.link.cancel(pending)
                     return error_response(ApiError(ev["error"], status=ev["status"], kind="server_error"))
                 pieces[i].append(ev)
                 left -= ev["finish_reason"] is not None
         finally:
             watcher.cancel()
+        self.link.close(pending)
         usage = _usage(req, sum(len(ev["token_ids"]) for p in pieces for ev in p))
         return JSONResponse(layout.whole(pieces, usage))
 
-    async def _stream(self, subs: list[Submission], req: CompletionRequest, layout: Any,
-                      events: asyncio.Queue) -> AsyncIterator[bytes]:
-        left, tokens = len(subs), 0
+    async def _stream(self, pending: Any, req: CompletionRequest, layout: Any) -> AsyncIterator[bytes]:
+        left, tokens = req.n, 0
         try:
-            for i in range(len(subs)):
+            for i in range(req.n):
                 for chunk in layout.opening(i):
                     yield _sse(chunk)
             while left:
-                i, ev = await events.get()
+                i, ev = await pending.events.get()
                 if "error" in ev:
                     err = ApiError(ev["error"], status=ev["status"], kind="server_error")
                     yield _sse(err.body())
@@ -182,7 +173,9 @@ class CompletionsApp:
             yield b"data: [DONE]\n\n"
         finally:
             if left:  # the client went away (or a choice failed): free the slots
-                self._cancel(subs)
+                self.link.cancel(pending)
+            else:
+                self.link.close(pending)
 
 
 async def _put_on_disconnect(request: Request, events: asyncio.Queue) -> None:

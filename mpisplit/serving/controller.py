@@ -1,9 +1,10 @@
 """The engine loop: rank 0 schedules and reports; the other ranks follow its broadcasts.
 
-Rank 0's main thread owns the engine and every MPI call. The HTTP threads hand it validated
-`Submission`s through `submit()` (thread-safe; False when the queue is full) and cancel them
-with `cancel()`; it answers through each submission's `sink`, called from this thread with
-one event (a dict) at a time:
+Rank 0's main thread owns the engine and every MPI call. Other threads (the relay of the HTTP
+front end) hand it validated `Submission`s through `submit()` (thread-safe; False when the
+queue is full) and cancel them with `cancel()`; it answers through each submission's `sink`,
+called from this thread with one event (a dict) at a time, and calls `flush()` once after
+each step's events and once at the end, so that a step's events can travel together:
 
     {"text", "token_ids", "logprobs", "finish_reason"}   a piece of the completion; the last
                                                           one has finish_reason set
@@ -65,6 +66,7 @@ class Controller:
     ) -> None:
         self.engine, self.channel, self.tokenizer, self.metrics = engine, channel, tokenizer, metrics
         self.max_queue, self.drain_s = max_queue, drain_s
+        self.flush: Callable[[], None] = lambda: None  # the front end's relay sets its own
         self._inbox: queue.Queue = queue.Queue()
         self._cancelled: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -76,7 +78,7 @@ class Controller:
         self.stopping = threading.Event()  # set by SIGTERM: admit nothing new, then exit
         self.alive = True
 
-    # -------------------------------------------------- called from HTTP threads
+    # -------------------------------------------------- called from other threads
     def submit(self, sub: Submission) -> bool:
         return self.submit_all([sub])
 
@@ -122,12 +124,15 @@ class Controller:
                 self.metrics.observe_cache(self.engine)
                 self.metrics.batch_occupancy.observe(len(self.engine.running) + sum(o.finished for o in outputs))
                 self._deliver(outputs)
+                self.flush()
         except BaseException:
             self.alive = False
             self._fail_all(500, "the engine failed during a step; the server is stopping")
-            time.sleep(0.5)  # let the HTTP thread send the 500s before the job ends
+            self.flush()
+            time.sleep(0.5)  # let the front end send the 500s before the job ends
             raise
         self.alive = False
+        self.flush()
         self.channel.send(SHUTDOWN)
 
     def _collect(self, block: bool) -> None:

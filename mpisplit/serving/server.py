@@ -1,5 +1,5 @@
 """Putting a server together on every rank: the model's engine, the control channel, and on
-rank 0 the controller and the HTTP front end (uvicorn in a thread of its own).
+rank 0 the controller and the HTTP front end (uvicorn in a process of its own, relay.py).
 
     serve(model, tokenizer, ServeOptions(port=8000))   # collective; returns when shut down
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,9 @@ from mpisplit.serving.controller import Controller, follow
 from mpisplit.serving.engine import Engine
 from mpisplit.serving.kv_pool import kv_blocks
 from mpisplit.serving.metrics import ServerMetrics
+from mpisplit.serving.relay import FrontendConfig, FrontendRelay
 from mpisplit.serving.validation import ModelInfo
 
-START_TIMEOUT_S = 30.0
 SWITCH_INTERVAL_S = 2e-4
 
 
@@ -50,35 +48,9 @@ class ServeOptions:
     prefix_cache: bool = True
 
 
-def _start_http(controller: Controller, info: ModelInfo, opts: ServeOptions) -> tuple[Any, threading.Thread]:
-    import uvicorn
-
-    from mpisplit.serving.api import CompletionsApp
-
-    app = CompletionsApp(controller, info, opts.api_key, opts.chat_template).app()
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=3)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="http", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not server.started:
-        server.should_exit = True
-        raise OSError(f"the HTTP server did not start on {opts.host}:{opts.port} (is the port in use?)")
-    return server, thread
-
-
-def _bound_port(server: Any, fallback: int) -> int:
-    try:
-        return int(server.servers[0].sockets[0].getsockname()[1])
-    except (AttributeError, IndexError):
-        return fallback
-
-
 def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
-    """Serve `model` until SIGTERM; collective over the model's grid. Returns 0."""
+    """Serve `model` until SIGTERM; collective over the model's grid. Returns 0 (RuntimeError, after
+    the other ranks have stopped, when the HTTP front end died)."""
     model.eval()
     kernels.warm_up(model.dtype)  # compiled (or loaded) now, not during the first request
     invariant = check_batch_invariance(model) if opts.batch_invariant else True  # collective
@@ -99,26 +71,29 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     metrics.observe_cache(engine)
     controller = Controller(engine, channel, tokenizer, metrics, opts.max_queue, opts.drain_s)
     try:
-        server, thread = _start_http(controller, info, opts)
+        relay = FrontendRelay(controller, FrontendConfig(opts.host, opts.port, info, opts.api_key, opts.chat_template))
     except BaseException:
         channel.send(SHUTDOWN)
         raise
-    # The engine thread holds the GIL between steps' BLAS calls; with the default 5 ms switch
-    # interval the HTTP thread waits that long each time it needs it. Measured, 16 streaming
-    # clients, 64 tokens each: 425-481 tokens/s at 5 ms, 1012-1179 at 0.2 ms.
+    controller.flush = relay.flush
+    # The relay's thread needs the GIL once per request (submit, cancel, /metrics), never per
+    # token; with the default 5 ms switch interval each of those would wait up to 5 ms for
+    # the engine thread's time slice.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stopping.set())
-    port = _bound_port(server, opts.port)
     if not invariant:
         print("warning: this machine's BLAS gives a sequence different bits alone and in a batch; "
               "greedy outputs may depend on the batch", file=sys.stderr, flush=True)
-    print(f"serving {opts.model_name!r} on http://{opts.host}:{port} (pid {os.getpid()}, "
+    print(f"serving {opts.model_name!r} on http://{opts.host}:{relay.port} (pid {os.getpid()}, "
           f"{channel.size} rank{'s' if channel.size > 1 else ''})", flush=True)
-    controller.run()
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        controller.run()
+    finally:
+        relay.stop()
     channel.free()
+    if relay.lost:
+        raise RuntimeError(relay.lost)
     print("server stopped", flush=True)
     sys.stdout.flush()
     return 0
