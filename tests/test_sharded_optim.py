@@ -238,7 +238,7 @@ def test_amp_master_weights_sharded_equal_unsharded_bitwise() -> None:
             mp.update_model()  # nothing to do when sharded: the step wrote the 16-bit model
             opt.zero_grad()
         runs[sharded] = (opt, [p.data.copy() for p in mp.model.parameters()], [p.data for p in params])
-    (plain, low, masters), (opt, low_sharded, _) = runs[False], runs[True]
+    (_, low, masters), (opt, low_sharded, _) = runs[False], runs[True]
     for a, b in zip(low, low_sharded):
         assert a.dtype == b.dtype == np.float16 and np.array_equal(a, b)
     for (lo, hi, got), want in zip(opt.state_pieces()["master"], masters):

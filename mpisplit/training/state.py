@@ -25,10 +25,10 @@ from mpisplit.training.checkpoint import (
     CheckpointReader,
     ShardInfo,
     latest_checkpoint,
+    load_range,
     load_shard,
     save_checkpoint,
 )
-from mpisplit.training.checkpoint.reader import load_range
 from mpisplit.training.optim import Optimizer
 
 

@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mpisplit.training.checkpoint.layout import _DTYPES, _SHA256, FORMAT, INDEX_NAME, READABLE_VERSIONS, slab_rows_view
+from mpisplit.training.checkpoint.layout import (
+    _DTYPES,
+    _SHA256,
+    FORMAT,
+    INDEX_NAME,
+    READABLE_VERSIONS,
+    slab_rows_view,
+)
 
 
 def _check_file_name(name: Any) -> str:

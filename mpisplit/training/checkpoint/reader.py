@@ -249,7 +249,7 @@ class CheckpointReader:
         gshape = tuple(t["global_shape"])
         if _has_pieces(t):
             k = _pieces_axis(name, t, axis)
-            outer, _, inner = slab_rows_view(gshape, k)
+            outer = slab_rows_view(gshape, k)[0]
             lo, hi = (start, stop) if axis is not None else (0, 1 if k is None else gshape[k])
             out_shape = list(gshape)
             if axis is not None:
@@ -339,7 +339,7 @@ class CheckpointReader:
         (o1 - o0, r1 - r0, inner) block); reads at most the piece's own elements."""
         gshape = tuple(t["global_shape"])
         start = shard.get("start") or 0
-        outer, rows, inner = slab_rows_view(gshape, k, shard.get("rows"))
+        _, rows, inner = slab_rows_view(gshape, k, shard.get("rows"))
         real = rows if k is None else min(rows, gshape[k] - start)  # the slab's logical rows
         x0, x1 = max(r0, start), min(r1, start + real)
         lo, hi = shard["elements"]

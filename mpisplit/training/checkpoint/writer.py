@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mpisplit.runtime.files import exchange, fsync_dir, fsync_file, sha256_file, write_text_atomic
+from mpisplit.training.checkpoint.index import _validate_index
 from mpisplit.training.checkpoint.layout import (
     _DTYPES,
     _STEP_DIR,
@@ -33,7 +34,6 @@ from mpisplit.training.checkpoint.layout import (
     _step_dir_name,
     slab_rows_view,
 )
-from mpisplit.training.checkpoint.index import _validate_index
 
 __all__ = ["LATEST_NAME", "ShardInfo", "save_checkpoint"]
 
@@ -163,15 +163,18 @@ def save_checkpoint(
 
     Each TP rank of DP replica 0 writes its own split slabs (logical rows only) to
     `tp{r:02d}-of-{tp:02d}.safetensors`; TP rank 0 also writes the replicated
-    tensors. World rank 0 writes `index.json` (schema, shard map, sha256 of each
+    tensors. Pieces (ShardInfo.elements) are written by every DP rank that holds
+    elements of them, DP rank d > 0 into `dp{d:02d}-of-{dp:02d}-tp...`; the pieces of a
+    replicated tensor by the ranks of TP rank 0. World rank 0 writes `index.json` (schema, shard map, sha256 of each
     file, `meta`, and the list of every rank's `rank_meta`), renames the folder into
     place atomically (replacing an existing save of the same step), points
     `root/latest` at it, then deletes stale temporary folders and all step folders
     except this one and the `keep_last - 1` highest other steps.
 
     `meta` and `rank_meta` must be JSON-serialisable. All ranks must pass the same
-    tensor names, global shapes, split axes and dtypes; the slabs of a TP group must
-    tile every split axis. `root` must be on a filesystem all ranks share.
+    tensor names, global shapes, split axes, dtypes and kinds (slab or piece); the slabs of
+    a TP group must tile every split axis, and the pieces of each slab its elements (checked
+    on the index before it is written). `root` must be on a filesystem all ranks share.
     Returns the folder's path on every rank.
     """
     world, tp_comm, dp_comm = _mpi(grid.world), _mpi(grid.tp_comm), _mpi(grid.dp_comm)
