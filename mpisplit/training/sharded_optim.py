@@ -55,7 +55,9 @@ class _Part:
     """One flat block (one dtype) and this rank's part of it."""
 
     grads: grad_buffer.GradBuffer
-    data: Any  # (dp * m,) the parameters' values; each parameter's `.data` is a view of it
+    # (dp * m,) the parameters' values, each parameter's `.data` a view of it (once the master
+    # weights are sharded: the 16-bit compute model's values, its parameters the views)
+    data: Any
     m: int  # elements per rank
     lo: int  # this rank's part: block elements [lo, lo + m)
     # (parameter index, block lo, block hi) of every parameter that meets the part
