@@ -86,6 +86,8 @@ LAYOUTS = {  # name: (world sizes it runs at, extra config)
     "dp_pp": (4, {"pp": 2, "micro_batches": 2}),
     "dp_amp": (None, {"dtype": "float32", "amp": "float16"}),
     "dp_llama": (None, {"arch": "llama", "kv_heads": 4}),  # other parameter names, grouped-query attention
+    # tp 2 > 1 key/value head: the head replicated on both TP ranks, its gradient norm counted once
+    "dp_tp_kv_replicas": (4, {"tp": 2, "arch": "llama", "kv_heads": 1}),
 }
 
 

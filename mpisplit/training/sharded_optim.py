@@ -188,7 +188,7 @@ class ShardedAdamW(AdamW):
             flat = part.grads.flat
             for i, lo, hi in part.segments:
                 p = self.params[i]
-                if p.grad is None or p.pipeline_copy:
+                if p.grad is None or p.pipeline_copy or p.replica_rank > 0:  # replicas: counted by the first
                     continue
                 g = flat[lo:hi]
                 if is_low_precision(g.dtype):
