@@ -211,12 +211,13 @@ def test_bench_gpt_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_bench_shard_optimizer_smoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize("amp", [False, True])
+def test_bench_shard_optimizer_smoke(tmp_path: Path, amp: bool) -> None:
     _single_rank_with_mpiexec()
-    r = _run_script(["benchmarks/bench_shard_optimizer.py", "--smoke", "--dps", "1", "2", "--out", str(tmp_path)],
-                    timeout=280)
+    r = _run_script(["benchmarks/bench_shard_optimizer.py", "--smoke", "--dps", "1", "2", "--out", str(tmp_path),
+                     *(["--amp"] if amp else [])], timeout=280)
     assert r.returncode == 0, r.stdout + r.stderr
-    res = json.loads((tmp_path / "bench_shard_optimizer.json").read_text())
+    res = json.loads((tmp_path / ("bench_shard_optimizer_amp.json" if amp else "bench_shard_optimizer.json")).read_text())
     assert [row["dp"] for row in res["memory"]] == [1, 2]
     for row in res["memory"]:  # the sharded state is 1/dp of the whole (to the padding)
         assert row["state_bytes"] * row["dp"] >= row["unsharded_state_bytes"]

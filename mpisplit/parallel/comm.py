@@ -35,11 +35,8 @@ HOST_ALLREDUCE_CHUNK_BYTES = 4 << 20
 KINDS = ("allreduce", "allgather", "reduce_scatter", "bcast")
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-
-
-def _mpi_type(dtype: Any) -> MPI.Datatype:
-    """The MPI datatype of a NumPy dtype (for calls that take an explicit type)."""
-    return MPI._typedict[np.dtype(dtype).char]
+_COMBINE = {"sum": np.add, "max": np.maximum, "min": np.minimum}  # the host ring's combine step
+_RING_TAG = 31  # the rows collectives' Sendrecv (on the library's own Dup of the communicator)
 
 
 def _slices(n: int, step: int) -> list[slice]:
@@ -72,6 +69,7 @@ class Communicator:
         self.size: int = owned.Get_size()
         self.max_count = max_count
         self._device_path: Any = None  # created on the first CuPy collective (staged) or set
+        self._scratch: dict[str, np.ndarray] = {}  # host ring buffers, by dtype
         self._stats: dict[str, dict[str, int]] = {}
         self.reset_stats()
 
@@ -309,29 +307,55 @@ class Communicator:
         return n
 
     def reduce_scatter_rows_(self, x: Any, cols: slice, op: str = "sum") -> None:
-        """x[rank, cols] = op over the ranks of x[:, cols]; the other rows are left as they are."""
+        """x[rank, cols] = op over the ranks of x[:, cols]; the other rows are left as they are.
+
+        On the host a ring, in place: size - 1 Sendrecv steps of one row's columns each, every
+        received partial result combined with this rank's row into a scratch buffer (the last
+        one into x[rank, cols]), the reduce-scatter half of a ring all-reduce; no packing copy."""
         n = self._check_rows(x, cols, "reduce_scatter_rows_")
-        mpi_op = self._check_op(op)
+        self._check_op(op)
         if self.size == 1:
             return
-        mine = x[self.rank, cols]
         if isinstance(x, np.ndarray):
-            packed = x[:, cols].copy()  # (size, n), rank q's block in row q; never aliases `mine`
-            self.mpi.Reduce_scatter_block(packed, mine, op=mpi_op)
+            self._ring_reduce_scatter(x, cols, n, op)
             self._count("reduce_scatter", self.size * n * x.itemsize)
         else:  # a device array: through the device path (counted there, the same bytes)
-            mine[...] = self.reduce_scatter(x[:, cols], axis=0, op=op)[0]
+            x[self.rank, cols] = self.reduce_scatter(x[:, cols], axis=0, op=op)[0]
+
+    def _ring_reduce_scatter(self, x: np.ndarray, cols: slice, n: int, op: str) -> None:
+        # Row c's result starts at rank c + 1 and travels right, each rank combining its own row
+        # c, to end at rank c: at step s rank r passes row r - s - 1 on and receives row r - s - 2.
+        p, r = self.size, self.rank
+        right, left = (r + 1) % p, (r - 1) % p
+        combine = _COMBINE[op]
+        scratch = self._ring_scratch(2 * n, x.dtype)
+        send = x[(r - 1) % p, cols]
+        for s in range(p - 1):
+            got = scratch[(s % 2) * n: (s % 2 + 1) * n]  # never the buffer being sent
+            self.mpi.Sendrecv(send, right, _RING_TAG, got, left, _RING_TAG)
+            out = x[r, cols] if s == p - 2 else got
+            combine(x[(r - s - 2) % p, cols], got, out=out)
+            send = out
+
+    def _ring_scratch(self, n: int, dtype: Any) -> np.ndarray:
+        """A host buffer of at least n elements of dtype, kept for the next call."""
+        key = np.dtype(dtype).str
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < n:
+            buf = self._scratch[key] = np.empty(n, dtype=dtype)
+        return buf[:n]
 
     def allgather_rows_(self, x: Any, cols: slice) -> None:
-        """x[q, cols] = rank q's x[q, cols] on every rank, for every q; in place, no copy on the host."""
+        """x[q, cols] = rank q's x[q, cols] on every rank, for every q; in place, no copy on the
+        host (a ring: size - 1 Sendrecv steps, each received row straight into its place)."""
         n = self._check_rows(x, cols, "allgather_rows_")
         if self.size == 1:
             return
         if isinstance(x, np.ndarray):
-            lo = cols.indices(x.shape[1])[0]
-            m = x.shape[1]
-            displs = [q * m + lo for q in range(self.size)]
-            self.mpi.Allgatherv(MPI.IN_PLACE, [x.reshape(-1), ([n] * self.size, displs), _mpi_type(x.dtype)])
+            p, r = self.size, self.rank
+            for s in range(p - 1):  # row r - s travels right
+                self.mpi.Sendrecv(x[(r - s) % p, cols], (r + 1) % p, _RING_TAG,
+                                  x[(r - s - 1) % p, cols], (r - 1) % p, _RING_TAG)
             self._count("allgather", self.size * n * x.itemsize)
         else:  # a device array: through the device path (counted there, the same bytes)
             x[:, cols] = self.allgather(x[self.rank, cols][None], axis=0)

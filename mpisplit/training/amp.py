@@ -152,6 +152,9 @@ class MixedPrecision:
         self.pairs = [(mine[name], theirs[name]) for name in theirs]
         self.comm = comm
         self.scaler = scaler if scaler is not None else LossScaler()
+        # A ShardedAdamW holding the master weights of its part only writes the model itself
+        # (sharded_optim.ShardedAdamW.shard_master_weights): update_model then has nothing to do.
+        self.model_written_by_optimizer = False
         cast_module_(model, self.dtype)
         self.update_model()
 
@@ -199,7 +202,10 @@ class MixedPrecision:
         return int(out[0]) == 0
 
     def update_model(self) -> None:
-        """Copy the master weights into the 16-bit model (rounding to nearest)."""
+        """Copy the master weights into the 16-bit model (rounding to nearest); nothing when the
+        optimizer writes the model (sharded master weights)."""
+        if self.model_written_by_optimizer:
+            return
         for p, m in self.pairs:
             p.data[...] = m.data.astype(p.dtype)
 

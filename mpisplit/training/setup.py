@@ -157,6 +157,8 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
         restore_rng(model, reader, grid)
         reader.close()
     net, mp = _mixed_precision(config, cfg, model, meta, grid)
+    if mp is not None and isinstance(opt, ShardedAdamW):
+        opt.shard_master_weights(mp)  # float32 master weights of this rank's part only
     return Model(cfg, model, net, opt, mp, start_step, meta)
 
 

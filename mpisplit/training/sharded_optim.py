@@ -18,9 +18,17 @@ the unsharded run's one all-reduce (Communicator.stats counts each at the full b
 Parameters become views of one flat block per dtype, in the gradient block's order, so the
 all-gather lands in place.
 
-Checkpoints keep the unsharded layout: `state_arrays()` all-gathers each moment (a collective,
-transient memory of the whole state) and `load_state` takes this rank's range of a parameter's
-slab, so a sharded run resumes unsharded, at another dp, tp or pp, and the reverse.
+Mixed precision (`shard_master_weights(mp)`): the optimizer is built on the float32 master
+parameters, then keeps the master weights of its part only, besides the moments. step()
+updates the float32 part, rounds it to the 16-bit dtype (what MixedPrecision.update_model does
+to every weight of an unsharded run: the same bits) and all-gathers the 16-bit block, of which
+the compute model's parameters are views; half the bytes of gathering float32.
+
+Checkpoints (training/state.py): `state_pieces()` gives this rank's range of every moment (and,
+sharded, master weight) as pieces of the parameter's slab, which each DP rank writes itself;
+`local_range(i)` and `load_range` read back only this rank's range, from pieces or whole slabs
+of any layout. So a sharded run resumes unsharded, at another dp, tp or pp, and the reverse,
+and no rank gathers the state.
 """
 
 from __future__ import annotations
@@ -47,18 +55,27 @@ class _Part:
     """One flat block (one dtype) and this rank's part of it."""
 
     grads: grad_buffer.GradBuffer
-    data: Any  # (dp * m,) the parameters' values; each parameter's `.data` is a view of it
+    # (dp * m,) the parameters' values, each parameter's `.data` a view of it (once the master
+    # weights are sharded: the 16-bit compute model's values, its parameters the views)
+    data: Any
     m: int  # elements per rank
     lo: int  # this rank's part: block elements [lo, lo + m)
     # (parameter index, block lo, block hi) of every parameter that meets the part
     segments: list[tuple[int, int, int]] = field(default_factory=list)
     moments: dict[str, Any] = field(default_factory=dict)  # kind -> (m,) array
+    master: Any = None  # (m,) float32 master weights of the part once shard_master_weights ran
+
+    def values(self) -> tuple[Any, int]:
+        """The array AdamW updates and the block element its index 0 stands for."""
+        return (self.data, 0) if self.master is None else (self.master, self.lo)
 
 
 class ShardedAdamW(AdamW):
-    """AdamW whose moments live 1/dp on each rank of `dp_comm` (a Communicator)."""
+    """AdamW whose moments (and, with shard_master_weights, master weights) live 1/dp on each
+    rank of `dp_comm` (a Communicator)."""
 
-    checkpoint_type = "AdamW"  # saved in AdamW's layout, loadable by either
+    checkpoint_type = "AdamW"  # the same tensors as AdamW's checkpoints, loadable by either
+    holds_master_weights = False  # True once shard_master_weights ran
 
     def __init__(
         self, params: Iterable[Parameter], dp_comm: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -97,6 +114,33 @@ class ShardedAdamW(AdamW):
             self.parts.append(part)
         if isinstance(self.parts[0].data, np.ndarray):
             release_free_memory()  # the parameters' first arrays, now copied into the blocks
+
+    def shard_master_weights(self, mp: Any) -> None:
+        """Keep the float32 master weights of this rank's part only. `mp` (MixedPrecision) pairs
+        this optimizer's (master) parameters with the 16-bit ones of its compute model, which
+        become views of one 16-bit block per part; step() then writes the model, and
+        mp.update_model() does nothing. A master parameter's `.data` becomes its twin's: the
+        values the model computes with. Call once the master weights are final (loaded)."""
+        if self.holds_master_weights:
+            raise ValueError("shard_master_weights: the master weights are already sharded")
+        twin = {id(m): p for p, m in mp.pairs}
+        if set(twin) != {id(p) for p in self.params}:
+            raise ValueError("shard_master_weights: the MixedPrecision's master parameters are not this optimizer's")
+        for part in self.parts:
+            xp = get_array_module(part.data)
+            low = xp.zeros(part.data.size, dtype=mp.dtype)  # calloc'ed, as in _init_state
+            offset = 0
+            for p in part.grads.params:
+                q = twin[id(p)]
+                low[offset: offset + p.size] = q.data.reshape(-1)  # = the master rounded (update_model)
+                q.data = p.data = low[offset: offset + p.size].reshape(q.shape)
+                offset += p.size
+            part.master = part.data[part.lo: part.lo + part.m].copy()
+            part.data = low  # the float32 block is released with its last view
+        mp.model_written_by_optimizer = True
+        self.holds_master_weights = True
+        if isinstance(self.parts[0].data, np.ndarray):
+            release_free_memory()
 
     # ------------------------------------------------------------------ the step
 
@@ -144,7 +188,7 @@ class ShardedAdamW(AdamW):
             flat = part.grads.flat
             for i, lo, hi in part.segments:
                 p = self.params[i]
-                if p.grad is None or p.pipeline_copy:
+                if p.grad is None or p.pipeline_copy or p.replica_rank > 0:  # replicas: counted by the first
                     continue
                 g = flat[lo:hi]
                 if is_low_precision(g.dtype):
@@ -166,12 +210,15 @@ class ShardedAdamW(AdamW):
         step_size, root_bias = self._bias_terms()
         for part in self.parts:
             grads = part.grads.flat
+            values, base = part.values()
             for i, lo, hi in part.segments:
                 if self.params[i].grad is None:
                     continue
                 local = slice(lo - part.lo, hi - part.lo)
-                self._apply(part.data[lo:hi], grads[lo:hi], part.moments["exp_avg"][local],
+                self._apply(values[lo - base: hi - base], grads[lo:hi], part.moments["exp_avg"][local],
                             part.moments["exp_avg_sq"][local], self._decay(i), step_size, root_bias)
+            if part.master is not None:  # rounded to nearest, as MixedPrecision.update_model
+                part.data[part.lo: part.lo + part.m] = part.master
             self._all_gather(part)
 
     def _all_gather(self, part: _Part) -> None:
@@ -185,39 +232,51 @@ class ShardedAdamW(AdamW):
     # ------------------------------------------------------------------ memory and checkpoints
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds (both moments of its parts)."""
-        return sum(a.nbytes for part in self.parts for a in part.moments.values())
+        """Bytes of optimizer state this rank holds (both moments of its parts, and the master
+        weights of its parts once sharded)."""
+        return sum(a.nbytes for part in self.parts for a in (*part.moments.values(), part.master) if a is not None)
 
     def state_kinds(self) -> list[str]:
         return list(KINDS)
 
     def state_arrays(self) -> dict[str, list[Any]]:
-        """Every parameter's whole moments, all-gathered over DP (collective; transient arrays
-        of the whole state): the layout of an unsharded AdamW's, for checkpoints."""
-        dp = self.dp_comm.size
-        out: dict[str, list[Any]] = {kind: [None] * len(self.params) for kind in KINDS}
-        for part in self.parts:
-            xp = get_array_module(part.data)
-            for kind in KINDS:
-                full = xp.empty(dp * part.m, dtype=part.data.dtype)
-                blocks = full.reshape(dp, part.m)
-                blocks[self.dp_comm.rank] = part.moments[kind]
-                for s in self._pieces(part):
-                    self.dp_comm.allgather_rows_(blocks, s)
-                for i, (owner, offset) in self._offsets.items():
-                    if owner is part:
-                        p = self.params[i]
-                        out[kind][i] = full[offset: offset + p.size].reshape(p.shape)
+        raise TypeError("ShardedAdamW holds 1/dp of each moment: its checkpoint state is state_pieces()")
+
+    def local_range(self, i: int) -> tuple[int, int]:
+        """[lo, hi): the elements of parameter i's flattened slab that this rank's part holds
+        (lo == hi: none)."""
+        part, offset = self._offsets[i]
+        lo, hi = max(offset, part.lo), min(offset + self.params[i].size, part.lo + part.m)
+        return (lo - offset, hi - offset) if lo < hi else (0, 0)
+
+    def state_pieces(self) -> dict[str, list[tuple[int, int, Any]]]:
+        """This rank's range of every parameter's state: kind -> one (lo, hi, values) per
+        parameter, values the elements [lo, hi) of its flattened slab (views on the host, no
+        copy); kinds: the moments, and "master" once the master weights are sharded."""
+        kinds = [*KINDS, "master"] if self.holds_master_weights else list(KINDS)
+        out: dict[str, list[tuple[int, int, Any]]] = {kind: [] for kind in kinds}
+        for i in range(len(self.params)):
+            part, offset = self._offsets[i]
+            lo, hi = self.local_range(i)
+            at = slice(offset + lo - part.lo, offset + hi - part.lo)
+            for kind in kinds:
+                array = part.master if kind == "master" else part.moments[kind]
+                out[kind].append((lo, hi, to_numpy(array[at])))
         return out
+
+    def load_range(self, kind: str, i: int, values: Any) -> None:
+        """This rank's range of parameter i's `kind` (a moment, or "master" once sharded) from
+        `values`, the elements local_range(i) of its flattened slab."""
+        if kind not in KINDS and not (kind == "master" and self.holds_master_weights):
+            raise ValueError(f"unknown AdamW state {kind!r}; expected one of {list(KINDS)}")
+        part, offset = self._offsets[i]
+        lo, hi = self.local_range(i)
+        if hi > lo:
+            xp = get_array_module(part.grads.flat)
+            array = part.master if kind == "master" else part.moments[kind]
+            array[offset + lo - part.lo: offset + hi - part.lo] = xp.asarray(values, dtype=array.dtype)
 
     def load_state(self, kind: str, i: int, value: Any) -> None:
         """This rank's range of parameter i's moment `kind` from `value` (its whole slab)."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown AdamW state {kind!r}; expected one of {list(KINDS)}")
-        part, offset = self._offsets[i]
-        p = self.params[i]
-        lo, hi = max(offset, part.lo), min(offset + p.size, part.lo + part.m)
-        if lo < hi:
-            xp = get_array_module(part.data)
-            flat = np.asarray(value).reshape(-1)[lo - offset: hi - offset]
-            part.moments[kind][lo - part.lo: hi - part.lo] = xp.asarray(flat, dtype=part.data.dtype)
+        lo, hi = self.local_range(i)
+        self.load_range(kind, i, np.asarray(value).reshape(-1)[lo:hi])

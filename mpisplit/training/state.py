@@ -2,8 +2,11 @@
 
 Tensor names in a checkpoint: `model/<parameter name>` and
 `optim/<kind>/<parameter name>` (kind: exp_avg, exp_avg_sq, momentum). Optimizer
-moments are split exactly like their parameter, so they reshard with it; a sharded optimizer
-(training/sharded_optim.py) saves them in the same layout and loads its range of each.
+moments are split exactly like their parameter, so they reshard with it. A sharded optimizer
+(training/sharded_optim.py) saves the same tensors, by global name, as pieces (element ranges
+of each slab, checkpoint/layout.py) that every DP rank writes for its own range, the float32
+master weights (`model/...`) too when it holds them; it reads back only its range of each, from
+pieces or plain slabs. Either kind of checkpoint loads into either optimizer at any layout.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from mpisplit.training.checkpoint import (
     CheckpointReader,
     ShardInfo,
     latest_checkpoint,
+    load_range,
     load_shard,
     save_checkpoint,
 )
@@ -35,14 +39,31 @@ def _shard(p: Parameter, array: Any) -> ShardInfo:
     return ShardInfo(array=np.ascontiguousarray(local), global_shape=p.global_shape, split_axis=p.split_axis, start=p.start)
 
 
+def _piece(p: Parameter, lo: int, hi: int, values: Any) -> ShardInfo:
+    """Elements [lo, hi) of p's flattened slab; a replica of a replicated key/value head saves none."""
+    if p.replica_rank > 0:
+        lo, hi, values = 0, 0, values[:0]
+    rows = p.view_shape[p.split_axis] if p.split_axis is not None else None
+    return ShardInfo(array=np.ascontiguousarray(values), global_shape=p.global_shape, split_axis=p.split_axis,
+                     start=p.start, elements=(lo, hi), rows=rows)
+
+
 def training_shards(model: Module, optimizer: Optimizer | None = None) -> dict[str, ShardInfo]:
-    """Every slab this rank holds, by checkpoint name; a pipeline stage's copy of a weight that
-    another stage owns (the last stage's tied head) is left to the owner; the other replicas of a
-    replicated key/value head hold no rows."""
+    """Every slab (or piece) this rank holds, by checkpoint name; a pipeline stage's copy of a
+    weight that another stage owns (the last stage's tied head) is left to the owner; the other
+    replicas of a replicated key/value head hold no rows."""
     params = [(name, p) for name, p in model.named_parameters() if not p.pipeline_copy]
-    shards = {f"model/{name}": _shard(p, p.data) for name, p in params}
-    if optimizer is not None:
-        names = {id(p): name for name, p in params}
+    names = {id(p): name for name, p in params}
+    pieces = optimizer.state_pieces() if hasattr(optimizer, "state_pieces") else {}
+    shards = {}
+    if "master" not in pieces:
+        shards = {f"model/{name}": _shard(p, p.data) for name, p in params}
+    for kind, per_param in pieces.items():
+        prefix = "model" if kind == "master" else f"optim/{kind}"
+        for p, (lo, hi, values) in zip(optimizer.params, per_param):
+            if id(p) in names:
+                shards[f"{prefix}/{names[id(p)]}"] = _piece(p, lo, hi, values)
+    if optimizer is not None and not pieces:
         for kind, arrays in optimizer.state_arrays().items():
             for p, arr in zip(optimizer.params, arrays):
                 if id(p) in names:
@@ -58,6 +79,13 @@ def _read_slab(reader: CheckpointReader, name: str, p: Parameter) -> np.ndarray:
         start=lo if p.split_axis is not None else None, stop=hi if p.split_axis is not None else None,
     )
     return slab.reshape(p.shape)
+
+
+def _read_range(reader: CheckpointReader, name: str, p: Parameter, lo: int, hi: int) -> np.ndarray:
+    """Elements [lo, hi) of this rank's slab of checkpoint tensor `name` laid out like `p`."""
+    start, stop = p.slab_bounds() if p.split_axis is not None else (None, None)
+    return load_range(reader, name, global_shape=p.global_shape, split_axis=p.split_axis,
+                      start=start, stop=stop, lo=lo, hi=hi)
 
 
 @contextmanager
@@ -81,13 +109,18 @@ def load_model(reader: CheckpointReader, model: Module) -> None:
 
 
 def load_optimizer(reader: CheckpointReader, model: Module, optimizer: Optimizer) -> None:
-    """Read the optimizer moments, resharded like their parameters (a sharded optimizer keeps
-    its range of each slab). Collective."""
+    """Read the optimizer moments, resharded like their parameters (a sharded optimizer reads
+    only its range of each slab). Collective."""
     names = {id(p): name for name, p in model.named_parameters()}
+    ranged = hasattr(optimizer, "local_range")
     with _per_stage(reader, model):
         for kind in optimizer.state_kinds():
             for i, p in enumerate(optimizer.params):
-                optimizer.load_state(kind, i, _read_slab(reader, f"optim/{kind}/{names[id(p)]}", p))
+                name = f"optim/{kind}/{names[id(p)]}"
+                if ranged:  # every rank reads, an empty range too: each read is collective
+                    optimizer.load_range(kind, i, _read_range(reader, name, p, *optimizer.local_range(i)))
+                else:
+                    optimizer.load_state(kind, i, _read_slab(reader, name, p))
     optimizer.step_count = int(reader.meta.get("optimizer", {}).get("step_count", 0))
 
 
@@ -98,7 +131,7 @@ def save_training_state(
     """Write model (and optimizer) slabs plus metadata as `root/step-XXXXXXXX`. Collective."""
     meta = dict(meta)
     if optimizer is not None:
-        # a sharded AdamW saves AdamW's layout: its checkpoints are AdamW's
+        # a sharded AdamW saves AdamW's tensors (as pieces): its checkpoints are AdamW's
         kind = getattr(optimizer, "checkpoint_type", type(optimizer).__name__)
         meta["optimizer"] = {"type": kind, "step_count": optimizer.step_count}
     return save_checkpoint(

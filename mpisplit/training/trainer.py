@@ -301,7 +301,9 @@ class Trainer:
     def _sample(self) -> None:
         c, tok = self.config, self.data.tokenizer
         prompt = tok.encode("\n")[None, :] if tok is not None and "\n" in tok.index else self.data.val[:1][None, :]
-        ids = self.model.generate(prompt, c.sample_len, temperature=0.8, top_k=20, seed=c.seed)
+        # the float32 master weights, unless a sharded optimizer holds only its part of them
+        model = self.net if getattr(self.opt, "holds_master_weights", False) else self.model
+        ids = model.generate(prompt, c.sample_len, temperature=0.8, top_k=20, seed=c.seed)
         sample = tok.decode(ids[0]) if tok is not None else " ".join(str(int(i)) for i in ids[0])
         if self.rank == 0:
             (self.out / "sample.txt").write_text(sample, encoding="utf-8")

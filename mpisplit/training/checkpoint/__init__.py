@@ -1,9 +1,10 @@
 """Sharded, atomic safetensors checkpoints that load at any tensor-parallel degree.
 
 layout.py  the folder layout, names and the shard record (`ShardInfo`)
-writer.py  save_checkpoint: each TP rank writes its slabs, rank 0 the index, then an atomic rename
+writer.py  save_checkpoint: each TP rank writes its slabs, each DP rank its pieces, rank 0 the index,
+           then an atomic rename
 index.py   validation of index.json
-reader.py  CheckpointReader / load_shard at any layout; latest_checkpoint of a run folder
+reader.py  CheckpointReader / load_shard / load_range at any layout; latest_checkpoint of a run folder
 """
 
 from mpisplit.training.checkpoint.layout import (
@@ -13,7 +14,12 @@ from mpisplit.training.checkpoint.layout import (
     LATEST_NAME,
     ShardInfo,
 )
-from mpisplit.training.checkpoint.reader import CheckpointReader, latest_checkpoint, load_shard
+from mpisplit.training.checkpoint.reader import (
+    CheckpointReader,
+    latest_checkpoint,
+    load_range,
+    load_shard,
+)
 from mpisplit.training.checkpoint.writer import save_checkpoint
 
 __all__ = [
@@ -24,6 +30,7 @@ __all__ = [
     "CheckpointReader",
     "ShardInfo",
     "latest_checkpoint",
+    "load_range",
     "load_shard",
     "save_checkpoint",
 ]

@@ -1,5 +1,5 @@
-"""Validation of a parsed index.json: schema, file names that cannot escape the folder, and
-shards that tile every split tensor exactly once."""
+"""Validation of a parsed index.json: schema, file names that cannot escape the folder, shards
+that tile every split tensor exactly once, and pieces that tile their slabs exactly once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mpisplit.training.checkpoint.layout import _DTYPES, _SHA256, FORMAT, FORMAT_VERSION, INDEX_NAME
+from mpisplit.training.checkpoint.layout import (
+    _DTYPES,
+    _SHA256,
+    FORMAT,
+    INDEX_NAME,
+    READABLE_VERSIONS,
+    slab_rows_view,
+)
 
 
 def _check_file_name(name: Any) -> str:
@@ -43,10 +50,9 @@ def _validate_index(path: Path, index: Any) -> dict:
     where = path / INDEX_NAME
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"{where}: not a {FORMAT} index")
-    if index.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{where}: format version {index.get('version')!r}, this reader knows {FORMAT_VERSION}"
-        )
+    if index.get("version") not in READABLE_VERSIONS or isinstance(index.get("version"), bool):
+        known = ", ".join(str(v) for v in READABLE_VERSIONS)
+        raise ValueError(f"{where}: format version {index.get('version')!r}, this reader knows {known}")
     for key in ("step", "tp", "dp"):
         if not _is_int(index.get(key)) or index[key] < 0:
             raise ValueError(f"{where}: {key} must be an int >= 0, got {index.get(key)!r}")
@@ -86,6 +92,9 @@ def _validate_index(path: Path, index: Any) -> dict:
                 raise ValueError(
                     f"{where}: tensor {name!r} is in file {s.get('file')!r}, absent from 'files'"
                 )
+        if any("elements" in s for s in shards):
+            _check_pieces(where, name, t, index.get("version"))
+            continue
         if axis is None:
             if len(shards) != 1:
                 raise ValueError(
@@ -108,3 +117,43 @@ def _validate_index(path: Path, index: Any) -> dict:
                 f"{where}: shards of tensor {name!r} cover rows [0, {pos}) of {gshape[axis]}"
             )
     return index
+
+
+def _check_pieces(where: Path, name: str, t: dict, version: Any) -> None:
+    """A tensor stored in pieces (layout.py): slabs that tile the split axis, each slab's
+    pieces tiling its elements [0, outer * rows * inner); sorts the shards by (start, lo)."""
+    shards, gshape, axis = t["shards"], t["global_shape"], t["split_axis"]
+    _require(version != 1, f"{where}: tensor {name!r} has pieces, which format version 1 does not have")
+    _require(all("elements" in s for s in shards), f"{where}: tensor {name!r} mixes pieces and plain slabs")
+    for s in shards:
+        e = s["elements"]
+        _require(isinstance(e, list) and len(e) == 2 and all(_is_int(x) for x in e) and 0 <= e[0] < e[1],
+                 f"{where}: tensor {name!r} has a piece with invalid elements {e!r}")
+        if axis is None:
+            _require(s.get("start") is None and s.get("stop") is None and s.get("rows") is None,
+                     f"{where}: replicated tensor {name!r} has a piece with rows")
+        else:
+            start, rows = s.get("start"), s.get("rows")
+            _require(_is_int(start) and start >= 0 and _is_int(rows) and rows > 0
+                     and s.get("stop") == min(start + rows, gshape[axis]) and start < gshape[axis],
+                     f"{where}: tensor {name!r} has a piece of invalid rows {[start, s.get('stop'), rows]}")
+    shards.sort(key=lambda s: (s.get("start") or 0, s["elements"][0]))
+    slabs: dict[tuple, list[list[int]]] = {}
+    for s in shards:
+        slabs.setdefault((s.get("start") or 0, s.get("stop"), s.get("rows")), []).append(s["elements"])
+    pos = 0
+    for (start, stop, rows), ranges in slabs.items():
+        if axis is not None:
+            _require(start == pos, f"{where}: slabs of tensor {name!r} do not cover rows [0, {gshape[axis]}) "
+                     f"once: a slab starts at row {start} after row {pos}")
+            pos = stop
+        outer, n, inner = slab_rows_view(tuple(gshape), axis, rows)
+        end = 0
+        for lo, hi in ranges:
+            _require(lo == end, f"{where}: pieces of tensor {name!r} (slab at row {start}) do not cover its "
+                     f"elements once: [{lo}, {hi}) after element {end}")
+            end = hi
+        _require(end == outer * n * inner, f"{where}: pieces of tensor {name!r} (slab at row {start}) cover "
+                 f"elements [0, {end}) of {outer * n * inner}")
+    _require(axis is None or pos == gshape[axis],
+             f"{where}: slabs of tensor {name!r} cover rows [0, {pos}) of {gshape[axis] if axis is not None else 0}")

@@ -1,5 +1,6 @@
-"""Reading a checkpoint at any TP layout: only the rows a rank needs, through lazy safetensors slices;
-and finding the latest complete checkpoint of a run folder."""
+"""Reading a checkpoint at any TP layout: only the rows a rank needs (or, for a sharded optimizer,
+only its range of elements), through lazy safetensors slices, from plain slabs and from pieces
+alike; and finding the latest complete checkpoint of a run folder."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from mpisplit.training.checkpoint.layout import (
     LATEST_NAME,
     _agree,
     _mpi,
+    slab_rows_view,
 )
 
 
@@ -73,7 +75,10 @@ def _check_files(path: Path, index: dict) -> None:
     expected: dict[str, dict[str, tuple[str, list[int]]]] = {f: {} for f in index["files"]}
     for name, t in index["tensors"].items():
         for s in t["shards"]:
-            shape = [hi - lo for lo, hi in _shard_box(t, s)]
+            if "elements" in s:  # a piece: a 1-D run of its slab's elements
+                shape = [s["elements"][1] - s["elements"][0]]
+            else:
+                shape = [hi - lo for lo, hi in _shard_box(t, s)]
             expected[s["file"]][name] = (_DTYPES[t["dtype"]], shape)
     for fname, want in expected.items():
         fpath = path / fname
@@ -240,6 +245,26 @@ class CheckpointReader:
         stop: int | None,
         expect_shape: tuple[int, ...] | None,
     ) -> np.ndarray:
+        t, axis, start, stop = self._request(name, split_axis, start, stop, expect_shape)
+        gshape = tuple(t["global_shape"])
+        if _has_pieces(t):
+            k = _pieces_axis(name, t, axis)
+            outer = slab_rows_view(gshape, k)[0]
+            lo, hi = (start, stop) if axis is not None else (0, 1 if k is None else gshape[k])
+            out_shape = list(gshape)
+            if axis is not None:
+                out_shape[axis] = stop - start
+            return self._rows3(t, name, k, 0, outer, lo, hi).reshape(out_shape)
+        box = [(0, g) for g in gshape]
+        if axis is not None:
+            box[axis] = (start, stop)
+        return self._read_box(t, name, box)
+
+    def _request(
+        self, name: str, split_axis: int | None, start: int | None, stop: int | None,
+        expect_shape: tuple[int, ...] | None,
+    ) -> tuple[dict, int | None, int, int]:
+        """The entry of `name` and the checked request (axis, start, stop)."""
         t = self._entry(name)
         gshape = tuple(t["global_shape"])
         if expect_shape is not None and tuple(expect_shape) != gshape:
@@ -252,40 +277,130 @@ class CheckpointReader:
                 raise ValueError(
                     f"tensor {name!r}: start/stop ({start}, {stop}) given without split_axis"
                 )
-            axis, start, stop = None, 0, 0
-        else:
-            if not _is_int(split_axis) or not 0 <= split_axis < len(gshape):
-                raise ValueError(
-                    f"tensor {name!r}: split_axis {split_axis!r} is not an axis of shape {gshape}"
-                )
-            axis = split_axis
-            start = 0 if start is None else start
-            stop = gshape[axis] if stop is None else stop
-            if not (_is_int(start) and _is_int(stop)) or not 0 <= start <= stop:
-                raise ValueError(f"tensor {name!r}: rows [{start}, {stop}) are not a valid range")
-        dtype = np.dtype(t["dtype"])
-        out_shape = list(gshape)
-        if axis is not None:
-            out_shape[axis] = stop - start
-        out = np.zeros(out_shape, dtype=dtype)
-        want = [(0, g) for g in gshape]
-        if axis is not None:
-            want[axis] = (min(start, gshape[axis]), min(stop, gshape[axis]))
+            return t, None, 0, 0
+        if not _is_int(split_axis) or not 0 <= split_axis < len(gshape):
+            raise ValueError(
+                f"tensor {name!r}: split_axis {split_axis!r} is not an axis of shape {gshape}"
+            )
+        start = 0 if start is None else start
+        stop = gshape[split_axis] if stop is None else stop
+        if not (_is_int(start) and _is_int(stop)) or not 0 <= start <= stop:
+            raise ValueError(f"tensor {name!r}: rows [{start}, {stop}) are not a valid range")
+        return t, split_axis, start, stop
+
+    def _read_box(self, t: dict, name: str, box: list[tuple[int, int]]) -> np.ndarray:
+        """Global indices box[d] = [lo, hi) of every axis d from plain slabs; zeros past the
+        logical shape."""
+        gshape = tuple(t["global_shape"])
+        out = np.zeros([hi - lo for lo, hi in box], dtype=np.dtype(t["dtype"]))
+        want = [(min(lo, g), min(hi, g)) for (lo, hi), g in zip(box, gshape, strict=True)]
         for shard in t["shards"]:
-            box = _shard_box(t, shard)
+            held = _shard_box(t, shard)
             inter = [
-                (max(w0, b0), min(w1, b1)) for (w0, w1), (b0, b1) in zip(want, box, strict=True)
+                (max(w0, b0), min(w1, b1)) for (w0, w1), (b0, b1) in zip(want, held, strict=True)
             ]
             if any(hi <= lo for lo, hi in inter):
                 continue  # no overlap (or an empty tensor): nothing to read
             src = tuple(
-                slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box, strict=True)
+                slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, held, strict=True)
             )
-            off = [0] * len(gshape)
-            if axis is not None:
-                off[axis] = start
-            dst = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(inter, off, strict=True))
+            dst = tuple(slice(lo - o, hi - o) for (lo, hi), (o, _) in zip(inter, box, strict=True))
             out[dst] = self._slice(shard["file"], name, src)
+        return out
+
+    def _rows3(self, t: dict, name: str, k: int | None, o0: int, o1: int, r0: int, r1: int) -> np.ndarray:
+        """(o1 - o0, r1 - r0, inner): outer indices [o0, o1) and global rows [r0, r1) along axis k
+        of the tensor seen as (outer, rows, inner) (slab_rows_view; k None: (1, 1, size)); zeros
+        past the logical rows."""
+        gshape = tuple(t["global_shape"])
+        outer, _, inner = slab_rows_view(gshape, k)
+        if _has_pieces(t):
+            out = np.zeros((o1 - o0, r1 - r0, inner), dtype=np.dtype(t["dtype"]))
+            for shard in t["shards"]:
+                self._piece_rows(t, name, shard, k, o0, o1, r0, r1, out)
+            return out
+        if k is None:
+            return self._read_box(t, name, [(0, g) for g in gshape]).reshape(1, 1, inner)
+        # plain slabs: the box of whole leading indices that holds outer [o0, o1)
+        per = outer // gshape[0] if k > 0 and gshape[0] else 1  # outer indices per index of axis 0
+        box = [(0, g) for g in gshape]
+        first = 0
+        if k > 0:
+            first = o0 // per
+            box[0] = (first, -(-o1 // per))
+        box[k] = (r0, r1)
+        block = self._read_box(t, name, box).reshape(-1, r1 - r0, inner)
+        return block[o0 - first * per: o1 - first * per]
+
+    def _piece_rows(
+        self, t: dict, name: str, shard: dict, k: int | None, o0: int, o1: int, r0: int, r1: int, out: np.ndarray,
+    ) -> None:
+        """Copy what piece `shard` holds of outer [o0, o1) x rows [r0, r1) into `out` (the
+        (o1 - o0, r1 - r0, inner) block); reads at most the piece's own elements."""
+        gshape = tuple(t["global_shape"])
+        start = shard.get("start") or 0
+        _, rows, inner = slab_rows_view(gshape, k, shard.get("rows"))
+        real = rows if k is None else min(rows, gshape[k] - start)  # the slab's logical rows
+        x0, x1 = max(r0, start), min(r1, start + real)
+        lo, hi = shard["elements"]
+        per = rows * inner  # elements per outer index in the slab
+        oa, ob = max(o0, lo // per), min(o1, -(-hi // per))  # outer indices the piece meets
+        if x1 <= x0 or ob <= oa:
+            return
+        a, b = (x0 - start) * inner, (x1 - start) * inner  # the wanted rows within one outer index
+
+        def read(first: int, end: int) -> np.ndarray:  # slab elements [first, end) of the piece
+            return self._slice(shard["file"], name, (slice(first - lo, end - lo),))
+
+        full_lo, full_hi = max(oa, -(-lo // per)), min(ob, hi // per)  # outer indices held whole
+        if full_lo < full_hi:
+            block = read(full_lo * per, full_hi * per).reshape(full_hi - full_lo, rows, inner)
+            out[full_lo - o0: full_hi - o0, x0 - r0: x1 - r0] = block[:, x0 - start: x1 - start]
+        for o in sorted({oa, ob - 1} - set(range(full_lo, full_hi))):  # partly held: first, last
+            first, end = max(lo, o * per + a), min(hi, o * per + b)
+            if first < end:
+                dst = out[o - o0, x0 - r0: x1 - r0].reshape(-1)  # contiguous: whole inner rows
+                dst[first - o * per - a: end - o * per - a] = read(first, end)
+
+    def read_range(
+        self, name: str, split_axis: int | None, start: int | None, stop: int | None, lo: int, hi: int,
+        expect_shape: tuple[int, ...] | None = None,
+    ) -> np.ndarray:
+        """Elements [lo, hi) of the C-order flattening of the slab of global rows [start, stop)
+        along `split_axis` (the whole tensor if None), zeros past the logical length: a sharded
+        optimizer's range of a parameter, read without the rest of the slab (at most one
+        index of the outer axes more at each end). Collective over comm."""
+        with _agree(self._comm):
+            out = self._read_range(name, split_axis, start, stop, lo, hi, expect_shape)
+        return out
+
+    def _read_range(
+        self, name: str, split_axis: int | None, start: int | None, stop: int | None, lo: int, hi: int,
+        expect_shape: tuple[int, ...] | None,
+    ) -> np.ndarray:
+        t, axis, start, stop = self._request(name, split_axis, start, stop, expect_shape)
+        gshape = tuple(t["global_shape"])
+        k = _pieces_axis(name, t, axis) if _has_pieces(t) else axis
+        if axis is None:
+            start, stop = (0, 1) if k is None else (0, gshape[k])
+        outer, rows, inner = slab_rows_view(gshape, k, stop - start)
+        if not (_is_int(lo) and _is_int(hi)) or not 0 <= lo <= hi <= outer * rows * inner:
+            raise ValueError(f"tensor {name!r}: elements [{lo}, {hi}) are not in [0, {outer * rows * inner})")
+        out = np.empty(hi - lo, dtype=np.dtype(t["dtype"]))
+        per = rows * inner
+        o = lo // per if per else 0
+        while lo < hi:  # one outer index at a time at the ends, the whole ones between in one read
+            if lo % per == 0 and hi - lo >= per:
+                n = (hi - lo) // per
+                part = self._rows3(t, name, k, o, o + n, start, stop).reshape(-1)
+            else:
+                end = min(hi, (o + 1) * per)
+                a, b = (lo - o * per) // inner, -(-(end - o * per) // inner)  # rows that hold them
+                part = self._rows3(t, name, k, o, o + 1, start + a, start + b).reshape(-1)
+                part = part[lo - o * per - a * inner: end - o * per - a * inner]
+            out[out.size - (hi - lo): out.size - (hi - lo) + part.size] = part
+            lo += part.size
+            o = lo // per
         return out
 
     def _slice(self, fname: str, name: str, src: tuple[slice, ...]) -> np.ndarray:
@@ -348,6 +463,24 @@ class CheckpointReader:
         self.close()
 
 
+def _has_pieces(t: dict) -> bool:
+    return any("elements" in s for s in t["shards"])
+
+
+def _pieces_axis(name: str, t: dict, axis: int | None) -> int | None:
+    """The axis whose rows the pieces' slabs are: the saved split axis (a read along another
+    is an error: pieces are runs of a slab's flattening), or the reader's for a replicated tensor."""
+    saved = t["split_axis"]
+    if saved is None:
+        return axis
+    if axis is not None and axis != saved:
+        raise ValueError(
+            f"tensor {name!r} is stored in pieces of slabs split along axis {saved}: "
+            f"it can be read along that axis or whole, not along axis {axis}"
+        )
+    return saved
+
+
 def load_shard(
     reader: CheckpointReader,
     name: str,
@@ -366,3 +499,12 @@ def load_shard(
     with _agree(reader._comm):
         out = reader._read(name, split_axis, start, stop, tuple(global_shape))
     return out
+
+
+def load_range(
+    reader: CheckpointReader, name: str, *, global_shape: tuple[int, ...], split_axis: int | None,
+    start: int | None, stop: int | None, lo: int, hi: int,
+) -> np.ndarray:
+    """Elements [lo, hi) of a rank's slab of `name` (flattened in C order), as load_shard
+    would return the slab; collective over reader's comm."""
+    return reader.read_range(name, split_axis, start, stop, lo, hi, tuple(global_shape))
