@@ -10,7 +10,7 @@ forgets the conversation (not --system), `/exit`, Ctrl-D or Ctrl-C end the sessi
 When standard input is not a terminal (a pipe; rank 0's input under mpirun, which the launcher
 forwards), each line is one message and no prompt is shown; each answer ends with a newline.
 
-The requests go through the server's engine and validation (one KV-cache slot): the answer is
+The requests go through the server's engine and validation (one sequence at a time): the answer is
 the one /v1/chat/completions gives for the same conversation.
 """
 

@@ -70,7 +70,7 @@ class Controller:
         self._inbox: queue.Queue = queue.Queue()
         self._cancelled: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
-        self._queued = 0  # submitted, not yet in a slot
+        self._queued = 0  # submitted, not yet admitted
         self._ids = itertools.count(1)
         self.waiting: deque[Submission] = deque()
         self.active: dict[int, _Active] = {}
@@ -220,7 +220,7 @@ class Controller:
         if act.stream.stopped:
             event["finish_reason"] = "stop"
             if not out.finished:
-                self._stopped.append(out.rid)  # its slot is freed at the next step
+                self._stopped.append(out.rid)  # its blocks are freed at the next step
         elif out.finished:
             event["text"] += act.stream.flush()
             event["finish_reason"] = out.reason
