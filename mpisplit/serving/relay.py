@@ -20,27 +20,17 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from mpisplit.serving import ipc
 from mpisplit.serving.controller import Controller, Submission
-from mpisplit.serving.validation import ModelInfo
+from mpisplit.serving.ipc import FrontendConfig
+
+__all__ = ["FrontendConfig", "FrontendRelay", "frontend_env"]
 
 START_TIMEOUT_S = 60.0  # the front end imports starlette, uvicorn and this library first
 STOP_TIMEOUT_S = 10.0
 LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "OMPI_", "MPI_LOCALRANKID")
-
-
-@dataclass
-class FrontendConfig:
-    """What the front-end process needs (sent to it pickled: the tokenizer travels too)."""
-
-    host: str
-    port: int
-    model: ModelInfo
-    api_key: str | None = None
-    chat_template: Any = None
 
 
 def frontend_env(environ: dict[str, str]) -> dict[str, str]:

@@ -79,9 +79,6 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"the chat template {origin} is not valid Jinja: {exc} (line {exc.lineno})") from None
 
-    def __reduce__(self) -> tuple:  # pickled as its source (the compiled form is not picklable)
-        return ChatTemplate, (self.source, self.special_tokens, self.origin)
-
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` (dicts with "role" and "content"); ChatTemplateError
         with the template's own message when it raises."""
