@@ -65,8 +65,8 @@ class _Index:
     counts: np.ndarray
 
     @classmethod
-    def of(cls, segments: list[Segment], block_size: int, xp: Any) -> _Index:
-        positions = np.concatenate([np.arange(s.start, s.start + s.count) for s in segments])
+    def of(cls, segments: list[Segment], positions: np.ndarray, block_size: int, xp: Any) -> _Index:
+        """`positions`: the rows' positions, the segments' end to end."""
         owner = np.repeat(np.arange(len(segments)), [s.count for s in segments])
         tables = np.zeros((len(segments), max(len(s.blocks) for s in segments)), dtype=np.int64)
         for i, s in enumerate(segments):
@@ -146,7 +146,7 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv
     positions[:n] = np.concatenate([np.arange(s.start, s.start + s.count) for s in segments])
     if int(positions.max()) >= model.config.block_size:
         raise ValueError(f"position {int(positions.max())} is past block_size={model.config.block_size}")
-    index = _Index.of(segments, kv.block_size, get_array_module(kv.k[0]))
+    index = _Index.of(segments, positions[:n], kv.block_size, get_array_module(kv.k[0]))
     with no_grad(), row_blocks(ROW_BLOCK) if batch_invariant else contextlib.nullcontext():
         x = _embed(model, ids, positions)  # (1, P, h)
         for layer, block in enumerate(model.h):

@@ -53,7 +53,7 @@ class SequenceSpec:
                    sampling=SamplingParams.from_json(d["sampling"]))
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (the engine's lists hold each once)
 class Sequence:
     spec: SequenceSpec
     order: int  # admission order: the newest is preempted first
@@ -111,6 +111,7 @@ class Engine:
         self.preempted: list[Sequence] = []  # waiting for blocks, oldest first
         self.preemptions = 0
         self._order = itertools.count()
+        self._head_digests: tuple[int | None, list[bytes]] = (None, [])
         self.steps = 0  # steps run (the "step" of MPISPLIT_FAULT, a testing aid inactive when unset)
         self.faults = FaultInjector.from_env(model.grid.rank)
 
@@ -129,7 +130,7 @@ class Engine:
         """Whether `add(spec)` would place it now."""
         if not self.has_room:
             return False
-        reuse = self.blocks.cached_prefix(self._prefix_digests(spec.prompt))
+        reuse = self.blocks.cached_prefix(self._prefix_digests(spec.prompt, spec.rid))
         need = self.blocks.blocks_for(len(spec.prompt)) - len(reuse)
         return need <= self.blocks.available - self.blocks.idle_among(reuse)
 
@@ -145,15 +146,23 @@ class Engine:
             raise RuntimeError(f"no KV blocks for request {spec.rid}")
         self.running[spec.rid] = seq
 
-    def _prefix_digests(self, tokens: list[int]) -> list[bytes]:
-        """Digests of the full blocks before the last token (which is always computed)."""
+    def _prefix_digests(self, tokens: list[int], rid: int | None = None) -> list[bytes]:
+        """Digests of the full blocks before the last token (which is always computed). A new
+        request's (`rid`) are kept for the next call: the head of the queue is asked about
+        each step until it is admitted, then placed."""
         if not self.blocks.prefix_cache:
             return []
-        return block_digests(tokens[: len(tokens) - 1], self.blocks.block_size)
+        if rid is not None and self._head_digests[0] == rid:
+            return self._head_digests[1]
+        digests = block_digests(tokens[: len(tokens) - 1], self.blocks.block_size)
+        if rid is not None:
+            self._head_digests = (rid, digests)
+        return digests
 
     def _place(self, seq: Sequence, count: bool = False) -> bool:
-        """Blocks for every token of `seq`: its cached prefix taken, the rest allocated."""
-        digests = self._prefix_digests(seq.tokens)
+        """Blocks for every token of `seq` (`count`: a new request, its lookup counted): its
+        cached prefix taken, the rest allocated."""
+        digests = self._prefix_digests(seq.tokens, seq.spec.rid if count else None)
         reuse = self.blocks.cached_prefix(digests)
         self.blocks.take(reuse)
         fresh = self.blocks.allocate(self.blocks.blocks_for(len(seq.tokens)) - len(reuse))
