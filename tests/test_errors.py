@@ -169,3 +169,39 @@ def test_the_same_error_on_every_rank_has_a_plain_form() -> None:
     with pytest.raises(ValueError) as info, agree(world):
         raise ValueError(f"bad on {world.rank}")
     assert info.value.plain == (None if world.size > 1 else "bad on 0")
+
+
+def test_abort_waits_until_the_pipe_reader_took_the_traceback() -> None:
+    import os
+    import threading
+    import time
+
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(write_fd, "w") as stream:
+        stream.write("[rank 0] Traceback ...\n")
+        stream.flush()
+        # Nobody reads: the wait gives up after its limit.
+        start = time.monotonic()
+        errors.wait_for_reader(stream, limit=0.3)
+        assert time.monotonic() - start >= 0.3
+        # A reader that takes the bytes after 0.2 s ends the wait long before the limit.
+        taken: list[bytes] = []
+        reader = threading.Timer(0.2, lambda: taken.append(os.read(read_fd, 1024)))
+        reader.start()
+        start = time.monotonic()
+        errors.wait_for_reader(stream, limit=10.0)
+        waited = time.monotonic() - start
+        reader.join()
+    os.close(read_fd)
+    assert taken == [b"[rank 0] Traceback ...\n"]
+    assert 0.2 <= waited < 5.0
+
+
+def test_wait_for_reader_returns_at_once_when_not_a_pipe(tmp_path) -> None:
+    import time
+
+    with open(tmp_path / "log", "w") as stream:
+        stream.write("x")
+        start = time.monotonic()
+        errors.wait_for_reader(stream, limit=5.0)
+        assert time.monotonic() - start < 1.0

@@ -7,7 +7,12 @@ exception. `install_abort_on_exception()` is the opt-in last resort for uncaught
 
 from __future__ import annotations
 
+import fcntl
+import os
+import stat
 import sys
+import termios
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,10 +97,31 @@ def install_abort_on_exception(comm: Any = None) -> Callable[..., Any]:
         sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in lines))
         sys.stderr.flush()
         sys.stdout.flush()
+        wait_for_reader(sys.stderr)
         MPI.COMM_WORLD.Abort(1)
 
     sys.excepthook = hook
     return previous
+
+
+def wait_for_reader(stream: Any, limit: float = 2.0) -> None:
+    """When `stream` is a pipe (as under mpiexec, whose proxy forwards what a rank writes), wait
+    up to `limit` s until the reader has taken everything written to it. MPI_Abort kills the
+    job at once, and a traceback still in the pipe would be lost with it."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        deadline = time.monotonic() + limit
+        buf = bytearray(4)
+        while time.monotonic() < deadline:
+            fcntl.ioctl(fd, termios.FIONREAD, buf)
+            if int.from_bytes(buf, sys.byteorder) == 0:
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)  # the reader's forwarding of what it took
+    except (OSError, ValueError, AttributeError):
+        return
 
 
 def run_cli(main: Callable[[], int], errors: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)) -> None:

@@ -25,6 +25,7 @@ from typing import TextIO
 
 from mpi4py import MPI
 
+from mpisplit.runtime.errors import wait_for_reader
 from mpisplit.runtime.faults.common import (
     EXIT_WATCHDOG,
     format_ranks,
@@ -90,7 +91,7 @@ class Watchdog:
         self.interval = min(max(timeout / 10, 0.1), 5.0)
         self.refresh = max(self.interval, min(timeout / 4, 60.0))
         self.grace = max(2.0, 2 * self.interval)
-        self._abort = abort or (lambda: MPI.COMM_WORLD.Abort(EXIT_WATCHDOG))
+        self._abort = abort or self._abort_job
         self._stream = stream
         self._main = threading.main_thread().ident
         self._step = 0
@@ -175,6 +176,10 @@ class Watchdog:
                     return
         except Exception as exc:  # noqa: BLE001 - the watchdog must never kill a healthy job
             self._emit(f"[rank {self.rank}] watchdog stopped after an internal error: {exc!r}")
+
+    def _abort_job(self) -> None:
+        wait_for_reader(self._stream or sys.stderr)  # the report reaches the launcher first
+        MPI.COMM_WORLD.Abort(EXIT_WATCHDOG)
 
     def _emit(self, text: str) -> None:
         stream = self._stream or sys.stderr
