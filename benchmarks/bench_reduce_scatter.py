@@ -1,6 +1,7 @@
 """Ways to move a data-parallel gradient block on one node, timed against each other in one job:
-the all-reduce of the unsharded optimizer against the sharded optimizer's reduce-scatter +
-all-gather, as MPI's collectives and as the library's ring of point-to-point exchanges in place.
+MPI's all-reduce in pieces, the library's all-reduce (what the unsharded optimizer calls), and
+the sharded optimizer's reduce-scatter + all-gather, as MPI's collectives and as the library's
+ring of point-to-point exchanges in place.
 
     mpiexec -n 2 python benchmarks/bench_reduce_scatter.py [--mib 204] [--reps 5] [--piece-mib 4]
 
@@ -31,6 +32,12 @@ def allreduce(comm: Communicator, x: np.ndarray, step: int) -> None:
     flat = x.reshape(-1)
     for lo in range(0, flat.size, step * comm.size):
         comm.mpi.Allreduce(MPI.IN_PLACE, flat[lo: lo + step * comm.size])
+
+
+def library_allreduce(comm: Communicator, x: np.ndarray, step: int) -> None:
+    """Communicator.allreduce_ of the whole block (a ring in place above
+    HOST_RING_ALLREDUCE_MIN_BYTES, MPI's Allreduce below it)."""
+    comm.allreduce_(x)
 
 
 def mpi_collectives(comm: Communicator, x: np.ndarray, step: int) -> None:
@@ -68,7 +75,8 @@ def main() -> None:
     base = (rng.integers(-64, 64, (dp, m)) / 8).astype(np.float32)  # exact sums in any order
     want = base.copy()
     allreduce(comm, want, step)
-    variants = {"allreduce": allreduce, "MPI reduce_scatter+allgather": mpi_collectives, "ring (library)": ring}
+    variants = {"allreduce": allreduce, "library allreduce_": library_allreduce,
+                "MPI reduce_scatter+allgather": mpi_collectives, "ring (library)": ring}
     for name, fn in variants.items():  # check: every row is the sum (the all-gather made it so)
         x = base.copy()
         fn(comm, x, step)

@@ -301,6 +301,76 @@ def test_slicing_to_max_count(max_count: int) -> None:
         c.free()
 
 
+def ring_order_sum(parts: list[np.ndarray], piece: int) -> np.ndarray:
+    """The ring all-reduce's sums, formed here in its order: per piece of `piece` elements cut
+    into p segments (segment c = elements [c n // p, (c + 1) n // p) of an n-element piece),
+    segment c summed as x[c] + (x[c - 1] + (... + (x[c + 2] + x[c + 1])))."""
+    p, total = len(parts), parts[0].size
+    out = np.empty_like(parts[0])
+    for lo in range(0, total, piece):
+        n = min(piece, total - lo)
+        for c in range(p):
+            seg = slice(lo + c * n // p, lo + (c + 1) * n // p)
+            acc = parts[(c + 1) % p][seg].copy()
+            for k in range(2, p + 1):
+                acc = parts[(c + k) % p][seg] + acc
+            out[seg] = acc
+    return out
+
+
+@pytest.mark.parametrize("n, chunk_bytes", [(1000, 64), (37, 16), (3, 8), (5000, 4 << 20)])
+@pytest.mark.parametrize("op", list(OPS))
+def test_ring_allreduce_order_pieces_and_identical_bits(
+    comm: Communicator, monkeypatch: pytest.MonkeyPatch, n: int, chunk_bytes: int, op: str
+) -> None:
+    # Every host all-reduce through the ring (threshold 0), in pieces of chunk_bytes per rank's
+    # segment: sizes that divide neither by the ranks nor by the piece, segments of 0 elements.
+    from mpisplit.parallel import comm as comm_module
+
+    monkeypatch.setattr(comm_module, "HOST_RING_ALLREDUCE_MIN_BYTES", 0)
+    monkeypatch.setattr(comm_module, "HOST_ALLREDUCE_CHUNK_BYTES", chunk_bytes)
+    parts = [np.random.default_rng(r).standard_normal(n).astype(np.float32) for r in range(comm.size)]
+    x = parts[comm.rank].copy()
+    comm.allreduce_(x, op=op)
+    if op == "sum":  # not exact: the ring's own order, bit for bit
+        expected = ring_order_sum(parts, comm.size * (chunk_bytes // 4))
+        np.testing.assert_allclose(x, np.sum(np.stack(parts).astype(np.float64), axis=0), rtol=1e-5, atol=1e-5)
+    else:
+        expected = OPS[op](np.stack(parts), axis=0)
+    np.testing.assert_array_equal(x, expected)
+    everyone = comm.allgather(x[None], axis=0)
+    assert all(np.array_equal(everyone[0], row) for row in everyone)  # the same bits on every rank
+    y = comm.allreduce(parts[comm.rank], op=op)  # the copying form takes the same path
+    np.testing.assert_array_equal(y, expected)
+    assert comm.stats()["allreduce"]["calls"] == (2 if comm.size > 1 else 0)  # size 1: no call
+
+
+def test_large_allreduce_takes_the_ring(comm: Communicator) -> None:
+    # At or above HOST_RING_ALLREDUCE_MIN_BYTES a host all-reduce is 2 (p - 1) Sendrecv per
+    # piece and no MPI Allreduce; below it, MPI's Allreduce.
+    from mpisplit.parallel.comm import HOST_ALLREDUCE_CHUNK_BYTES, HOST_RING_ALLREDUCE_MIN_BYTES
+
+    real = comm.mpi
+    counting = CountingComm(real)
+    comm.mpi = counting  # type: ignore[assignment]
+    try:
+        p = comm.size
+        big = rank_data(comm.rank, (3 * p * HOST_ALLREDUCE_CHUNK_BYTES // 8 + 5,), np.float64)
+        assert big.nbytes >= HOST_RING_ALLREDUCE_MIN_BYTES
+        expected = np.sum(all_data(p, big.shape, np.float64), axis=0)
+        comm.allreduce_(big)
+        np.testing.assert_array_equal(big, expected)  # multiples of 1/8: exact in any order
+        small = rank_data(comm.rank, (HOST_RING_ALLREDUCE_MIN_BYTES // 8 - 1,), np.float64)
+        comm.allreduce_(small, op="max")
+        np.testing.assert_array_equal(small, np.max(all_data(p, small.shape, np.float64), axis=0))
+        if p > 1:
+            assert counting.calls == {"Sendrecv": 2 * (p - 1) * 4, "Allreduce": 1}
+        else:
+            assert counting.calls == {}
+    finally:
+        comm.mpi = real
+
+
 def test_default_max_count() -> None:
     assert MAX_COUNT == 2**31 - 1
     c = Communicator(MPI.COMM_SELF)

@@ -31,6 +31,11 @@ MAX_COUNT = 2**31 - 1
 # call), so one 128 MiB all-reduce of a gradient block ran 2-3x slower than the same bytes in
 # pieces of a few MiB (benchmarks/RESULTS.md, "CPU speed, third pass").
 HOST_ALLREDUCE_CHUNK_BYTES = 4 << 20
+# A host all-reduce of at least this many bytes runs as a ring of Sendrecv steps in place (a
+# reduce-scatter then an all-gather, messages of HOST_ALLREDUCE_CHUNK_BYTES): 0.34 of MPICH's
+# shared-memory Allreduce for a 204 MiB gradient block at 2 ranks (RESULTS.md, "DP all-reduce
+# as a ring"). Smaller ones keep MPI's Allreduce, whose few-step algorithms win on latency.
+HOST_RING_ALLREDUCE_MIN_BYTES = 1 << 20
 
 KINDS = ("allreduce", "allgather", "reduce_scatter", "bcast")
 
@@ -165,13 +170,50 @@ class Communicator:
     # ---- raw collectives on flat buffers (host, or device for CUDA-aware MPI), sliced to
     # ---- max_count ---------------------------------------------------------------------------
 
-    def _allreduce_flat(self, send: Any, recv: np.ndarray, op: MPI.Op) -> None:
+    def _allreduce_flat(self, send: Any, recv: np.ndarray, op: str) -> None:
         # send is a flat array or MPI.IN_PLACE (then recv holds the input).
+        host = isinstance(recv, np.ndarray)
+        if host and self.size > 1 and recv.nbytes >= HOST_RING_ALLREDUCE_MIN_BYTES:
+            if send is not MPI.IN_PLACE:
+                recv[...] = send
+            self._ring_allreduce(recv, op)
+            return
         step = self.max_count
-        if isinstance(recv, np.ndarray):
+        if host:
             step = min(step, max(1, HOST_ALLREDUCE_CHUNK_BYTES // recv.itemsize))
+        mpi_op = _OPS[op]
         for s in _slices(recv.size, step):
-            self.mpi.Allreduce(send if send is MPI.IN_PLACE else send[s], recv[s], op=op)
+            self.mpi.Allreduce(send if send is MPI.IN_PLACE else send[s], recv[s], op=mpi_op)
+
+    def _ring_allreduce(self, flat: np.ndarray, op: str) -> None:
+        """flat = op over the ranks, in place. Per piece of size x HOST_ALLREDUCE_CHUNK_BYTES,
+        its size segments are reduce-scattered around the ring (segment c summed in the fixed
+        order of ranks c + 1, c + 2, ..., c); then every piece's segments are all-gathered, so
+        every rank holds the same bits. The two phases run one after the other over all the
+        pieces: a piece's all-gather right after its reduce-scatter ran 2.5x slower here."""
+        p, r = self.size, self.rank
+        right, left = (r + 1) % p, (r - 1) % p
+        combine = _COMBINE[op]
+        per = max(1, min(HOST_ALLREDUCE_CHUNK_BYTES // flat.itemsize, self.max_count))
+        pieces = [flat[s] for s in _slices(flat.size, p * per)]
+
+        def seg(chunk: np.ndarray, c: int) -> np.ndarray:
+            return chunk[(c % p) * chunk.size // p: (c % p + 1) * chunk.size // p]
+
+        scratch = self._ring_scratch(2 * (-(-pieces[0].size // p)), flat.dtype)
+        half = scratch.size // 2
+        for chunk in pieces:  # the reduce-scatter: rank r ends with segment r of each piece
+            send = seg(chunk, r - 1)
+            for s in range(p - 1):
+                mine = seg(chunk, r - s - 2)
+                got = scratch[(s % 2) * half:][: mine.size]  # never the buffer being sent
+                self.mpi.Sendrecv(send, right, _RING_TAG, got, left, _RING_TAG)
+                out = seg(chunk, r) if s == p - 2 else got
+                combine(mine, got, out=out)
+                send = out
+        for chunk in pieces:  # the all-gather: segment r - s travels right
+            for s in range(p - 1):
+                self.mpi.Sendrecv(seg(chunk, r - s), right, _RING_TAG, seg(chunk, r - s - 1), left, _RING_TAG)
 
     def _bcast_flat(self, buf: np.ndarray, root: int) -> None:
         for s in _slices(buf.size, self.max_count):
@@ -204,13 +246,13 @@ class Communicator:
     def allreduce(self, x: Any, op: str = "sum") -> Any:
         """A new array: op over all ranks of x (elementwise)."""
         self._check_array(x, "allreduce")
-        mpi_op = self._check_op(op)
+        self._check_op(op)
         if self.size == 1:
             return x.copy()
         if isinstance(x, np.ndarray):
             h = np.ascontiguousarray(x)
             out = np.empty_like(h)
-            self._allreduce_flat(h.reshape(-1), out.reshape(-1), mpi_op)
+            self._allreduce_flat(h.reshape(-1), out.reshape(-1), op)
         else:
             h = get_array_module(x).ascontiguousarray(x)
             out = get_array_module(x).empty_like(h)
@@ -221,14 +263,14 @@ class Communicator:
     def allreduce_(self, x: Any, op: str = "sum") -> Any:
         """In place: x = op over all ranks of x. Returns x."""
         self._check_array(x, "allreduce_")
-        mpi_op = self._check_op(op)
+        self._check_op(op)
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             raise ValueError(f"allreduce_ needs a writeable array (shape {x.shape})")
         if self.size == 1:
             return x
         if isinstance(x, np.ndarray):
             h = np.ascontiguousarray(x)
-            self._allreduce_flat(MPI.IN_PLACE, h.reshape(-1), mpi_op)
+            self._allreduce_flat(MPI.IN_PLACE, h.reshape(-1), op)
         else:
             h = x if x.flags.c_contiguous else get_array_module(x).ascontiguousarray(x)
             flat = h.reshape(-1)

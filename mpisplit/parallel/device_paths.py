@@ -172,7 +172,7 @@ class StagedPath(_MPIPath):
 
         h = self.buffer("a", send.shape, send.dtype)
         self._to_host(send, h)
-        comm._allreduce_flat(MPI.IN_PLACE, h, comm._check_op(op))
+        comm._allreduce_flat(MPI.IN_PLACE, h, op)
         self._to_device(h, recv)
 
     def _allgather(self, comm: Any, send: Any, recv: Any) -> None:
@@ -220,7 +220,7 @@ class CudaAwarePath(_MPIPath):
 
         self._sync()
         in_place = send is recv or _address(send) == _address(recv)
-        comm._allreduce_flat(MPI.IN_PLACE if in_place else send, recv, comm._check_op(op))
+        comm._allreduce_flat(MPI.IN_PLACE if in_place else send, recv, op)
 
     def _allgather(self, comm: Any, send: Any, recv: Any) -> None:
         self._sync()
