@@ -4,7 +4,9 @@ Every collective is a capitalised (buffer) mpi4py call on C-contiguous arrays. E
 call with the same shape and dtype (MPI semantics; not checked, it would cost a collective).
 A communicator of one rank returns at once and counts nothing.
 
-NumPy arrays go to MPI as they are. CuPy arrays go through the communicator's device path
+NumPy arrays go to MPI as they are, except a host all-reduce of 1 MiB or more and the rows
+collectives of the sharded optimizer: those are rings of Sendrecv steps in place, faster than
+MPI's collectives on one node and summing in a fixed order of the ranks. CuPy arrays go through the communicator's device path
 (mpisplit.parallel.device_paths: CUDA-aware MPI, pinned host staging or NCCL; staging unless
 `set_device_path` or `mpisplit.parallel.gpu.use_gpu` chose another). The path only moves flat
 contiguous buffers; layout (axis moves, contiguity) and counting happen here, the same for
