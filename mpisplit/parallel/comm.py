@@ -188,34 +188,19 @@ class Communicator:
             self.mpi.Allreduce(send if send is MPI.IN_PLACE else send[s], recv[s], op=mpi_op)
 
     def _ring_allreduce(self, flat: np.ndarray, op: str) -> None:
-        """flat = op over the ranks, in place. Per piece of size x HOST_ALLREDUCE_CHUNK_BYTES,
-        its size segments are reduce-scattered around the ring (segment c summed in the fixed
-        order of ranks c + 1, c + 2, ..., c); then every piece's segments are all-gathered, so
-        every rank holds the same bits. The two phases run one after the other over all the
-        pieces: a piece's all-gather right after its reduce-scatter ran 2.5x slower here."""
-        p, r = self.size, self.rank
-        right, left = (r + 1) % p, (r - 1) % p
-        combine = _COMBINE[op]
+        """flat = op over the ranks, in place: each piece of size x HOST_ALLREDUCE_CHUNK_BYTES
+        cut into size segments, reduce-scattered (`_ring_reduce_segments`), then all-gathered
+        (`_ring_gather_segments`), so every rank holds the same bits. The two phases run one
+        after the other over all the pieces: a piece's all-gather right after its
+        reduce-scatter ran 2.5x slower here."""
+        p = self.size
         per = max(1, min(HOST_ALLREDUCE_CHUNK_BYTES // flat.itemsize, self.max_count))
         pieces = [flat[s] for s in _slices(flat.size, p * per)]
-
-        def seg(chunk: np.ndarray, c: int) -> np.ndarray:
-            return chunk[(c % p) * chunk.size // p: (c % p + 1) * chunk.size // p]
-
-        scratch = self._ring_scratch(2 * (-(-pieces[0].size // p)), flat.dtype)
-        half = scratch.size // 2
-        for chunk in pieces:  # the reduce-scatter: rank r ends with segment r of each piece
-            send = seg(chunk, r - 1)
-            for s in range(p - 1):
-                mine = seg(chunk, r - s - 2)
-                got = scratch[(s % 2) * half:][: mine.size]  # never the buffer being sent
-                self.mpi.Sendrecv(send, right, _RING_TAG, got, left, _RING_TAG)
-                out = seg(chunk, r) if s == p - 2 else got
-                combine(mine, got, out=out)
-                send = out
-        for chunk in pieces:  # the all-gather: segment r - s travels right
-            for s in range(p - 1):
-                self.mpi.Sendrecv(seg(chunk, r - s), right, _RING_TAG, seg(chunk, r - s - 1), left, _RING_TAG)
+        segments = [[c[q * c.size // p: (q + 1) * c.size // p] for q in range(p)] for c in pieces]
+        for segs in segments:
+            self._ring_reduce_segments(segs, op)
+        for segs in segments:
+            self._ring_gather_segments(segs)
 
     def _bcast_flat(self, buf: np.ndarray, root: int) -> None:
         for s in _slices(buf.size, self.max_count):
@@ -361,25 +346,37 @@ class Communicator:
         if self.size == 1:
             return
         if isinstance(x, np.ndarray):
-            self._ring_reduce_scatter(x, cols, n, op)
+            self._ring_reduce_segments([x[q, cols] for q in range(self.size)], op)
             self._count("reduce_scatter", self.size * n * x.itemsize)
         else:  # a device array: through the device path (counted there, the same bytes)
             x[self.rank, cols] = self.reduce_scatter(x[:, cols], axis=0, op=op)[0]
 
-    def _ring_reduce_scatter(self, x: np.ndarray, cols: slice, n: int, op: str) -> None:
-        # Row c's result starts at rank c + 1 and travels right, each rank combining its own row
-        # c, to end at rank c: at step s rank r passes row r - s - 1 on and receives row r - s - 2.
+    def _ring_reduce_segments(self, segs: list[np.ndarray], op: str) -> None:
+        """segs[rank] = op over the ranks of segs[rank] (segs: one view per rank, in place).
+        Segment c's result starts at rank c + 1 and travels right, each rank combining its own
+        segment c, to end at rank c (so summed in the order c + 1, c + 2, ..., c): at step s
+        rank r passes segment r - s - 1 on and receives segment r - s - 2."""
         p, r = self.size, self.rank
         right, left = (r + 1) % p, (r - 1) % p
         combine = _COMBINE[op]
-        scratch = self._ring_scratch(2 * n, x.dtype)
-        send = x[(r - 1) % p, cols]
+        longest = max(seg.size for seg in segs)
+        scratch = self._ring_scratch(2 * longest, segs[0].dtype)
+        send = segs[(r - 1) % p]
         for s in range(p - 1):
-            got = scratch[(s % 2) * n: (s % 2 + 1) * n]  # never the buffer being sent
+            mine = segs[(r - s - 2) % p]
+            got = scratch[(s % 2) * longest:][: mine.size]  # never the buffer being sent
             self.mpi.Sendrecv(send, right, _RING_TAG, got, left, _RING_TAG)
-            out = x[r, cols] if s == p - 2 else got
-            combine(x[(r - s - 2) % p, cols], got, out=out)
+            out = segs[r] if s == p - 2 else got
+            combine(mine, got, out=out)
             send = out
+
+    def _ring_gather_segments(self, segs: list[np.ndarray]) -> None:
+        """segs[q] = rank q's segs[q] on every rank, in place: segment r - s travels right at
+        step s, each received one straight into its place."""
+        p, r = self.size, self.rank
+        for s in range(p - 1):
+            self.mpi.Sendrecv(segs[(r - s) % p], (r + 1) % p, _RING_TAG,
+                              segs[(r - s - 1) % p], (r - 1) % p, _RING_TAG)
 
     def _ring_scratch(self, n: int, dtype: Any) -> np.ndarray:
         """A host buffer of at least n elements of dtype, kept for the next call."""
@@ -396,10 +393,7 @@ class Communicator:
         if self.size == 1:
             return
         if isinstance(x, np.ndarray):
-            p, r = self.size, self.rank
-            for s in range(p - 1):  # row r - s travels right
-                self.mpi.Sendrecv(x[(r - s) % p, cols], (r + 1) % p, _RING_TAG,
-                                  x[(r - s - 1) % p, cols], (r - 1) % p, _RING_TAG)
+            self._ring_gather_segments([x[q, cols] for q in range(self.size)])
             self._count("allgather", self.size * n * x.itemsize)
         else:  # a device array: through the device path (counted there, the same bytes)
             x[:, cols] = self.allgather(x[self.rank, cols][None], axis=0)
