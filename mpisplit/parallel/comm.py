@@ -16,6 +16,7 @@ every path.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -206,8 +207,10 @@ class Communicator:
         for s in _slices(buf.size, self.max_count):
             self.mpi.Bcast(buf[s], root=root)
 
-    def _allgather_flat(self, send: np.ndarray, recv: np.ndarray) -> None:
-        # send (n,), recv (size, n): recv[r] = send of rank r.
+    def _allgather_flat(self, send: Any, recv: Any, sync: Callable[[], None] | None = None) -> None:
+        # send (n,), recv (size, n): recv[r] = send of rank r. `sync` (device buffers): completes
+        # the stream's queued work before MPI touches memory, here before each sliced call, since
+        # each slice's fresh buffer may reuse memory that the previous slice's copy still reads.
         n = send.size
         if n <= self.max_count:
             self.mpi.Allgather(send, recv)
@@ -215,18 +218,24 @@ class Communicator:
         xp = get_array_module(recv)
         for s in _slices(n, self.max_count):
             part = xp.empty((self.size, s.stop - s.start), dtype=recv.dtype)
+            if sync is not None:
+                sync()
             self.mpi.Allgather(send[s], part)
             recv[:, s] = part
 
-    def _reduce_scatter_flat(self, send: np.ndarray, recv: np.ndarray, op: MPI.Op) -> None:
-        # send (size, m), recv (m,): recv = op over ranks of send[this rank].
+    def _reduce_scatter_flat(self, send: Any, recv: Any, op: MPI.Op, sync: Callable[[], None] | None = None) -> None:
+        # send (size, m), recv (m,): recv = op over ranks of send[this rank]. `sync` as above: the
+        # contiguous copy of each slice is queued work that MPI must not read before it is done.
         m = recv.size
         if m <= self.max_count:
             self.mpi.Reduce_scatter_block(send, recv, op=op)
             return
         xp = get_array_module(recv)
         for s in _slices(m, self.max_count):
-            self.mpi.Reduce_scatter_block(xp.ascontiguousarray(send[:, s]), recv[s], op=op)
+            part = xp.ascontiguousarray(send[:, s])
+            if sync is not None:
+                sync()
+            self.mpi.Reduce_scatter_block(part, recv[s], op=op)
 
     # ---- public collectives ------------------------------------------------------------------
 

@@ -143,6 +143,7 @@ class StagedPath(_MPIPath):
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         buf = self._buffers.get(role)
         if buf is None or buf.nbytes < nbytes:
+            self._wait()  # the copy still reading the old buffer must end before it is freed
             size = 1 << max(12, (nbytes - 1).bit_length())  # next power of two, >= 4 KiB
             buf = self._alloc(size)
             self._buffers[role] = buf
@@ -224,11 +225,11 @@ class CudaAwarePath(_MPIPath):
 
     def _allgather(self, comm: Any, send: Any, recv: Any) -> None:
         self._sync()
-        comm._allgather_flat(send, recv)
+        comm._allgather_flat(send, recv, sync=self._sync)
 
     def _reduce_scatter(self, comm: Any, send: Any, recv: Any, op: str) -> None:
         self._sync()
-        comm._reduce_scatter_flat(send, recv, comm._check_op(op))
+        comm._reduce_scatter_flat(send, recv, comm._check_op(op), sync=self._sync)
 
     def _bcast(self, comm: Any, buf: Any, root: int) -> None:
         self._sync()
@@ -296,6 +297,19 @@ class NcclPath:
         for lo in range(0, max(buf.size, 1), step):
             part = buf[lo: lo + step]
             self._comm.bcast(part.data.ptr, part.size, t, root, s)
+
+    def exchange(self, sends: list[tuple[Any, int]], recvs: list[tuple[Any, int]]) -> None:
+        """Point to point in one NCCL group: each (array, peer) of `sends` sent, each of `recvs`
+        received into (contiguous device arrays), on the current stream."""
+        t, s = self._type, self._stream()
+        self._lib.groupStart()
+        try:
+            for buf, peer in recvs:
+                self._comm.recv(buf.data.ptr, buf.size, t(buf.dtype), peer, s)
+            for buf, peer in sends:
+                self._comm.send(buf.data.ptr, buf.size, t(buf.dtype), peer, s)
+        finally:
+            self._lib.groupEnd()
 
     def close(self) -> None:
         if self._comm is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 from mpisplit.parallel.device_paths import (
@@ -25,6 +25,7 @@ from mpisplit.runtime.device import (
 from mpisplit.runtime.errors import agree
 
 
+@dataclass
 class GPUBinding:
     """What use_gpu decided on this rank."""
 
@@ -50,9 +51,15 @@ class GPUBinding:
         return text + "".join(f"; {n}" for n in self.notes)
 
 
+# A grid's communicators by role; embed exists only on the first and last pipeline stage.
+GRID_ROLES = (("world", "world"), ("tp", "tp_comm"), ("dp", "dp_comm"), ("pp", "pp_comm"),
+              ("stage", "stage_comm"), ("embed", "embed_comm"))
+
+
 def _communicators(target: Any) -> list[tuple[str, Any]]:
+    """(role, Communicator or None) pairs, the same roles in the same order on every rank."""
     if all(hasattr(target, a) for a in ("world", "tp_comm", "dp_comm")):
-        return [("world", target.world), ("tp", target.tp_comm), ("dp", target.dp_comm)]
+        return [(role, getattr(target, attr, None)) for role, attr in GRID_ROLES]
     if hasattr(target, "mpi") and hasattr(target, "set_device_path"):
         return [("comm", target)]
     if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
@@ -106,31 +113,37 @@ def use_gpu(
         ok, nccl_text = False, f"{nccl_text} not used: ranks share a GPU (NCCL refuses that)"
     binding = GPUBinding(dev, name, local_rank, local_size, visible, aware, source, nccl_text, comm, notes=notes)
     for role, c in comms:
-        if c.size == 1:
-            continue
-        chosen = choose_path(comm, size=c.size, nccl_ok=ok, cuda_aware=aware)
-        path: Any = None
-        if chosen == "nccl":
-            try:
-                with agree(world):
-                    if not ok:
-                        raise ValueError(f"--comm nccl: {nccl_text}")
-                    path = NcclPath(c)
-            except (ValueError, RuntimeError) as exc:
-                if path is not None:  # this rank succeeded where another failed
-                    path.close()
-                if comm != "auto":
-                    raise
-                chosen, path = ("mpi" if aware else "staged"), None
-                binding.notes.append(f"NCCL failed on the {role} communicator ({exc}); using {chosen}")
-        if chosen == "nccl":
-            pass
-        elif chosen == "mpi":
-            path = CudaAwarePath()
-            if not aware:
-                binding.notes.append("mpi forced although the MPI library reports no CUDA support")
-        else:
-            path = StagedPath()
-        c.set_device_path(path)
-        binding.paths[role] = chosen
+        _bind(binding, world, role, c, comm, nccl_ok=ok, nccl_text=nccl_text)
     return binding
+
+
+def _bind(binding: GPUBinding, world: Any, role: str, c: Any, comm: str, *, nccl_ok: bool, nccl_text: str) -> None:
+    """Give communicator `c` (None or one rank: nothing to do) its path. Collective over `world`
+    when NCCL is chosen: every rank enters the agreement, members or not."""
+    active = c is not None and c.size > 1
+    chosen = choose_path(comm, size=c.size if active else 2, nccl_ok=nccl_ok, cuda_aware=binding.cuda_aware)
+    path: Any = None
+    if chosen == "nccl":
+        try:
+            with agree(world):
+                if not nccl_ok:
+                    raise ValueError(f"--comm nccl: {nccl_text}")
+                if active:
+                    path = NcclPath(c)
+        except (ValueError, RuntimeError) as exc:
+            if path is not None:  # this rank succeeded where another failed
+                path.close()
+            if comm != "auto":
+                raise
+            chosen, path = ("mpi" if binding.cuda_aware else "staged"), None
+            binding.notes.append(f"NCCL failed on the {role} communicator ({exc}); using {chosen}")
+    if not active:
+        return
+    if chosen == "mpi":
+        path = CudaAwarePath()
+        if not binding.cuda_aware:
+            binding.notes.append("mpi forced although the MPI library reports no CUDA support")
+    elif chosen == "staged":
+        path = StagedPath()
+    c.set_device_path(path)
+    binding.paths[role] = chosen

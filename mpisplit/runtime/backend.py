@@ -26,7 +26,8 @@ _blas_limiter: Any = None
 
 def is_cupy_array(x: Any) -> bool:
     """True for a CuPy ndarray, decided by the type's module so that CuPy is never imported."""
-    return type(x).__module__.split(".", 1)[0] == "cupy" and hasattr(x, "__cuda_array_interface__")
+    # hasattr on the type: reading the instance attribute hands out a device pointer
+    return type(x).__module__.split(".", 1)[0] == "cupy" and hasattr(type(x), "__cuda_array_interface__")
 
 
 def _unwrap(x: Any) -> Any:

@@ -1,0 +1,17 @@
+"""cupyx of the stand-in: scatter_add and pinned host memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cupy._array import ndarray, unwrap
+from cupy.cuda.pinned import empty_pinned, zeros_pinned  # noqa: F401
+
+
+def scatter_add(a: ndarray, slices: Any, value: Any) -> None:
+    if not isinstance(a, ndarray):
+        raise TypeError(f"scatter_add: a must be a cupy.ndarray, got {type(a).__name__}")
+    np.add.at(a._a, unwrap(slices, index=True), unwrap(value))
+    a._buf.written()
