@@ -183,6 +183,9 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     def get(self, stream: Any = None, order: str = "C", out: Any = None, blocking: bool = True) -> np.ndarray:
         s = _stream_of(stream)
+        if blocking:
+            _state.host_waits("a device-to-host copy")
+        _state.settings.host_copies += 1
         if s is not self._buf.stream:
             self._buf.ready_for(f"get() on {s}")
         if out is not None:

@@ -37,6 +37,8 @@ class Settings:
     cuda_aware: bool = os.environ.get("CUPY_STANDIN_CUDA_AWARE", "1").strip() not in ("0", "no", "false")
     device: int = 0  # the current device of this process
     used: int = 0  # bytes of live device allocations
+    allow_sync: bool = True  # cupyx.allow_synchronize(False) turns host synchronisation into an error
+    host_copies: int = 0  # device-to-host copies so far (get, asnumpy, float, ...)
     violations: list[str] = field(default_factory=list)
 
 
@@ -136,7 +138,17 @@ def pop() -> None:
     _local.stack.pop()
 
 
+class DeviceSynchronized(RuntimeError):
+    """The host waited for the device inside cupyx.allow_synchronize(False)."""
+
+
+def host_waits(what: str) -> None:
+    if not settings.allow_sync:
+        raise DeviceSynchronized(f"{what} at {caller()} synchronises the host with the device")
+
+
 def synchronize_all() -> None:
+    host_waits("a device synchronisation")
     for s in list(StreamState.live.values()):
         s.complete()
     NULL.complete()

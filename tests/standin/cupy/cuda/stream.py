@@ -26,6 +26,7 @@ class Stream:
         return self._state.ptr
 
     def synchronize(self) -> None:
+        _state.host_waits("Stream.synchronize()")
         self._state.complete()
 
     @property
@@ -75,6 +76,7 @@ class Event:
         self._seq = self._stream.issued
 
     def synchronize(self) -> None:
+        _state.host_waits("Event.synchronize()")
         if self._stream is not None:
             self._stream.complete(self._seq)
 
