@@ -103,10 +103,11 @@ class LayerNorm(Function):
         rows = x.size // h
         g = np.ascontiguousarray(g, dtype=x.dtype).reshape(rows, h)
         gx = np.empty_like(x) if self.needs_input_grad[0] else None
-        gw, gb = np.zeros(h), np.zeros(h)
-        layernorm_backward(x.reshape(rows, h), w, mean, rstd, g, None if gx is None else gx.reshape(rows, h), gw, gb)
-        gw = gw.astype(w.dtype) if self.needs_input_grad[1] else None
-        gb = gb.astype(w.dtype) if self.needs_input_grad[2] else None
+        sum_w, sum_b = np.zeros(h), np.zeros(h)  # float64 accumulators
+        layernorm_backward(x.reshape(rows, h), w, mean, rstd, g, None if gx is None else gx.reshape(rows, h),
+                           sum_w, sum_b)
+        gw = sum_w.astype(w.dtype) if self.needs_input_grad[1] else None
+        gb = sum_b.astype(w.dtype) if self.needs_input_grad[2] else None
         return gx, gw, gb
 
     def backward(self, g: Any) -> tuple[Any, Any, Any]:

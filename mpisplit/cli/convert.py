@@ -140,12 +140,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     world = MPI.COMM_WORLD
     install_abort_on_exception(world)
+    # Each option takes two values (nargs=2).
     if args.to_hf:
-        summary = to_hf(*args.to_hf, args.tp, args.dtype, world)
+        ckpt, out = args.to_hf
+        summary = to_hf(ckpt, out, args.tp, args.dtype, world)
     elif args.from_gguf:
-        summary = from_gguf(*args.from_gguf, world)
+        gguf_file, out = args.from_gguf
+        summary = from_gguf(gguf_file, out, world)
     else:
-        summary = from_hf(*args.from_hf, args.step, args.tp, args.dtype, world)
+        hf_folder, out_root = args.from_hf
+        summary = from_hf(hf_folder, out_root, args.step, args.tp, args.dtype, world)
     if world.Get_rank() == 0:
         print(summary, flush=True)
     return 0

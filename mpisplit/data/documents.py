@@ -9,6 +9,7 @@ skipped. Every error names the file and the place in it.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -77,9 +78,9 @@ class _Counted:
         return step
 
 
-def _open(path: Path) -> tuple[BinaryIO, _Counted]:
+def _open(path: Path) -> tuple[io.BufferedIOBase, _Counted]:
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned stream
-    stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
+    stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
     return stream, _Counted(raw)
 
 
@@ -102,7 +103,7 @@ def _text_document(path: Path) -> Document:
         counted.raw.close()
 
 
-def _read_all(stream: BinaryIO, path: Path) -> bytes:
+def _read_all(stream: io.BufferedIOBase, path: Path) -> bytes:
     try:
         return stream.read()
     except (OSError, EOFError) as exc:  # a truncated or corrupt .gz
@@ -124,7 +125,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
         counted.raw.close()
 
 
-def _lines(stream: BinaryIO, path: Path) -> Iterator[bytes]:
+def _lines(stream: io.BufferedIOBase, path: Path) -> Iterator[bytes]:
     try:
         yield from stream
     except (OSError, EOFError) as exc:

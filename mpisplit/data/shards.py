@@ -58,21 +58,25 @@ class SplitWriter:
         self._pending, self._pending_tokens = [], 0
         self.counts += np.bincount(tokens, minlength=self.vocab_size)[: self.vocab_size]
         while len(tokens):
-            if self._file is None or self._in_shard == self.shard_tokens:
-                self._next_shard()
+            file = self._file
+            if file is None or self._in_shard == self.shard_tokens:
+                file = self._next_shard()
             take = min(len(tokens), self.shard_tokens - self._in_shard)
             data = tokens[:take].tobytes()
-            self._file.write(data)
+            file.write(data)
             self._hash.update(data)
             self._in_shard += take
             tokens = tokens[take:]
 
-    def _next_shard(self) -> None:
+    def _next_shard(self) -> BinaryIO:
+        """Close the open shard and open the next one, which it returns (also `self._file`)."""
         self._close_shard()
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._file = open(self.folder / name, "wb")  # noqa: SIM115 - closed by _close_shard
+        file = open(self.folder / name, "wb")  # noqa: SIM115 - closed by _close_shard
+        self._file = file
         self._hash, self._in_shard = hashlib.sha256(), 0
         self.shards.append({"file": name, "tokens": 0, "bytes": 0, "sha256": ""})
+        return file
 
     def _close_shard(self) -> None:
         if self._file is None:

@@ -24,7 +24,7 @@ are then partial on each TP rank: `sequence_parallel_params` lists them, to be s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -45,6 +45,11 @@ from mpisplit.nn.rotary import RotaryTables
 from mpisplit.parallel.comm import Communicator
 from mpisplit.parallel.mappings import gather_from_tp
 from mpisplit.runtime.backend import resolve_dtype, to_numpy
+
+if TYPE_CHECKING:
+    from numpy.random import Generator
+
+    from mpisplit.runtime.device import DeviceRandom
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS)
 
@@ -71,16 +76,19 @@ class Block(Module):
     def __init__(self, cfg: GPTConfig, tp_comm: Any, dtype: np.dtype, rotary: RotaryTables | None = None) -> None:
         proj_std = 0.02 / np.sqrt(2 * cfg.n_layer)  # residual projections, GPT-2 scaling
         self.ln_1 = _norm(cfg, dtype)
+        self.attn: ParallelSelfAttention | GroupedQueryAttention
         if cfg.positions == "learned":
             self.attn = ParallelSelfAttention(
                 cfg.n_embd, cfg.n_head, tp_comm, dropout=cfg.dropout, dtype=dtype, proj_std=proj_std,
             )
         else:
+            assert rotary is not None, "rotary positions need the model's RotaryTables"
             self.attn = GroupedQueryAttention(
                 cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size, tp_comm, rotary, qkv_bias=cfg.qkv_bias,
                 out_bias=cfg.out_bias, dropout=cfg.dropout, dtype=dtype, proj_std=proj_std,
             )
         self.ln_2 = _norm(cfg, dtype)
+        self.mlp: SwiGLUMLP | ParallelMLP
         if cfg.mlp == "swiglu":
             self.mlp = SwiGLUMLP(cfg.n_embd, cfg.ffn_size, tp_comm, bias=cfg.mlp_bias, dtype=dtype, proj_std=proj_std)
         else:
@@ -137,8 +145,8 @@ class GPT(Module):
         # Dropout streams: replicated activations need the same mask on every TP rank;
         # attention weights belong to each rank's own heads. Stages draw their own streams.
         where = [grid.dp_rank] if pp == 1 else [grid.dp_rank, stage]
-        self.rng_shared = np.random.default_rng([seed, 1, *where])
-        self.rng_local = np.random.default_rng([seed, 2, *where, grid.tp_rank])
+        self.rng_shared: Generator | DeviceRandom = np.random.default_rng([seed, 1, *where])
+        self.rng_local: Generator | DeviceRandom = np.random.default_rng([seed, 2, *where, grid.tp_rank])
         self.device = "cpu"
         self.to(device)
         if init:
@@ -151,7 +159,9 @@ class GPT(Module):
             from mpisplit.runtime.device import DeviceRandom, to_device
 
             to_device(self)
-            self.rng_shared, self.rng_local = DeviceRandom(self.rng_shared), DeviceRandom(self.rng_local)
+            # On the CPU the streams are host Generators; the device draws wrap them.
+            host_shared, host_local = cast("Generator", self.rng_shared), cast("Generator", self.rng_local)
+            self.rng_shared, self.rng_local = DeviceRandom(host_shared), DeviceRandom(host_local)
             self.device = "gpu"
         elif device != self.device:
             raise ValueError(f"cannot move a model from {self.device!r} to {device!r}")
@@ -232,14 +242,16 @@ class GPT(Module):
         """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank (with
         `sequence_parallel`, and no caches: this rank's (B, T/t, h) block of them)."""
         self._check_whole("hidden_states")
+        ln_f = self.ln_f
+        assert ln_f is not None  # _check_whole: this is the last stage, which has ln_f
         offset = caches[0].length if caches else 0
         idx = self._check_idx(idx, offset)
         if caches is not None:
-            return self.ln_f(self.run_blocks(self._embed_cached(idx, offset), caches))
+            return ln_f(self.run_blocks(self._embed_cached(idx, offset), caches))
         if sequence_parallel:
             self._check_sequence(idx)
         x = self.embed(idx, sequence_parallel=sequence_parallel)
-        return self.ln_f(self.run_blocks(x, sequence_parallel=sequence_parallel))
+        return ln_f(self.run_blocks(x, sequence_parallel=sequence_parallel))
 
     def _embed_cached(self, idx: Any, offset: int) -> Tensor:
         x = self.wte(idx)  # decoding: no dropout
@@ -257,7 +269,7 @@ class GPT(Module):
         else:
             x = inp
         x = self.run_blocks(x, sequence_parallel=sp)
-        return self.ln_f(x) if self.is_last else x
+        return x if self.ln_f is None else self.ln_f(x)  # the last stage's output is after ln_f
 
     def stage_loss(self, hidden: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
         """Last stage: mean cross-entropy of the hidden states after ln_f (vocab-parallel)."""

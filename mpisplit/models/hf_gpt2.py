@@ -47,18 +47,19 @@ import os
 import secrets
 import struct
 from pathlib import Path
-from typing import Any
+from types import EllipsisType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpisplit.models.config import GPTConfig
-from mpisplit.nn.module import (  # the GPT class is passed in: gpt.py imports this file
-    Module,
-    Parameter,
-)
+from mpisplit.nn.module import Parameter
 from mpisplit.runtime.backend import get_array_module, resolve_dtype, to_numpy
 from mpisplit.runtime.errors import agree
 from mpisplit.runtime.files import fsync_dir
+
+if TYPE_CHECKING:  # the GPT class is passed in: gpt.py imports this file
+    from mpisplit.models.gpt import GPT
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -150,7 +151,8 @@ def _parse_config(folder: Path) -> tuple[GPTConfig, bool]:
     if missing:
         raise ValueError(f"{path} lacks {missing}")
     config = GPTConfig(
-        vocab_size=cfg["vocab_size"], block_size=cfg.get("n_positions", cfg.get("n_ctx")), n_layer=cfg["n_layer"],
+        vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"] if "n_positions" in cfg else cfg["n_ctx"],
+        n_layer=cfg["n_layer"],
         n_head=cfg["n_head"], n_embd=cfg["n_embd"],
         dropout=_number(cfg, "resid_pdrop", 0.1, path),  # transformers' default; one rate for all three sites
         layer_norm_eps=_number(cfg, "layer_norm_epsilon", 1e-5, path),
@@ -318,10 +320,12 @@ def _read_slab(files: _WeightFiles, key: str, name: str, p: Parameter) -> np.nda
     out = None
     if file_ndim == len(p.view_shape):  # the file holds the view itself: one slice
         index = tuple(slice(lo, lo + real) if i == ax else slice(None) for i in range(file_ndim))
-        part = files.read(key, index) if real else None
-        out = np.zeros(p.view_shape, dtype=part.dtype if real else np.float32)
         if real:
+            part = files.read(key, index)
+            out = np.zeros(p.view_shape, dtype=part.dtype)
             out[tuple(slice(0, real) if i == ax else slice(None) for i in range(file_ndim))] = part
+        else:
+            out = np.zeros(p.view_shape, dtype=np.float32)
     else:
         # Fused: view (..., k, w) is file (..., k*w), split on the last view axis: one read
         # per block i, columns [i*w + lo, i*w + lo + real) (Q, K, V of this rank's heads).
@@ -334,7 +338,7 @@ def _read_slab(files: _WeightFiles, key: str, name: str, p: Parameter) -> np.nda
     return out.reshape(p.shape)
 
 
-def from_pretrained(cls: type[Module], folder: str | os.PathLike, grid: Any, dtype: Any = "float32") -> Module:
+def from_pretrained(cls: type[GPT], folder: str | os.PathLike, grid: Any, dtype: Any = "float32") -> GPT:
     """A `cls` (GPT) over `grid` holding the weights of a Hugging Face GPT-2 folder, each rank
     reading only its slices. Collective over grid.world: any failure raises on every rank."""
     folder = Path(folder)
@@ -352,7 +356,7 @@ def from_pretrained(cls: type[Module], folder: str | os.PathLike, grid: Any, dty
     return model
 
 
-def _load_weights(model: Module, files: _WeightFiles, tied: bool) -> None:
+def _load_weights(model: GPT, files: _WeightFiles, tied: bool) -> None:
     params = dict(model.named_parameters())
     prefix = PREFIX if PREFIX + "wte.weight" in files.entries else ""
     where = f"the weights in {files.folder}"
@@ -406,7 +410,7 @@ def _load_weights(model: Module, files: _WeightFiles, tied: bool) -> None:
 # ---------------------------------------------------------------------------- writing
 
 
-def _runs(p: Parameter, offset: int) -> list[tuple[int, tuple[slice, ...]]] | None:
+def _runs(p: Parameter, offset: int) -> list[tuple[int, tuple[int | slice | EllipsisType, ...]]] | None:
     """The slab's contiguous byte runs in the file: (file byte offset, index into the slab
     viewed as p.view_shape) per run, or None when there are more than _MAX_RUNS.
     Replicated tensors are one run."""
@@ -422,7 +426,7 @@ def _runs(p: Parameter, offset: int) -> list[tuple[int, tuple[slice, ...]]] | No
     if outer > _MAX_RUNS:
         return None
     inner = int(np.prod(g[ax + 1:], dtype=np.int64))  # elements per row of the split axis
-    runs = []
+    runs: list[tuple[int, tuple[int | slice | EllipsisType, ...]]] = []
     for o in range(outer):
         first = (o * g[ax] + lo) * inner
         idx = np.unravel_index(o, g[:ax]) if ax else ()
@@ -430,7 +434,7 @@ def _runs(p: Parameter, offset: int) -> list[tuple[int, tuple[slice, ...]]] | No
     return runs
 
 
-def _header(model: Module) -> tuple[bytes, list[tuple[str, Parameter, int]], int]:
+def _header(model: GPT) -> tuple[bytes, list[tuple[str, Parameter, int]], int]:
     """The safetensors header (length prefix and JSON padded to 8 bytes), (name, param,
     absolute data offset) per tensor, and the file's size. Computed from the config alone."""
     code = _WRITE_CODES[model.dtype]
@@ -449,13 +453,13 @@ def _header(model: Module) -> tuple[bytes, list[tuple[str, Parameter, int]], int
 
 
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))).cast("B")
+    view = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).data.cast("B")  # a memoryview
     while view.nbytes:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
-def _gather_rows(p: Parameter, offset: int, tp_comm: Any, fd: int | None, error: Exception | None) -> Exception | None:
+def _gather_rows(p: Parameter, offset: int, tp_comm: Any, fd: int, error: Exception | None) -> Exception | None:
     """Gather a column-split weight to TP rank 0 in blocks of leading rows and write each block
     (contiguous in the file) there. Collective over tp_comm; fd is used on TP rank 0 only.
     Returns the first write error (`error` if one was already met: nothing is written then)."""
@@ -470,7 +474,7 @@ def _gather_rows(p: Parameter, offset: int, tp_comm: Any, fd: int | None, error:
         send = np.ascontiguousarray(view[r0:r1])
         recv = np.empty((t, *send.shape), dtype=send.dtype) if rank == 0 else None
         mpi.Gather(send, recv, root=0)
-        if rank == 0 and error is None:
+        if recv is not None and error is None:  # TP rank 0
             full = np.concatenate(list(recv), axis=ax)  # TP rank order is column order along ax
             full = full[tuple(slice(0, s) for s in (r1 - r0, *g[1:]))]  # drop padding, if any
             try:
@@ -480,7 +484,7 @@ def _gather_rows(p: Parameter, offset: int, tp_comm: Any, fd: int | None, error:
     return error
 
 
-def save_pretrained(model: Module, folder: str | os.PathLike) -> None:
+def save_pretrained(model: GPT, folder: str | os.PathLike) -> None:
     """Write `folder`/config.json and `folder`/model.safetensors (Hugging Face GPT-2 layout,
     "transformer." names, unpadded, the model's dtype). Collective over model.grid.world."""
     grid = model.grid
@@ -517,7 +521,7 @@ def save_pretrained(model: Module, folder: str | os.PathLike) -> None:
         # Past this point no rank leaves the loop early: a failed write is remembered and
         # reported after the last collective, so the other ranks never wait in a Gather alone.
         error: Exception | None = None
-        if writer:
+        if fd is not None:  # a writer (DP replica 0): each opened the file, or all ranks raised
             for _, p, offset in layout:
                 runs = _runs(p, offset)
                 if runs is None:

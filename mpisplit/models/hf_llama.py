@@ -23,17 +23,20 @@ import os
 import secrets
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpisplit.models.hf_gpt2 import _WRITE_CODES, _pwrite_all, _slab_extent, _WeightFiles
 from mpisplit.models.hf_layout import hf_name
 from mpisplit.models.hf_llama_config import LLAMA_TYPES, config_from_dict, hf_config, parse_config
-from mpisplit.nn.module import Module, Parameter
+from mpisplit.nn.module import Parameter
 from mpisplit.runtime.backend import get_array_module, resolve_dtype, to_numpy
 from mpisplit.runtime.errors import agree
 from mpisplit.runtime.files import fsync_dir
+
+if TYPE_CHECKING:  # the GPT class is passed in (gpt.py imports this file when loading)
+    from mpisplit.models.gpt import GPT
 
 
 def is_llama_folder(folder: Any) -> bool:
@@ -51,8 +54,8 @@ def weights_dtype(folder: Any) -> np.dtype:
     return np.dtype(np.float64 if code == "F64" else np.float32)
 
 
-def from_pretrained(cls: type[Module], folder: Any, grid: Any, dtype: Any = "float32", *,
-                    max_model_len: int | None = None, source: Any = None, config: dict | None = None) -> Module:
+def from_pretrained(cls: type[GPT], folder: Any, grid: Any, dtype: Any = "float32", *,
+                    max_model_len: int | None = None, source: Any = None, config: dict | None = None) -> GPT:
     """A `cls` (GPT) over `grid` with the weights of a Llama-family folder, or of `source` (a
     reader of the same tensors under the same names, e.g. a GGUF file) with `config` (the
     config.json contents). Collective over grid.world: any failure raises on every rank."""
@@ -60,12 +63,12 @@ def from_pretrained(cls: type[Module], folder: Any, grid: Any, dtype: Any = "flo
     with agree(grid.world):
         model_dtype = resolve_dtype(dtype)
         if config is None:
-            config = parse_config(folder, max_model_len)
+            gpt_config = parse_config(folder, max_model_len)
         else:
-            config = config_from_dict(config, folder, max_model_len)
-        config.validate(grid.tp)
+            gpt_config = config_from_dict(config, folder, max_model_len)
+        gpt_config.validate(grid.tp)
         files = source if source is not None else _WeightFiles(folder)
-    model = cls(config, grid, dtype=model_dtype, init=False)
+    model = cls(gpt_config, grid, dtype=model_dtype, init=False)
     with agree(grid.world):
         try:
             load_weights(model, files)
@@ -74,7 +77,7 @@ def from_pretrained(cls: type[Module], folder: Any, grid: Any, dtype: Any = "flo
     return model
 
 
-def _check_tensors(model: Module, files: Any) -> dict[str, tuple[str, bool]]:
+def _check_tensors(model: GPT, files: Any) -> dict[str, tuple[str, bool]]:
     """{mpisplit name: (file name, transposed)}; ValueError for missing, extra or misshapen tensors."""
     params = dict(model.named_parameters())
     keys = {name: hf_name(name) for name in params}
@@ -109,7 +112,7 @@ def _read_slab(files: Any, key: str, transposed: bool, p: Parameter) -> np.ndarr
     return out
 
 
-def load_weights(model: Module, files: Any) -> None:
+def load_weights(model: GPT, files: Any) -> None:
     """Fill every parameter of `model` (one pipeline stage or the whole) from `files`."""
     keys = _check_tensors(model, files)
     params = dict(model.named_parameters())
@@ -123,12 +126,12 @@ def load_weights(model: Module, files: Any) -> None:
 # ---------------------------------------------------------------------------- writing
 
 
-def _file_tensors(model: Module) -> list[tuple[str, Parameter, str, bool]]:
+def _file_tensors(model: GPT) -> list[tuple[str, Parameter, str, bool]]:
     """(mpisplit name, parameter, file name, transposed) of every tensor the file holds."""
     return [(name, p, *hf_name(name)) for name, p in model.named_parameters()]
 
 
-def _header(model: Module) -> tuple[bytes, list[int], int]:
+def _header(model: GPT) -> tuple[bytes, list[int], int]:
     code = _WRITE_CODES[np.dtype(model.dtype)]
     entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offsets, pos = [], 0
@@ -154,7 +157,7 @@ def gather_global(p: Parameter, tp_comm: Any) -> np.ndarray | None:
     starts = mpi.gather(p.start, root=0)
     recv = np.empty((tp_comm.size, *local.shape), dtype=local.dtype) if tp_comm.rank == 0 else None
     mpi.Gather(local, recv, root=0)
-    if tp_comm.rank != 0:
+    if recv is None:  # TP ranks > 0
         return None
     ax = p.split_axis
     padded = list(p.global_shape)
@@ -166,7 +169,7 @@ def gather_global(p: Parameter, tp_comm: Any) -> np.ndarray | None:
     return full[tuple(slice(0, n) for n in p.global_shape)]
 
 
-def save_pretrained(model: Module, folder: Any) -> None:
+def save_pretrained(model: GPT, folder: Any) -> None:
     """Write `folder`/config.json + model.safetensors (Hugging Face layout of the model's family, the
     model's dtype, unpadded). Collective over the world; pp must be 1."""
     grid, folder = model.grid, Path(folder)
@@ -194,7 +197,7 @@ def save_pretrained(model: Module, folder: Any) -> None:
     if grid.dp_rank == 0:
         for (_, p, _, transposed), offset in zip(_file_tensors(model), offsets):
             full = gather_global(p, grid.tp_comm)
-            if writer and error is None:
+            if fd is not None and full is not None and error is None:  # world rank 0, TP rank 0
                 try:
                     _pwrite_all(fd, np.ascontiguousarray(full.T if transposed else full), offset)
                 except OSError as exc:

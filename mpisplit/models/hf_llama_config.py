@@ -46,15 +46,16 @@ def _float(cfg: dict, key: str, where: Path, default: float) -> float:
 def rope_settings(cfg: dict, where: Path) -> tuple[float, dict | None]:
     """(rope_theta, scaling dict or None) from either layout of the rotary settings."""
     params = cfg.get("rope_parameters")
+    scaling: dict | None
     if isinstance(params, dict) and "rope_theta" in params:
         theta = _float(params, "rope_theta", where, 10000.0)
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
         theta = _float(cfg, "rope_theta", where, 10000.0)
-        scaling = cfg.get("rope_scaling")
-        if scaling is not None and not isinstance(scaling, dict):
-            raise ValueError(f"{where}: rope_scaling must be an object or null, got {scaling!r}")
-        scaling = dict(scaling) if scaling else None
+        given = cfg.get("rope_scaling")
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"{where}: rope_scaling must be an object or null, got {given!r}")
+        scaling = dict(given) if given else None
     if scaling is not None:
         kind = scaling.pop("type", None)
         scaling.setdefault("rope_type", kind or "default")

@@ -27,7 +27,7 @@ def check_recompute(mode: Any) -> str:
 class _Recomputed(Function):
     """x -> run(x, rngs) without a graph; backward: run it again with a graph, then backward."""
 
-    def forward(self, x: Any, run: Callable[[Tensor, tuple], Tensor] | None = None, rngs: tuple = ()) -> Any:
+    def forward(self, x: Any, run: Callable[[Tensor, tuple], Tensor], rngs: tuple = ()) -> Any:
         self.run = run
         self.rngs_before = tuple(copy.deepcopy(r) for r in rngs)  # where the masks were drawn from
         with no_grad():

@@ -47,7 +47,9 @@ def inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.nda
     """(head_dim / 2,) float64 inverse frequencies of a rope configuration."""
     check_rope_scaling(scaling)
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if scaling is None:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         return inv / scaling["factor"]
     if kind == "llama3":

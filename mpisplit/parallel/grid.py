@@ -18,7 +18,7 @@ Stage k talks to k - 1 and k + 1 with the same (dp, tp) coordinates over `pp_com
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mpi4py import MPI
 
@@ -86,7 +86,12 @@ class ProcessGrid:
         self._split_groups()
 
     def _split_groups(self) -> None:
-        split, tp, dp = self.world.mpi.Split, self.tp, self.dp
+        tp, dp, world = self.tp, self.dp, self.world.mpi
+
+        def split(colour: int, key: int) -> MPI.Intracomm:
+            # Splitting an Intracomm gives Intracomms; mpi4py's stubs declare Comm.Split -> Comm.
+            return cast(MPI.Intracomm, world.Split(colour, key))
+
         # Colour: the coordinates the group shares; key: the coordinate that varies inside it.
         self.tp_comm = Communicator._adopt(split(self.pp_rank * dp + self.dp_rank, self.tp_rank))
         self.dp_comm = Communicator._adopt(split(self.pp_rank * tp + self.tp_rank, self.dp_rank))

@@ -219,7 +219,7 @@ class TextLayout:
 
 
 def _choice(index: int, pieces: list[dict], with_logprobs: bool, echo: str = "") -> dict:
-    logprobs = None
+    logprobs: dict[str, list] | None = None
     if with_logprobs:
         logprobs = {k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
         for p in pieces:

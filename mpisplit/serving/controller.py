@@ -214,7 +214,8 @@ class Controller:
             self.engine.faults.in_text(self.engine.steps)
         offset = len(act.stream.text)
         text = "" if out.reason == "stop" else act.stream.push(out.token)
-        event = {"text": text, "token_ids": [out.token], "logprobs": None, "finish_reason": None}
+        event: dict[str, Any] = {"text": text, "token_ids": [out.token], "logprobs": None,
+                                 "finish_reason": None}
         if act.sub.logprobs is not None:
             event["logprobs"] = self._logprobs(out, act.sub.logprobs, offset)
         if act.stream.stopped:

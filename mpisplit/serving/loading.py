@@ -51,6 +51,7 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
         load_model(reader, model)
         reader.close()
         return model, tokenizer, eos
+    assert hf is not None  # exactly one of ckpt, hf and gguf, checked above
     with agree(grid.world):
         cfg = read_config(hf)
         options = {"max_model_len": max_model_len} if cfg.positions == "rotary" else {}

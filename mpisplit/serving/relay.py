@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from mpisplit.serving import ipc
@@ -117,8 +118,12 @@ class FrontendRelay:
         if not ctl.alive or ctl.stopping.is_set():
             self._send(("ack", key, 503, "the server is shutting down"))
             return
+
+        def sink_of(i: int) -> Callable[[dict], None]:
+            return lambda ev: self.sink(key, i, ev)
+
         subs = [Submission(prompt=c.prompt, max_tokens=c.max_tokens, sampling=c.sampling, stops=c.stops,
-                           logprobs=c.logprobs, sink=lambda ev, i=i: self.sink(key, i, ev))
+                           logprobs=c.logprobs, sink=sink_of(i))
                 for i, c in enumerate(choices)]
         with self._book:
             self._left[key] = len(subs)

@@ -126,7 +126,8 @@ def special_tokens(folder: str | os.PathLike) -> dict[str, str]:
     return found
 
 
-def _named_default(entries: list, origin: str) -> str:
+def _named_default(entries: list, origin: str) -> object:
+    """The template of the entry named "default", as the JSON has it (the caller checks it is a string)."""
     named = {e.get("name"): e.get("template") for e in entries if isinstance(e, dict)}
     if "default" not in named:
         raise ValueError(f"{origin} has chat templates named {sorted(map(str, named))} and none is 'default'; "

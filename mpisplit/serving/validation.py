@@ -30,7 +30,7 @@ COMPLETION_FIELDS = frozenset({
 })
 # vLLM's fields that change the output and that this server does not implement: refused unless
 # they hold their default (a field nobody knows is ignored, as vLLM ignores it, and logged).
-REFUSED_UNLESS_DEFAULT = {
+REFUSED_UNLESS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""), "use_beam_search": (False,), "length_penalty": (1, 1.0),
     "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),

@@ -158,11 +158,12 @@ class AdamW(Optimizer):
         elif isinstance(p, np.ndarray) and all(a.flags.c_contiguous for a in arrays):
             # Cache-sized chunks: the dozen elementwise passes below then run in L2
             # instead of streaming every full-size array through memory a dozen times.
-            flat = [a.reshape(-1) for a in arrays]
+            fp, fg, fm, fv = (a.reshape(-1) for a in arrays)
             tmp = self._scratch(_CHUNK, p.dtype)
             for lo in range(0, p.size, _CHUNK):
                 hi = min(lo + _CHUNK, p.size)
-                self._update(*(f[lo:hi] for f in flat), tmp[: hi - lo], decay, step_size, root_bias)
+                self._update(fp[lo:hi], fg[lo:hi], fm[lo:hi], fv[lo:hi], tmp[: hi - lo], decay, step_size,
+                             root_bias)
         else:
             self._update(p, g, m, v, self._scratch(p.shape, p.dtype), decay, step_size, root_bias)
 

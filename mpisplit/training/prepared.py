@@ -53,7 +53,9 @@ def load_tokens(config: TrainConfig, rank: int = 0, size: int = 1) -> tuple[Toke
         raise ValueError("--tokenizer builds a fresh model and --init-from fine-tunes one (whose folder has its "
                          "tokenizer): pass one of them")
     if config.data is not None and is_prepared(config.data):
-        return _prepared(config, rank, size)
+        return _prepared(config, config.data, rank, size)
+    if config.tokenizer is None:  # the caller checks uses_tokens first
+        raise TypeError("load_tokens needs a tokenizer or a prepared corpus")
     tok = load_hf_tokenizer(_tokenizer_folder(config.tokenizer))
     if tok is None:
         raise ValueError(f"--tokenizer {config.tokenizer!r} has no tokenizer: expected tokenizer.json, "
@@ -67,8 +69,9 @@ def load_tokens(config: TrainConfig, rank: int = 0, size: int = 1) -> tuple[Toke
     return TextDataset.from_ids(ids, tok.vocab_size), inputs.ids_digest(ids), None
 
 
-def _prepared(config: TrainConfig, rank: int, size: int) -> tuple[TokenDataset, str, Any]:
-    folder = Path(config.data)
+def _prepared(config: TrainConfig, data: str, rank: int, size: int) -> tuple[TokenDataset, str, Any]:
+    """The dataset of the prepared corpus in folder `data` (config.data)."""
+    folder = Path(data)
     manifest = read_manifest(folder)
     check_sizes(folder, manifest)
     check_digests(folder, manifest, rank, size)

@@ -23,7 +23,7 @@ from mpisplit.training.data import (
     load_text,
     load_token_ids,
 )
-from mpisplit.training.optim import SGD, AdamW
+from mpisplit.training.optim import SGD, AdamW, Optimizer
 from mpisplit.training.prepared import load_tokens, uses_tokens
 from mpisplit.training.sharded_optim import ShardedAdamW
 from mpisplit.training.state import load_model, load_optimizer
@@ -119,8 +119,8 @@ def model_config(config: TrainConfig, data: Data, reader: CheckpointReader | Non
 def fresh_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
     """The shape of a model trained from scratch: GPT-2 parts, or Llama's with --arch llama, with
     the data's vocabulary (its characters, a prepared corpus's tokenizer or --tokenizer's)."""
-    shape = {"vocab_size": vocab_size, "block_size": config.seq_len, "n_layer": config.layers,
-             "n_head": config.heads, "n_embd": config.hidden, "dropout": config.dropout}
+    shape: dict[str, Any] = {"vocab_size": vocab_size, "block_size": config.seq_len, "n_layer": config.layers,
+                             "n_head": config.heads, "n_embd": config.hidden, "dropout": config.dropout}
     if config.arch == "llama":
         return GPTConfig.llama(**shape, n_kv_head=config.kv_heads, intermediate_size=config.intermediate,
                                rope_theta=config.rope_theta)
@@ -137,6 +137,7 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
     else:
         model = GPT(cfg, grid, dtype=config.dtype, seed=config.seed, init=reader is None, device=config.device,
                     sequence_parallel=config.sequence_parallel, recompute=config.recompute)
+    opt: Optimizer
     if config.optimizer == "adamw" and config.shard_optimizer:
         opt = ShardedAdamW(model.parameters(), grid.dp_comm, lr=config.lr, betas=(0.9, 0.99),
                            weight_decay=config.weight_decay)

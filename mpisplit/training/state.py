@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -32,10 +32,20 @@ from mpisplit.training.checkpoint import (
 from mpisplit.training.optim import Optimizer
 
 
+class _RangedOptimizer(Protocol):
+    """An optimizer that holds a range of each parameter's elements (training/sharded_optim.py)."""
+
+    def local_range(self, i: int) -> tuple[int, int]: ...
+
+    def load_range(self, kind: str, i: int, values: Any) -> None: ...
+
+
 def _shard(p: Parameter, array: Any) -> ShardInfo:
     local = to_numpy(array).reshape(p.view_shape)
     if p.replica_rank > 0:  # a replicated key/value head: its first replica saves the rows
-        local = local[(slice(None),) * p.split_axis + (slice(0, 0),)]
+        axis = p.split_axis
+        assert axis is not None, "the replicas of a key/value head are split parameters (nn/gqa.py)"
+        local = local[(slice(None),) * axis + (slice(0, 0),)]
     return ShardInfo(array=np.ascontiguousarray(local), global_shape=p.global_shape, split_axis=p.split_axis, start=p.start)
 
 
@@ -54,15 +64,18 @@ def training_shards(model: Module, optimizer: Optimizer | None = None) -> dict[s
     replicas of a replicated key/value head hold no rows."""
     params = [(name, p) for name, p in model.named_parameters() if not p.pipeline_copy]
     names = {id(p): name for name, p in params}
-    pieces = optimizer.state_pieces() if hasattr(optimizer, "state_pieces") else {}
+    # A sharded optimizer (training/sharded_optim.py) saves its state as pieces.
+    state_pieces = getattr(optimizer, "state_pieces", None)
+    pieces: dict[str, list[tuple[int, int, Any]]] = state_pieces() if state_pieces is not None else {}
     shards = {}
     if "master" not in pieces:
         shards = {f"model/{name}": _shard(p, p.data) for name, p in params}
-    for kind, per_param in pieces.items():
-        prefix = "model" if kind == "master" else f"optim/{kind}"
-        for p, (lo, hi, values) in zip(optimizer.params, per_param):
-            if id(p) in names:
-                shards[f"{prefix}/{names[id(p)]}"] = _piece(p, lo, hi, values)
+    if optimizer is not None:  # else there are no pieces
+        for kind, per_param in pieces.items():
+            prefix = "model" if kind == "master" else f"optim/{kind}"
+            for p, (lo, hi, values) in zip(optimizer.params, per_param):
+                if id(p) in names:
+                    shards[f"{prefix}/{names[id(p)]}"] = _piece(p, lo, hi, values)
     if optimizer is not None and not pieces:
         for kind, arrays in optimizer.state_arrays().items():
             for p, arr in zip(optimizer.params, arrays):
@@ -112,13 +125,13 @@ def load_optimizer(reader: CheckpointReader, model: Module, optimizer: Optimizer
     """Read the optimizer moments, resharded like their parameters (a sharded optimizer reads
     only its range of each slab). Collective."""
     names = {id(p): name for name, p in model.named_parameters()}
-    ranged = hasattr(optimizer, "local_range")
+    ranged = cast(_RangedOptimizer, optimizer) if hasattr(optimizer, "local_range") else None
     with _per_stage(reader, model):
         for kind in optimizer.state_kinds():
             for i, p in enumerate(optimizer.params):
                 name = f"optim/{kind}/{names[id(p)]}"
-                if ranged:  # every rank reads, an empty range too: each read is collective
-                    optimizer.load_range(kind, i, _read_range(reader, name, p, *optimizer.local_range(i)))
+                if ranged is not None:  # every rank reads, an empty range too: each read is collective
+                    ranged.load_range(kind, i, _read_range(reader, name, p, *ranged.local_range(i)))
                 else:
                     optimizer.load_state(kind, i, _read_slab(reader, name, p))
     optimizer.step_count = int(reader.meta.get("optimizer", {}).get("step_count", 0))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
@@ -51,9 +51,10 @@ ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwe
 def open_file(path: Source) -> GGUFFile:
     if isinstance(path, GGUFFile):
         return path
-    if isinstance(getattr(path, "file", None), GGUFFile):
-        return path.file
-    return GGUFFile(path)
+    file = getattr(path, "file", None)
+    if isinstance(file, GGUFFile):  # a GGUFWeights (not imported at run time: it imports this module)
+        return file
+    return GGUFFile(cast("str | os.PathLike", path))
 
 
 def check_architecture(f: GGUFFile) -> str:

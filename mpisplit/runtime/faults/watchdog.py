@@ -127,13 +127,13 @@ class Watchdog:
 
     def _write(self, stalled: bool) -> None:
         where, in_mpi = thread_location(self._main)
-        now = time.monotonic()
+        now, step = time.monotonic(), self._step
         record = {
             "run": self.run_id,
             "rank": self.rank,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "step": self._step,
+            "step": step,
             "idle": now - self._last_beat,
             "where": where,
             "in_mpi": in_mpi,
@@ -148,7 +148,7 @@ class Watchdog:
             self._write_error = None
         except OSError as exc:  # a full or vanished folder must not stop training
             self._write_error = f"{path}: {exc}"
-        self._written = (record["step"], now)
+        self._written = (step, now)
 
     def _run(self) -> None:
         fired_at: float | None = None

@@ -57,10 +57,8 @@ def _validate_index(path: Path, index: Any) -> dict:
         if not _is_int(index.get(key)) or index[key] < 0:
             raise ValueError(f"{where}: {key} must be an int >= 0, got {index.get(key)!r}")
     files, tensors = index.get("files"), index.get("tensors")
-    _require(
-        isinstance(files, dict) and isinstance(tensors, dict),
-        f"{where}: 'files' and 'tensors' must be objects",
-    )
+    if not (isinstance(files, dict) and isinstance(tensors, dict)):
+        raise ValueError(f"{where}: 'files' and 'tensors' must be objects")  # noqa: TRY004 - as _require
     _require(
         isinstance(index.get("meta"), dict) and isinstance(index.get("rank_meta"), list),
         f"{where}: 'meta' must be an object and 'rank_meta' a list",

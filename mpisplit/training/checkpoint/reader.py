@@ -126,14 +126,15 @@ class CheckpointReader:
         self._comm = comm
         self._verify = verify
         self._handles: dict[str, Any] = {}
-        index = None
-        # World rank 0 reads and validates; the others receive the parsed index.
+        # World rank 0 reads and validates; the others receive the parsed index. Every rank
+        # ends with a dict: _load_index returns one or raises (then _agree raises everywhere).
+        index: Any = None
         with _agree(comm):
             if comm is None or _mpi(comm).Get_rank() == 0:
                 index = self._load_index()
         if comm is not None:
             index = _mpi(comm).bcast(index, root=0)
-        self._index = index
+        self._index: dict[str, Any] = index
         self._tensors: dict[str, dict] = index["tensors"]
 
     def _load_index(self) -> dict:

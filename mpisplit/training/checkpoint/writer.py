@@ -112,21 +112,23 @@ def _check_piece(name: str, info: ShardInfo, gshape: tuple[int, ...]) -> tuple:
     if any(g < 0 for g in gshape):
         raise ValueError(f"tensor {name!r}: global_shape {gshape} has a negative extent")
     try:
-        lo, hi = (_check_count(name, "a piece's element bound", e) for e in info.elements)
+        # elements None: nothing to unpack, the same ValueError as any other malformed bounds.
+        lo, hi = (_check_count(name, "a piece's element bound", e) for e in info.elements or ())
     except (TypeError, ValueError):
         raise ValueError(f"tensor {name!r}: elements must be two ints 0 <= lo <= hi, got {info.elements!r}") from None
-    axis, start, rows = info.split_axis, 0, None
+    axis, start, stop = info.split_axis, 0, 0
+    rows: int | None = None
     if axis is not None:
         axis = _check_axis(name, axis, gshape)
         start = _check_count(name, "start", info.start)
         rows = _check_count(name, "rows", info.rows)
+        stop = min(start + rows, gshape[axis])
     outer, n, inner = slab_rows_view(gshape, axis, rows)
     if info.array.ndim != 1 or info.array.size != hi - lo or not lo <= hi <= outer * n * inner:
         raise ValueError(
             f"tensor {name!r}: a piece of elements [{lo}, {hi}) of a slab of {outer * n * inner} "
             f"needs a 1-D array of {hi - lo}, got shape {info.array.shape}"
         )
-    stop = 0 if axis is None else min(start + rows, gshape[axis])
     return gshape, axis, info.array.dtype.name, start, stop, (lo, hi, rows)
 
 
@@ -298,7 +300,8 @@ def _write_slabs(
             f"{tmp} created by world rank 0 is not visible here; the checkpoint root must be on a shared filesystem"
         )
     tp_rank, dp_rank = tp_comm.Get_rank(), dp_comm.Get_rank()
-    arrays, shards = {}, {}
+    arrays: dict[str, np.ndarray] = {}
+    shards: dict[str, dict[str, Any]] = {}
     for name, info in tensors.items():
         _, axis, _, lo, hi, piece = checked[name]
         if piece is not None:
