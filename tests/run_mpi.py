@@ -7,6 +7,11 @@ Size 1 runs every test (`pytest --with-mpi`); larger sizes run the MPI-marked te
 (`pytest --only-mpi`). Arguments this script does not know go to pytest; test paths among them
 replace the default `tests`. Each size has a wall-clock limit: on expiry the whole process
 group is killed and the size fails. Exit status 0 only when every size passed.
+
+Then the GPU tests (marker `gpu`) run under the CuPy stand-in (tests/standin on PYTHONPATH):
+at 1 rank, at 2 ranks once per collective path (MPISPLIT_TEST_COMM staged, mpi, nccl) and at 4
+ranks; the passes above leave them out. `--no-standin` skips this (on a GPU node, run the GPU
+tests with real CuPy instead: benchmarks/device_check.sh).
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class SizeResult:
     returncode: int | None  # None: timed out
     seconds: float
     counts: list[dict[str, int] | None] = field(default_factory=list)  # per rank
+    label: str = ""  # the pass, e.g. " (GPU stand-in, nccl)"
 
     @property
     def ok(self) -> bool:
@@ -132,8 +138,20 @@ def without_mpi_information(text: str) -> str:
     return "\n".join(out)
 
 
+STANDIN = REPO / "tests" / "standin"
+# (world size, MPISPLIT_TEST_COMM) of the stand-in passes.
+STANDIN_PASSES = ((1, "auto"), (2, "staged"), (2, "mpi"), (2, "nccl"), (4, "auto"))
+
+
+def standin_env(comm: str) -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": os.pathsep.join([str(STANDIN), *([path] if path else [])]),
+            "MPISPLIT_TEST_COMM": comm}
+
+
 def run_size(
-    size: int, mpiexec: str, hydra: bool, pytest_args: list[str], timeout: float
+    size: int, mpiexec: str, hydra: bool, pytest_args: list[str], timeout: float,
+    extra_env: dict[str, str] | None = None, label: str = "",
 ) -> SizeResult:
     mode = ["--with-mpi"] if size == 1 else ["--only-mpi"]
     with tempfile.TemporaryDirectory(prefix=f"run_mpi_{size}_") as logdir:
@@ -147,9 +165,11 @@ def run_size(
             ]
         cmd = [mpiexec, *redirect, "-n", str(size), sys.executable, "-m", "pytest", *mode]
         cmd += ["-q", "-p", "no:cacheprovider", *pytest_args]
-        print(f"--- size {size}: {' '.join(cmd)}", flush=True)
+        shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
+        print(f"--- size {size}{label}: {shown + ' ' if shown else ''}{' '.join(cmd)}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=rank_env(size), start_new_session=True)
+        env = {**rank_env(size), **(extra_env or {})}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
         try:
             returncode: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -159,7 +179,7 @@ def run_size(
             kill_group(proc)
             raise
         seconds = time.perf_counter() - start
-        result = SizeResult(size, returncode, seconds)
+        result = SizeResult(size, returncode, seconds, label=label)
         if hydra:
             for rank in range(size):
                 path = Path(logdir) / f"rank{rank}.out"
@@ -181,7 +201,7 @@ def describe(result: SizeResult) -> str:
         state = "passed" if result.ok else f"FAILED (exit {result.returncode})"
     rank0 = result.counts[0] if result.counts else None
     detail = ", ".join(f"{n} {k}" for k, n in rank0.items()) if rank0 else "no summary"
-    return f"size {result.size}: {state}, rank 0: {detail}, {result.seconds:.1f}s"
+    return f"size {result.size}{result.label}: {state}, rank 0: {detail}, {result.seconds:.1f}s"
 
 
 def take_sizes(argv: list[str]) -> tuple[list[int] | None, list[str]]:
@@ -215,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         default=600.0,
         help="seconds per world size (default 600); --timeout goes to pytest-timeout",
     )
+    parser.add_argument("--no-standin", action="store_true",
+                        help="skip the GPU tests under the CuPy stand-in (tests/standin)")
     args, pytest_args = parser.parse_known_args(argv)
     if sizes is None:
         sizes = [1, 2, 4]
@@ -231,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         pytest_args.append("tests")
     mpiexec = find_mpiexec()
     hydra = is_hydra(mpiexec)
-    results = [run_size(n, mpiexec, hydra, pytest_args, args.size_timeout) for n in sizes]
+    plain = pytest_args if args.no_standin else ["-m", "not gpu", *pytest_args]
+    results = [run_size(n, mpiexec, hydra, plain, args.size_timeout) for n in sizes]
+    if not args.no_standin:
+        for n, comm in STANDIN_PASSES:
+            results.append(run_size(n, mpiexec, hydra, ["-m", "gpu", *pytest_args], args.size_timeout,
+                                    standin_env(comm), f" (GPU stand-in, {comm})"))
 
     print("=== run_mpi summary")
     for r in results:

@@ -61,7 +61,7 @@ class _VocabParallelCrossEntropy(Function):
             self.count = xp.maximum(valid.sum(), 1)
         nll = (xp.log(s) - zt) * valid
         self.save(e, s, local_t, owned, valid)
-        return xp.asarray(nll.sum() / self.count, dtype=z.dtype)
+        return xp.asarray(_per_token(nll.sum(), self.count), dtype=z.dtype)
 
     def _fused_forward(self, z: Any, targets: Any, comm: Any, vocab_start: int, vocab_size: int,
                        ignore_index: int, overwrite: bool) -> Any:
@@ -103,8 +103,15 @@ class _VocabParallelCrossEntropy(Function):
             e[xp.arange(e.shape[0])[owned], local_t[owned]] -= 1.0
         else:  # no boolean selection on a GPU: subtract 0 where this rank does not own the target
             e[xp.arange(e.shape[0]), local_t] -= owned.astype(e.dtype)
-        e *= (valid * (g / self.count)).astype(e.dtype)[:, None]
+        e *= (valid * _per_token(g, self.count)).astype(e.dtype)[:, None]
         return e.reshape(self.shape).astype(self.dtype, copy=False)
+
+
+def _per_token(total: Any, count: Any) -> Any:
+    """total / count in total's dtype: a host count is a Python int (which NumPy casts to that
+    dtype), a device count a 0-d integer array, cast the same way (else the quotient would be
+    float64 and round once more on its way back: other bits than the host's)."""
+    return total / (count if isinstance(count, int) else count.astype(total.dtype))
 
 
 def check_targets(targets: Any, vocab_size: int, ignore_index: int = -100) -> None:

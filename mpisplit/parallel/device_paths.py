@@ -105,6 +105,20 @@ class _MPIPath:
     def close(self) -> None:
         pass
 
+    # The flat collectives each MPI-based path implements.
+
+    def _allreduce(self, comm: Any, send: Any, recv: Any, op: str) -> None:
+        raise NotImplementedError
+
+    def _reduce_scatter(self, comm: Any, send: Any, recv: Any, op: str) -> None:
+        raise NotImplementedError
+
+    def _allgather(self, comm: Any, send: Any, recv: Any) -> None:
+        raise NotImplementedError
+
+    def _bcast(self, comm: Any, buf: Any, root: int) -> None:
+        raise NotImplementedError
+
 
 # ---- staged: pinned host buffers --------------------------------------------------------------
 
