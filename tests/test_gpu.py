@@ -386,13 +386,18 @@ def test_training_steps_on_gpu_equal_cpu_float32() -> None:
         for (name, ph), pd in zip(host.named_parameters(), dev.parameters()):
             # AdamW moves an entry by ~lr whatever its gradient's size: an entry whose gradient
             # is ~0 may step either way on the two devices. All but a few per mille must agree.
-            # Sums in another order (NCCL's, the host ring's) flip a few such entries (the key bias's
-            # gradient is zero in exact arithmetic: softmax ignores a shift of every key): each
-            # stays within the 2 lr a step that AdamW can move it, and all but a few per cent agree.
+            # The key bias's gradient is zero in exact arithmetic (softmax ignores a shift of every
+            # key): it is rounding noise, summed in another order on the device path (NCCL's, the
+            # host ring's), so AdamW may step each entry either way. It is left out, after checking
+            # that no entry moved further than AdamW's 2 lr a step.
             d = to_numpy(pd.data)
-            far = ~np.isclose(d, ph.data, rtol=1e-4, atol=1e-6)
             assert float(np.abs(d - ph.data).max()) <= 2 * 3e-3 * 4 * 1.01, name
-            assert far.sum() <= max(4, 0.05 * far.size), (name, int(far.sum()), far.size)
+            keep = np.ones(d.shape, dtype=bool)
+            if name.endswith("c_attn.bias"):  # local [q | k | v]: the middle third is k
+                third = d.shape[0] // 3
+                keep[third: 2 * third] = False
+            far = ~np.isclose(d, ph.data, rtol=1e-4, atol=1e-6) & keep
+            assert far.sum() <= max(1, 1e-3 * keep.sum()), (name, int(far.sum()), int(keep.sum()))
         # The device paths count exactly what the host path counts.
         for a, b in ((cpu.world, gpu.world), (cpu.tp_comm, gpu.tp_comm), (cpu.dp_comm, gpu.dp_comm)):
             assert a.stats() == b.stats(), binding.summary()
