@@ -214,3 +214,117 @@ def test_pipeline_messages_take_the_device_path(cupy, path_name) -> None:
         assert copies == 0
         assert link.stats()["send"]["bytes"] == 96 and link.stats()["recv"]["bytes"] == 96
     assert violations(cupy) == []
+
+
+# ---- how use_gpu chooses ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(cupy):
+    s = cupy._state.settings
+    saved = (s.devices, s.cuda_aware)
+    yield s
+    s.devices, s.cuda_aware = saved
+    cupy.cuda.Device(0).use()
+
+
+def test_ranks_sharing_a_gpu_rule_nccl_out(cupy, settings) -> None:
+    """One visible device for every rank: auto takes CUDA-aware MPI (or staging without it),
+    a forced nccl is an error on every rank; with one rank NCCL has nothing to do."""
+    settings.devices = 1
+    comm = Communicator(MPI.COMM_WORLD)
+    try:
+        b = use_gpu(comm, comm="auto")
+        assert b.device_id == 0
+        if comm.size > 1:
+            assert "ranks share a GPU" in b.nccl and b.paths == {"comm": "mpi"}
+            with pytest.raises(ValueError, match="ranks share a GPU"):
+                use_gpu(comm, comm="nccl")
+            settings.cuda_aware = False
+            b = use_gpu([comm], comm="auto")
+            assert b.paths == {"comm0": "staged"} and not b.cuda_aware
+            b = use_gpu(comm, comm="mpi")
+            assert b.paths == {"comm": "mpi"} and "mpi forced" in b.summary()
+    finally:
+        comm.free()
+
+
+def test_nccl_failing_on_one_rank_falls_back_everywhere(cupy, settings, monkeypatch) -> None:
+    """auto: NCCL's init failing on any rank gives every rank the next path, with a note;
+    a forced nccl raises on every rank."""
+    import mpisplit.parallel.gpu as gpu_module
+
+    world = MPI.COMM_WORLD
+    real = gpu_module.NcclPath
+
+    def flaky(c):
+        path = real(c)  # NCCL's init is collective: every rank takes part, then one fails
+        if world.Get_rank() == world.Get_size() - 1:
+            path.close()
+            raise RuntimeError("ncclUnhandledCudaError (stand-in)")
+        return path
+
+    monkeypatch.setattr(gpu_module, "NcclPath", flaky)
+    comm = Communicator(world)
+    try:
+        if comm.size > 1:
+            b = use_gpu(comm, comm="auto")
+            assert b.paths == {"comm": "mpi"} and "NCCL failed on the comm communicator" in b.summary()
+            with pytest.raises(RuntimeError, match="ncclUnhandledCudaError"):
+                use_gpu(comm, comm="nccl")
+        else:
+            assert use_gpu(comm, comm="nccl").paths == {}
+    finally:
+        comm.free()
+
+
+def test_bad_targets_and_devices_are_errors_on_every_rank(cupy, settings) -> None:
+    with pytest.raises(TypeError, match="use_gpu takes a ProcessGrid"):
+        use_gpu("world")
+    with pytest.raises(ValueError, match="unknown collective path"):
+        use_gpu(Communicator(MPI.COMM_SELF), comm="gloo")
+    comm = Communicator(MPI.COMM_WORLD)
+    try:
+        with pytest.raises(ValueError, match="out of range"):
+            use_gpu(comm, device_id=settings.devices)
+        b = use_gpu(comm, device_id=settings.devices - 1, cuda_aware=False)
+        assert b.device_id == settings.devices - 1 and b.cuda_aware_source == "given"
+    finally:
+        comm.free()
+
+
+def test_launcher_local_rank_disagreeing_is_reported(cupy, settings, monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_LOCALID", "7")
+    comm = Communicator(MPI.COMM_WORLD)
+    try:
+        b = use_gpu(comm)
+        assert "the launcher says local rank 7" in b.summary()
+    finally:
+        comm.free()
+
+
+def test_nccl_availability_says_why_not(cupy, monkeypatch) -> None:
+    from cupy.cuda import nccl
+
+    from mpisplit.runtime.device import nccl_available
+
+    assert nccl_available() == (True, "NCCL 2.23.4")
+    monkeypatch.setattr(nccl, "get_version", lambda: (_ for _ in ()).throw(OSError("libnccl.so.2: cannot open")))
+    ok, why = nccl_available()
+    assert not ok and "does not load" in why and "libnccl.so.2" in why
+    monkeypatch.setattr(nccl, "available", False)
+    assert nccl_available() == (False, "CuPy was built without NCCL")
+
+
+def test_cuda_support_without_mpi4py_query_asks_the_library(cupy, monkeypatch) -> None:
+    """mpi4py without Query_cuda_support: MPIX_Query_cuda_support of the loaded libmpi (the
+    MPICH wheel: a build without CUDA, so no); the environment variable decides first."""
+    from mpisplit.runtime.device import mpi_cuda_support
+
+    assert mpi_cuda_support({}) == (True, "mpi4py Query_cuda_support")  # the stand-in's answer
+    monkeypatch.delattr(MPI, "Query_cuda_support")
+    aware, source = mpi_cuda_support({})
+    assert aware is False
+    assert source.startswith("MPIX_Query_cuda_support in libmpi") or source == "the MPI library reports no CUDA support"
+    assert mpi_cuda_support({"MPISPLIT_CUDA_AWARE": "1"}) == (True, "MPISPLIT_CUDA_AWARE=1")
+    assert mpi_cuda_support({"MPISPLIT_CUDA_AWARE": "off"}) == (False, "MPISPLIT_CUDA_AWARE=off")

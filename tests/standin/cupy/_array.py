@@ -60,6 +60,8 @@ def wrap(r: Any, inputs: list[ndarray]) -> Any:
     new buffer written now; NumPy scalars become 0-d arrays (CuPy's reductions return arrays)."""
     _state.raise_deferred()
     if isinstance(r, np.ndarray):
+        if r.dtype.name == "bfloat16":  # as CuPy 13 (cupy-cuda12x): bfloat16 arrays need CuPy 14
+            raise TypeError("Unsupported dtype bfloat16 (the stand-in models CuPy 13)")
         for x in inputs:  # the very array passed in (out=...): the same object, as CuPy returns
             if x._a is r:
                 return x
