@@ -12,6 +12,10 @@ Then the GPU tests (marker `gpu`) run under the CuPy stand-in (tests/standin on 
 at 1 rank, at 2 ranks once per collective path (MPISPLIT_TEST_COMM staged, mpi, nccl) and at 4
 ranks; the passes above leave them out. `--no-standin` skips this (on a GPU node, run the GPU
 tests with real CuPy instead: benchmarks/device_check.sh).
+
+Each pass's full output, per rank, is kept in out/test-logs/; the summary lists every failing
+test with its first error line and each skip reason once. With CI=true a skip for something CI
+installs (a package of the test or ref extras, the real model) fails (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ class SizeResult:
     seconds: float
     counts: list[dict[str, int] | None] = field(default_factory=list)  # per rank
     label: str = ""  # the pass, e.g. " (GPU stand-in, nccl)"
+    failures: list[str] = field(default_factory=list)  # "FAILED test - first line", any rank
+    skips: list[str] = field(default_factory=list)  # "SKIPPED [n] where: reason" of rank 0
+    logs: list[str] = field(default_factory=list)  # where each rank's full output was kept
 
     @property
     def ok(self) -> bool:
@@ -164,7 +171,7 @@ def run_size(
                 os.path.join(logdir, "rank%r.out"),
             ]
         cmd = [mpiexec, *redirect, "-n", str(size), sys.executable, "-m", "pytest", *mode]
-        cmd += ["-q", "-p", "no:cacheprovider", *pytest_args]
+        cmd += ["-q", "-rfEs", "-p", "no:cacheprovider", *pytest_args]
         shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
         print(f"--- size {size}{label}: {shown + ' ' if shown else ''}{' '.join(cmd)}", flush=True)
         start = time.perf_counter()
@@ -184,14 +191,53 @@ def run_size(
             for rank in range(size):
                 path = Path(logdir) / f"rank{rank}.out"
                 text = path.read_text(errors="replace") if path.exists() else ""
+                result.logs.append(keep_log(text, size, label, rank))
                 counts = parse_counts(text)
                 result.counts.append(counts)
+                result.failures += [line for line in short_summary(text, ("FAILED ", "ERROR "))
+                                    if line not in result.failures]
+                if rank == 0:
+                    result.skips = short_summary(text, ("SKIPPED ",))
                 failed = counts is None or counts.get("failed", 0) or counts.get("errors", 0)
                 # Rank 0 always; another rank only when it tells something rank 0 may not.
                 if rank == 0 or (failed and not result.ok):
                     print(f"--- size {size}, rank {rank} output:")
                     print(without_mpi_information(text), flush=True)
     return result
+
+
+LOG_DIR = REPO / "out" / "test-logs"  # each pass's full output per rank, kept after the run
+
+
+def keep_log(text: str, size: int, label: str, rank: int) -> str:
+    name = f"size{size}{re.sub(r'[^a-z0-9]+', '-', label.lower()).rstrip('-')}-rank{rank}.log"
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    (LOG_DIR / name).write_text(text)
+    return str(LOG_DIR / name)
+
+
+def short_summary(text: str, kinds: tuple[str, ...]) -> list[str]:
+    """pytest's short summary lines (-rfEs) of these kinds, e.g. "FAILED tests/x.py::t - msg"."""
+    return [line.strip() for line in text.splitlines() if line.startswith(kinds)]
+
+
+def report_problems(results: list[SizeResult]) -> None:
+    """Every failing test with its first error line, then each skip reason once with its count."""
+    failures = [(r, line) for r in results for line in r.failures]
+    if failures:
+        print("=== failing tests (full output per rank: " + str(LOG_DIR) + ")")
+        for r, line in failures:
+            print(f"size {r.size}{r.label}: {line[:300]}")
+    reasons: dict[str, int] = {}
+    for r in results:
+        for line in r.skips:
+            m = re.match(r"SKIPPED \[(\d+)\] [^:]+:\d+: (.*)", line)
+            n, why = (int(m.group(1)), m.group(2)) if m else (1, line)
+            reasons[why] = reasons.get(why, 0) + n
+    if reasons:
+        print(f"=== skipped (rank 0, all passes): {sum(reasons.values())}, by reason")
+        for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            print(f"{n:5d}  {why}")
 
 
 def describe(result: SizeResult) -> str:
@@ -260,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_size(n, mpiexec, hydra, ["-m", "gpu", *pytest_args], args.size_timeout,
                                     standin_env(comm), f" (GPU stand-in, {comm})"))
 
+    report_problems(results)
     print("=== run_mpi summary")
     for r in results:
         print(describe(r))

@@ -67,12 +67,11 @@ def test_generate_command_takes_text_with_a_tokenizer(hf_folder):
     assert out.removesuffix("\n") == expected
 
 
-def _transformers_reference(folder, ids: list[int], n: int) -> tuple[list[int], np.ndarray] | None:
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return None
+def _transformers_reference(folder, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """transformers' greedy tokens and their logprobs; a skip naming what is missing (after the
+    test's own checks ran) where torch or transformers is not installed."""
+    torch = pytest.importorskip("torch", reason="the comparison with transformers needs torch")
+    transformers = pytest.importorskip("transformers", reason="the comparison with transformers needs transformers")
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder, torch_dtype=torch.float64).eval()
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -101,14 +100,8 @@ def test_server_with_bpe_tokenizer(hf_folder, n):
         by_ids = client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0)
         assert by_ids.choices[0].text == choice.text
         ref = _transformers_reference(folder, ids, 12)
-        if ref is not None:
-            assert ref[0] == gen
-            assert np.allclose(choice.logprobs.token_logprobs, ref[1], atol=1e-9, rtol=0)
-
-
-def test_transformers_reference_is_available_or_skipped():
-    pytest.importorskip("transformers")
-    pytest.importorskip("torch")
+        assert ref[0] == gen
+        assert np.allclose(choice.logprobs.token_logprobs, ref[1], atol=1e-9, rtol=0)
 
 
 def test_fine_tune_from_folder_on_text(hf_folder, tmp_path):
@@ -163,5 +156,4 @@ def test_generate_stops_at_the_folders_eos_ids_as_transformers_does(hf_folder, t
     assert generate() == gen[: k + 1]
     assert generate("--ignore-eos") == gen
     ref = _transformers_reference(eos_folder, ids, 12)
-    if ref is not None:
-        assert ref[0] == gen[: k + 1]
+    assert ref[0] == gen[: k + 1]
