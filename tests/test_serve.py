@@ -191,10 +191,16 @@ def test_bad_input_is_a_400_naming_the_field(server, body, param, needle):
 
 def test_malformed_bodies_and_server_goes_on(server):
     post = lambda content: httpx.post(server.url + "/v1/completions", content=content, timeout=30)
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    surrogate = b'{"model": "char", "prompt": "a\\ud800"}'  # a lone surrogate, JSON-escaped
     for content, needle in ((b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"),
-                            (b"x" * (1 << 20 + 1), "limit")):
+                            (b"x" * (1 << 20 + 1), "limit"), (deep, "nested too deeply"),
+                            (surrogate, "lone surrogate")):
         r = post(content)
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    chat_body = b'{"model": "char", "messages": [{"role": "user", "content": "a\\udc00"}]}'
+    chat = httpx.post(server.url + "/v1/chat/completions", content=chat_body, timeout=30)
+    assert chat.status_code == 400 and "'messages' holds a lone surrogate" in chat.json()["error"]["message"], chat.text
     with pytest.raises(openai.BadRequestError):
         complete(server.url, "a", suffix="!")
     assert complete(server.url, "a", max_tokens=2).choices[0].finish_reason == "length"

@@ -109,9 +109,36 @@ def parse_body(raw: bytes) -> dict:
         body = json.loads(raw, parse_int=_parse_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise ApiError("the request body is nested too deeply to be a request") from None
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
+    _check_text(body)
     return body
+
+
+def _check_text(body: dict) -> None:
+    """ApiError naming the top-level field of the first string (or key) that is not Unicode
+    text: JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer and no UTF-8
+    response can carry (the message does not quote it, or the error itself could not be sent)."""
+    stack: list[tuple[Any, str | None]] = [(body, None)]
+    while stack:
+        value, field = stack.pop()
+        texts: list[Any] = [value]
+        if isinstance(value, dict):
+            texts = list(value.keys())
+            stack.extend((v, k if field is None else field) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, field) for v in value)
+            continue
+        for text in texts:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    where = "a field name" if text is not value else (f"'{field}'" if field else "a value")
+                    raise ApiError(f"{where} holds a lone surrogate (character {exc.start}): not Unicode text",
+                                   field if isinstance(field, str) and field.isascii() else None) from None
 
 
 def _integer(body: dict, key: str, default: Any, low: int | None = None, high: int | None = None) -> Any:
