@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front end (starlette), run by uvicorn in the front-end process.
 
     POST /v1/completions   POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics
+    POST /tokenize   POST /detokenize   GET /tokenizer_info   (serving/tokenize.py)
 
 Nothing here calls MPI: a request is validated, its n choices are submitted to the engine
 through the EngineLink (frontend.py), and its events come back on an asyncio queue. A client
@@ -24,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mpisplit.serving import tokenize
 from mpisplit.serving.chat import ChatLayout, validate_chat
 from mpisplit.serving.ipc import Choice
 from mpisplit.serving.sampling import SamplingParams
@@ -72,6 +74,9 @@ class CompletionsApp:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
         ])
 
     def _authorise(self, request: Request) -> None:
@@ -100,6 +105,23 @@ class CompletionsApp:
         card = {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "mpisplit",
                 "max_model_len": self.model.block_size}
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._local(request, lambda body: tokenize.tokenize(body, self.model, self.chat_template))
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._local(request, lambda body: tokenize.detokenize(body, self.model))
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return await self._local(request, lambda _: tokenize.tokenizer_info(self.model, self.chat_template), body=False)
+
+    async def _local(self, request: Request, answer: Callable[[dict], dict], body: bool = True) -> Response:
+        """A route the front end answers alone (no engine): the JSON of answer(body), or the 400."""
+        try:
+            self._authorise(request)
+            return JSONResponse(answer(parse_body(await _read_body(request)) if body else {}))
+        except ApiError as err:
+            return error_response(err)
 
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, lambda body: validate_completion(body, self.model), TextLayout)

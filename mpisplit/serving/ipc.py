@@ -68,7 +68,8 @@ class FrontendConfig:
         m, t = self.model, self.chat_template
         return {"host": self.host, "port": self.port, "api_key": self.api_key,
                 "model": {"name": m.name, "vocab_size": m.vocab_size, "block_size": m.block_size,
-                          "kv_tokens": m.kv_tokens, "tokenizer": _tokenizer_to_json(m.tokenizer)},
+                          "kv_tokens": m.kv_tokens, "eos_token_ids": list(m.eos_token_ids),
+                          "tokenizer": _tokenizer_to_json(m.tokenizer)},
                 "chat_template": None if t is None else
                 {"source": t.source, "special_tokens": t.special_tokens, "origin": t.origin}}
 
@@ -76,7 +77,7 @@ class FrontendConfig:
     def from_json(cls, d: dict) -> FrontendConfig:
         m, t = d["model"], d["chat_template"]
         model = ModelInfo(m["name"], m["vocab_size"], m["block_size"], _tokenizer_from_json(m["tokenizer"]),
-                          kv_tokens=m["kv_tokens"])
+                          kv_tokens=m["kv_tokens"], eos_token_ids=tuple(m["eos_token_ids"]))
         if t is not None:
             from mpisplit.serving.templates import ChatTemplate
 

@@ -66,7 +66,7 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
         channel.free()
         return 0
     info = ModelInfo(opts.model_name, model.config.vocab_size, model.config.block_size, tokenizer,
-                     kv_tokens=blocks * opts.kv_block_size)
+                     kv_tokens=blocks * opts.kv_block_size, eos_token_ids=tuple(opts.eos_token_ids))
     metrics = ServerMetrics(opts.max_batch)
     metrics.observe_cache(engine)
     controller = Controller(engine, channel, tokenizer, metrics, opts.max_queue, opts.drain_s)

@@ -77,6 +77,7 @@ class ModelInfo:
     block_size: int
     tokenizer: Any  # encode/decode, or None: token ids only
     kv_tokens: int | None = None  # the most positions the KV cache holds for one sequence
+    eos_token_ids: tuple[int, ...] = ()  # where a sequence ends (GET /tokenizer_info tells them)
 
     @property
     def limit(self) -> int:
