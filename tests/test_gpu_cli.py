@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 from _serving import Server, serve_env
-from test_serve import client
-
 from conftest import clean_mpi_env, mpiexec_command
+from test_serve import client
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 
@@ -59,7 +58,7 @@ def env() -> dict[str, str]:
 def train(ranks: int, out: Path, device: str, *args: str) -> list[tuple[float, float]]:
     cmd = [*mpiexec_command(ranks), sys.executable, str(REPO / "train.py"), "--device", device,
            *BASE, *args, "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert "stream-order violation" not in done.stderr, done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -151,6 +150,6 @@ def test_the_standin_is_on_the_path_of_the_children() -> None:
     import cupy
 
     code = "import cupy; print(getattr(cupy, 'standin', False))"
-    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.strip() == str(bool(getattr(cupy, "standin", False)))
     assert os.environ.get("PYTHONPATH", "") or not standin()

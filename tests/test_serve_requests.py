@@ -225,7 +225,7 @@ def test_logprobs_are_the_models_own(server, eos_case):
 
 @pytest.mark.parametrize("body,param", [
     ({"suffix": "!"}, "suffix"), ({"use_beam_search": True}, "use_beam_search"),
-    ({"best_of": 2}, "best_of"), ({"echo": True, "logprobs": 1}, "echo"),
+    ({"best_of": 2}, "best_of"),
     ({"logit_bias": {"7": 101}}, "logit_bias"), ({"logit_bias": {"999": 1}}, "logit_bias"),
     ({"logit_bias": {"x": 1}}, "logit_bias"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),

@@ -140,14 +140,17 @@ class CompletionsApp:
             return error_response(err)
         if req.ignored:
             print(f"warning: fields ignored in a request: {', '.join(req.ignored)}", file=sys.stderr, flush=True)
-        choices = [Choice(prompt=req.prompt, max_tokens=req.max_tokens, sampling=choice_sampling(req.sampling, i),
-                          stops=req.stops, logprobs=req.logprobs) for i in range(req.n)]
+        choices = [Choice(prompt=p, max_tokens=req.max_tokens, sampling=choice_sampling(req.sampling, i),
+                          stops=req.stops, logprobs=req.logprobs, prompt_logprobs=req.engine_prompt_logprobs)
+                   for p in req.prompts for i in range(req.n)]  # choice index = prompt * n + i
         pending, status, message = await self.link.submit(choices)
         if pending is None:  # 503 stopping, 429 queue full
             kind = "rate_limit_error" if status == 429 else "server_error"
             return error_response(ApiError(message, status=status, kind=kind))
-        echo = self.model.tokenizer.decode(req.prompt) if req.echo else ""
-        layout = layout_class(self.model.name, req.logprobs is not None, echo=echo)
+        prompts = [p for p in req.prompts for _ in range(req.n)]
+        layout = layout_class(self.model.name, req.logprobs is not None,
+                              echo=PromptEcho(self.model.tokenizer, prompts, req) if req.echo or req.prompt_logprobs is not None
+                              else None)
         if req.stream:
             return StreamingResponse(self._stream(pending, req, layout), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -155,8 +158,9 @@ class CompletionsApp:
 
     async def _collect(self, request: Request, pending: Any, req: CompletionRequest, layout: Any) -> Response:
         watcher = asyncio.create_task(_put_on_disconnect(request, pending.events))
-        pieces: list[list[dict]] = [[] for _ in range(req.n)]
-        left = req.n
+        total = len(req.prompts) * req.n
+        pieces: list[list[dict]] = [[] for _ in range(total)]
+        left = total
         try:
             while left:
                 i, ev = await pending.events.get()
@@ -175,9 +179,9 @@ class CompletionsApp:
         return JSONResponse(layout.whole(pieces, usage))
 
     async def _stream(self, pending: Any, req: CompletionRequest, layout: Any) -> AsyncIterator[bytes]:
-        left, tokens = req.n, 0
+        left, tokens = len(req.prompts) * req.n, 0
         try:
-            for i in range(req.n):
+            for i in range(left):
                 for chunk in layout.opening(i):
                     yield _sse(chunk)
             while left:
@@ -217,24 +221,78 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-class TextLayout:
-    """/v1/completions' answer and stream events (object "text_completion"); `echo`: the
-    prompt's text, before each choice's."""
+class PromptEcho:
+    """What a completion shows of its prompt: the text (`echo`), its logprobs in OpenAI's layout
+    (echo with logprobs: the first token's entry null) and vLLM's `prompt_logprobs`."""
 
-    def __init__(self, model: str, with_logprobs: bool, echo: str = "") -> None:
+    def __init__(self, tokenizer: Any, prompts: list[list[int]], req: CompletionRequest) -> None:
+        self.tokenizer, self.prompts = tokenizer, prompts
+        self.echo, self.logprobs, self.vllm = req.echo, req.logprobs, req.prompt_logprobs
+
+    def _text(self, token: int) -> str:
+        return str(token) if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def text(self, index: int) -> str:
+        return self.tokenizer.decode(self.prompts[index]) if self.echo else ""
+
+    def openai_logprobs(self, index: int, entries: list) -> dict:
+        """tokens, token_logprobs, top_logprobs and text_offset of the prompt's tokens."""
+        prompt = self.prompts[index]
+        tokens = [self._text(t) for t in prompt]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        k = self.logprobs or 0
+        top = [None] + [{self._text(i): w for i, w in alts[:k]} for _, _, _, alts in entries]
+        return {"tokens": tokens, "token_logprobs": [None] + [v for _, v, _, _ in entries],
+                "top_logprobs": top, "text_offset": offsets}
+
+    def vllm_logprobs(self, entries: list) -> list:
+        """vLLM's prompt_logprobs: null, then {id: {logprob, rank, decoded_token}} per token."""
+        k = self.vllm or 0
+        out: list = [None]
+        for token, value, rank, alts in entries:
+            entry = {str(i): {"logprob": w, "rank": r + 1, "decoded_token": self._text(i)}
+                     for r, (i, w) in enumerate(alts[:k])}
+            entry[str(token)] = {"logprob": value, "rank": rank, "decoded_token": self._text(token)}
+            out.append(entry)
+        return out
+
+
+class TextLayout:
+    """/v1/completions' answer and stream events (object "text_completion"); `echo`: what each
+    choice shows of its prompt (PromptEcho), before its own text and logprobs."""
+
+    def __init__(self, model: str, with_logprobs: bool, echo: PromptEcho | None = None) -> None:
         self.with_logprobs, self.echo = with_logprobs, echo
         self.head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                      "created": int(time.time()), "model": model}
 
     def opening(self, index: int) -> list[dict]:
-        return [{**self.head, "choices": [_choice(index, [], False, self.echo)]}] if self.echo else []
+        if self.echo is None or not self.echo.echo:
+            return []
+        return [{**self.head, "choices": [_choice(index, [], False, self.echo.text(index))]}]
 
     def chunks(self, ev: dict, index: int) -> list[dict]:
-        return [{**self.head, "choices": [_choice(index, [ev], self.with_logprobs)]}]
+        return [{**self.head, "choices": [self._one(index, [ev], streamed=True)]}]
 
     def whole(self, pieces: list[list[dict]], usage: dict) -> dict:
-        choices = [_choice(i, p, self.with_logprobs, self.echo) for i, p in enumerate(pieces)]
+        choices = [self._one(i, p, streamed=False) for i, p in enumerate(pieces)]
         return {**self.head, "choices": choices, "usage": usage}
+
+    def _one(self, index: int, pieces: list[dict], streamed: bool) -> dict:
+        e = self.echo
+        text = "" if e is None or streamed else e.text(index)
+        choice = _choice(index, pieces, self.with_logprobs, text)
+        entries = pieces[0].get("prompt_logprobs") if pieces else None
+        if e is None or entries is None:
+            return choice
+        if e.echo and choice["logprobs"] is not None:  # the prompt's entries first
+            own, prompt = choice["logprobs"], e.openai_logprobs(index, entries)
+            shift = len(e.text(index))
+            own["text_offset"] = [o + shift for o in own["text_offset"]]
+            choice["logprobs"] = {k: prompt[k] + own[k] for k in prompt}
+        if e.vllm is not None:
+            choice["prompt_logprobs"] = e.vllm_logprobs(entries)
+        return choice
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self.head, "choices": [], "usage": usage}
@@ -253,5 +311,5 @@ def _choice(index: int, pieces: list[dict], with_logprobs: bool, echo: str = "")
 
 
 def _usage(req: CompletionRequest, completion_tokens: int) -> dict:
-    n = len(req.prompt)
+    n = sum(len(p) for p in req.prompts)
     return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}

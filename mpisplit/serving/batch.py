@@ -126,12 +126,15 @@ def _embed(model: Any, ids: np.ndarray, positions: np.ndarray) -> Tensor:
 
 
 def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv: PagedKV,
-                     batch_invariant: bool = True) -> np.ndarray:
+                     batch_invariant: bool = True, every_row: list[bool] | None = None) -> Any:
     """tokens (N,) laid out as `segments` -> float64 logits (len(segments), vocab) at the last
     token of each segment, the same on every TP rank. Writes the new keys and values into
     their blocks of `kv`. Collective over the model's TP communicator. Without
     `batch_invariant`, one BLAS call per matrix product and no padding (faster; a row's last
-    bits may then depend on the batch)."""
+    bits may then depend on the batch).
+
+    `every_row` (a flag per segment; prompt logprobs): also the logits of every row of the
+    flagged segments, from the same pass; then (last-row logits, {segment index: (count, vocab)})."""
     n = int(tokens.shape[0])
     if n != sum(s.count for s in segments) or n == 0:
         raise ValueError(f"{n} tokens do not fill segments of {[s.count for s in segments]}")
@@ -153,12 +156,24 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv
             x = x + _attention(block.attn, block.ln_1(x), positions, layer, kv, segments, index)
             x = x + block.mlp(block.ln_2(x))
         x = model.ln_f(x)
-        last = np.cumsum([s.count for s in segments]) - 1
-        last = np.append(last, np.full(-len(last) % per_call, n - 1))  # the head's rows padded too
-        xp = get_array_module(x.data)
-        rows = Tensor(x.data[:, xp.asarray(last)])  # (1, S', h)
-        local = model.head.logits(rows)
-        full = gather_from_tp(local, model.grid.tp_comm).data[0, : len(segments), : model.config.vocab_size]
+        ends = np.cumsum([s.count for s in segments])
+        last = _head(model, x, ends - 1, per_call, n)
+        if not every_row or not any(every_row):
+            return last
+        flagged = [i for i, f in enumerate(every_row) if f]
+        wanted = np.concatenate([np.arange(ends[i] - segments[i].count, ends[i]) for i in flagged])
+        rows = _head(model, x, wanted, per_call, n)
+        bounds = np.cumsum([0] + [segments[i].count for i in flagged])
+        return last, {i: rows[bounds[k]: bounds[k + 1]] for k, i in enumerate(flagged)}
+
+
+def _head(model: Any, x: Tensor, picks: np.ndarray, per_call: int, n: int) -> np.ndarray:
+    """float64 logits (len(picks), vocab) of rows `picks` of x (1, P, h), gathered over TP; the
+    rows padded to whole row blocks, as every other product of the pass."""
+    padded = np.append(picks, np.full(-len(picks) % per_call, n - 1))
+    xp = get_array_module(x.data)
+    local = model.head.logits(Tensor(x.data[:, xp.asarray(padded)]))  # (1, S', V/t)
+    full = gather_from_tp(local, model.grid.tp_comm).data[0, : len(picks), : model.config.vocab_size]
     return np.asarray(to_numpy(full), dtype=np.float64)
 
 

@@ -122,8 +122,9 @@ def validate_chat(body: dict, model: ModelInfo, template: ChatTemplate | None) -
     for key in UNSUPPORTED:
         if body.get(key):
             raise ApiError(f"'{key}' is not supported (no tool calls)", key)
-    if body.get("echo"):
-        raise ApiError("'echo' is a /v1/completions field (chat answers hold no prompt)", "echo")
+    for key in ("echo", "prompt_logprobs"):
+        if body.get(key) not in (None, False):
+            raise ApiError(f"'{key}' is a /v1/completions field (chat answers hold no prompt)", key)
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise ApiError(f"'response_format' must be {{\"type\": \"text\"}} (no JSON modes), got {fmt!r}",
@@ -150,8 +151,8 @@ def chat_logprobs(pieces: list[dict]) -> dict:
 class ChatLayout:
     """The answer and the stream events of one chat request (see the module docstring)."""
 
-    def __init__(self, model: str, with_logprobs: bool, echo: str = "") -> None:
-        self.with_logprobs = with_logprobs  # echo: refused by validate_chat
+    def __init__(self, model: str, with_logprobs: bool, echo: Any = None) -> None:
+        self.with_logprobs = with_logprobs  # echo and prompt logprobs: refused by validate_chat
         self.head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
                      "created": int(time.time()), "model": model}
 

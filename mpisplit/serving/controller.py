@@ -7,7 +7,10 @@ called from this thread with one event (a dict) at a time, and calls `flush()` o
 each step's events and once at the end, so that a step's events can travel together:
 
     {"text", "token_ids", "logprobs", "finish_reason"}   a piece of the completion; the last
-                                                          one has finish_reason set
+                                                          one has finish_reason set; the first
+                                                          has "prompt_logprobs" if asked:
+                                                          [token, logprob, rank, [[id, lp]...]]
+                                                          for prompt tokens 1, 2, ...
     {"error", "status"}                                   the request failed
 
 A failure in one request's own work (its sampling, the same on every rank; its text on rank
@@ -45,6 +48,7 @@ class Submission:
     sink: Callable[[dict], None]
     stops: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     arrived: float = field(default_factory=time.perf_counter)
     rid: int = -1
 
@@ -166,7 +170,7 @@ class Controller:
         add = []
         while self.waiting:
             sub = self.waiting[0]
-            spec = SequenceSpec(sub.rid, sub.prompt, sub.max_tokens, sub.sampling)
+            spec = SequenceSpec(sub.rid, sub.prompt, sub.max_tokens, sub.sampling, sub.prompt_logprobs)
             if not self.engine.can_admit(spec):
                 break
             self.waiting.popleft()
@@ -218,6 +222,8 @@ class Controller:
                                  "finish_reason": None}
         if act.sub.logprobs is not None:
             event["logprobs"] = self._logprobs(out, act.sub.logprobs, offset)
+        if out.prompt_logprobs is not None:
+            event["prompt_logprobs"] = [[t, v, r, [[i, w] for i, w in top]] for t, v, r, top in out.prompt_logprobs]
         if act.stream.stopped:
             event["finish_reason"] = "stop"
             if not out.finished:

@@ -31,7 +31,13 @@ from mpisplit.runtime.faults.injection import FaultInjector
 from mpisplit.serving.batch import Segment, forward_segments
 from mpisplit.serving.blocks import ROOT, BlockManager, block_digests
 from mpisplit.serving.kv_pool import PagedKV
-from mpisplit.serving.sampling import SamplingParams, choose, process_logits
+from mpisplit.serving.sampling import (
+    SamplingParams,
+    choose,
+    log_softmax,
+    process_logits,
+    top_logprobs,
+)
 
 
 @dataclass
@@ -42,15 +48,16 @@ class SequenceSpec:
     prompt: list[int]
     max_tokens: int
     sampling: SamplingParams
+    prompt_logprobs: int | None = None  # top alternatives of each prompt token's logprob; None: none
 
     def to_json(self) -> dict:
         return {"rid": self.rid, "prompt": self.prompt, "max_tokens": self.max_tokens,
-                "sampling": self.sampling.to_json()}
+                "sampling": self.sampling.to_json(), "prompt_logprobs": self.prompt_logprobs}
 
     @classmethod
     def from_json(cls, d: dict) -> SequenceSpec:
         return cls(rid=d["rid"], prompt=list(d["prompt"]), max_tokens=d["max_tokens"],
-                   sampling=SamplingParams.from_json(d["sampling"]))
+                   sampling=SamplingParams.from_json(d["sampling"]), prompt_logprobs=d.get("prompt_logprobs"))
 
 
 @dataclass(eq=False)  # compared by identity (the engine's lists hold each once)
@@ -63,6 +70,13 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)  # the block table; empty while preempted
     digests: list[bytes] = field(default_factory=list)  # of its full blocks whose keys are cached
     fed: int = 0  # positions in the cache
+    # (token id, logprob, rank, [(id, logprob) top alternatives]) of prompt tokens 1, 2, ... so far
+    prompt_lp: list[tuple[int, float, int, list]] = field(default_factory=list)
+
+    @property
+    def reading_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs are still to be computed: its cached prefix is not reused."""
+        return self.spec.prompt_logprobs is not None and len(self.prompt_lp) < len(self.spec.prompt) - 1
 
     @property
     def remaining(self) -> int:
@@ -81,6 +95,7 @@ class StepOutput:
     logits: np.ndarray
     reason: str | None = None
     error: str | None = None
+    prompt_logprobs: list[tuple[int, float, int, list]] | None = None  # with the first token, if asked
 
     @property
     def finished(self) -> bool:
@@ -130,7 +145,8 @@ class Engine:
         """Whether `add(spec)` would place it now."""
         if not self.has_room:
             return False
-        reuse = self.blocks.cached_prefix(self._prefix_digests(spec.prompt, spec.rid))
+        digests = [] if spec.prompt_logprobs is not None else self._prefix_digests(spec.prompt, spec.rid)
+        reuse = self.blocks.cached_prefix(digests)
         need = self.blocks.blocks_for(len(spec.prompt)) - len(reuse)
         return need <= self.blocks.available - self.blocks.idle_among(reuse)
 
@@ -162,7 +178,10 @@ class Engine:
     def _place(self, seq: Sequence, count: bool = False) -> bool:
         """Blocks for every token of `seq` (`count`: a new request, its lookup counted): its
         cached prefix taken, the rest allocated."""
-        digests = self._prefix_digests(seq.tokens, seq.spec.rid if count else None)
+        # A sequence still owing prompt logprobs reads its whole prompt (a cached prefix's
+        # logprobs were never kept); it still names its blocks for the others.
+        wanted = not seq.reading_prompt_logprobs
+        digests = self._prefix_digests(seq.tokens, seq.spec.rid if count else None) if wanted else []
         reuse = self.blocks.cached_prefix(digests)
         self.blocks.take(reuse)
         fresh = self.blocks.allocate(self.blocks.blocks_for(len(seq.tokens)) - len(reuse))
@@ -265,18 +284,39 @@ class Engine:
         seqs, segments, tokens = self._batch()
         if not seqs:
             return []
-        logits = forward_segments(self.model, tokens, segments, self.kv, self.batch_invariant)
+        every_row = [seq.reading_prompt_logprobs for seq in seqs]
+        logits = forward_segments(self.model, tokens, segments, self.kv, self.batch_invariant, every_row)
+        rows: dict[int, np.ndarray] = {}
+        if any(every_row):
+            logits, rows = logits
         outputs = []
-        for seq, seg, row in zip(seqs, segments, logits):
+        for k, (seq, seg, row) in enumerate(zip(seqs, segments, logits)):
+            if k in rows:
+                self._prompt_logprobs(seq, seg.start, rows[k])
             seq.fed += seg.count
             self._register(seq)
             if seq.remaining:
                 continue
             out = self._sample(seq, row)
+            if seq.spec.prompt_logprobs is not None and len(seq.generated) == 1:
+                out.prompt_logprobs = seq.prompt_lp
             if out.finished:
                 self.remove(seq.spec.rid)
             outputs.append(out)
         return outputs
+
+    def _prompt_logprobs(self, seq: Sequence, start: int, rows: np.ndarray) -> None:
+        """Row j (position start + j) predicts prompt token start + j + 1: its logprob and top
+        alternatives, each position once (a preempted sequence reads its prompt again)."""
+        prompt, n = seq.spec.prompt, seq.spec.prompt_logprobs or 0
+        for j, row in enumerate(rows):
+            target = start + j + 1
+            if target >= len(prompt) or target != len(seq.prompt_lp) + 1:
+                continue
+            lp = log_softmax(row)
+            value = lp[prompt[target]]
+            rank = int(np.count_nonzero(lp > value)) + 1
+            seq.prompt_lp.append((prompt[target], float(value), rank, top_logprobs(lp, n)))
 
     def stop_ids(self, sampling: SamplingParams) -> tuple[int, ...]:
         """The token ids that end a sequence: the model's eos (unless ignore_eos) and its own."""

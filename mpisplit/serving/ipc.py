@@ -43,14 +43,16 @@ class Choice:
     sampling: SamplingParams
     stops: list[str]
     logprobs: int | None
+    prompt_logprobs: int | None = None  # top alternatives per prompt token (echo with logprobs)
 
     def to_json(self) -> dict:
         return {"prompt": list(self.prompt), "max_tokens": self.max_tokens, "sampling": self.sampling.to_json(),
-                "stops": list(self.stops), "logprobs": self.logprobs}
+                "stops": list(self.stops), "logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
 
     @classmethod
     def from_json(cls, d: dict) -> Choice:
-        return cls(d["prompt"], d["max_tokens"], SamplingParams.from_json(d["sampling"]), d["stops"], d["logprobs"])
+        return cls(d["prompt"], d["max_tokens"], SamplingParams.from_json(d["sampling"]), d["stops"], d["logprobs"],
+                   d.get("prompt_logprobs"))
 
 
 @dataclass

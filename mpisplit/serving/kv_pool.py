@@ -93,7 +93,7 @@ def available_bytes(model: Any) -> int:
     return free // ranks
 
 
-def kv_blocks(model: Any, block_size: int, memory: int | float | None, max_batch: int, max_len: int) -> int:
+def kv_blocks(model: Any, block_size: int, memory: float | None, max_batch: int, max_len: int) -> int:
     """How many blocks the pool holds (the smallest over the ranks, so every rank agrees).
     Collective over the model's world."""
     if block_size < 1:

@@ -123,7 +123,7 @@ class FrontendRelay:
             return lambda ev: self.sink(key, i, ev)
 
         subs = [Submission(prompt=c.prompt, max_tokens=c.max_tokens, sampling=c.sampling, stops=c.stops,
-                           logprobs=c.logprobs, sink=sink_of(i))
+                           logprobs=c.logprobs, prompt_logprobs=c.prompt_logprobs, sink=sink_of(i))
                 for i, c in enumerate(choices)]
         with self._book:
             self._left[key] = len(subs)

@@ -18,6 +18,8 @@ MAX_LOGPROBS = 20
 MAX_STOPS = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_N = 16
+MAX_CHOICES = 64  # prompts x n in one request
+MAX_PROMPTS = 64  # prompts in one request (each answered by n choices)
 MAX_LOGIT_BIAS = 1024  # entries
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence_penalty and frequency_penalty
@@ -27,13 +29,14 @@ COMPLETION_FIELDS = frozenset({
     "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
     "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p",
     "user", "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
+    "prompt_logprobs",
 })
 # vLLM's fields that change the output and that this server does not implement: refused unless
 # they hold their default (a field nobody knows is ignored, as vLLM ignores it, and logged).
 REFUSED_UNLESS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""), "use_beam_search": (False,), "length_penalty": (1, 1.0),
     "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
-    "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
+    "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (None,),
     "allowed_token_ids": (None,), "bad_words": (None, []), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "response_format": (None,),
     "logits_processors": (None,), "structured_outputs": (None,),
@@ -93,7 +96,7 @@ class ModelInfo:
 
 @dataclass
 class CompletionRequest:
-    prompt: list[int]
+    prompts: list[list[int]]  # one or more (a list of strings or of id lists): n choices each
     max_tokens: int
     sampling: SamplingParams
     stops: list[str]
@@ -103,6 +106,18 @@ class CompletionRequest:
     n: int = 1
     echo: bool = False
     ignored: tuple[str, ...] = ()  # unknown fields, ignored as vLLM ignores them
+    prompt_logprobs: int | None = None  # vLLM's field: each prompt token's logprob and its top ones
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.prompts[0]
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """The top alternatives the engine keeps per prompt token (echo with logprobs, or
+        prompt_logprobs), or None: the prompt's logprobs are not computed."""
+        wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(wanted) if wanted else None
 
 
 def parse_body(raw: bytes) -> dict:
@@ -192,10 +207,18 @@ def _boolean(body: dict, key: str, default: bool) -> bool:
     return value
 
 
-def _prompt(body: dict, model: ModelInfo) -> list[int]:
+def _prompts(body: dict, model: ModelInfo) -> list[list[int]]:
+    """'prompt' as token id lists: a string or an id list is one prompt; a list of strings or of
+    id lists is several (one choice per prompt, times n, in order)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+    many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    items: list[Any] = list(prompt) if isinstance(prompt, list) and many else [prompt]
+    if len(items) > MAX_PROMPTS:
+        raise ApiError(f"'prompt' holds {len(items)} prompts; at most {MAX_PROMPTS} in one request", "prompt")
+    return [_one_prompt(p, model) for p in items]
+
+
+def _one_prompt(prompt: Any, model: ModelInfo) -> list[int]:
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise ApiError("this model has no tokenizer: send 'prompt' as a list of token ids", "prompt")
@@ -312,17 +335,19 @@ def validate_completion(body: dict, model: ModelInfo) -> CompletionRequest:
         raise ApiError(f"model {name!r} is not served here; this server serves {model.name!r}", "model")
     ignored = unknown_fields(body, COMPLETION_FIELDS)
     n = choice_count(body)
-    prompt = _prompt(body, model)
+    prompts = _prompts(body, model)
+    if len(prompts) * n > MAX_CHOICES:
+        raise ApiError(f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES}", "n")
     max_tokens = _integer(body, "max_tokens", 16, low=1, high=model.limit)
-    if len(prompt) + max_tokens > model.limit:
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > model.limit:
         raise ApiError(
-            f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is {len(prompt) + max_tokens} "
+            f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) is {longest + max_tokens} "
             f"tokens; {model.limit_text()}", "max_tokens",
         )
     logprobs = _integer(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
+    prompt_logprobs = _integer(body, "prompt_logprobs", None, low=0, high=MAX_LOGPROBS)
     echo = _boolean(body, "echo", False)
-    if echo and logprobs is not None:
-        raise ApiError("'echo' with 'logprobs' (the prompt's logprobs) is not supported", "echo")
     if echo and model.tokenizer is None:
         raise ApiError("'echo' needs a tokenizer; this model takes and gives token ids only", "echo")
     stream = _boolean(body, "stream", False)
@@ -333,7 +358,8 @@ def validate_completion(body: dict, model: ModelInfo) -> CompletionRequest:
     if user is not None and not isinstance(user, str):
         raise ApiError(f"'user' must be a string, got {user!r}", "user")
     return CompletionRequest(
-        prompt=prompt, max_tokens=max_tokens, sampling=sampling_params(body, model.vocab_size, max_tokens),
+        prompts=prompts, max_tokens=max_tokens, sampling=sampling_params(body, model.vocab_size, max_tokens),
         stops=_stops(body, model), logprobs=logprobs, stream=stream,
         include_usage=bool(options.get("include_usage", False)), n=n, echo=echo, ignored=ignored,
+        prompt_logprobs=prompt_logprobs,
     )

@@ -117,8 +117,8 @@ _HOST_ONLY = {"ctypes", "tofile", "tobytes", "dumps", "dump", "setflags", "getfi
 _IN_PLACE_METHODS = {"fill", "sort", "put", "itemset", "resize", "partition"}
 
 
-class ndarray:  # noqa: N801 - CuPy's name
-    __slots__ = ("_a", "_buf", "__weakref__")
+class ndarray:
+    __slots__ = ("__weakref__", "_a", "_buf")
     __array_ufunc__ = None  # NumPy ufuncs on it raise TypeError; binary ops with NumPy call ours
     __array_priority__ = 100
 

@@ -21,7 +21,7 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 STANDIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +96,7 @@ class StreamState:
     """Issue and completion counters of one stream."""
 
     _next_ptr = 0x1000
-    live: weakref.WeakValueDictionary[int, StreamState] = weakref.WeakValueDictionary()
+    live: ClassVar[weakref.WeakValueDictionary[int, StreamState]] = weakref.WeakValueDictionary()
 
     def __init__(self, null: bool = False) -> None:
         self.issued = 0
@@ -160,7 +160,7 @@ def synchronize_all() -> None:
 class Buffer:
     """One device allocation (its root NumPy array) and the work that last wrote it."""
 
-    live: weakref.WeakSet[Buffer] = weakref.WeakSet()
+    live: ClassVar[weakref.WeakSet[Buffer]] = weakref.WeakSet()
 
     def __init__(self, root: Any) -> None:
         from cupy.cuda.memory import OutOfMemoryError

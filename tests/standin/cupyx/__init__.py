@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-
-import contextlib
-from collections.abc import Iterator
-
 from cupy import _state
 from cupy._array import ndarray, unwrap
 from cupy._state import DeviceSynchronized  # noqa: F401

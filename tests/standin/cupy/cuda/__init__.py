@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cupy import _state
 from cupy.cuda import curand, memory, pinned, runtime  # noqa: F401
 from cupy.cuda.memory import MemoryPool, OutOfMemoryError, PinnedMemoryPool  # noqa: F401
 from cupy.cuda.runtime import CUDARuntimeError  # noqa: F401
 from cupy.cuda.stream import Event, Stream, get_current_stream  # noqa: F401
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _pool = MemoryPool()
 _pinned_pool = PinnedMemoryPool()
@@ -31,7 +36,7 @@ class Device:
     def mem_info(self) -> tuple[int, int]:
         return runtime.memGetInfo()
 
-    def __enter__(self) -> Device:
+    def __enter__(self) -> Self:
         self._previous.append(_state.settings.device)
         self.use()
         return self

@@ -48,14 +48,14 @@ def get_unique_id() -> tuple:
     return (MPI.COMM_WORLD.Get_rank(), next(_serial))
 
 
-def groupStart() -> None:  # noqa: N802 - NCCL's names
+def groupStart() -> None:
     global _group
     if _group is not None:
         raise NcclError("groupStart inside a group (the stand-in does not nest groups)")
     _group = []
 
 
-def groupEnd() -> None:  # noqa: N802
+def groupEnd() -> None:
     global _group
     from mpi4py import MPI
 
@@ -84,7 +84,7 @@ def _stream(ptr: int) -> _state.StreamState:
 
 
 class NcclCommunicator:
-    def __init__(self, ndev: int, commId: tuple, rank: int) -> None:  # noqa: N803
+    def __init__(self, ndev: int, commId: tuple, rank: int) -> None:
         from mpi4py import MPI
 
         world = MPI.COMM_WORLD
@@ -145,21 +145,21 @@ class NcclCommunicator:
             total = None
         return self._mpi.bcast(total, root=0)
 
-    def allReduce(self, sendbuf: int, recvbuf: int, count: int, datatype: int, op: int, stream: int) -> None:  # noqa: N802
+    def allReduce(self, sendbuf: int, recvbuf: int, count: int, datatype: int, op: int, stream: int) -> None:
         s = _stream(stream)
         self._reads(sendbuf, s, "allReduce")
         total = self._reduce_all(_host(sendbuf, count, datatype), op)
         _host(recvbuf, count, datatype)[...] = total
         self._writes(recvbuf, s)
 
-    def reduceScatter(self, sendbuf: int, recvbuf: int, recvcount: int, datatype: int, op: int, stream: int) -> None:  # noqa: N802
+    def reduceScatter(self, sendbuf: int, recvbuf: int, recvcount: int, datatype: int, op: int, stream: int) -> None:
         s = _stream(stream)
         self._reads(sendbuf, s, "reduceScatter")
         total = self._reduce_all(_host(sendbuf, recvcount * self._size, datatype), op)
         _host(recvbuf, recvcount, datatype)[...] = total[self._rank * recvcount: (self._rank + 1) * recvcount]
         self._writes(recvbuf, s)
 
-    def allGather(self, sendbuf: int, recvbuf: int, count: int, datatype: int, stream: int) -> None:  # noqa: N802
+    def allGather(self, sendbuf: int, recvbuf: int, count: int, datatype: int, stream: int) -> None:
         s = _stream(stream)
         self._reads(sendbuf, s, "allGather")
         parts = self._mpi.allgather(_host(sendbuf, count, datatype).copy())

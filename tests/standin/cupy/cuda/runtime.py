@@ -9,7 +9,7 @@ class CUDARuntimeError(RuntimeError):
     pass
 
 
-def getDeviceCount() -> int:  # noqa: N802 - CUDA's names
+def getDeviceCount() -> int:
     return _state.settings.devices
 
 
@@ -18,34 +18,34 @@ def _check(device: int) -> None:
         raise CUDARuntimeError(f"cudaErrorInvalidDevice: device {device} of {_state.settings.devices}")
 
 
-def getDeviceProperties(device: int) -> dict:  # noqa: N802
+def getDeviceProperties(device: int) -> dict:
     _check(device)
     return {"name": b"Stand-in GPU (NumPy)", "totalGlobalMem": _state.settings.memory,
             "pciDomainID": 0, "pciBusID": 0x10 + device, "pciDeviceID": 0,
             "multiProcessorCount": 1, "major": 9, "minor": 0}
 
 
-def getDevice() -> int:  # noqa: N802
+def getDevice() -> int:
     return _state.settings.device
 
 
-def setDevice(device: int) -> None:  # noqa: N802
+def setDevice(device: int) -> None:
     _check(device)
     _state.settings.device = device
 
 
-def memGetInfo() -> tuple[int, int]:  # noqa: N802
+def memGetInfo() -> tuple[int, int]:
     s = _state.settings
     return max(0, s.memory - s.used), s.memory
 
 
-def deviceSynchronize() -> None:  # noqa: N802
+def deviceSynchronize() -> None:
     _state.synchronize_all()
 
 
-def runtimeGetVersion() -> int:  # noqa: N802
+def runtimeGetVersion() -> int:
     return 12040
 
 
-def driverGetVersion() -> int:  # noqa: N802
+def driverGetVersion() -> int:
     return 12040

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cupy import _state
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class Stream:
@@ -46,7 +49,7 @@ class Stream:
         _state.push(self._state)
         return self
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> Self:
         _state.push(self._state)
         return self
 
