@@ -171,7 +171,9 @@ def run_size(
                 os.path.join(logdir, "rank%r.out"),
             ]
         cmd = [mpiexec, *redirect, "-n", str(size), sys.executable, "-m", "pytest", *mode]
-        cmd += ["-q", "-rfEs", "-p", "no:cacheprovider", *pytest_args]
+        # -v: every test's outcome on its own line in the kept log, so that a size killed at its
+        # time limit (no closing summary) still names its failed tests; the console shows the rest.
+        cmd += ["-v", "-rfEs", "-p", "no:cacheprovider", *pytest_args]
         shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
         print(f"--- size {size}{label}: {shown + ' ' if shown else ''}{' '.join(cmd)}", flush=True)
         start = time.perf_counter()
@@ -196,13 +198,16 @@ def run_size(
                 result.counts.append(counts)
                 result.failures += [line for line in short_summary(text, ("FAILED ", "ERROR "))
                                     if line not in result.failures]
+                if returncode is None:  # killed: no summary, but -v named each failure as it came
+                    result.failures += [f"FAILED {line.split()[0]} (seen before the time limit)"
+                                        for line in text.splitlines() if VERBOSE_FAIL.match(line)]
                 if rank == 0:
                     result.skips = short_summary(text, ("SKIPPED ",))
                 failed = counts is None or counts.get("failed", 0) or counts.get("errors", 0)
                 # Rank 0 always; another rank only when it tells something rank 0 may not.
                 if rank == 0 or (failed and not result.ok):
-                    print(f"--- size {size}, rank {rank} output:")
-                    print(without_mpi_information(text), flush=True)
+                    print(f"--- size {size}{label}, rank {rank} output (passed tests left out):")
+                    print(without_passed(without_mpi_information(text)), flush=True)
     return result
 
 
@@ -214,6 +219,17 @@ def keep_log(text: str, size: int, label: str, rank: int) -> str:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     (LOG_DIR / name).write_text(text)
     return str(LOG_DIR / name)
+
+
+# pytest -v's line of one test: "tests/x.py::name PASSED    [ 12%]".
+VERBOSE_PASS = re.compile(r"^\S+::\S.* (PASSED|SKIPPED|XFAIL|XPASS|DESELECTED)\b.*\[\s*\d+%\]\s*$")
+VERBOSE_FAIL = re.compile(r"^\S+::\S.* (FAILED|ERROR)\b.*\[\s*\d+%\]\s*$")
+
+
+def without_passed(text: str) -> str:
+    """pytest -v output less the lines of tests that passed or were skipped (the short summary
+    still lists the skips); the kept log has them all."""
+    return "\n".join(line for line in text.splitlines() if not VERBOSE_PASS.match(line))
 
 
 def short_summary(text: str, kinds: tuple[str, ...]) -> list[str]:
@@ -278,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size-timeout",
         type=float,
-        default=600.0,
-        help="seconds per world size (default 600); --timeout goes to pytest-timeout",
+        default=2400.0,
+        help="seconds per world size (default 2400: size 1 takes ~10 minutes on 2 idle cores, more "
+             "under load); --timeout goes to pytest-timeout",
     )
     parser.add_argument("--no-standin", action="store_true",
                         help="skip the GPU tests under the CuPy stand-in (tests/standin)")
