@@ -5,6 +5,7 @@
     mpirun -n 2 mpisplit generate --ckpt out --prompt "The "
     mpirun -n 2 mpisplit serve --ckpt out --port 8000
     mpirun -n 2 mpisplit chat --hf smollm2-folder
+    mpirun -n 2 mpisplit eval --hf smollm2-folder --ppl wiki.txt
     mpirun -n 2 mpisplit convert --to-hf out gpt2-export
     mpisplit plot out
 """
@@ -24,6 +25,7 @@ COMMANDS = {
     "generate": ("mpisplit.cli.generate", "generate text from a checkpoint or a Hugging Face GPT-2 folder"),
     "serve": ("mpisplit.cli.serve", "serve a model over an OpenAI-compatible HTTP API from all ranks"),
     "chat": ("mpisplit.cli.chat", "a conversation with a model in the terminal, from all ranks"),
+    "eval": ("mpisplit.cli.eval", "perplexity and bits per byte of a text under a model, from all ranks"),
     "convert": ("mpisplit.cli.convert", "convert between mpisplit checkpoints and Hugging Face GPT-2 folders"),
     "plot": ("mpisplit.cli.plot", "draw a run's loss curve (RUN_DIR/loss.png)"),
 }

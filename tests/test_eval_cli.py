@@ -1,0 +1,68 @@
+"""`mpisplit eval --ppl FILE` at 1 and 2 ranks against lm-eval's own rolling windows
+(lm_eval.utils.get_rolling_token_windows, the model's eos as the prefix token) scored by a float64
+one-rank forward pass of the same model in this process, and the bits-per-byte and perplexity
+formulas."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _serving import CHARS, serve_env, tiny_model, write_char_checkpoint
+from mpi4py import MPI
+
+from conftest import mpiexec_command
+from mpisplit.serving.sampling import log_softmax
+
+pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own MPI jobs")
+
+# Longer than the character model's 64 positions: three windows roll over it.
+TEXT = ("the cat sat on the mat and the dog ate the hat then the cat ran off to see the fox, "
+        "a quick brown fox jumps over the lazy dog")
+EOS = 3
+
+
+def run(ranks: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [*mpiexec_command(ranks), sys.executable, "-m", "mpisplit", "eval", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=serve_env(), timeout=300, check=False)
+
+
+def reference() -> tuple[float, int]:
+    utils = pytest.importorskip("lm_eval.utils", reason="the reference windows are lm-eval's")
+    model = tiny_model(len(CHARS), 11)
+    tokens = [CHARS.index(c) for c in TEXT]
+    total, count = 0.0, 0
+    windows = utils.get_rolling_token_windows(tokens, prefix_token=EOS, max_seq_len=64, context_len=1)
+    for context, target in map(utils.make_disjoint_window, windows):
+        ids = context + target
+        logits = np.asarray(model(np.array([ids[:-1]])).data[0], dtype=np.float64)
+        for j, t in enumerate(target):
+            total += float(log_softmax(logits[len(context) - 1 + j])[t])
+            count += 1
+    model.grid.free()
+    return total, count
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_perplexity_equals_lm_evals_rolling_windows(tmp_path, ranks) -> None:
+    ckpt = write_char_checkpoint(tmp_path / "char", eos_token_ids=[EOS])
+    (tmp_path / "t.txt").write_text(TEXT)
+    done = run(ranks, "--ckpt", str(ckpt), "--ppl", str(tmp_path / "t.txt"), "--dtype", "float64", "--json")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    total, count = reference()
+    assert got["tokens"] == count == len(TEXT)  # with the eos prefix every character is scored
+    assert abs(got["loglikelihood"] - total) < 1e-9
+    assert got["perplexity"] == pytest.approx(math.exp(-total / count), rel=1e-12)
+    assert got["bits_per_byte"] == pytest.approx(-total / (len(TEXT.encode()) * math.log(2)), rel=1e-12)
+    assert got["word_perplexity"] == pytest.approx(math.exp(-total / len(TEXT.split())), rel=1e-12)
+
+
+def test_a_missing_file_is_an_error_on_every_rank(tmp_path) -> None:
+    ckpt = write_char_checkpoint(tmp_path / "char")
+    done = run(2, "--ckpt", str(ckpt), "--ppl", str(tmp_path / "none.txt"))
+    assert done.returncode != 0 and "none.txt" in done.stderr
