@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 from _serving import CHARS, serve_env, tiny_model, write_char_checkpoint
+from conftest import mpiexec_command
 from mpi4py import MPI
 
-from conftest import mpiexec_command
 from mpisplit.serving.sampling import log_softmax
 
 pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own MPI jobs")
