@@ -66,7 +66,7 @@ def gpu_available() -> bool:
 _MISSING = re.compile(
     r"could not import|no module named|not installed|cannot fetch|need(s)? (the )?"
     r"(torch|transformers|numba|gguf|tokenizers|jinja2|openai|httpx|starlette|uvicorn|matplotlib|accelerate|"
-    r"prometheus|lm-eval|the compiled kernels)",
+    r"prometheus|lm-eval|hypothesis|the compiled kernels)",
     re.IGNORECASE,
 )
 
