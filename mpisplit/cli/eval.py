@@ -75,21 +75,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     from mpi4py import MPI
 
-    import mpisplit as ms
     from mpisplit.runtime.errors import agree, install_abort_on_exception
-    from mpisplit.serving.loading import load_model_and_tokenizer
+    from mpisplit.serving.loading import load_on_ranks
 
     world = MPI.COMM_WORLD
     install_abort_on_exception(world)
     with agree(world):
         text = Path(args.ppl).read_text(encoding="utf-8")
-        tp = world.Get_size() if args.tp is None else args.tp
-        if tp <= 0 or world.Get_size() % tp:
-            raise ValueError(f"--tp {tp} does not divide the world size {world.Get_size()}")
-    ms.limit_blas_threads(world)
-    grid = ms.ProcessGrid(tp=tp)
-    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
-                                                     dtype=args.dtype, max_model_len=args.max_model_len)
+    grid, model, tokenizer, eos = load_on_ranks(world, args)
     with agree(world):
         if tokenizer is None:
             raise ValueError("this model has no tokenizer: it cannot read a text")

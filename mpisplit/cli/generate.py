@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     import numpy as np
     from mpi4py import MPI
 
-    import mpisplit as ms
     from mpisplit.runtime.errors import agree, install_abort_on_exception
-    from mpisplit.serving.loading import load_model_and_tokenizer
+    from mpisplit.serving.loading import load_on_ranks
 
     world = MPI.COMM_WORLD
     install_abort_on_exception(world)
@@ -61,13 +60,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if (args.prompt is None) == (args.prompt_ids is None):
             raise ValueError("give exactly one of --prompt and --prompt-ids")
-        tp = world.Get_size() if args.tp is None else args.tp
-        if tp <= 0 or world.Get_size() % tp:
-            raise ValueError(f"--tp {tp} does not divide the world size {world.Get_size()}")
-    ms.limit_blas_threads(world)
-    grid = ms.ProcessGrid(tp=tp)
-    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
-                                                     dtype=args.dtype, max_model_len=args.max_model_len)
+    grid, model, tokenizer, eos = load_on_ranks(world, args)
     cfg = model.config
     with agree(world):
         if args.prompt is not None:

@@ -76,3 +76,21 @@ def capped_context(cfg: GPTConfig, max_model_len: int | None) -> int:
                              f"{cfg.block_size} learned positions")
         return cfg.block_size
     return min(cfg.block_size, max_model_len)
+
+
+def load_on_ranks(world: Any, args: Any) -> tuple[Any, GPT, Any, tuple[int, ...]]:
+    """(grid, model, tokenizer, eos ids) for a command's --tp, --ckpt/--hf/--gguf, --dtype and
+    --max-model-len: the TP degree checked on every rank alike, BLAS threads limited, the grid
+    made, the model loaded. Collective over `world`."""
+    from mpisplit.parallel.grid import ProcessGrid
+    from mpisplit.runtime.backend import limit_blas_threads
+
+    with agree(world):
+        tp = world.Get_size() if args.tp is None else args.tp
+        if tp <= 0 or world.Get_size() % tp:
+            raise ValueError(f"--tp {tp} does not divide the world size {world.Get_size()}")
+    limit_blas_threads(world)
+    grid = ProcessGrid(tp=tp)
+    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
+                                                     dtype=args.dtype, max_model_len=args.max_model_len)
+    return grid, model, tokenizer, eos

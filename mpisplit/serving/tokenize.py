@@ -17,7 +17,7 @@ from typing import Any
 
 from mpisplit.serving.chat import chat_messages
 from mpisplit.serving.templates import ChatTemplate, ChatTemplateError
-from mpisplit.serving.validation import ApiError, ModelInfo
+from mpisplit.serving.validation import ApiError, ModelInfo, _boolean
 
 
 def _tokenizer(model: ModelInfo, param: str) -> Any:
@@ -38,36 +38,27 @@ def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
         raise ApiError(f"the text cannot be encoded: {exc}", "prompt") from None
 
 
-def _flag(body: dict, key: str, default: bool) -> bool:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ApiError(f"'{key}' must be true or false, got {value!r}", key)
-    return value
-
-
 def tokenize(body: dict, model: ModelInfo, template: ChatTemplate | None) -> dict:
     has_prompt, has_messages = "prompt" in body, "messages" in body
     if has_prompt == has_messages:
         raise ApiError("give exactly one of 'prompt' (a string) and 'messages' (a conversation)",
                        "messages" if has_messages else "prompt")
-    strs = _flag(body, "return_token_strs", False)
+    strs = _boolean(body, "return_token_strs", False)
     if has_prompt:
         prompt = body["prompt"]
         if not isinstance(prompt, str):
             raise ApiError(f"'prompt' must be a string, got {type(prompt).__name__}", "prompt")
-        ids = encode(_tokenizer(model, "prompt"), prompt, _flag(body, "add_special_tokens", True))
+        ids = encode(_tokenizer(model, "prompt"), prompt, _boolean(body, "add_special_tokens", True))
     else:
         messages = chat_messages(body)
         if template is None:
             raise ApiError("this model has no chat template (start the server with --chat-template FILE)",
                            "messages")
         try:
-            text = template.render(messages, add_generation_prompt=_flag(body, "add_generation_prompt", True))
+            text = template.render(messages, add_generation_prompt=_boolean(body, "add_generation_prompt", True))
         except ChatTemplateError as exc:
             raise ApiError(f"the chat template refused the conversation: {exc}", "messages") from None
-        ids = encode(_tokenizer(model, "messages"), text, _flag(body, "add_special_tokens", False))
+        ids = encode(_tokenizer(model, "messages"), text, _boolean(body, "add_special_tokens", False))
     out: dict[str, Any] = {"count": len(ids), "max_model_len": model.block_size, "tokens": ids}
     if strs:
         out["token_strs"] = [model.tokenizer.decode([i]) for i in ids]
