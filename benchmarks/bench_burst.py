@@ -48,7 +48,9 @@ def write_model(folder: Path, shape: str) -> None:
     grid.free()
 
 
-def stream(url: str, prompt: list[int], max_tokens: int, stamps: list[float], started: threading.Event) -> None:
+def stream(url: str, prompt: list[int], max_tokens: int, stamps: list[float], started: threading.Event,
+           done: threading.Event) -> None:
+    """Stream a completion, stamping each token; stop reading (which cancels it) once `done`."""
     import httpx
 
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
@@ -58,15 +60,18 @@ def stream(url: str, prompt: list[int], max_tokens: int, stamps: list[float], st
                 stamps.append(time.perf_counter())
                 if len(stamps) == 20:
                     started.set()
+            if done.is_set():
+                break
 
 
 def run(url: str, vocab: int, streams: int, tokens: int, burst: int, burst_len: int) -> dict:
     import httpx
 
     rng = np.random.default_rng(0)
-    stamps = [[] for _ in range(streams)]
+    stamps: list[list[float]] = [[] for _ in range(streams)]
     events = [threading.Event() for _ in range(streams)]
-    threads = [threading.Thread(target=stream, args=(url, rng.integers(0, vocab, 16).tolist(), tokens, s, e))
+    done = threading.Event()  # with a burst: the streams run until it has been read, however long
+    threads = [threading.Thread(target=stream, args=(url, rng.integers(0, vocab, 16).tolist(), tokens, s, e, done))
                for s, e in zip(stamps, events)]
     for t in threads:
         t.start()
@@ -80,10 +85,14 @@ def run(url: str, vocab: int, streams: int, tokens: int, burst: int, burst_len: 
         with concurrent.futures.ThreadPoolExecutor(burst) as pool:
             list(pool.map(long, range(burst)))
     window[1] = time.perf_counter()
+    if burst:
+        done.set()
     for t in threads:
         t.join()
     lo, hi = window if burst else (window[0], float("inf"))  # no burst: every gap after the 20th token
     gaps = np.concatenate([np.diff([x for x in s if lo <= x <= hi]) for s in stamps])
+    if gaps.size == 0:
+        raise RuntimeError(f"no stream drew two tokens in the measured window ({hi - lo:.3f} s)")
     return {"gaps": len(gaps), "itl_ms_p50": float(np.percentile(gaps, 50) * 1e3),
             "itl_ms_p99": float(np.percentile(gaps, 99) * 1e3), "burst_s": window[1] - window[0] if burst else 0.0}
 
@@ -98,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shape = "smoke" if args.smoke else "smollm-width"
     burst_len, tokens = (200, 60) if args.smoke else (2000, args.tokens)
+    # With a burst the streams must outlast it whatever the machine's load: they ask for the
+    # whole context and are cut when the burst has been read.
+    burst_tokens = SHAPES[shape][4] - 16
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     print(f"CPU: {model}; load {os.getloadavg()[0]:.1f}", flush=True)
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 for burst in (0, 8):
                     row = {"prefill_chunk": int(chunk), "budget": None if budget == "none" else int(budget),
                            "burst": burst, "load": os.getloadavg()[0],
-                           **run(url, SHAPES[shape][3], 8, tokens, burst, burst_len)}
+                           **run(url, SHAPES[shape][3], 8, burst_tokens if burst else tokens, burst, burst_len)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
             finally:
