@@ -74,9 +74,9 @@ def use_gpu(
 ) -> GPUBinding:
     """Bind this rank to its GPU and choose the collective path of each communicator.
 
-    `target`: a ProcessGrid (its world, tp and dp communicators), a Communicator or a list of
-    Communicators; the first is the job's world (collective over it). `comm`: auto, mpi,
-    staged or nccl (module docstring). `device_id` overrides the local-rank choice;
+    `target`: a ProcessGrid (every communicator it has: world, tp, dp, pp, stage, embed), a
+    Communicator or a list of Communicators; the first is the job's world (collective over
+    it). `comm`: auto, mpi, staged or nccl (module docstring). `device_id` overrides the local-rank choice;
     `cuda_aware` overrides the detection. Every failure raises on every rank alike.
     """
     check_path(comm)
