@@ -20,6 +20,7 @@ CuPy is imported only by the functions that need a GPU: importing this module do
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +72,7 @@ def _address(a: Any) -> int:
     return iface["data"][0]
 
 
-class _MPIPath:
+class _MPIPath(ABC):
     """Shared logic of the MPI-based paths: a dtype MPI does not know (bfloat16) moves as raw
     integers and reduces in float32; subclasses implement the four flat collectives."""
 
@@ -107,17 +108,17 @@ class _MPIPath:
 
     # The flat collectives each MPI-based path implements.
 
-    def _allreduce(self, comm: Any, send: Any, recv: Any, op: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _allreduce(self, comm: Any, send: Any, recv: Any, op: str) -> None: ...
 
-    def _reduce_scatter(self, comm: Any, send: Any, recv: Any, op: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _reduce_scatter(self, comm: Any, send: Any, recv: Any, op: str) -> None: ...
 
-    def _allgather(self, comm: Any, send: Any, recv: Any) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _allgather(self, comm: Any, send: Any, recv: Any) -> None: ...
 
-    def _bcast(self, comm: Any, buf: Any, root: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _bcast(self, comm: Any, buf: Any, root: int) -> None: ...
 
 
 # ---- staged: pinned host buffers --------------------------------------------------------------

@@ -159,7 +159,7 @@ class ndarray:
     def __cuda_array_interface__(self) -> dict:
         # mpi4py asks through hasattr, which swallows exceptions: the violation is recorded
         # here and raised by the next stand-in call (and reported at exit).
-        self._buf.ready_for("a device pointer handed out (__cuda_array_interface__, e.g. to MPI)", defer=True)
+        self._buf.ready_for("a device pointer handed out (__cuda_array_interface__, e.g. to MPI)", later=True)
         a = self._a
         return {"shape": a.shape, "typestr": a.dtype.str, "descr": a.dtype.descr,
                 "data": (int(a.__array_interface__["data"][0]), False),
@@ -290,8 +290,7 @@ def _binary(op: Any) -> Any:
         return wrap(op(unwrap(other), self._a), [self])
 
     def in_place(self: ndarray, other: Any) -> Any:
-        r = op(self._a, unwrap(other), out=self._a) if isinstance(op, np.ufunc) else op(self._a, unwrap(other))
-        self._a = r if not isinstance(op, np.ufunc) else self._a
+        op(self._a, unwrap(other), out=self._a)
         self._buf.written()
         return self
 

@@ -184,16 +184,17 @@ class Buffer:
         self.seq = self.stream.issue()
         self.site = caller()
 
-    def ready_for(self, what: str, stream: StreamState | None = None, defer: bool = False) -> None:
-        """Raise unless the last write is synchronised (or queued on `stream`, if given)."""
-        if not defer:
+    def ready_for(self, what: str, stream: StreamState | None = None, later: bool = False) -> None:
+        """Raise unless the last write is synchronised (or queued on `stream`, if given);
+        `later`: record it, to be raised by the next stand-in call (where the caller swallows)."""
+        if not later:
             raise_deferred()
         if stream is self.stream or self.stream.done >= self.seq:
             return
         message = (f"{what} at {caller()}: the buffer was last written by work #{self.seq} on "
                    f"{self.stream} (at {self.site}), which the host has not synchronised")
-        if defer:
-            globals()["defer"](message)
+        if later:
+            defer(message)
             return
         raise violation(message)
 
