@@ -46,6 +46,50 @@ _KEPT_ENV_PREFIXES = ("PMIX_MCA_",)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA device (skipped otherwise)")
+    config.addinivalue_line(
+        "markers", "world(sizes=None, divisible_by=1, min_size=1): the world sizes a test applies "
+        "to; at other sizes it is deselected (not collected as a skip)")
+
+
+# ---- layouts: a test runs only at the world sizes it applies to ----------------------------------
+# A test that needs, say, tp=3 to divide the world is not run at size 2 or 4, and that is not a
+# skip: the collection leaves it out (pytest reports it as deselected), so that the skips CI
+# reports are only what could not be checked here.
+
+
+def world_size() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_size()
+
+
+def world(sizes: tuple[int, ...] | None = None, divisible_by: int = 1,
+          min_size: int = 1) -> pytest.MarkDecorator:
+    """Mark a test (or a parameter) as applying to these world sizes only."""
+    return pytest.mark.world(sizes=sizes, divisible_by=divisible_by, min_size=min_size)
+
+
+def tp_params(*tps: int) -> list:
+    """Parameters tp=... of a test, each applying where tp divides the world size."""
+    return [pytest.param(tp, marks=world(divisible_by=tp), id=f"tp{tp}") for tp in tps]
+
+
+def _applies(item: pytest.Item, size: int) -> bool:
+    for mark in item.iter_markers("world"):
+        sizes = mark.kwargs.get("sizes")
+        if sizes is not None and size not in sizes:
+            return False
+        if size % mark.kwargs.get("divisible_by", 1) or size < mark.kwargs.get("min_size", 1):
+            return False
+    mpi = item.get_closest_marker("mpi")  # pytest-mpi's own minimum, e.g. mpi(min_size=2)
+    return mpi is None or size >= mpi.kwargs.get("min_size", 1)
+
+
+def _deselect(config: pytest.Config, items: list[pytest.Item], keep) -> None:
+    dropped = [item for item in items if not keep(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if keep(item)]
 
 
 @functools.cache
@@ -110,10 +154,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if config.getoption("--only-mpi", False) and not config.getoption("--with-mpi", False):
         # Under --only-mpi (world sizes > 1 in run_mpi.py) the non-MPI tests already ran at
         # size 1: deselect them rather than report them as skipped on every rank.
-        deselected = [item for item in items if item.get_closest_marker("mpi") is None]
-        if deselected:
-            config.hook.pytest_deselected(items=deselected)
-            items[:] = [item for item in items if item.get_closest_marker("mpi") is not None]
+        _deselect(config, items, lambda item: item.get_closest_marker("mpi") is not None)
+    size = world_size()
+    _deselect(config, items, lambda item: _applies(item, size))
     # pytest-timeout's "signal" method (its default) cannot interrupt a rank blocked inside an
     # MPI call, so a hung collective would hang the job: every test uses the "thread" method,
     # which dumps the stacks and exits the process (the launcher then ends the other ranks).

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tp_params, world
 from mpi4py import MPI
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,13 +87,11 @@ def test_raw_gradients_match_finite_differences() -> None:
 
 @pytest.mark.mpi
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("tp", [1, 2, 3, 4])
+@pytest.mark.parametrize("tp", tp_params(1, 2, 3, 4))
 def test_raw_parallel_step_matches_single_process(tp: int) -> None:
     """dp x tp raw step == tp=1 step on the concatenated batch: loss, every gradient (after
     the DP average), every parameter after one AdamW step; float64."""
     comm = MPI.COMM_WORLD
-    if comm.size % tp:
-        pytest.skip(f"tp={tp} does not divide world size {comm.size}")
     dp = comm.size // tp
     model = raw_gpt.RawGPT(TINY, comm, tp=tp, dtype=np.float64, seed=5)
     idxs, tgts = _world_batch(dp)
@@ -148,13 +147,12 @@ def test_raw_rejects_bad_arguments() -> None:
 
 @pytest.mark.mpi
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("tp", [1, 2])
+@world(sizes=(1, 2))
+@pytest.mark.parametrize("tp", tp_params(1, 2))
 def test_torch_first_losses_match_raw(tp: int) -> None:
     """The PyTorch benchmark model gives the raw floor's float32 losses (same weights)."""
     pytest.importorskip("torch")
     comm = MPI.COMM_WORLD
-    if comm.size not in (1, 2) or comm.size % tp:
-        pytest.skip(f"runs at world size 1 or 2 with tp dividing it (size {comm.size})")
     from benchmarks import torch_gpt
 
     t_losses, r_losses = torch_gpt.compare_with_raw(comm, tp, steps=2)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tp_params, world
 from mpi4py import MPI
 
 from mpisplit.parallel.grid import ProcessGrid
@@ -126,8 +127,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
 
 @contextmanager
 def grid_of(tp: int) -> Iterator[ProcessGrid]:
-    if COMM.size % tp:
-        pytest.skip(f"tp={tp} does not divide world size {COMM.size}")
     with ProcessGrid(tp=tp, comm=COMM) as grid:
         yield grid
 
@@ -180,7 +179,7 @@ def edit_index(path: Path, edit: Callable[[dict], None]) -> None:
 # ------------------------------------------------------------------------ round trips
 
 
-@pytest.mark.parametrize("tp", [1, 2, 3, 4])
+@pytest.mark.parametrize("tp", tp_params(1, 2, 3, 4))
 def test_round_trip_every_layout(shared_dir: Path, tp: int) -> None:
     with grid_of(tp) as g:
         path = save_checkpoint(shared_dir, 7, make_shards(g), grid=g, meta={})
@@ -588,9 +587,8 @@ def test_wrong_global_shape(saved: Path) -> None:
     )
 
 
+@world(min_size=2)
 def test_error_on_one_rank_raises_on_all(saved: Path) -> None:
-    if COMM.size < 2:
-        pytest.skip("needs 2 ranks")
     reader = CheckpointReader(saved, COMM)
     last = COMM.size - 1
     start, stop = (5, 2) if COMM.rank == last else (0, 2)

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import world
 from mpi4py import MPI
 
 from mpisplit.parallel.comm import KINDS, MAX_COUNT, Communicator
@@ -422,9 +423,8 @@ def test_argument_errors_raise_on_every_rank(comm: Communicator) -> None:
     comm.barrier()  # every rank got here: nobody is stuck in a collective
 
 
+@world(min_size=2)  # every length is divisible by 1
 def test_reduce_scatter_not_divisible(comm: Communicator) -> None:
-    if comm.size == 1:
-        pytest.skip("every length is divisible by 1")
     x = np.zeros((3, comm.size + 1))
     with pytest.raises(ValueError) as info:
         comm.reduce_scatter(x, axis=1)

@@ -13,6 +13,7 @@ import gc
 import numpy as np
 import pytest
 from _mpi import all_ranks_equal
+from conftest import world
 from mpi4py import MPI
 
 from mpisplit.parallel.comm import Communicator
@@ -187,11 +188,10 @@ def test_staged_buffer_is_not_freed_under_a_pending_copy(cupy) -> None:
 
 
 @pytest.mark.parametrize("path_name", ["mpi", "nccl"])
+@world(min_size=2)  # a pipeline needs two ranks
 def test_pipeline_messages_take_the_device_path(cupy, path_name) -> None:
     """Before the fix StageLink copied every device message through the host (to_numpy), whatever
     the communicator's path: counted here as device-to-host copies."""
-    if MPI.COMM_WORLD.Get_size() < 2:
-        pytest.skip("a pipeline needs two ranks")
     with ProcessGrid(tp=1, pp=2, dp=MPI.COMM_WORLD.Get_size() // 2) if MPI.COMM_WORLD.Get_size() % 2 == 0 \
             else ProcessGrid(tp=1, pp=1) as grid:
         if grid.pp < 2:

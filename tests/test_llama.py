@@ -21,6 +21,7 @@ import _dense_llama as dense
 import numpy as np
 import pytest
 from _mpi import max_rel
+from conftest import world
 from mpi4py import MPI
 from safetensors.numpy import load_file
 
@@ -126,9 +127,8 @@ def test_gradients_at_every_tp_equal_one_rank(folders, family):
 
 
 @pytest.mark.mpi(min_size=1)
+@world(sizes=(1,))  # a one-process check
 def test_one_rank_gradients_match_finite_differences(folders):
-    if COMM.size > 1:
-        pytest.skip("a one-process check")
     folder, c, _ = folders["qwen2"]  # biases, tied head
     ids = ids_for(c, (1, 7))
     targets = np.roll(ids, -1, axis=1)

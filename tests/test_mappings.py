@@ -9,6 +9,7 @@ also counted: the collectives of forward and of backward, their calls and bytes.
 import numpy as np
 import pytest
 from _mpi import grids
+from conftest import world
 from mpi4py import MPI
 
 from mpisplit.autograd.tensor import Tensor
@@ -173,9 +174,8 @@ def test_single_rank_returns_the_input_itself(mapping):
 
 
 @pytest.mark.parametrize("mapping", [scatter_to_tp, reduce_scatter_to_sp], ids=lambda m: m.__name__)
+@world(min_size=2)  # a TP group of more than one rank
 def test_non_divisible_axis_raises_on_every_rank(mapping):
-    if MPI.COMM_WORLD.Get_size() == 1:
-        pytest.skip("needs a TP group of more than one rank")
     for grid in _tp_grids():
         comm = grid.tp_comm
         n = comm.size * 3 + 1

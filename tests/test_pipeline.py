@@ -10,6 +10,7 @@ partition, and the layout errors that every rank raises before any message.
 import numpy as np
 import pytest
 from _mpi import max_rel
+from conftest import world
 from mpi4py import MPI
 from test_gpt import _gather, _global_weights, _load
 
@@ -120,10 +121,9 @@ def test_stage_partition_and_warmup():
         stage_blocks(2, 3, 0)
 
 
+@world(min_size=2)  # two ranks for two stages
 def test_bad_layouts_raise_on_every_rank_before_any_message():
     size = MPI.COMM_WORLD.size
-    if size == 1:
-        pytest.skip("needs two ranks for two stages")
     cfg = GPTConfig(**{**CFG.to_dict(), "n_layer": 1})
     pp = 2 if size % 2 == 0 else size  # two stages (with dp = size / 2), or one stage per rank
     with ProcessGrid(tp=1, pp=pp) as grid:

@@ -10,6 +10,7 @@ ring volume. A sequence length that tp does not divide raises on every rank befo
 import numpy as np
 import pytest
 from _mpi import max_rel
+from conftest import world
 from mpi4py import MPI
 from test_gpt import _gather, _global_weights, _load
 
@@ -42,11 +43,11 @@ def reference():
     return weights, idx, targets, loss.item(), grads
 
 
+@world(divisible_by=2)  # tp = 2 or 4 divides the world size
 def test_sequence_parallel_equals_one_rank(reference):
     weights, idx, targets, ref_loss, ref_grads = reference
     layouts = _layouts(MPI.COMM_WORLD.size)
-    if not layouts:
-        pytest.skip("needs tp = 2 or 4 to divide the world size")
+    assert layouts
     for tp, dp, pp in layouts:
         with ProcessGrid(tp=tp, dp=dp, pp=pp) as grid:
             model = _load(GPT(CFG, grid, dtype="float64", init=False, sequence_parallel=True), weights)
@@ -67,6 +68,7 @@ def _step_stats(model, grid, idx, targets):
     return grid.tp_comm.stats()
 
 
+@world(sizes=(2, 4))
 def test_same_ring_volume_as_the_all_reduces_it_replaces(reference):
     """Per layer 4 all-reduces of (B, T, h) become 4 all-gathers + 4 reduce-scatters; the
     embedding and the head add one of each way. Ring volume: all-reduce 2(t-1)/t n, all-gather
@@ -74,10 +76,7 @@ def test_same_ring_volume_as_the_all_reduces_it_replaces(reference):
     (QKV, fc) all-gathers its input block once more in backward, for its weight gradient: the
     price of keeping only the (B, T/t, h) block between forward and backward."""
     weights, idx, targets, *_ = reference
-    size = MPI.COMM_WORLD.size
-    tp = size if size in (2, 4) else None
-    if tp is None:
-        pytest.skip("needs a world of 2 or 4 ranks for one TP group")
+    tp = MPI.COMM_WORLD.size  # one TP group of 2 or 4 ranks
     with ProcessGrid(tp=tp) as grid:
         plain = _step_stats(_load(GPT(CFG, grid, dtype="float64", init=False), weights), grid, idx, targets)
         sp_model = _load(GPT(CFG, grid, dtype="float64", init=False, sequence_parallel=True), weights)
@@ -96,11 +95,9 @@ def test_same_ring_volume_as_the_all_reduces_it_replaces(reference):
     assert 2 * ring * removed == ring * replacing
 
 
+@world(divisible_by=2)  # tp = 2 divides the world size
 def test_sequence_length_not_divisible_raises_on_every_rank(reference):
     weights, idx, targets, *_ = reference
-    size = MPI.COMM_WORLD.size
-    if size % 2:
-        pytest.skip("needs tp = 2 to divide the world size")
     with ProcessGrid(tp=2) as grid:
         model = _load(GPT(CFG, grid, dtype="float64", init=False, sequence_parallel=True), weights)
         grid.tp_comm.reset_stats()

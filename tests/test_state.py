@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _mpi import divisors, grids
+from conftest import tp_params
 from mpi4py import MPI
 
 import mpisplit as ms
@@ -147,10 +148,8 @@ def check_loaded(path: Path, grid: ProcessGrid, want: dict[str, np.ndarray]) -> 
         assert padding_of(wte, wte.data).shape[0] == model.wte.padded_vocab - 65 > 0
 
 
-@pytest.mark.parametrize("save_tp", [1, 2, 3, 4])
+@pytest.mark.parametrize("save_tp", tp_params(1, 2, 3, 4))
 def test_reshard_model_and_adamw_bitwise(shared_dir: Path, save_tp: int) -> None:
-    if COMM.size % save_tp:
-        pytest.skip(f"tp={save_tp} does not divide world size {COMM.size}")
     with ProcessGrid(tp=save_tp) as grid:
         model, opt = trained(grid)
         want = snapshot(model, opt, grid)
