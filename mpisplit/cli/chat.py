@@ -217,14 +217,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.hf or args.gguf or args.ckpt!r} has no tokenizer; chat needs one")
     model.eval()
-    engine = Engine(model, max_batch=1, eos_token_ids=eos)
+    engine = Engine(model, max_batch=1, eos_token_ids=eos, tokenizer=tokenizer)
     channel = ControlChannel(grid.world)
     if channel.rank != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 ends the session for every rank
         follow(engine, channel)
     else:
         name = default_model_name(args.ckpt or args.hf or args.gguf)
-        info = ModelInfo(name, model.config.vocab_size, model.config.block_size, tokenizer)
+        info = ModelInfo(name, model.config.vocab_size, model.config.block_size, tokenizer, eos_token_ids=eos)
         controller = Controller(engine, channel, tokenizer, ServerMetrics(1), max_queue=1, drain_s=0.0)
         Terminal.note(f"mpisplit chat: {name!r} on {channel.size} rank{'s' if channel.size > 1 else ''}; "
                       "/reset forgets the conversation, /exit or Ctrl-D ends it")

@@ -31,7 +31,7 @@ from mpisplit.serving.validation import (
 )
 
 ROLES = ("system", "user", "assistant")
-CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format")
+CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")  # refused unless empty
 
 
@@ -125,10 +125,6 @@ def validate_chat(body: dict, model: ModelInfo, template: ChatTemplate | None) -
     for key in ("echo", "prompt_logprobs"):
         if body.get(key) not in (None, False):
             raise ApiError(f"'{key}' is a /v1/completions field (chat answers hold no prompt)", key)
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise ApiError(f"'response_format' must be {{\"type\": \"text\"}} (no JSON modes), got {fmt!r}",
-                       "response_format")
     prompt = chat_prompt(chat_messages(body), model, template)
     rest = {k: v for k, v in body.items() if k not in CHAT_ONLY}
     rest.update(prompt=prompt, max_tokens=_max_tokens(body, len(prompt), model), logprobs=_logprobs(body))

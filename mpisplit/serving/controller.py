@@ -217,7 +217,7 @@ class Controller:
         if self.engine.faults:
             self.engine.faults.in_text(self.engine.steps)
         offset = len(act.stream.text)
-        text = "" if out.reason == "stop" else act.stream.push(out.token)
+        text = "" if out.stop_token else act.stream.push(out.token)
         event: dict[str, Any] = {"text": text, "token_ids": [out.token], "logprobs": None,
                                  "finish_reason": None}
         if act.sub.logprobs is not None:

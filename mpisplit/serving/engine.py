@@ -6,7 +6,9 @@ blocks, feeds the same tokens and draws the same next tokens. Per step, each seq
 reading its tokens feeds its next chunk of at most `prefill_chunk` of them, and each decoding
 sequence feeds its last token; see batch.py. A sequence ends at max_tokens or at a stop token
 id (the model's eos ids unless ignore_eos, and the request's stop_token_ids; not before
-min_tokens, which bans them until then).
+min_tokens, which bans them until then), or where its grammar is complete (structured output,
+guided.py: each rank masks the draw with the same matcher; the masks are computed while the
+forward pass runs).
 
 KV blocks (blocks.py): a sequence is admitted when the blocks of its prompt are available
 (its longest cached prefix of full blocks is taken from the prefix cache instead of computed;
@@ -72,6 +74,7 @@ class Sequence:
     fed: int = 0  # positions in the cache
     # (token id, logprob, rank, [(id, logprob) top alternatives]) of prompt tokens 1, 2, ... so far
     prompt_lp: list[tuple[int, float, int, list]] = field(default_factory=list)
+    guide: Any = None  # a guided.Guide when the request constrains its output
 
     @property
     def reading_prompt_logprobs(self) -> bool:
@@ -88,7 +91,8 @@ class Sequence:
 class StepOutput:
     """A token drawn this step for request `rid`, the model's logits it was drawn from, and
     why the sequence ended with it (and left the engine): "length" (max_tokens), "stop" (an
-    eos or stop token id), "error" (sampling raised `error`; token is then -1), None: it goes on."""
+    eos or stop token id: `stop_token`, whose text is not part of the completion; or a complete
+    grammar), "error" (sampling raised `error`; token is then -1), None: it goes on."""
 
     rid: int
     token: int
@@ -96,6 +100,7 @@ class StepOutput:
     reason: str | None = None
     error: str | None = None
     prompt_logprobs: list[tuple[int, float, int, list]] | None = None  # with the first token, if asked
+    stop_token: bool = False
 
     @property
     def finished(self) -> bool:
@@ -110,7 +115,7 @@ class Engine:
     def __init__(self, model: Any, max_batch: int, prefill_chunk: int = 256,
                  eos_token_ids: tuple[int, ...] = (), *, max_batched_tokens: int | None = None,
                  batch_invariant: bool = True, kv_blocks: int | None = None, kv_block_size: int = 16,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, tokenizer: Any = None) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         if max_batched_tokens is not None and max_batched_tokens < 1:
@@ -129,6 +134,19 @@ class Engine:
         self._head_digests: tuple[int | None, list[bytes]] = (None, [])
         self.steps = 0  # steps run (the "step" of MPISPLIT_FAULT, a testing aid inactive when unset)
         self.faults = FaultInjector.from_env(model.grid.rank)
+        self.tokenizer = tokenizer  # for structured output (grammars need the tokens' text)
+        self._masks: Any = None  # a guided.MaskWorker, made at the first guided request
+
+    def _guide(self, grammar: str) -> Any:
+        """A matcher of `grammar` (errors surface at the sequence's first draw, on every rank alike)."""
+        from mpisplit.serving import guided
+
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer")
+        if self._masks is None:
+            self._masks = guided.MaskWorker()
+        return guided.Guide(guided.grammar_tokenizer(self.tokenizer, self.model.config.vocab_size,
+                                                     self.eos_token_ids), grammar)
 
     # ------------------------------------------------------------------ admission
     @property
@@ -158,6 +176,8 @@ class Engine:
         if not self.has_room:
             raise RuntimeError("no free sequence slot")
         seq = Sequence(spec, next(self._order), np.random.default_rng(spec.sampling.seed), list(spec.prompt))
+        if spec.sampling.grammar is not None:
+            seq.guide = self._guide(spec.sampling.grammar)
         if not self._place(seq, count=True):
             raise RuntimeError(f"no KV blocks for request {spec.rid}")
         self.running[spec.rid] = seq
@@ -285,7 +305,12 @@ class Engine:
         if not seqs:
             return []
         every_row = [seq.reading_prompt_logprobs for seq in seqs]
+        guided = [s for s, g in zip(seqs, segments) if s.guide is not None and s.remaining == g.count
+                  and s.guide.error is None]
+        if guided:  # this step's masks, while the forward pass runs
+            self._masks.start([s.guide for s in guided])
         logits = forward_segments(self.model, tokens, segments, self.kv, self.batch_invariant, every_row)
+        masks = dict(zip(map(id, guided), self._masks.result())) if guided else {}
         rows: dict[int, np.ndarray] = {}
         if any(every_row):
             logits, rows = logits
@@ -297,7 +322,7 @@ class Engine:
             self._register(seq)
             if seq.remaining:
                 continue
-            out = self._sample(seq, row)
+            out = self._sample(seq, row, masks.get(id(seq)))
             if seq.spec.prompt_logprobs is not None and len(seq.generated) == 1:
                 out.prompt_logprobs = seq.prompt_lp
             if out.finished:
@@ -318,11 +343,25 @@ class Engine:
             rank = int(np.count_nonzero(lp > value)) + 1
             seq.prompt_lp.append((prompt[target], float(value), rank, top_logprobs(lp, n)))
 
+    def _constrain(self, seq: Sequence, z: np.ndarray, mask: np.ndarray | None, row: np.ndarray,
+                   banned: Any) -> np.ndarray:
+        """`z` with the tokens the grammar does not allow next at -inf. When min_tokens bans
+        every token the grammar allows (an end-of-sequence it requires), the grammar wins."""
+        if seq.guide.error is not None or mask is None:
+            raise ValueError(f"the request's grammar failed: {seq.guide.error}")
+        allowed = seq.guide.tokenizer.allowed(mask)
+        if not allowed.any():
+            raise ValueError("the request's grammar allows no token here")
+        if len(banned) and not np.isfinite(z[allowed]).any():
+            z = process_logits(row, seq.spec.sampling, seq.spec.prompt, seq.generated)
+        z[~allowed] = -np.inf
+        return z
+
     def stop_ids(self, sampling: SamplingParams) -> tuple[int, ...]:
         """The token ids that end a sequence: the model's eos (unless ignore_eos) and its own."""
         return (() if sampling.ignore_eos else self.eos_token_ids) + sampling.stop_token_ids
 
-    def _sample(self, seq: Sequence, row: np.ndarray) -> StepOutput:
+    def _sample(self, seq: Sequence, row: np.ndarray, mask: np.ndarray | None = None) -> StepOutput:
         """The next token of `seq` and whether it ends there. An exception while choosing is the
         same on every rank (same logits, parameters and generator state), so it fails only
         this sequence, everywhere alike."""
@@ -333,15 +372,22 @@ class Engine:
                 self.faults.in_sampling(self.steps)
             banned = stops if len(seq.generated) < params.min_tokens else ()
             z = process_logits(row, params, seq.spec.prompt, seq.generated, banned)
+            if seq.guide is not None:
+                z = self._constrain(seq, z, mask, row, banned)
             token = choose(z, params, seq.rng)
+            if seq.guide is not None:
+                seq.guide.take(token)
         except Exception as exc:  # noqa: BLE001 - one request's failure, the same on every rank
             return StepOutput(rid, -1, row, "error", f"{type(exc).__name__}: {exc}")
         seq.generated.append(token)
         seq.tokens.append(token)
-        if token in stops and len(seq.generated) >= params.min_tokens:
+        stop_token = token in stops
+        if stop_token and len(seq.generated) >= params.min_tokens:
+            reason = "stop"
+        elif seq.guide is not None and seq.guide.complete:
             reason = "stop"
         elif len(seq.generated) >= seq.spec.max_tokens:
             reason = "length"
         else:
             reason = None
-        return StepOutput(rid, token, row, reason)
+        return StepOutput(rid, token, row, reason, stop_token=stop_token and reason == "stop")

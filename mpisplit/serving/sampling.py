@@ -43,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
+    grammar: str | None = None  # structured output: an llguidance grammar (guided.py)
 
     @property
     def greedy(self) -> bool:

@@ -57,7 +57,8 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     blocks = kv_blocks(model, opts.kv_block_size, opts.kv_cache_memory, opts.max_batch, model.config.block_size)
     engine = Engine(model, opts.max_batch, opts.prefill_chunk, opts.eos_token_ids,
                     max_batched_tokens=opts.max_batched_tokens, batch_invariant=opts.batch_invariant,
-                    kv_blocks=blocks, kv_block_size=opts.kv_block_size, prefix_cache=opts.prefix_cache)
+                    kv_blocks=blocks, kv_block_size=opts.kv_block_size, prefix_cache=opts.prefix_cache,
+                    tokenizer=tokenizer)
     channel = ControlChannel(model.grid.world)
     if channel.rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 leads the shutdown

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mpisplit.serving.sampling import SamplingParams
@@ -29,7 +29,8 @@ COMPLETION_FIELDS = frozenset({
     "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
     "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p",
     "user", "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
-    "prompt_logprobs",
+    "prompt_logprobs", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "structured_outputs",
 })
 # vLLM's fields that change the output and that this server does not implement: refused unless
 # they hold their default (a field nobody knows is ignored, as vLLM ignores it, and logged).
@@ -37,9 +38,7 @@ REFUSED_UNLESS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""), "use_beam_search": (False,), "length_penalty": (1, 1.0),
     "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (None,),
-    "allowed_token_ids": (None,), "bad_words": (None, []), "guided_json": (None,), "guided_regex": (None,),
-    "guided_choice": (None,), "guided_grammar": (None,), "response_format": (None,),
-    "logits_processors": (None,), "structured_outputs": (None,),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "logits_processors": (None,),
 }
 
 
@@ -357,8 +356,11 @@ def validate_completion(body: dict, model: ModelInfo) -> CompletionRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise ApiError(f"'user' must be a string, got {user!r}", "user")
+    from mpisplit.serving.guided import request_grammar
+
+    sampling = replace(sampling_params(body, model.vocab_size, max_tokens), grammar=request_grammar(body, model))
     return CompletionRequest(
-        prompts=prompts, max_tokens=max_tokens, sampling=sampling_params(body, model.vocab_size, max_tokens),
+        prompts=prompts, max_tokens=max_tokens, sampling=sampling,
         stops=_stops(body, model), logprobs=logprobs, stream=stream,
         include_usage=bool(options.get("include_usage", False)), n=n, echo=echo, ignored=ignored,
         prompt_logprobs=prompt_logprobs,
