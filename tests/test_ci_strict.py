@@ -6,12 +6,14 @@ directory's conftest as a plugin, once with CI=true and once without.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import clean_mpi_env
 from mpi4py import MPI
 
 pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="runs a child pytest")
@@ -38,10 +40,10 @@ MODULE = textwrap.dedent('''
 def run(tmp_path: Path, ci: str | None, body: str = MODULE) -> str:
     (tmp_path / "test_sample.py").write_text(body)
     (tmp_path / "none.ini").write_text("[pytest]\n")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "CI"}
+    env = {k: v for k, v in clean_mpi_env().items() if k != "CI"}  # the child starts its own MPI
     if ci is not None:
         env["CI"] = ci
-    env["PYTHONPATH"] = str(HERE)
+    env["PYTHONPATH"] = os.pathsep.join((str(HERE), env["PYTHONPATH"]))
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "-p", "no:mpi",
          "--rootdir", str(tmp_path), "-c", str(tmp_path / "none.ini"), str(tmp_path / "test_sample.py")],
