@@ -59,6 +59,44 @@ You are a helpful assistant.<|im_end|>
 {% endif %}
 """
 
+# Tools in the Hermes layout (a system message listing them, calls as <tool_call> JSON </tool_call>,
+# results as <tool_response>), in the ChatML frame.
+TOOLS_STYLE = """{%- if tools %}<|im_start|>system
+Call a function by answering <tool_call>{"name": NAME, "arguments": ARGS}</tool_call>. Functions:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == "assistant" and m.tool_calls %}<|im_start|>assistant
+{%- for call in m.tool_calls %}
+<tool_call>
+{{ {"name": call.function.name, "arguments": call.function.arguments} | tojson }}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+# Tools in Llama 3.1's layout: listed as JSON in the user turn, a call is a bare JSON object.
+TOOLS_JSON_STYLE = """{%- for m in messages %}<|im_start|>{{ m.role }}
+{%- if tools and loop.last %}
+Answer with a JSON object {"name": NAME, "parameters": ARGS} calling one of: {{ tools | tojson }}
+{%- endif %}
+{{ m.content }}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
 TOJSON_STYLE = "{% for m in messages %}{{ m | tojson }}\n{% endfor %}{{ eos_token }}"
 
 SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
@@ -113,15 +151,15 @@ def write_tokenizer_folder(folder: Path, bpe, template: str | list | None, **tok
     return folder
 
 
-def write_chat_folder(folder: Path, seed: int = 7):
-    """A tiny GPT-2 folder (context 128) whose tokenizer_config.json has the Qwen2-style template
+def write_chat_folder(folder: Path, seed: int = 7, block_size: int = 128):
+    """A tiny GPT-2 folder (context `block_size`) whose tokenizer_config.json has the Qwen2-style template
     and a BOS token, no eos (answers run to their max_tokens whatever the engine's end-of-turn
     rules). Returns the float64 model and the tokenizer."""
     from _serving import tiny_model
 
     bpe = train_tokenizer()
     write_tokenizer_folder(folder, bpe, QWEN2_STYLE, bos_token="<|begin_of_text|>")
-    model = tiny_model(bpe.get_vocab_size(), seed=seed, block_size=128)
+    model = tiny_model(bpe.get_vocab_size(), seed=seed, block_size=block_size)
     model.save_pretrained(folder)
     return model, bpe
 

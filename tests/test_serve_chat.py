@@ -145,7 +145,10 @@ BAD = [
     ({"messages": CONVERSATIONS["one-turn"], "n": 17}, "n", "<= 16"),
     ({"messages": CONVERSATIONS["one-turn"], "echo": True}, "echo", "/v1/completions field"),
     ({"messages": CONVERSATIONS["one-turn"], "model": "gpt-9"}, "model", "gpt-9"),
-    ({"messages": CONVERSATIONS["one-turn"], "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"messages": CONVERSATIONS["one-turn"], "tools": [{"type": "function"}]}, "tools", "must be"),
+    ({"messages": CONVERSATIONS["one-turn"], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+     "renders tools"),  # this template has no tools
+    ({"messages": CONVERSATIONS["one-turn"], "functions": [{"name": "f"}]}, "functions", "use 'tools'"),
     ({"messages": CONVERSATIONS["one-turn"], "stream": "yes"}, "stream", "true or false"),
 ]
 

@@ -27,13 +27,19 @@ pytest.importorskip("llguidance")
 pytest.importorskip("gguf", reason="the gguf package reads the model file")
 
 
+# Bounded ASCII text: llguidance admits byte sequences that are not UTF-8 (a surrogate, a code
+# point past U+10FFFF) inside a JSON string; decoded, each becomes U+FFFD, and a maxLength counted
+# in bytes by the grammar is overrun in characters. A pattern keeps the strings to what it names.
+TEXT = r"^[A-Za-z0-9 ,.'()-]{{1,{}}}$"
+
+
 class City(pydantic.BaseModel):
     """Every field bounded, so that a grammar-following answer fits MAX_TOKENS whatever is drawn."""
 
-    name: str = pydantic.Field(max_length=30)
-    country: str = pydantic.Field(max_length=30)
+    name: str = pydantic.Field(pattern=TEXT.format(30))
+    country: str = pydantic.Field(pattern=TEXT.format(30))
     founded: int = pydantic.Field(ge=-3000, le=2100)
-    landmarks: list[Annotated[str, pydantic.Field(max_length=40)]] = pydantic.Field(max_length=3)
+    landmarks: list[Annotated[str, pydantic.Field(pattern=TEXT.format(40))]] = pydantic.Field(max_length=3)
 
 
 MAX_TOKENS = 300  # more than the longest answer City allows has characters

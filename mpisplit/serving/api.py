@@ -148,9 +148,10 @@ class CompletionsApp:
             kind = "rate_limit_error" if status == 429 else "server_error"
             return error_response(ApiError(message, status=status, kind=kind))
         prompts = [p for p in req.prompts for _ in range(req.n)]
+        extra = {"tools": req.tools} if req.tools is not None else {}  # chat only
         layout = layout_class(self.model.name, req.logprobs is not None,
                               echo=PromptEcho(self.model.tokenizer, prompts, req) if req.echo or req.prompt_logprobs is not None
-                              else None)
+                              else None, **extra)
         if req.stream:
             return StreamingResponse(self._stream(pending, req, layout), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

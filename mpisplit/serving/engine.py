@@ -382,9 +382,8 @@ class Engine:
         seq.generated.append(token)
         seq.tokens.append(token)
         stop_token = token in stops
-        if stop_token and len(seq.generated) >= params.min_tokens:
-            reason = "stop"
-        elif seq.guide is not None and seq.guide.complete:
+        grammar_done = seq.guide is not None and seq.guide.complete
+        if (stop_token and len(seq.generated) >= params.min_tokens) or grammar_done:
             reason = "stop"
         elif len(seq.generated) >= seq.spec.max_tokens:
             reason = "length"

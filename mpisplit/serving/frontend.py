@@ -145,8 +145,8 @@ async def serve(sock: socket.socket) -> int:
     try:
         listener = _listen(config.host, config.port)
     except OSError as exc:
-        writer.write(ipc.frame(("failed", f"the HTTP server did not start on {config.host}:{config.port} "
-                                          f"({exc}; is the port in use?)")))
+        message = f"the HTTP server did not start on {config.host}:{config.port} ({exc}; is the port in use?)"
+        writer.write(ipc.frame(("failed", message)))
         await writer.drain()
         return 1
     link = EngineLink(reader, writer)

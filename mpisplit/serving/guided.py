@@ -39,7 +39,7 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 MAX_GRAMMAR_CHARS = 100_000  # of a schema, regex, grammar or the choices, as JSON
 
 
-def _llguidance() -> Any:
+def require_llguidance() -> Any:
     try:
         import llguidance
     except ImportError:
@@ -50,7 +50,7 @@ def _llguidance() -> Any:
 
 def _schema(value: Any, key: str) -> str:
     """A JSON schema given as an object or as its text, as a grammar."""
-    llg = _llguidance()
+    llg = require_llguidance()
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -92,12 +92,12 @@ def _text(value: Any, key: str, what: str) -> str:
 def _choice(value: Any, key: str) -> str:
     if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
         raise ApiError(f"'{key}' must be a non-empty list of non-empty strings, got {str(value)[:80]!r}", key)
-    return _llguidance().grammar_from("choice", json.dumps(value))
+    return require_llguidance().grammar_from("choice", json.dumps(value))
 
 
 def _grammar(value: Any, key: str) -> str:
     try:
-        return _llguidance().grammar_from("grammar", _text(value, key, "Lark or GBNF"))
+        return require_llguidance().grammar_from("grammar", _text(value, key, "Lark or GBNF"))
     except ValueError as exc:
         raise ApiError(f"'{key}' is not a grammar: {exc}", key) from None
 
@@ -117,7 +117,7 @@ def _one(key: str, value: Any) -> str | None:
     if key == "guided_json":
         return _schema(value, key)
     if key == "guided_regex":
-        return _llguidance().grammar_from("regex", _text(value, key, "a regular expression"))
+        return require_llguidance().grammar_from("regex", _text(value, key, "a regular expression"))
     if key == "guided_choice":
         return _choice(value, key)
     return _grammar(value, key)
@@ -144,7 +144,7 @@ def request_grammar(body: dict, model: Any) -> str | None:
     if model.tokenizer is None:
         raise ApiError(f"'{key}' needs a tokenizer; this model takes and gives token ids only", key)
     tokenizer = grammar_tokenizer(model.tokenizer, model.vocab_size, model.eos_token_ids)
-    error = _llguidance().LLMatcher.validate_grammar(grammar, tokenizer.ll)
+    error = require_llguidance().LLMatcher.validate_grammar(grammar, tokenizer.ll)
     if error:
         raise ApiError(f"'{key}' cannot be used: {error}", key)
     return grammar
@@ -155,7 +155,7 @@ class GrammarTokenizer:
     `vocab_size` rows that ends at `eos_ids`. Built once per process (about 0.3 s for 50k tokens)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: tuple[int, ...]) -> None:
-        llg = _llguidance()
+        llg = require_llguidance()
         self.vocab_size = vocab_size
         self.known = min(vocab_size, int(tokenizer.vocab_size))  # ids the tokenizer has
         eos = list(eos_ids) or None
@@ -204,7 +204,7 @@ class Guide:
     """One sequence's matcher: what it allows next, the tokens it has taken."""
 
     def __init__(self, tokenizer: GrammarTokenizer, grammar: str) -> None:
-        llg = _llguidance()
+        llg = require_llguidance()
         self.tokenizer = tokenizer
         self.matcher = llg.LLMatcher(tokenizer.ll, grammar, log_level=0)
 
@@ -227,7 +227,7 @@ class MaskWorker:
     `start(guides)` before it, `result()` (rows of int32 words, in the order given) after."""
 
     def __init__(self) -> None:
-        llg = _llguidance()
+        llg = require_llguidance()
         self._executor = llg.LLExecutor(num_threads=1)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpisplit-masks")
         self._future: Future | None = None

@@ -11,8 +11,8 @@ string, or a list of {"name", "template"} of which "default" is taken).
 The environment is transformers': jinja2's ImmutableSandboxedEnvironment (templates come with
 downloaded models and are not trusted code) with trim_blocks, lstrip_blocks and the
 loop-controls extension; a `tojson` that does not HTML-escape; the globals `raise_exception`
-and `strftime_now`; the variables `messages`, `add_generation_prompt`, `tools` and `documents`
-(None here) and the named special tokens (`bos_token`, `eos_token`, ...). The rendered text
+and `strftime_now`; the variables `messages`, `add_generation_prompt`, `tools` (the request's,
+or None) and `documents` (None) and the named special tokens (`bos_token`, `eos_token`, ...). The rendered text
 already holds every special token the model expects: it is tokenized without adding any
 (no second BOS), and the special tokens written in it are read as such by the tokenizer.
 """
@@ -79,12 +79,20 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"the chat template {origin} is not valid Jinja: {exc} (line {exc.lineno})") from None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` (dicts with "role" and "content"); ChatTemplateError
-        with the template's own message when it raises."""
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template reads the `tools` variable (so a request's tools reach the prompt)."""
+        from jinja2 import meta
+
+        return "tools" in meta.find_undeclared_variables(_environment().parse(self.source))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages` (dicts with "role" and "content") and `tools` (OpenAI's
+        list, or None); ChatTemplateError with the template's own message when it raises."""
         jinja2 = _jinja2()
         try:
-            return self.compiled.render(messages=messages, tools=None, documents=None,
+            return self.compiled.render(messages=messages, tools=tools, documents=None,
                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.TemplateError as exc:  # raise_exception, undefined names, sandbox refusals
             raise ChatTemplateError(str(exc) or type(exc).__name__) from None

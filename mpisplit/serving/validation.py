@@ -106,6 +106,7 @@ class CompletionRequest:
     echo: bool = False
     ignored: tuple[str, ...] = ()  # unknown fields, ignored as vLLM ignores them
     prompt_logprobs: int | None = None  # vLLM's field: each prompt token's logprob and its top ones
+    tools: Any = None  # a tools.ToolSpec: chat answers read tool calls out of the text
 
     @property
     def prompt(self) -> list[int]:
