@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 SCHEMA = {"type": "array", "minItems": 64, "items": {"type": "string", "pattern": "^[a-z ]{1,24}$"}}
 PROMPT = "<|im_start|>user\nList as many fruits as you can, as JSON.<|im_end|>\n<|im_start|>assistant\n"
