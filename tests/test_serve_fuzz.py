@@ -14,7 +14,7 @@ import json
 
 import httpx
 import pytest
-from _chat import write_chat_folder
+from _chat import TOOLS_STYLE, write_chat_folder
 from _serving import Server
 from mpi4py import MPI
 
@@ -26,9 +26,11 @@ pytestmark = [pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches
 
 ROUTES = {
     "/v1/completions": ["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "logprobs", "echo", "stop",
-                        "seed", "stream", "logit_bias", "prompt_logprobs", "min_tokens", "stop_token_ids", "model"],
+                        "seed", "stream", "logit_bias", "prompt_logprobs", "min_tokens", "stop_token_ids", "model",
+                        "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                        "structured_outputs"],
     "/v1/chat/completions": ["messages", "max_tokens", "max_completion_tokens", "temperature", "logprobs",
-                             "top_logprobs", "n", "stop", "response_format", "tools", "model"],
+                             "top_logprobs", "n", "stop", "response_format", "tools", "tool_choice", "model"],
     "/tokenize": ["prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"],
     "/detokenize": ["tokens"],
 }
@@ -42,13 +44,44 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                                         inner, max_size=4), max_leaves=12)
 
 
+# JSON schemas, valid or not: types right and wrong, patterns of hostile text, nesting.
+leaf_schema = st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "boolean", "nonsense"])},
+                                    optional={"pattern": text, "maxLength": st.integers(-3, 5),
+                                              "enum": st.lists(scalars, max_size=3)})
+schemas = st.recursive(leaf_schema, lambda inner: st.fixed_dictionaries(
+    {"type": st.just("object")}, optional={"properties": st.dictionaries(text, inner, max_size=3),
+                                           "required": st.lists(text, max_size=2)})
+    | st.fixed_dictionaries({"type": st.just("array"), "items": inner}), max_leaves=6)
+tool_names = st.sampled_from(["f", "g", "bad name"]) | text
+tools = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": tool_names}, optional={"parameters": schemas, "description": text})}), max_size=3)
+OWN = {
+    "response_format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
+        optional={"json_schema": st.fixed_dictionaries({"name": text}, optional={"schema": schemas | values})}),
+    "guided_json": schemas, "guided_regex": text | st.sampled_from(["[a-z]+", "(", "a{9999999}", "(?<=a)b"]),
+    "guided_choice": st.lists(text, max_size=3), "guided_grammar": text | st.just('start: "a" | "b"'),
+    "structured_outputs": st.dictionaries(st.sampled_from(["json", "regex", "choice", "grammar", "x"]),
+                                          text | schemas, max_size=2),
+    "tools": tools,
+    "tool_choice": st.sampled_from(["auto", "none", "required"]) | st.fixed_dictionaries(
+        {"type": st.just("function"), "function": st.fixed_dictionaries({"name": tool_names})}),
+}
+
+
 def field(name: str):
     """Values for one field: its own shape with hostile text, or any JSON value."""
-    if name == "prompt":
+    if name in OWN:
+        own = OWN[name]
+    elif name == "prompt":
         own = text | st.lists(st.integers(-5, 200), max_size=6) | st.lists(text, max_size=3)
     elif name == "messages":
-        roles = st.sampled_from(["user", "system", "assistant"]) | text
-        own = st.lists(st.fixed_dictionaries({"role": roles, "content": text | values}), max_size=3)
+        roles = st.sampled_from(["user", "system", "assistant", "tool"]) | text
+        calls = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+            {"name": tool_names, "arguments": text | st.just('{"a": 1}') | values})}), max_size=2)
+        own = st.lists(st.fixed_dictionaries({"role": roles, "content": text | values},
+                                             optional={"tool_calls": calls | values, "tool_call_id": text}),
+                       max_size=3)
     elif name in ("max_tokens", "max_completion_tokens", "n"):
         own = st.integers(1, 3)
     elif name == "tokens":
@@ -64,11 +97,14 @@ def bodies(fields: list[str]):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A tiny GPT-2 folder with a BPE tokenizer (the tokenizers library) and a chat template."""
+    """A tiny GPT-2 folder with a BPE tokenizer (the tokenizers library) and a chat template that
+    renders tools (so that tool requests reach the template and the grammar)."""
     folder = tmp_path_factory.mktemp("fuzz") / "tiny-chat"
-    model, _ = write_chat_folder(folder)
+    model, _ = write_chat_folder(folder, block_size=1024)
     model.grid.free()
-    with Server(1, ["--hf", str(folder), "--model-name", "tiny"]) as srv:
+    (folder.parent / "tools.jinja").write_text(TOOLS_STYLE)
+    with Server(1, ["--hf", str(folder), "--model-name", "tiny", "--chat-template",
+                    str(folder.parent / "tools.jinja")]) as srv:
         yield srv
 
 
