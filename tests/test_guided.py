@@ -139,6 +139,9 @@ def test_guided_fields(served):
                          ("structured_outputs", {"json": SCHEMA}), ("response_format", {"type": "json_object"})]:
         assert validate_completion({**base, field: value}, info).sampling.grammar, field
     assert validate_completion({**base, "response_format": {"type": "text"}}, info).sampling.grammar is None
+    both = {**base, "response_format": {"type": "text"}, "guided_regex": REGEX}  # text is no constraint
+    assert validate_completion(both, info).sampling.grammar == validate_completion(
+        {**base, "guided_regex": REGEX}, info).sampling.grammar
     bad = [({"guided_regex": REGEX, "guided_choice": CHOICES}, "guided_choice", "at most one"),
            ({"guided_json": "{not json"}, "guided_json", "not a JSON schema"),
            ({"guided_json": [1]}, "guided_json", "must be a JSON schema"),
@@ -146,6 +149,7 @@ def test_guided_fields(served):
            ({"guided_choice": []}, "guided_choice", "non-empty list"),
            ({"guided_grammar": "start: undefined_rule"}, "guided_grammar", "cannot be used"),
            ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "one of"),
+           ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "cannot be used"),
            ({"response_format": {"type": "xml"}}, "response_format", "json_object or json_schema"),
            ({"response_format": {"type": "json_schema"}}, "response_format", "needs 'json_schema'"),
            ({"response_format": "json"}, "response_format", "an object with a 'type'"),

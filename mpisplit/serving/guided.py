@@ -102,31 +102,30 @@ def _grammar(value: Any, key: str) -> str:
         raise ApiError(f"'{key}' is not a grammar: {exc}", key) from None
 
 
-def _one(key: str, value: Any) -> str | None:
-    if key == "response_format":
-        return _response_format(value)
-    if key == "structured_outputs":
-        if not isinstance(value, dict) or len([k for k in value if value[k] is not None]) != 1:
-            raise ApiError("'structured_outputs' must hold one of json, regex, choice and grammar",
-                           key)
-        (inner, spec), = ((k, v) for k, v in value.items() if v is not None)
-        if inner not in ("json", "regex", "choice", "grammar"):
-            raise ApiError(f"'structured_outputs' must hold one of json, regex, choice and grammar, "
-                           f"got {inner!r}", key)
-        return _one("guided_" + inner, spec) if inner != "json" else _schema(spec, key)
-    if key == "guided_json":
-        return _schema(value, key)
-    if key == "guided_regex":
-        return require_llguidance().grammar_from("regex", _text(value, key, "a regular expression"))
-    if key == "guided_choice":
-        return _choice(value, key)
-    return _grammar(value, key)
+def _structured(value: Any, key: str) -> str:
+    """vLLM's structured_outputs: {"json" | "regex" | "choice" | "grammar": ...}, one of them."""
+    given = [k for k, v in value.items() if v is not None] if isinstance(value, dict) else []
+    if len(given) != 1 or given[0] not in ("json", "regex", "choice", "grammar"):
+        raise ApiError(f"'{key}' must hold one of json, regex, choice and grammar, got {str(value)[:80]!r}", key)
+    return KINDS[given[0]](value[given[0]], key)
+
+
+def _regex(value: Any, key: str) -> str:
+    return require_llguidance().grammar_from("regex", _text(value, key, "a regular expression"))
+
+
+# How each field (and each kind of structured_outputs) becomes a grammar; errors name `key`.
+KINDS = {"json": _schema, "regex": _regex, "choice": _choice, "grammar": _grammar}
+BY_FIELD = {"response_format": lambda value, key: _response_format(value), "guided_json": _schema,
+            "guided_regex": _regex, "guided_choice": _choice, "guided_grammar": _grammar,
+            "structured_outputs": _structured}
 
 
 def request_grammar(body: dict, model: Any) -> str | None:
     """The llguidance grammar of a request's constraint, checked against the served model's
     tokenizer (`model` a validation.ModelInfo), or None when it asks for none."""
-    given = [k for k in FIELDS if body.get(k) is not None]
+    plain = isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "text"
+    given = [k for k in FIELDS if body.get(k) is not None and not (k == "response_format" and plain)]
     if len(given) > 1:
         raise ApiError(f"give at most one of {', '.join(given)}", given[1])
     if not given:
@@ -138,7 +137,7 @@ def request_grammar(body: dict, model: Any) -> str | None:
         raise ApiError(f"'{key}' is nested too deeply", key) from None
     if size > MAX_GRAMMAR_CHARS:
         raise ApiError(f"'{key}' is longer than {MAX_GRAMMAR_CHARS} characters", key)
-    grammar = _one(key, body[key])
+    grammar = BY_FIELD[key](body[key], key)
     if grammar is None:
         return None
     if model.tokenizer is None:
