@@ -166,8 +166,12 @@ def _bad_inputs(root: Path, case: str) -> tuple[list[Path], str, dict]:
         (root / "e.txt").write_text("")
         (root / "e.jsonl").write_text('{"text": ""}\n')
         return [root / "e.txt", root / "e.jsonl"], "empty corpus", {}
-    if case == "one-document":
-        return [good], "single document", {}
+    if case == "one-short-document":  # "x" and eos: 2 tokens, round(2 x 0.9) of them held out
+        (root / "x.txt").write_text("x")
+        return [root / "x.txt"], "single document of 2 token", {"val_fraction": 0.9}
+    if case == "split-text":
+        return [good], r"--split-text must be 'file', 'blank-lines' or a size such as 64KiB, got '12 parsecs'", {
+            "split_text": "12 parsecs"}
     if case == "missing-input":
         return [good, root / "nope.txt"], r"input '.*nope\.txt' does not exist", {}
     if case == "val-fraction":
@@ -176,7 +180,7 @@ def _bad_inputs(root: Path, case: str) -> tuple[list[Path], str, dict]:
 
 
 @pytest.mark.parametrize("case", ["not-utf8", "not-utf8-gz-jsonl", "not-json", "no-field", "field-not-string",
-                                  "empty", "one-document", "missing-input", "val-fraction"])
+                                  "empty", "one-short-document", "split-text", "missing-input", "val-fraction"])
 def test_bad_input_writes_nothing(tmp_path: Path, bpe: Path, case: str) -> None:
     inputs, message, options = _bad_inputs(tmp_path, case)
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -4,7 +4,7 @@
     mpirun -n 4 mpisplit train --data data/corpus --tokenizer gpt2-folder      # a fresh model
     mpirun -n 4 mpisplit train --data data/corpus --init-from gpt2-folder      # fine-tuning
 
-Inputs: text files (one document each), JSONL files (.jsonl, .ndjson; one document per line,
+Inputs: text files (one document each, or cut by --split-text), JSONL files (.jsonl, .ndjson; one document per line,
 the string under --field), either compressed as .gz, and folders (walked in sorted order).
 Exit status 0 done, 2 bad input (one "error:" line, nothing written at --out).
 """
@@ -29,8 +29,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="a Hugging Face tokenizer folder (tokenizer.json, or vocab.json + merges.txt)")
     p.add_argument("--out", required=True, metavar="DIR", help="the corpus folder to create (must not exist)")
     p.add_argument("--field", default=D.field, help="the JSONL field holding a document's text")
+    p.add_argument("--split-text", default=D.split_text, metavar="HOW",
+                   help="how a text file becomes documents: 'file' (the whole file), 'blank-lines' (cut at every "
+                        "run of blank lines) or a size such as 64KiB or 1MiB (pieces of about that many characters, "
+                        "cut at line ends)")
     p.add_argument("--val-fraction", type=float, default=D.val_fraction,
-                   help="share of the documents held out, whole, for validation (at least one document)")
+                   help="share of the documents held out, whole, for validation (at least one document); a corpus "
+                        "of a single document (one text file, not cut) holds out its last share of tokens instead, "
+                        "as nanoGPT does")
     p.add_argument("--workers", type=int, default=D.workers,
                    help=f"encoding processes (0: the cores this process may use, here {usable_cores()})")
     p.add_argument("--eos", default=D.eos, metavar="TOKEN",
@@ -42,14 +48,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    options = PrepareOptions(field=args.field, val_fraction=args.val_fraction, workers=args.workers,
-                             shard_bytes=int(args.shard_mib * 2**20), eos=args.eos, progress=not args.no_progress)
+    options = PrepareOptions(field=args.field, split_text=args.split_text, val_fraction=args.val_fraction,
+                             workers=args.workers, shard_bytes=int(args.shard_mib * 2**20), eos=args.eos, progress=not args.no_progress)
     manifest = prepare(args.inputs, args.tokenizer, args.out, options)
     train, val = manifest["train"], manifest["val"]
+    held = (f"validation: the last {val['tokens']:,} tokens of the single document"
+            if manifest["holdout"] == "tail" else
+            f"{val['documents']:,} validation documents ({val['tokens']:,} tokens)")
     print(
         f"{args.out}: {train['documents']:,} train documents ({train['tokens']:,} tokens, "
-        f"{len(train['shards'])} shard(s)), {val['documents']:,} validation documents ({val['tokens']:,} tokens), "
-        f"{manifest['dtype']}, vocabulary {manifest['tokenizer']['vocab_size']:,}, eos id {manifest['tokenizer']['eos_id']}",
+        f"{len(train['shards'])} shard(s)), {held}, {manifest['dtype']}, "
+        f"vocabulary {manifest['tokenizer']['vocab_size']:,}, eos id {manifest['tokenizer']['eos_id']}",
         flush=True,
     )
     return 0

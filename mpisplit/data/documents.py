@@ -1,6 +1,8 @@
 """The documents of `mpisplit prepare`'s inputs, in a fixed order.
 
-A text file is one document; a JSONL file (.jsonl, .ndjson) holds one document per line, the
+A text file is one document, or several when `split_text` cuts it: "blank-lines" at every run of
+blank lines (paragraphs, chapters), a size such as "64KiB" into pieces of about that many
+characters, each ending at a line end. A JSONL file (.jsonl, .ndjson) holds one document per line, the
 string under `field`; a name ending in .gz is decompressed as it streams; a folder is walked in
 sorted order of its relative paths (names starting with "." are skipped). Empty documents are
 skipped. Every error names the file and the place in it.
@@ -12,12 +14,15 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")  # a line end and the blank lines after it
+_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6}
 
 
 @dataclass
@@ -56,14 +61,51 @@ def is_jsonl(path: Path) -> bool:
     return name.endswith(_JSONL_SUFFIXES)
 
 
-def iter_documents(files: list[Path], field: str = "text") -> Iterator[Document]:
+def check_split_text(split_text: str) -> int | None:
+    """The piece size in characters of a size `split_text`, None for "file" and "blank-lines"."""
+    if split_text in ("file", "blank-lines"):
+        return None
+    found = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", split_text)
+    unit = found.group(2).lower() if found else ""
+    if found is None or unit not in _UNITS or int(found.group(1)) < 1:
+        raise ValueError(f"--split-text must be 'file', 'blank-lines' or a size such as 64KiB, got {split_text!r}")
+    return int(found.group(1)) * _UNITS[unit]
+
+
+def iter_documents(files: list[Path], field: str = "text", split_text: str = "file") -> Iterator[Document]:
+    size = check_split_text(split_text)
     for path in files:
         if is_jsonl(path):
             yield from _jsonl_documents(path, field)
         else:
             doc = _text_document(path)
-            if doc.text:
-                yield doc
+            yield from _pieces(doc, split_text, size)
+
+
+def _pieces(doc: Document, split_text: str, size: int | None) -> Iterator[Document]:
+    """The non-empty documents `doc` is cut into (the file's bytes counted with the first)."""
+    if split_text == "file":
+        texts = [doc.text]
+    elif size is None:
+        texts = _BLANK_LINES.split(doc.text)
+    else:
+        texts = list(_by_size(doc.text, size))
+    disk = doc.disk_bytes
+    kept = [t for t in texts if t] if split_text == "file" else [t for t in texts if t.strip()]
+    for number, text in enumerate(kept):
+        yield Document(text, doc.source if number == 0 else f"{doc.source} piece {number + 1}", disk)
+        disk = 0
+
+
+def _by_size(text: str, size: int) -> Iterator[str]:
+    """Pieces of at least `size` characters that end at a line end (the last one may be shorter;
+    a piece grows past `size` only up to its line's end)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size - 1)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
 
 
 class _Counted:

@@ -9,7 +9,8 @@
 
 Validation documents are whole documents: document i (counted from 0 over the non-empty
 documents) is held out when floor((i + 1) f) > floor(i f), which spaces round(n f) of them
-evenly; when that picks none, the last document is held out. Everything is written into a
+evenly; when that picks none, the last document is held out. A corpus of one document (one
+text file, not cut by `split_text`) holds out its last max(1, round(n f)) tokens instead. Everything is written into a
 temporary folder beside `out`, renamed to `out` only once complete, so an interrupted prepare
 leaves nothing at `out`.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mpisplit.data.documents import input_files, iter_documents
+from mpisplit.data.documents import check_split_text, input_files, iter_documents
 from mpisplit.data.encode import encoded_batches, text_batches
 from mpisplit.data.manifest import FORMAT, MANIFEST
 from mpisplit.data.shards import SplitWriter, entropy_of_counts
@@ -40,6 +41,7 @@ SHARD_BYTES = 1 << 30
 @dataclass
 class PrepareOptions:
     field: str = "text"  # the JSONL field holding a document
+    split_text: str = "file"  # how a text file becomes documents: "file", "blank-lines" or a size ("64KiB")
     val_fraction: float = 0.005  # share of documents held out for validation (at least one)
     workers: int = 0  # encoding processes (0: the cores this process may use)
     shard_bytes: int = SHARD_BYTES  # largest shard file
@@ -55,6 +57,7 @@ class PrepareOptions:
             raise ValueError(f"shard size must be at least 8 bytes, got {self.shard_bytes}")
         if not self.field:
             raise ValueError("--field must name a JSONL field")
+        check_split_text(self.split_text)
 
 
 def usable_cores() -> int:
@@ -95,7 +98,7 @@ def _write(files: list[Path], tok: Any, folder: Path, opts: PrepareOptions) -> d
     splits = {s: SplitWriter(folder, s, dtype, tok.vocab_size, opts.shard_bytes) for s in ("train", "val")}
     workers = opts.workers or usable_cores()
     total = sum(p.stat().st_size for p in files)
-    batches = encoded_batches(text_batches(iter_documents(files, opts.field)), tok.tokenizer, tok.folder,
+    batches = encoded_batches(text_batches(iter_documents(files, opts.field, opts.split_text)), tok.tokenizer, tok.folder,
                               tok.eos_id, workers)
     held: tuple[int, np.ndarray] | None = None  # the latest document, routed once the next arrives
     with _progress(total, opts.progress) as bar:
@@ -106,14 +109,16 @@ def _write(files: list[Path], tok: Any, folder: Path, opts: PrepareOptions) -> d
         bar.update(total - bar.n)
     if held is None:
         raise ValueError(f"empty corpus: the inputs ({len(files)} file(s)) hold no non-empty document")
-    splits["val" if splits["val"].documents == 0 else _split_of(held[0], opts.val_fraction)].add(held[1])
-    if splits["train"].documents == 0:
-        raise ValueError("the corpus has a single document, which is held out for validation; "
-                         "training needs at least one more")
+    holdout = "tail" if held[0] == 0 else "documents"
+    if holdout == "tail":
+        _hold_out_tail(held[1], splits, opts.val_fraction)
+    else:
+        splits["val" if splits["val"].documents == 0 else _split_of(held[0], opts.val_fraction)].add(held[1])
     train_counts = splits["train"].counts
     result = {name: split.close() for name, split in splits.items()}
     return {
         "format": FORMAT, "tokenizer": tok.describe(), "dtype": dtype, "val_fraction": opts.val_fraction,
+        "holdout": holdout,
         "train": result["train"], "val": result["val"],
         "train_unigram_entropy": entropy_of_counts(train_counts), "field": opts.field,
     }
@@ -127,6 +132,16 @@ def _documents(batches: Iterator[tuple[np.ndarray, np.ndarray, int]], bar: Any) 
             yield i, document
             i += 1
         bar.update(disk)
+
+
+def _hold_out_tail(document: np.ndarray, splits: dict[str, SplitWriter], fraction: float) -> None:
+    """The single document of a corpus: its last max(1, round(n f)) tokens validate, the rest trains."""
+    held = max(1, round(len(document) * fraction))
+    if held >= len(document):
+        raise ValueError(f"the corpus is a single document of {len(document)} token(s) (its end-of-document "
+                         "token included): too short to hold out validation tokens and train on the rest")
+    splits["train"].add(document[:-held])
+    splits["val"].add(document[-held:])
 
 
 def _split_of(i: int, fraction: float) -> str:
