@@ -44,7 +44,7 @@ def smollm2_tokenizer(tmp_path_factory):
 
 def test_real_tokenizer_folder_renders_and_encodes_as_transformers(smollm2_tokenizer):
     from mpisplit.models.hf_tokenizer import load_hf_tokenizer
-    from mpisplit.serving.templates import load_chat_template
+    from mpisplit.models.chat_template import load_chat_template
 
     folder, tok = smollm2_tokenizer
     template, ours = load_chat_template(folder), load_hf_tokenizer(folder)

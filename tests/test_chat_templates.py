@@ -19,7 +19,7 @@ from _chat import (
     write_tokenizer_folder,
 )
 
-from mpisplit.serving.templates import ChatTemplate, ChatTemplateError, load_chat_template
+from mpisplit.models.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 
 pytest.importorskip("jinja2")
 tokenizers = pytest.importorskip("tokenizers")

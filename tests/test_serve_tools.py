@@ -90,7 +90,7 @@ def test_calls_and_results_go_back_into_the_conversation(client):
     turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
             {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 degrees"}]
     second = client.chat.completions.create(model="tiny", messages=turn, tools=TOOLS, max_tokens=5, seed=4)
-    from mpisplit.serving.templates import ChatTemplate
+    from mpisplit.models.chat_template import ChatTemplate
 
     rendered = ChatTemplate(TOOLS_STYLE).render(
         [*ASK, {"role": "assistant", "content": "", "tool_calls": [
@@ -136,7 +136,7 @@ def test_llama_layout_is_forced_in_the_engine(tmp_path):
     from mpisplit.models.hf_tokenizer import load_hf_tokenizer
     from mpisplit.serving.chat import ChatLayout, validate_chat
     from mpisplit.serving.engine import Engine, SequenceSpec
-    from mpisplit.serving.templates import ChatTemplate
+    from mpisplit.models.chat_template import ChatTemplate
     from mpisplit.serving.validation import ModelInfo
 
     model, _ = write_chat_folder(tmp_path / "tiny", block_size=1024)

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.serving.metrics import ServerMetrics
     from mpisplit.serving.server import default_model_name
-    from mpisplit.serving.templates import load_chat_template
+    from mpisplit.models.chat_template import load_chat_template
     from mpisplit.serving.validation import ModelInfo
 
     world = MPI.COMM_WORLD

@@ -47,8 +47,10 @@ def corpus_files(manifest: dict[str, Any]) -> list[tuple[str, int | None, str]]:
     """(file name, size in bytes or None, sha256) of every data file the manifest lists."""
     files: list[tuple[str, int | None, str]] = []
     for split in SPLITS:
-        files.extend((s["file"], s["bytes"], s["sha256"]) for s in manifest[split]["shards"])
-        files.append((manifest[split]["index"]["file"], None, manifest[split]["index"]["sha256"]))
+        for part in (manifest[split], manifest[split].get("mask")):  # a chat corpus has loss-mask shards too
+            if part is not None:
+                files.extend((s["file"], s["bytes"], s["sha256"]) for s in part["shards"])
+                files.append((part["index"]["file"], None, part["index"]["sha256"]))
     return files
 
 

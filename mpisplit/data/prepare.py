@@ -18,7 +18,6 @@ leaves nothing at `out`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -28,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from mpisplit.data.chat_corpus import check_chat_options, write_chat
 from mpisplit.data.documents import check_split_text, input_files, iter_documents
 from mpisplit.data.encode import encoded_batches, text_batches
 from mpisplit.data.manifest import FORMAT, MANIFEST
-from mpisplit.data.shards import SplitWriter, entropy_of_counts
+from mpisplit.data.shards import SplitWriter, entropy_of_counts, split_of
 from mpisplit.data.tokenizer import open_tokenizer, token_dtype
 from mpisplit.runtime.files import fsync_dir, fsync_file
 
@@ -47,6 +47,11 @@ class PrepareOptions:
     shard_bytes: int = SHARD_BYTES  # largest shard file
     eos: str | None = None  # the end-of-document token (None: the tokenizer folder's)
     progress: bool = True  # a progress bar in input bytes
+    chat: bool = False  # JSONL conversations, rendered by the chat template, with a loss mask (chat_corpus.py)
+    train_on: str = "assistant"  # chat: which tokens count in the loss ("assistant", "last", "all")
+    seq_len: int | None = None  # chat: the most tokens a conversation may have
+    truncate: bool = False  # chat: cut a longer conversation to seq_len tokens instead of refusing it
+    chat_template: str | None = None  # chat: a template file instead of the tokenizer folder's
 
     def validate(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -58,6 +63,7 @@ class PrepareOptions:
         if not self.field:
             raise ValueError("--field must name a JSONL field")
         check_split_text(self.split_text)
+        check_chat_options(self.train_on, self.seq_len, self.truncate)
 
 
 def usable_cores() -> int:
@@ -82,7 +88,7 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _write(files, tok, tmp, opts)
+        manifest = _write_chat(files, tok, tmp, opts) if opts.chat else _write(files, tok, tmp, opts)
         manifest["inputs"] = [str(p) for p in inputs]
         _write_manifest(tmp, manifest)
         os.rename(tmp, out)
@@ -104,7 +110,7 @@ def _write(files: list[Path], tok: Any, folder: Path, opts: PrepareOptions) -> d
     with _progress(total, opts.progress) as bar:
         for i, document in _documents(batches, bar):
             if held is not None:
-                splits[_split_of(held[0], opts.val_fraction)].add(held[1])
+                splits[split_of(held[0], opts.val_fraction)].add(held[1])
             held = (i, document)
         bar.update(total - bar.n)
     if held is None:
@@ -113,7 +119,7 @@ def _write(files: list[Path], tok: Any, folder: Path, opts: PrepareOptions) -> d
     if holdout == "tail":
         _hold_out_tail(held[1], splits, opts.val_fraction)
     else:
-        splits["val" if splits["val"].documents == 0 else _split_of(held[0], opts.val_fraction)].add(held[1])
+        splits["val" if splits["val"].documents == 0 else split_of(held[0], opts.val_fraction)].add(held[1])
     train_counts = splits["train"].counts
     result = {name: split.close() for name, split in splits.items()}
     return {
@@ -134,6 +140,14 @@ def _documents(batches: Iterator[tuple[np.ndarray, np.ndarray, int]], bar: Any) 
         bar.update(disk)
 
 
+def _write_chat(files: list[Path], tok: Any, folder: Path, opts: PrepareOptions) -> dict[str, Any]:
+    total = sum(p.stat().st_size for p in files)
+    with _progress(total, opts.progress) as bar:
+        manifest = write_chat(files, tok, folder, opts, bar, split_of)
+        bar.update(total - bar.n)
+    return manifest
+
+
 def _hold_out_tail(document: np.ndarray, splits: dict[str, SplitWriter], fraction: float) -> None:
     """The single document of a corpus: its last max(1, round(n f)) tokens validate, the rest trains."""
     held = max(1, round(len(document) * fraction))
@@ -142,10 +156,6 @@ def _hold_out_tail(document: np.ndarray, splits: dict[str, SplitWriter], fractio
                          "token included): too short to hold out validation tokens and train on the rest")
     splits["train"].add(document[:-held])
     splits["val"].add(document[-held:])
-
-
-def _split_of(i: int, fraction: float) -> str:
-    return "val" if math.floor((i + 1) * fraction) > math.floor(i * fraction) else "train"
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -9,6 +9,7 @@ total (int64, documents + 1 values). Each file's sha256 is computed as it is wri
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from array import array
 from pathlib import Path
@@ -104,3 +105,8 @@ def entropy_of_counts(counts: np.ndarray) -> float:
     """Entropy in nats of the distribution the counts give."""
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def split_of(i: int, fraction: float) -> str:
+    """The split of document i: held out when floor((i + 1) f) > floor(i f)."""
+    return "val" if math.floor((i + 1) * fraction) > math.floor(i * fraction) else "train"

@@ -271,14 +271,17 @@ class GPT(Module):
         x = self.run_blocks(x, sequence_parallel=sp)
         return x if self.ln_f is None else self.ln_f(x)  # the last stage's output is after ln_f
 
-    def stage_loss(self, hidden: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
-        """Last stage: mean cross-entropy of the hidden states after ln_f (vocab-parallel)."""
+    def stage_loss(self, hidden: Tensor, targets: Any, ignore_index: int = -100,
+                   normalizer: float | None = None) -> Tensor:
+        """Last stage: mean cross-entropy of the hidden states after ln_f (vocab-parallel); with
+        `normalizer`, the summed cross-entropy divided by it."""
         targets = targets.data if isinstance(targets, Tensor) else targets
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
         return vocab_parallel_cross_entropy(
             self.head.logits(hidden, sequence_parallel=self.sequence_parallel), targets, self.grid.tp_comm,
             vocab_start=self.head.vocab_start,
             vocab_size=self.config.vocab_size, ignore_index=ignore_index, overwrite_logits=True,
+            normalizer=normalizer,
         )
 
     def _check_whole(self, what: str) -> None:
@@ -295,15 +298,16 @@ class GPT(Module):
         V = self.config.vocab_size
         return full if full.shape[-1] == V else full[..., :V]
 
-    def loss(self, idx: Any, targets: Any, ignore_index: int = -100) -> Tensor:
-        """Mean next-token cross-entropy; the logits stay split over the TP ranks."""
+    def loss(self, idx: Any, targets: Any, ignore_index: int = -100, normalizer: float | None = None) -> Tensor:
+        """Mean next-token cross-entropy (with `normalizer`: the sum divided by it); the logits
+        stay split over the TP ranks."""
         targets = targets.data if isinstance(targets, Tensor) else targets
         idx = self._check_idx(idx)
         if tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
         hidden = self.hidden_states(idx, sequence_parallel=self.sequence_parallel)
-        return self.stage_loss(hidden, targets, ignore_index)
+        return self.stage_loss(hidden, targets, ignore_index, normalizer)
 
     # --------------------------------------------------------- generation
     def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:

@@ -25,7 +25,7 @@ from mpisplit.runtime.backend import get_array_module, is_low_precision
 class _VocabParallelCrossEntropy(Function):
     def forward(
         self, logits: Any, targets: Any = None, comm: Any = None, vocab_start: int = 0, vocab_size: int = 0,
-        ignore_index: int = -100, overwrite: bool = False,
+        ignore_index: int = -100, overwrite: bool = False, normalizer: float | None = None,
     ) -> Any:
         xp = get_array_module(logits)
         n = logits.shape[-1]
@@ -33,6 +33,7 @@ class _VocabParallelCrossEntropy(Function):
         in_place = overwrite  # z may become a copy below, which is then ours anyway
         self.shape, self.dtype = logits.shape, logits.dtype
         self.fused = kernels.applies(z)
+        self.normalizer = normalizer
         if self.fused:
             return self._fused_forward(z, targets, comm, vocab_start, vocab_size, ignore_index, overwrite)
         if is_low_precision(z.dtype):  # 16-bit logits: softmax statistics and loss in float32
@@ -55,7 +56,9 @@ class _VocabParallelCrossEntropy(Function):
         s = comm.allreduce(e.sum(axis=1))
         zt = comm.allreduce(zt)
 
-        if xp is np:
+        if normalizer is not None:
+            self.count = normalizer
+        elif xp is np:
             self.count = max(int(valid.sum()), 1)
         else:  # stays on the device: no host sync in the forward pass
             self.count = xp.maximum(valid.sum(), 1)
@@ -84,7 +87,7 @@ class _VocabParallelCrossEntropy(Function):
         exp_rows(z, real, m, e, s)
         s = comm.allreduce(s.astype(z.dtype))
         zt = comm.allreduce(zt)
-        self.count = max(int(valid.sum()), 1)
+        self.count = max(int(valid.sum()), 1) if self.normalizer is None else self.normalizer
         nll = (np.log(s) - zt) * valid
         self.save(e, s, local_t, owned, valid)
         return np.asarray(nll.sum() / self.count, dtype=z.dtype)
@@ -108,10 +111,10 @@ class _VocabParallelCrossEntropy(Function):
 
 
 def _per_token(total: Any, count: Any) -> Any:
-    """total / count in total's dtype: a host count is a Python int (which NumPy casts to that
+    """total / count in total's dtype: a host count is a Python number (which NumPy casts to that
     dtype), a device count a 0-d integer array, cast the same way (else the quotient would be
     float64 and round once more on its way back: other bits than the host's)."""
-    return total / (count if isinstance(count, int) else count.astype(total.dtype))
+    return total / (count if isinstance(count, (int, float)) else count.astype(total.dtype))
 
 
 def check_targets(targets: Any, vocab_size: int, ignore_index: int = -100) -> None:
@@ -127,14 +130,16 @@ def check_targets(targets: Any, vocab_size: int, ignore_index: int = -100) -> No
 
 def vocab_parallel_cross_entropy(
     logits: Tensor, targets: Any, comm: Any, *, vocab_start: int, vocab_size: int, ignore_index: int = -100,
-    overwrite_logits: bool = False,
+    overwrite_logits: bool = False, normalizer: float | None = None,
 ) -> Tensor:
     """Mean cross-entropy of split logits (..., n) against full-vocabulary targets (...).
 
     `vocab_start` is this rank's first vocabulary entry, `vocab_size` the real
     (unpadded) V; rows whose target is `ignore_index` do not count. With `overwrite_logits` the
     logits' array is reused for the softmax (one (N, n) array fewer alive), for callers that
-    hold the logits nowhere else, as GPT.loss.
+    hold the logits nowhere else, as GPT.loss. With `normalizer` the summed cross-entropy is
+    divided by it instead of by the number of counted targets (the targets of a whole training
+    step, as training/step.py counts them).
     Three all-reduces of (N,) forward (max, exp-sum, target logit); none backward.
     """
     targets = targets.data if isinstance(targets, Tensor) else targets
@@ -144,5 +149,5 @@ def vocab_parallel_cross_entropy(
     targets = get_array_module(logits.data).asarray(targets)  # host targets go to the logits' device
     return _VocabParallelCrossEntropy.apply(
         logits, targets=targets, comm=comm, vocab_start=vocab_start, vocab_size=vocab_size, ignore_index=ignore_index,
-        overwrite=overwrite_logits,
+        overwrite=overwrite_logits, normalizer=normalizer,
     )

@@ -29,7 +29,7 @@ from mpisplit.serving import tokenize
 from mpisplit.serving.chat import ChatLayout, validate_chat
 from mpisplit.serving.ipc import Choice
 from mpisplit.serving.sampling import SamplingParams
-from mpisplit.serving.templates import ChatTemplate
+from mpisplit.models.chat_template import ChatTemplate
 from mpisplit.serving.validation import (
     ApiError,
     CompletionRequest,

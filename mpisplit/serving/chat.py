@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: a conversation in, the assistant's answer out, in OpenAI's chat
-layout. The conversation is rendered by the model's chat template (templates.py) and then goes
+layout. The conversation is rendered by the model's chat template (models/chat_template.py) and then goes
 the way of a completion: the same validation of every other field, the same engine, batching
 and streaming; only the request's `messages` and the answer's layout are chat's own.
 
@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from mpisplit.serving import tools as tooling
-from mpisplit.serving.templates import ChatTemplate, ChatTemplateError
+from mpisplit.models.chat_template import ChatTemplate, ChatTemplateError
 from mpisplit.serving.validation import (
     MAX_LOGPROBS,
     ApiError,

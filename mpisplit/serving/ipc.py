@@ -81,7 +81,7 @@ class FrontendConfig:
         model = ModelInfo(m["name"], m["vocab_size"], m["block_size"], _tokenizer_from_json(m["tokenizer"]),
                           kv_tokens=m["kv_tokens"], eos_token_ids=tuple(m["eos_token_ids"]))
         if t is not None:
-            from mpisplit.serving.templates import ChatTemplate
+            from mpisplit.models.chat_template import ChatTemplate
 
             t = ChatTemplate(t["source"], t["special_tokens"], t["origin"])
         return cls(d["host"], d["port"], model, d["api_key"], t)

@@ -132,6 +132,7 @@ class TokenDataset:
     batches drawn from them. `tokenizer`: the CharTokenizer of character-level data, else None."""
 
     tokenizer: CharTokenizer | None = None
+    masked = False  # whether targets may be ignored (-100): then the step counts its targets
 
     def __init__(self, train: Any, val: Any, vocab_size: int) -> None:
         self.train, self.val, self.vocab_size = train, val, vocab_size

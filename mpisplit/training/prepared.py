@@ -5,7 +5,8 @@
     --data CORPUS --init-from HF     fine-tuning, after checking CORPUS was prepared with HF's tokenizer
     --tokenizer TOK [--data FILE]    FILE (text, or ids) or the default corpus encoded by TOK
 
-A prepared corpus is checked against its manifest (every file's size on every rank; the
+A chat corpus (`prepare --chat`) gives one conversation per row with masked targets
+(training/chat_data.py). A prepared corpus is checked against its manifest (every file's size on every rank; the
 sha256 of the files shared out over the ranks) and memory-mapped read-only: each rank copies
 only its batch's windows. Call under `agree`: errors differ between ranks only by the files a
 rank hashes.
@@ -85,7 +86,13 @@ def _prepared(config: TrainConfig, data: str, rank: int, size: int) -> tuple[Tok
         vocab_size = hf_config.vocab_size
     elif config.tokenizer is not None:
         check_tokenizer(manifest, config.tokenizer, "--tokenizer")
-    dataset = PreparedDataset(folder, manifest, vocab_size)
+    dataset: TokenDataset
+    if manifest.get("kind") == "chat":
+        from mpisplit.training.chat_data import ChatDataset
+
+        dataset = ChatDataset(folder, manifest, vocab_size)
+    else:
+        dataset = PreparedDataset(folder, manifest, vocab_size)
     return dataset, json.dumps(manifest, sort_keys=True), hf_config
 
 

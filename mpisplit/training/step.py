@@ -1,7 +1,12 @@
 """Forward and backward of one step's batch on this rank: M equal micro-batches, run in the 1F1B
 pipeline schedule when the grid has pp > 1 stages and one after the other (gradient
 accumulation) otherwise. Gradients are those of the mean loss over the batch: each micro-batch's
-loss is divided by M. Nothing here reduces over DP: that happens once, after the last backward.
+loss is divided by M. With masked targets (chat data: `target_count`, the counted targets of the
+whole step over every micro-batch and DP rank) the loss is the summed cross-entropy divided by
+that count, as users expect (not a mean of per-micro-batch means, which weighs a token of a short
+micro-batch more): each micro-batch's sum is divided by target_count / dp, so that the DP average
+that follows gives sum / target_count. Nothing here reduces over DP: that happens once, after the
+last backward.
 """
 
 from __future__ import annotations
@@ -40,34 +45,49 @@ class StepRunner:
         ys = [y[i * rows:(i + 1) * rows] for i in range(self.micro_batches)]
         return xs, ys, rows
 
-    def _stage_step(self, xs: list[Any], ys: list[Any], scale: float) -> Callable[[int, Tensor | None], Tensor]:
+    def _stage_step(self, xs: list[Any], ys: list[Any], scale: float,
+                    normalizer: float | None = None) -> Callable[[int, Tensor | None], Tensor]:
         net = self.net
 
         def step(i: int, x: Tensor | None) -> Tensor:
             out = net.stage_forward(xs[i] if x is None else x)
-            return net.stage_loss(out, ys[i]) * scale if net.is_last else out
+            if not net.is_last:
+                return out
+            if normalizer is not None:
+                return net.stage_loss(out, ys[i], normalizer=normalizer)
+            return net.stage_loss(out, ys[i]) * scale
 
         return step
 
-    def forward_backward(self, x: Any, y: Any, *, loss_scale: float = 1.0) -> float:
+    def _loss(self, x: Any, y: Any, normalizer: float | None) -> Tensor:
+        """One micro-batch's loss: its mean over M, or its sum over `normalizer`."""
+        if normalizer is None:
+            return self.net.loss(x, y) * (1.0 / self.micro_batches)
+        return self.net.loss(x, y, normalizer=normalizer)
+
+    def _normalizer(self, target_count: int | None) -> float | None:
+        return None if target_count is None else max(int(target_count), 1) / self.grid.dp
+
+    def forward_backward(self, x: Any, y: Any, *, loss_scale: float = 1.0, target_count: int | None = None) -> float:
         """Gradients of the mean loss over this rank's batch (x, y: (B, T) token ids), times
         `loss_scale` (mixed precision), accumulate in the parameters' .grad; returns that mean
-        loss (unscaled), the same on every stage. A scaled backward may overflow float16: the
+        loss (unscaled), the same on every stage. `target_count`: see the module's docstring. A scaled backward may overflow float16: the
         loss scaler finds the non-finite gradients and skips the step, so NumPy's overflow
         warnings are silenced there (and only there)."""
+        normalizer = self._normalizer(target_count)
         if loss_scale == 1.0:
-            return self._forward_backward(x, y, None)
+            return self._forward_backward(x, y, None, normalizer)
         with np.errstate(over="ignore", invalid="ignore"):
-            return self._forward_backward(x, y, float(loss_scale))
+            return self._forward_backward(x, y, float(loss_scale), normalizer)
 
-    def _forward_backward(self, x: Any, y: Any, seed: float | None) -> float:
+    def _forward_backward(self, x: Any, y: Any, seed: float | None, normalizer: float | None) -> float:
         m = self.micro_batches
         xs, ys, rows = self._split(x, y)
         like = self._like()
         if self.link is None:
             total = 0.0
             for xi, yi in zip(xs, ys):
-                loss = self.net.loss(xi, yi) * (1.0 / m)
+                loss = self._loss(xi, yi, normalizer)
                 # Seeded with the scale (in the loss's dtype): the loss itself is never scaled.
                 loss.backward(None if seed is None else loss.xp.asarray(seed, dtype=loss.dtype))
                 total += float(to_numpy(loss.data))
@@ -75,22 +95,27 @@ class StepRunner:
             self.sum_replica_gradients()
             return total
         shape, dtype = self._boundary(rows, x.shape[1])
-        outs = one_forward_one_backward(self._stage_step(xs, ys, 1.0 / m), m, self.link, shape, dtype, like,
-                                        loss_seed=seed)
+        outs = one_forward_one_backward(self._stage_step(xs, ys, 1.0 / m, normalizer), m, self.link, shape, dtype,
+                                        like, loss_seed=seed)
         self.sum_tied_gradients()
         self.sum_sequence_parallel_gradients()
         self.sum_replica_gradients()
         return self._share_loss(outs)
 
-    def evaluate(self, x: Any, y: Any) -> float:
-        """Mean loss over the batch without gradients, the same on every stage."""
+    def evaluate(self, x: Any, y: Any, *, summed: bool = False) -> float:
+        """Mean loss over the batch without gradients, the same on every stage; with `summed` the
+        summed cross-entropy of the counted targets instead (the caller divides)."""
         m = self.micro_batches
         xs, ys, rows = self._split(x, y)
+        normalizer = 1.0 if summed else None
         with no_grad():
             if self.link is None:
+                if summed:
+                    return sum(float(to_numpy(self._loss(xi, yi, 1.0).data)) for xi, yi in zip(xs, ys))
                 return sum(float(to_numpy(self.net.loss(xi, yi).data)) for xi, yi in zip(xs, ys)) / m
             shape, dtype = self._boundary(rows, x.shape[1])
-            outs = forward_only(self._stage_step(xs, ys, 1.0 / m), m, self.link, shape, dtype, self._like())
+            outs = forward_only(self._stage_step(xs, ys, 1.0 / m, normalizer), m, self.link, shape, dtype,
+                                self._like())
         return self._share_loss(outs)
 
     def sum_tied_gradients(self) -> None:

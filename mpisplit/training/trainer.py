@@ -161,7 +161,8 @@ class Trainer:
         self.opt.lr = optim.cosine_lr(done - 1, max_lr=c.lr, warmup=c.warmup, total=c.steps, min_lr=self.min_lr)
         x, y = self.data.batch("train", c.seed, done - 1, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
         # d(mean loss) over M micro-batches; under amp d(scale * loss)
-        value = self.runner.forward_backward(x, y, loss_scale=1.0 if mp is None else mp.scale)
+        value = self.runner.forward_backward(x, y, loss_scale=1.0 if mp is None else mp.scale,
+                                             target_count=self._target_count(y))
         self.faults.poison_grads(done, self.net.parameters())
         skipped = mp is not None and not mp.unscale_()  # an overflow on any rank skips the step on every rank
         norm = float("nan")
@@ -184,6 +185,14 @@ class Trainer:
         self.opt.zero_grad()
         return value, norm, skipped, decision
 
+    def _target_count(self, y: Any) -> int | None:
+        """Masked data: the targets that count in this step, over every DP rank (one small
+        all-reduce); None otherwise (every target counts, and each rank knows how many)."""
+        if not self.data.masked:
+            return None
+        local = np.array([int((y != -100).sum())], dtype=np.int64)
+        return int(self.grid.dp_comm.allreduce(local)[0])
+
     def _reduce_and_clip(self) -> float:
         """DP average of the gradients and the global-norm clip; returns the norm. A sharded
         optimizer reduce-scatters the block and clips its part; otherwise one all-reduce."""
@@ -195,15 +204,20 @@ class Trainer:
         return optim.clip_grad_norm(self.model.parameters(), clip, grid.tp_comm, grid.pp_comm)
 
     def evaluate(self) -> float:
-        """Mean validation loss over eval_iters batches and every DP rank."""
+        """Mean validation loss over eval_iters batches and every DP rank (masked data: the
+        summed cross-entropy over the counted targets of them all)."""
         c, grid = self.config, self.grid
         self.net.eval()
-        losses = []
+        losses, counted = [], 0
         with no_grad():
             for i in range(c.eval_iters):
                 x, y = self.data.batch("val", c.seed, i, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
-                losses.append(self.runner.evaluate(x, y))
+                losses.append(self.runner.evaluate(x, y, summed=self.data.masked))
+                counted += int((y != -100).sum())
         self.net.train()
+        if self.data.masked:
+            total = grid.dp_comm.allreduce(np.array([sum(losses), counted], dtype=np.float64))
+            return float(total[0] / max(total[1], 1.0))
         return float(grid.dp_comm.allreduce(np.array([np.mean(losses)]))[0] / grid.dp)
 
     def save(self, step: int) -> Path:
