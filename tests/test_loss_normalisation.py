@@ -85,3 +85,13 @@ def test_every_layout_equals_one_rank(reference):
             summed = runner.evaluate(idx[rows], targets[rows], summed=True)
             total = float(grid.dp_comm.allreduce(np.array([summed]))[0])
             assert abs(total / count - ref_loss) < 1e-12 * ref_loss, (tp, dp, pp, sp, total / count)
+
+
+def test_fine_tuning_shape_comes_from_the_folder():
+    """--heads and --hidden describe a fresh model: with --init-from the folder's shape counts
+    (SmolLM2's 9 heads train at tp 3 although the default --heads 4 does not split over 3)."""
+    from mpisplit.training.config import TrainConfig
+
+    assert TrainConfig(init_from="some-folder").validate(3) == (3, 1)
+    with pytest.raises(ValueError, match="--heads 4 cannot be split over tp=3"):
+        TrainConfig().validate(3)

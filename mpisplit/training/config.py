@@ -82,6 +82,9 @@ class TrainConfig:
         if self.batch_size % dp:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by dp={dp}")
         self._check_pipeline(self.batch_size // dp, tp)
+        if self.init_from is not None:  # the folder's shape counts, checked when the model is built
+            self._check_choices()
+            return tp, dp
         if self.hidden % self.heads:
             raise ValueError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
         if self.heads % tp:
