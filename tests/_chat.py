@@ -168,8 +168,8 @@ def greedy_answer(folder: Path, model, bpe, messages: list[dict], n: int) -> str
     """The library's greedy continuation of the rendered conversation, decoded."""
     from _serving import greedy_reference
 
-    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
     from mpisplit.models.chat_template import load_chat_template
+    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
 
     ids = load_hf_tokenizer(folder).encode(load_chat_template(folder).render(messages)).tolist()
     return bpe.decode(greedy_reference(model, ids, n).tolist(), skip_special_tokens=False)

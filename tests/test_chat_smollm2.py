@@ -44,8 +44,8 @@ def smollm2_tokenizer(tmp_path_factory):
 
 
 def test_real_tokenizer_folder_renders_and_encodes_as_transformers(smollm2_tokenizer):
-    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
     from mpisplit.models.chat_template import load_chat_template
+    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
 
     folder, tok = smollm2_tokenizer
     template, ours = load_chat_template(folder), load_hf_tokenizer(folder)
@@ -58,6 +58,8 @@ def test_real_tokenizer_folder_renders_and_encodes_as_transformers(smollm2_token
 
 
 def test_prepare_chat_masks_as_transformers_renders_turn_by_turn(smollm2_tokenizer, tmp_path):
+    import itertools
+
     import numpy as np
     from test_chat_data import CHATS, hf_reference, write_chats
 
@@ -75,7 +77,7 @@ def test_prepare_chat_masks_as_transformers_renders_turn_by_turn(smollm2_tokeniz
         ids = np.fromfile(tmp_path / "c" / manifest[split]["shards"][0]["file"], dtype=manifest["dtype"])
         mask = np.fromfile(tmp_path / "c" / manifest[split]["mask"]["shards"][0]["file"], dtype=np.uint8)
         index = np.load(tmp_path / "c" / manifest[split]["index"]["file"])
-        stored += [(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(index[:-1], index[1:])]
+        stored += [(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in itertools.pairwise(index)]
     expected = [hf_reference(tok, c, "assistant") for c in chats]
     assert sorted(stored) == sorted(expected)
     eot = tok.convert_tokens_to_ids("<|im_end|>")

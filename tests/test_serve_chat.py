@@ -185,8 +185,8 @@ def test_checkpoint_with_chat_template_file(char_ckpt):
     """--chat-template FILE on a character checkpoint: the answer is the library's greedy
     continuation of the rendered text; the template's raise_exception is a 400 with its message."""
     import mpisplit as ms
-    from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.models.chat_template import load_chat_template
+    from mpisplit.serving.loading import load_model_and_tokenizer
 
     ckpt, template = char_ckpt
     messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]

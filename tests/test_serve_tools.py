@@ -133,10 +133,10 @@ def test_calls_are_read_out_of_answers():
 
 def test_llama_layout_is_forced_in_the_engine(tmp_path):
     """The bare-JSON layout: validate_chat's grammar, drawn by the engine, read back by the layout."""
+    from mpisplit.models.chat_template import ChatTemplate
     from mpisplit.models.hf_tokenizer import load_hf_tokenizer
     from mpisplit.serving.chat import ChatLayout, validate_chat
     from mpisplit.serving.engine import Engine, SequenceSpec
-    from mpisplit.models.chat_template import ChatTemplate
     from mpisplit.serving.validation import ModelInfo
 
     model, _ = write_chat_folder(tmp_path / "tiny", block_size=1024)

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpi4py import MPI
 
     import mpisplit as ms
+    from mpisplit.models.chat_template import load_chat_template
     from mpisplit.runtime.errors import agree, install_abort_on_exception
     from mpisplit.serving.channel import ControlChannel
     from mpisplit.serving.controller import Controller, follow
@@ -198,7 +199,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.serving.metrics import ServerMetrics
     from mpisplit.serving.server import default_model_name
-    from mpisplit.models.chat_template import load_chat_template
     from mpisplit.serving.validation import ModelInfo
 
     world = MPI.COMM_WORLD

@@ -53,7 +53,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     chat = p.add_argument_group("conversations (--chat)")
     chat.add_argument("--chat", action="store_true",
                       help="JSONL conversations (OpenAI's messages or ShareGPT's conversations), rendered by the "
-                           "chat template, stored with a loss mask (one process: --workers does not apply)")
+                           "chat template, stored with a loss mask")
     chat.add_argument("--train-on", choices=TRAIN_ON, default=D.train_on,
                       help="the tokens that count in the loss: every assistant answer with its end-of-turn token, "
                            "only the last answer, or every token")

@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpi4py import MPI
 
     import mpisplit as ms
+    from mpisplit.models.chat_template import load_chat_template
     from mpisplit.runtime.errors import agree, install_abort_on_exception
     from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.serving.server import ServeOptions, default_model_name, serve
-    from mpisplit.models.chat_template import load_chat_template
 
     world = MPI.COMM_WORLD
     install_abort_on_exception(world)

@@ -5,7 +5,8 @@
           train-index.npy            token offsets of the conversations (train-mask-index.npy the same)
           val-...                    the held-out conversations, likewise
 
-Conversations are held out whole by prepare's rule. A conversation with no token to train on
+Conversations are encoded in batches by `workers` processes (in order), each holding the tokenizer
+and the compiled template. Conversations are held out whole by prepare's rule. A conversation with no token to train on
 (no assistant answer) is skipped and counted; one longer than `seq_len` tokens is an error
 naming it, or cut to its first `seq_len` tokens with `truncate`.
 """
@@ -13,18 +14,21 @@ naming it, or cut to its first `seq_len` tokens with `truncate`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mpisplit.data.chat_mask import TRAIN_ON, encode_conversation
-from mpisplit.data.conversations import iter_conversations
+from mpisplit.data.conversations import Conversation, iter_conversations
+from mpisplit.data.encode import ordered_pool_map, usable_cores
 from mpisplit.data.manifest import FORMAT
 from mpisplit.data.shards import SplitWriter, entropy_of_counts
 from mpisplit.data.tokenizer import token_dtype
 
 SPLITS = ("train", "val")
+BATCH_CONVERSATIONS = 256  # conversations per task sent to a worker
 
 
 def check_chat_options(train_on: str, seq_len: int | None, truncate: bool) -> None:
@@ -55,14 +59,16 @@ def write_chat(files: list[Path], tok: Any, folder: Path, opts: Any, bar: Any, s
     tokens = {s: SplitWriter(folder, s, dtype, tok.vocab_size, opts.shard_bytes) for s in SPLITS}
     masks = {s: SplitWriter(folder, f"{s}-mask", "uint8", 2, opts.shard_bytes) for s in SPLITS}
     counts, held, i = _Counts(), None, 0
-    for conv in iter_conversations(files):
-        bar.update(conv.disk_bytes)
-        kept = _encode(conv, tok, template, opts, counts)
-        if kept is None:
-            continue
-        if held is not None:
-            _add(held, split_of(i - 1, opts.val_fraction), tokens, masks, counts)
-        held, i = kept, i + 1
+    for encoded, disk in _encoded(files, tok, template, opts):
+        for ids, mask, cut in encoded:
+            counts.truncated += cut
+            if ids is None:
+                counts.skipped += 1
+                continue
+            if held is not None:
+                _add(held, split_of(i - 1, opts.val_fraction), tokens, masks, counts)
+            held, i = (ids, mask), i + 1
+        bar.update(disk)
     if held is None:
         raise ValueError(f"no conversation to train on: the inputs ({len(files)} file(s)) hold none with a token "
                          f"to train on under --train-on {opts.train_on} ({counts.skipped} skipped)")
@@ -73,19 +79,66 @@ def write_chat(files: list[Path], tok: Any, folder: Path, opts: Any, bar: Any, s
     return _manifest(tok, dtype, opts, template, tokens, masks, counts)
 
 
-def _encode(conv: Any, tok: Any, template: Any, opts: Any, counts: _Counts) -> tuple[np.ndarray, np.ndarray] | None:
-    ids, mask = encode_conversation(tok.tokenizer.tokenizer, template, conv.messages, conv.tools, opts.train_on,
-                                    conv.source)
-    if opts.seq_len is not None and len(ids) > opts.seq_len:
-        if not opts.truncate:
+def _encoded(files: list[Path], tok: Any, template: Any, opts: Any) -> Iterator[tuple[list, int]]:
+    """(each conversation's (ids, mask, truncated), disk bytes) per batch; ids and mask None when skipped."""
+    workers = opts.workers or usable_cores()
+    setup = (str(tok.folder), template.source, template.special_tokens, template.origin, opts.train_on,
+             opts.seq_len, opts.truncate)
+    batches = _batches(iter_conversations(files))
+    if workers <= 1:
+        _init_worker(*setup)
+        yield from ((_encode_batch(batch), disk) for batch, disk in batches)
+    else:
+        yield from ordered_pool_map(batches, _encode_batch, _init_worker, setup, workers)
+
+
+def _batches(conversations: Iterable[Conversation]) -> Iterator[tuple[list[Conversation], int]]:
+    batch: list[Conversation] = []
+    disk = 0
+    for conv in conversations:
+        batch.append(conv)
+        disk += conv.disk_bytes
+        if len(batch) == BATCH_CONVERSATIONS:
+            yield batch, disk
+            batch, disk = [], 0
+    if batch:
+        yield batch, disk
+
+
+_worker: dict[str, Any] = {}  # this process's tokenizer, template and options (set once)
+
+
+def _init_worker(folder: str, source: str, special: dict, origin: str, train_on: str, seq_len: int | None,
+                 truncate: bool) -> None:
+    from mpisplit.models.chat_template import ChatTemplate
+    from mpisplit.models.hf_tokenizer import load_hf_tokenizer
+
+    loaded = load_hf_tokenizer(folder)
+    assert loaded is not None  # the parent opened the same folder
+    _worker.update(tokenizer=loaded.tokenizer, template=ChatTemplate(source, special, origin), train_on=train_on,
+                   seq_len=seq_len, truncate=truncate)
+
+
+Encoded = tuple[np.ndarray | None, np.ndarray | None, int]
+
+
+def _encode_batch(batch: list[Conversation]) -> list[Encoded]:
+    return [_encode(conv, **_worker) for conv in batch]
+
+
+def _encode(conv: Conversation, tokenizer: Any, template: Any, train_on: str, seq_len: int | None,
+            truncate: bool) -> Encoded:
+    """(ids, mask, 1 if cut to seq_len else 0); ids and mask None when nothing is left to train on."""
+    ids, mask = encode_conversation(tokenizer, template, conv.messages, conv.tools, train_on, conv.source)
+    cut = 0
+    if seq_len is not None and len(ids) > seq_len:
+        if not truncate:
             raise ValueError(f"{conv.source}: the conversation has {len(ids)} tokens, more than --seq-len "
-                             f"{opts.seq_len}; raise --seq-len, or --truncate to keep its first {opts.seq_len}")
-        ids, mask = ids[: opts.seq_len], mask[: opts.seq_len]
-        counts.truncated += 1
+                             f"{seq_len}; raise --seq-len, or --truncate to keep its first {seq_len}")
+        ids, mask, cut = ids[:seq_len], mask[:seq_len], 1
     if not mask[1:].any():  # the first token is never a target
-        counts.skipped += 1
-        return None
-    return ids, mask
+        return None, None, cut
+    return ids, mask, cut
 
 
 def _add(conv: tuple[np.ndarray, np.ndarray], split: str, tokens: dict, masks: dict, counts: _Counts) -> None:

@@ -87,7 +87,7 @@ def _list(record: dict, key: str, where: str) -> list:
 
 def _openai(message: Any, where: str) -> dict[str, Any]:
     if not isinstance(message, dict):
-        raise ValueError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
+        raise TypeError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
     role = message.get("role")
     if role not in ROLES:
         raise ValueError(f"{where}: role must be one of {', '.join(ROLES)}; got {role!r}")

@@ -12,7 +12,7 @@ import itertools
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,13 @@ def encode_documents(tokenizer: HFTokenizer, texts: list[str], eos_id: int) -> t
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
     return tokens, lengths
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _init_worker(folder: str, eos_id: int) -> None:
@@ -79,22 +86,31 @@ def encoded_batches(
         for texts, disk in batches:
             yield (*encode_documents(tokenizer, texts, eos_id), disk)
         return
+    for result, disk in ordered_pool_map(batches, _encode_in_worker, _init_worker, (str(folder), eos_id), workers):
+        yield (*result, disk)
+
+
+def ordered_pool_map(items: Iterable[tuple[Any, int]], work: Callable[[Any], Any], init: Callable[..., None],
+                     initargs: tuple, workers: int) -> Iterator[tuple[Any, int]]:
+    """(work(item), disk) for each (item, disk), in order, computed by `workers` processes each
+    set up once by init(*initargs); at most 2 x workers items in flight. `work` and `init` are
+    module-level functions (a spawned worker imports them)."""
     # Inherited by the workers: one tokenizer thread each, and (spawned) no MPI_Init when they
     # import the package (under mpiexec a worker would otherwise try to join the parent's job).
     previous = {name: os.environ.get(name) for name in _WORKER_ENV}
     os.environ.update(_WORKER_ENV)
     try:
         context = multiprocessing.get_context(_start_method())
-        with context.Pool(workers, initializer=_init_worker, initargs=(str(folder), eos_id)) as pool:
+        with context.Pool(workers, initializer=init, initargs=initargs) as pool:
             in_flight: deque = deque()
-            for texts, disk in batches:
-                in_flight.append((pool.apply_async(_encode_in_worker, (texts,)), disk))
+            for item, disk in items:
+                in_flight.append((pool.apply_async(work, (item,)), disk))
                 if len(in_flight) >= 2 * workers:
                     result, disk_done = in_flight.popleft()
-                    yield (*result.get(), disk_done)
+                    yield result.get(), disk_done
             while in_flight:
                 result, disk_done = in_flight.popleft()
-                yield (*result.get(), disk_done)
+                yield result.get(), disk_done
     finally:
         for name, value in previous.items():
             if value is None:

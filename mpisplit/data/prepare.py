@@ -29,7 +29,7 @@ import numpy as np
 
 from mpisplit.data.chat_corpus import check_chat_options, write_chat
 from mpisplit.data.documents import check_split_text, input_files, iter_documents
-from mpisplit.data.encode import encoded_batches, text_batches
+from mpisplit.data.encode import encoded_batches, text_batches, usable_cores
 from mpisplit.data.manifest import FORMAT, MANIFEST
 from mpisplit.data.shards import SplitWriter, entropy_of_counts, split_of
 from mpisplit.data.tokenizer import open_tokenizer, token_dtype
@@ -64,13 +64,6 @@ class PrepareOptions:
             raise ValueError("--field must name a JSONL field")
         check_split_text(self.split_text)
         check_chat_options(self.train_on, self.seq_len, self.truncate)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,

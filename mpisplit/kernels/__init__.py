@@ -80,7 +80,15 @@ def warm_up(dtype: Any = np.float32) -> None:
     that neither the first step's time nor a memory baseline taken after this includes it."""
     if not enabled():
         return
-    from mpisplit.kernels import adamw, cross_entropy, gelu, layernorm, paged_attention, scatter, softmax
+    from mpisplit.kernels import (
+        adamw,
+        cross_entropy,
+        gelu,
+        layernorm,
+        paged_attention,
+        scatter,
+        softmax,
+    )
 
     f = np.dtype(dtype).type
     x = np.ones((2, 4), dtype=dtype)

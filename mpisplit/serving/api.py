@@ -25,11 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mpisplit.models.chat_template import ChatTemplate
 from mpisplit.serving import tokenize
 from mpisplit.serving.chat import ChatLayout, validate_chat
 from mpisplit.serving.ipc import Choice
 from mpisplit.serving.sampling import SamplingParams
-from mpisplit.models.chat_template import ChatTemplate
 from mpisplit.serving.validation import (
     ApiError,
     CompletionRequest,

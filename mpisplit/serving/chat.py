@@ -24,8 +24,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from mpisplit.serving import tools as tooling
 from mpisplit.models.chat_template import ChatTemplate, ChatTemplateError
+from mpisplit.serving import tools as tooling
 from mpisplit.serving.validation import (
     MAX_LOGPROBS,
     ApiError,

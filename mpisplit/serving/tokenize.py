@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpisplit.serving.chat import chat_messages
 from mpisplit.models.chat_template import ChatTemplate, ChatTemplateError
+from mpisplit.serving.chat import chat_messages
 from mpisplit.serving.validation import ApiError, ModelInfo, _boolean
 
 
