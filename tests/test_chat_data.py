@@ -250,7 +250,7 @@ def _run(n: int, args: list[str], cwd: Path) -> None:
 def test_training_on_chat_data_equals_transformers(tmp_path):
     """One command line from conversations to a trained model: the first step's loss equals the
     summed cross-entropy over the counted targets / their number under transformers' GPT-2 in
-    float64, and every layout gives the same losses."""
+    float64, and every layout, and a run resumed at another layout, gives the same losses."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers import GPT2LMHeadModel
@@ -261,16 +261,19 @@ def test_training_on_chat_data_equals_transformers(tmp_path):
     subprocess.run([sys.executable, "-m", "mpisplit", "prepare", "--chat", "--tokenizer", "gpt", "--out", "corpus",
                     "--eos", "<|im_end|>", "--val-fraction", "0.2", "--seq-len", "64", "--no-progress", "c.jsonl"],
                    cwd=tmp_path, env=clean_mpi_env(), check=True, capture_output=True, timeout=120)
-    common = ["--data", "corpus", "--init-from", "gpt", "--seq-len", "63", "--batch-size", "4", "--steps", "3",
+    common = ["--data", "corpus", "--init-from", "gpt", "--seq-len", "63", "--batch-size", "4",
               "--dtype", "float64", "--eval-every", "0", "--sample-len", "0", "--no-progress", "--log-every", "1",
-              "--lr", "1e-2", "--warmup", "1"]
-    runs = {"one": (1, []), "dp2": (2, ["--dp", "2", "--tp", "1"]), "tp2-mb2": (2, ["--tp", "2", "--micro-batches", "2"])}
-    losses = {}
+              "--lr", "1e-2", "--warmup", "3"]  # 3 steps inside the warmup: --steps 2 has the same rates
+    runs = {"one": (1, ["--steps", "3"]), "dp2": (2, ["--steps", "3", "--dp", "2", "--tp", "1"]),
+            "tp2-mb2": (2, ["--steps", "3", "--tp", "2", "--micro-batches", "2"])}
     for name, (n, flags) in runs.items():
         _run(n, [*common, *flags, "--out", name], tmp_path)
-        losses[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    for name in runs:
-        assert np.allclose(losses[name], losses["one"], rtol=1e-10, atol=0), (name, losses)
+    _run(1, [*common, "--steps", "2", "--out", "resumed"], tmp_path)  # two steps, then
+    _run(2, [*common, "--steps", "3", "--tp", "2", "--resume", "--out", "resumed"], tmp_path)  # the third at tp 2
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in [*runs, "resumed"]}
+    for name, got in losses.items():
+        assert len(got) == 3 and np.allclose(got, losses["one"], rtol=1e-10, atol=0), (name, losses)
     manifest = read_manifest(tmp_path / "corpus")
     x, y = ChatDataset(tmp_path / "corpus", manifest, 391).batch("train", 1337, 0, 4, 63)
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt", torch_dtype=torch.float64).eval()
