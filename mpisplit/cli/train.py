@@ -69,6 +69,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="mixed precision: compute in this dtype with float32 master weights and dynamic "
                    "loss scaling (bfloat16 needs --device gpu)")
     _optimisation(p.add_argument_group("optimisation"))
+    _lora(p.add_argument_group("LoRA", "adapters on the projections of a pretrained Llama-family model "
+                                       "(--init-from), the base weights frozen"))
     _output(p.add_argument_group("data and output"))
     _failures(p)
     return p
@@ -88,6 +90,22 @@ def _optimisation(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--momentum", type=float, default=D.momentum, help="SGD momentum")
     g.add_argument("--grad-clip", type=float, default=D.grad_clip, help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=int, default=D.seed)
+
+
+def _lora(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--lora-rank", type=int, default=D.lora_rank, metavar="R",
+                   help="train rank-R adapters instead of the weights (0: full fine-tuning)")
+    g.add_argument("--lora-alpha", type=float, default=D.lora_alpha, metavar="A",
+                   help="the adapters' scale is A / R (default: A = R)")
+    g.add_argument("--lora-targets", default=D.lora_targets, metavar="NAMES",
+                   help="the projections adapted, by their Hugging Face names: q_proj,k_proj,v_proj,o_proj,"
+                        "gate_proj,up_proj,down_proj, or all-linear")
+    g.add_argument("--lora-dropout", type=float, default=D.lora_dropout, metavar="P",
+                   help="dropout on the adapters' input (only 0 is supported)")
+    g.add_argument("--lora-rslora", action="store_true", help="rank-stabilised scale A / sqrt(R)")
+    g.add_argument("--lora-from", default=D.lora_from, metavar="FOLDER",
+                   help="start the adapters from a PEFT adapter folder (adapter_config.json + "
+                        "adapter_model.safetensors; its rank, alpha and targets apply)")
 
 
 def _output(g: argparse._ArgumentGroup) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 from mpisplit.autograd import Tensor, no_grad, ops
 from mpisplit.models import hf_gpt2
 from mpisplit.models.config import GPTConfig
+from mpisplit.models.lora import lora_partial_params
 from mpisplit.models.partition import BlockList, check_pipeline, stage_blocks
 from mpisplit.models.recompute import check_recompute, recomputed
 from mpisplit.nn.attention import KVCache, ParallelSelfAttention
@@ -185,6 +186,15 @@ class GPT(Module):
         if not self.sequence_parallel:
             return []
         return [p for p in self.parameters() if p.split_axis is None]
+
+    @property
+    def tp_partial_params(self) -> list[Parameter]:
+        """Replicated parameters whose gradient is partial on each TP rank, summed over TP before
+        the optimizer: under sequence parallelism every replicated one, else LoRA's replicated
+        factors (models/lora.py), which see only this rank's share of the product."""
+        if self.sequence_parallel:
+            return self.sequence_parallel_params
+        return lora_partial_params(self)
 
     def _check_sequence(self, idx: Any) -> None:
         T, tp = idx.shape[1], self.grid.tp

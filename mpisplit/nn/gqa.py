@@ -43,6 +43,8 @@ def kv_layout(n_heads: int, n_kv_heads: int, tp: int, rank: int) -> tuple[int, i
 class HeadProjection(Module):
     """The columns of a projection (h, heads*d) for this rank's heads: weight (h, n*d), bias (n*d)."""
 
+    lora: Any = None  # a LoRA adapter (nn/lora.py), set by models/lora.py
+
     def __init__(self, hidden: int, heads: int, head_dim: int, layout: tuple[int, int, int, int], *,
                  bias: bool, dtype: np.dtype, std: float) -> None:
         n, first, replicas, replica_rank = layout

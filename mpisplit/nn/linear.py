@@ -123,6 +123,8 @@ class ColumnParallelLinear(Module):
     Y when `gather_output` (all-gather forward, split backward).
     """
 
+    lora: Any = None  # a LoRA adapter (nn/lora.py), set by models/lora.py
+
     def __init__(
         self, in_features: int, out_features: int, tp_comm: Any, *, bias: bool = True,
         gather_output: bool = False, dtype: Any = "float32", std: float = 0.02, seed: int | None = None,
@@ -149,8 +151,10 @@ class ColumnParallelLinear(Module):
         _check_input(x, self.in_features, self.dtype, "ColumnParallelLinear")
         if sequence_parallel:
             y = sequence_parallel_linear(x, self.weight, self.bias, self.comm)  # (B, T, n)
+            (y,) = _with_lora([y], [self], x, self.comm, True)
         else:
-            y = ops.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # (..., n)
+            xt = copy_to_tp(x, self.comm)
+            (y,) = _with_lora([ops.linear(xt, self.weight, self.bias)], [self], xt, self.comm, False)  # (..., n)
         if not self.gather_output:
             return y
         y = gather_from_tp(y, self.comm)  # (..., tp * n)
@@ -165,6 +169,8 @@ class RowParallelLinear(Module):
     products are all-reduced (the g operator) and the bias, replicated, is added
     once after the reduction.
     """
+
+    lora: Any = None  # a LoRA adapter (nn/lora.py), set by models/lora.py
 
     def __init__(
         self, in_features: int, out_features: int, tp_comm: Any, *, bias: bool = True,
@@ -192,6 +198,8 @@ class RowParallelLinear(Module):
             _check_input(x, self.in_features, self.dtype, "RowParallelLinear")
             x = scatter_to_tp(pad_last(x, self.local_in_features * self.comm.size), self.comm)
         partial = ops.linear(x, self.weight)
+        if self.lora is not None:  # the adapter's share joins the partial products before their sum
+            partial = partial + self.lora.row_delta(x)
         if sequence_parallel:  # (B, T/t, out): the bias is added on the shard, its gradient partial
             y = reduce_scatter_to_sp(partial, self.comm, axis=1)
         else:
@@ -200,16 +208,24 @@ class RowParallelLinear(Module):
 
 
 def column_group(x: Tensor, layers: list[Any], comm: Any, sequence_parallel: bool = False) -> list[Tensor]:
-    """Several column-split layers (anything with `weight` (k, n_i) and `bias`) on the same input,
-    which enters the TP region once: one all-reduce of dX backward for all of them. Under
-    sequence parallelism their slabs are concatenated into one product, so the sequence blocks
-    are all-gathered once (and once more in backward) for the group."""
+    """Several column-split layers (anything with `weight` (k, n_i), `bias` and `lora`) on the
+    same input, which enters the TP region once: one all-reduce of dX backward for all of them.
+    Under sequence parallelism their slabs are concatenated into one product, so the sequence
+    blocks are all-gathered once (and once more in backward) for the group. A layer's LoRA
+    adapter (nn/lora.py) adds its product to the layer's."""
     if not sequence_parallel:
         xt = copy_to_tp(x, comm)  # the gradients of every branch meet here, then one all-reduce
-        return [ops.linear(xt, layer.weight, layer.bias) for layer in layers]
+        ys = [ops.linear(xt, layer.weight, layer.bias) for layer in layers]
+        return _with_lora(ys, layers, xt, comm, False)
     widths = [layer.weight.shape[1] for layer in layers]
     biases = [layer.bias for layer in layers]
     w = ops.concat([layer.weight for layer in layers], axis=1)  # (k, sum n_i)
     b = None if biases[0] is None else ops.concat(biases, axis=0)
     y = sequence_parallel_linear(x, w, b, comm)  # (B, T, sum n_i)
-    return ops.split(y, widths, axis=-1) if len(layers) > 1 else [y]
+    ys = ops.split(y, widths, axis=-1) if len(layers) > 1 else [y]
+    return _with_lora(ys, layers, x, comm, True)
+
+
+def _with_lora(ys: list[Tensor], layers: list[Any], x: Tensor, comm: Any, sequence_parallel: bool) -> list[Tensor]:
+    return [y if layer.lora is None else y + layer.lora.column_delta(x, comm, sequence_parallel)
+            for y, layer in zip(ys, layers)]

@@ -43,7 +43,7 @@ class Parameter(Tensor):
         self.global_shape = tuple(global_shape) if global_shape is not None else self.view_shape
         self.split_axis = split_axis
         self.start = int(start)
-        self.init = init  # ("normal", std) | ("zeros",) | ("ones",)
+        self.init = init  # ("normal", std) | ("uniform", bound) | ("zeros",) | ("ones",)
         # A second copy of a weight that another pipeline stage owns (the last stage's tied
         # head): its gradient is summed with the owner's, it is saved and counted there.
         self.pipeline_copy = False
@@ -102,6 +102,9 @@ def global_init(param: Parameter, name: str, seed: int) -> np.ndarray:
     if kind == "normal":
         rng = np.random.default_rng(seed_for(seed, name))
         return rng.standard_normal(param.global_shape) * float(param.init[1])
+    if kind == "uniform":
+        bound = float(param.init[1])
+        return np.random.default_rng(seed_for(seed, name)).uniform(-bound, bound, param.global_shape)
     raise ValueError(f"unknown init rule {param.init!r} for parameter {name}")
 
 

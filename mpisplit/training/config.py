@@ -51,6 +51,13 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     grad_clip: float = 1.0  # clip the global gradient norm (0: off)
     seed: int = 1337
+    # ---- LoRA (models/lora.py): adapters on the projections, the rest frozen
+    lora_rank: int = 0  # adapter rank (0: full fine-tuning)
+    lora_alpha: float | None = None  # adapter scale alpha / rank (None: alpha = rank, a scale of 1)
+    lora_targets: str = "all-linear"  # Hugging Face projection names, comma-separated, or all-linear
+    lora_dropout: float = 0.0  # dropout on the adapters' input (only 0)
+    lora_rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank)
+    lora_from: str | None = None  # start the adapters from a PEFT adapter folder (its settings apply)
     # ---- data and output
     data: str | None = None  # UTF-8 text file (None: CPython's documentation text), token ids, or a prepared corpus
     init_from: str | None = None  # fine-tune from a Hugging Face folder (GPT-2 or Llama family) or a GGUF file
@@ -146,8 +153,49 @@ class TrainConfig:
             raise ValueError(f"--kv-heads {self.kv_heads} must be positive and divide --heads {self.heads}")
         if self.intermediate is not None and self.intermediate <= 0:
             raise ValueError(f"--intermediate must be positive, got {self.intermediate}")
+        self._check_lora()
         if self.lr < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"need --lr >= 0 and 0 <= --dropout < 1, got {self.lr} and {self.dropout}")
+
+    def lora(self) -> Any:
+        """The LoraConfig of --lora-rank and its companions (or of --lora-from's adapter), or None
+        for full fine-tuning."""
+        if self.lora_from is not None:
+            return self._adapter_config()
+        if not self.lora_rank:
+            return None
+        from mpisplit.nn.lora import LoraConfig, parse_targets
+
+        alpha = float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+        return LoraConfig(rank=self.lora_rank, alpha=alpha, targets=parse_targets(self.lora_targets),
+                          dropout=self.lora_dropout, rslora=self.lora_rslora)
+
+    def _adapter_config(self) -> Any:
+        from pathlib import Path
+
+        from mpisplit.models.peft_adapter import read_adapter_config
+
+        assert self.lora_from is not None
+        found = read_adapter_config(Path(self.lora_from))
+        if self.lora_rank and self.lora_rank != found.rank:
+            raise ValueError(f"--lora-rank {self.lora_rank} differs from the rank {found.rank} of --lora-from "
+                             f"{self.lora_from!r} (leave --lora-rank out to take the adapter's)")
+        return found
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        if not self.lora_rank and self.lora_from is None:
+            changed = [f"--{_flag(n)}" for n in ("lora_alpha", "lora_dropout", "lora_rslora")
+                       if getattr(self, n) != getattr(TrainConfig, n)]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} apply to LoRA: give --lora-rank R too")
+            return
+        if self.init_from is None:
+            raise ValueError("LoRA adapts a pretrained model: give --init-from FOLDER")
+        if self.amp is not None:
+            raise ValueError("LoRA with --amp is not supported; train the adapters in float32")
+        self.lora().validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

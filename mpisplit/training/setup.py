@@ -11,6 +11,8 @@ from typing import Any
 from mpisplit.models import GPT, GPTConfig
 from mpisplit.models.hf import load_tokenizer
 from mpisplit.models.hf import read_config as read_hf_config
+from mpisplit.models.lora import apply_lora, load_adapter
+from mpisplit.models.peft_adapter import read_adapter
 from mpisplit.runtime.errors import agree
 from mpisplit.training.amp import MixedPrecision
 from mpisplit.training.checkpoint import CheckpointReader
@@ -137,19 +139,28 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
     else:
         model = GPT(cfg, grid, dtype=config.dtype, seed=config.seed, init=reader is None, device=config.device,
                     sequence_parallel=config.sequence_parallel, recompute=config.recompute)
+    lora = config.lora()
+    if lora is not None:
+        with agree(grid.world):  # a GPT-2 model or a bad target: the same error on every rank
+            apply_lora(model, lora, config.seed)
+            if config.lora_from is not None and reader is None:
+                load_adapter(model, read_adapter(config.lora_from)[1], config.lora_from)
+    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     opt: Optimizer
     if config.optimizer == "adamw" and config.shard_optimizer:
-        opt = ShardedAdamW(model.parameters(), grid.dp_comm, lr=config.lr, betas=(0.9, 0.99),
-                           weight_decay=config.weight_decay)
+        opt = ShardedAdamW(trained, grid.dp_comm, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     elif config.optimizer == "adamw":
-        opt = AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+        opt = AdamW(trained, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     else:
-        opt = SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        opt = SGD(trained, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     start_step, meta = 0, None
     if reader is not None:
         meta = reader.meta
         load_model(reader, model)
         with agree(grid.world):
+            if meta.get("lora") != lora_meta(config):
+                raise ValueError(f"the checkpoint's LoRA settings {meta.get('lora')} differ from this run's "
+                                 f"{lora_meta(config)}: resume with the flags it was trained with")
             saved_opt = meta.get("optimizer", {}).get("type")
             if saved_opt != getattr(opt, "checkpoint_type", type(opt).__name__):
                 raise ValueError(f"checkpoint optimizer {saved_opt} differs from --optimizer {config.optimizer}")
@@ -161,6 +172,13 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
     if mp is not None and isinstance(opt, ShardedAdamW):
         opt.shard_master_weights(mp)  # float32 master weights of this rank's part only
     return Model(cfg, model, net, opt, mp, start_step, meta)
+
+
+def lora_meta(config: TrainConfig) -> dict | None:
+    """What a checkpoint records of the run's LoRA settings (None: full fine-tuning)."""
+    lora = config.lora()
+    return None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
+                                      "rslora": lora.rslora}
 
 
 def _mixed_precision(config: TrainConfig, cfg: GPTConfig, model: GPT, meta: dict | None, grid: Any) -> tuple:

@@ -121,7 +121,7 @@ class StepRunner:
     def sum_tied_gradients(self) -> None:
         """wte's gradient summed between the first stage (embedding) and the last (head)."""
         comm = self.grid.embed_comm
-        if comm is not None and self.net.config.tie_embeddings:
+        if comm is not None and self.net.config.tie_embeddings and self.net.wte.weight.requires_grad:
             w = self.net.wte.weight
             if w.grad is None:
                 w.grad = w.grad_store if w.grad_store is not None else get_array_module(w.data).empty_like(w.data)
@@ -130,8 +130,9 @@ class StepRunner:
 
     def sum_sequence_parallel_gradients(self) -> None:
         """Under sequence parallelism, the gradients that each TP rank holds only for its own
-        tokens (LayerNorms, row biases, positions) summed over TP: one all-reduce, one buffer."""
-        params = [p for p in getattr(self.net, "sequence_parallel_params", []) if p.grad is not None]
+        tokens (LayerNorms, row biases, positions), and LoRA's replicated factors (their share of
+        the product), summed over TP: one all-reduce, one buffer."""
+        params = [p for p in getattr(self.net, "tp_partial_params", []) if p.grad is not None]
         _sum_gradients(params, self.grid.tp_comm)
 
     def sum_replica_gradients(self) -> None:

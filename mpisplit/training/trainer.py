@@ -25,6 +25,7 @@ from mpi4py import MPI
 
 from mpisplit import __version__
 from mpisplit.autograd import no_grad
+from mpisplit.models.peft_adapter import export_checkpoint_adapter
 from mpisplit.parallel.grid import ProcessGrid
 from mpisplit.runtime.backend import limit_blas_threads
 from mpisplit.runtime.errors import agree
@@ -41,7 +42,7 @@ from mpisplit.training.checkpoint import latest_checkpoint
 from mpisplit.training.config import TrainConfig
 from mpisplit.training.plot import plot_run
 from mpisplit.training.run_log import RunLog
-from mpisplit.training.setup import build_model, load_data, open_checkpoint, rng_state
+from mpisplit.training.setup import build_model, load_data, lora_meta, open_checkpoint, rng_state
 from mpisplit.training.sharded_optim import ShardedAdamW
 from mpisplit.training.state import resolve_checkpoint, save_training_state
 from mpisplit.training.step import StepRunner
@@ -104,7 +105,7 @@ class Trainer:
         self.base_meta = {
             "config": self.cfg.to_dict(), "tokenizer": tok.chars if tok else None, "args": config.to_dict(),
             "data": {"seed": config.seed, "sampler": "random-windows-v1", "source": config.data or "pydoc_data.topics"},
-            "dtype": config.dtype,
+            "dtype": config.dtype, "lora": lora_meta(config),
         }
 
     # ------------------------------------------------------------------ the run
@@ -227,6 +228,11 @@ class Trainer:
             self.out, step, self.model, self.opt, self.grid, meta={**self.base_meta, "step": step, **scaler},
             rank_meta=rng_state(self.model), keep_last=self.config.keep_last,
         )
+        lora = self.config.lora()
+        if lora is not None:  # the adapters also in PEFT's format: step-N/adapter
+            with agree(self.world):
+                if self.rank == 0:
+                    export_checkpoint_adapter(self.last_saved, lora, self.config.init_from)
         self.guard.saved()
         self.guard.beat(step)
         return self.last_saved

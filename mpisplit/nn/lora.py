@@ -1,0 +1,103 @@
+"""LoRA adapters on split projections, laid out so that they need no communication of their own
+in the forward pass (the layout vLLM serves).
+
+A projection y = x W (W stored (in, out)) gains y += s (x A) B with A (in, r), B (r, out) and
+s = alpha / r (alpha / sqrt(r) with rsLoRA). Hugging Face PEFT stores lora_A.weight = A^T (r, in)
+and lora_B.weight = B^T (out, r).
+
+    column-split W (rank i holds output features)   A replicated,            B split like W's outputs
+    row-split W (rank i holds input features)       A split like W's inputs,  B replicated
+
+A column layer's input is the same on every rank, so x A is too, and (x A) B_i is this rank's
+block of outputs. A row layer's ranks each add s (x_i A_i) B to their partial product before its
+all-reduce, which then sums the adapter's product along with the layer's. In the backward the
+replicated factor's gradient is partial on each TP rank (A of a column layer sees only this rank's
+output columns, B of a row layer only its share of x A): `partial` lists it, to be summed over TP.
+Under sequence parallelism a column layer's input is this rank's sequence block: x A is computed
+on the block and all-gathered (r columns, not h).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mpisplit.autograd import ops
+from mpisplit.autograd.tensor import Tensor
+from mpisplit.nn.module import Module, Parameter
+from mpisplit.parallel.mappings import all_gather_from_sp
+from mpisplit.runtime.backend import get_array_module
+
+# Hugging Face module names of the Llama family's projections ("all-linear": all of them)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = TARGETS
+    dropout: float = 0.0
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def validate(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"--lora-rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"--lora-alpha must be positive, got {self.alpha}")
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"--lora-targets: {unknown or 'none given'}; choose among {', '.join(TARGETS)} "
+                             "or all-linear")
+        if self.dropout != 0.0:
+            raise ValueError(f"--lora-dropout {self.dropout}: only 0 is supported")
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """"q_proj,v_proj" or "all-linear" -> the target names, in TARGETS order."""
+    names = {t.strip() for t in text.split(",") if t.strip()}
+    if names == {"all-linear"}:
+        return TARGETS
+    return tuple(t for t in TARGETS if t in names) + tuple(sorted(names - set(TARGETS)))
+
+
+class LoRA(Module):
+    """The adapter of one projection whose weight slab is `weight` (row: split by input features)."""
+
+    def __init__(self, weight: Parameter, *, row: bool, config: LoraConfig) -> None:
+        fan_in, fan_out = weight.global_shape
+        r, dtype, xp = config.rank, weight.dtype, get_array_module(weight.data)
+        bound = ("uniform", 1.0 / math.sqrt(fan_in))  # PEFT's kaiming_uniform_(a=sqrt(5)) of A
+        if row:
+            n = weight.shape[0]
+            self.a = Parameter(xp.zeros((n, r), dtype), split_axis=0, start=weight.start, global_shape=(fan_in, r),
+                               init=bound)
+            self.b = Parameter(xp.zeros((r, fan_out), dtype))
+        else:
+            n = weight.shape[1]
+            self.a = Parameter(xp.zeros((fan_in, r), dtype), init=bound)
+            self.b = Parameter(xp.zeros((r, n), dtype), split_axis=1, start=weight.start, global_shape=(r, fan_out))
+            self.b.replicas, self.b.replica_rank = weight.replicas, weight.replica_rank
+        self.row, self.scale = row, config.scale
+
+    @property
+    def partial(self) -> Parameter:
+        """The replicated factor, whose gradient is partial on each TP rank."""
+        return self.b if self.row else self.a
+
+    def column_delta(self, x: Tensor, comm: Any, sequence_parallel: bool) -> Tensor:
+        """s (x A) B_i for this rank's output block; x is the TP region's input (after copy_to_tp),
+        or this rank's sequence block under sequence parallelism."""
+        u = ops.linear(x, self.a)
+        if sequence_parallel:
+            u = all_gather_from_sp(u, comm, axis=1)
+        return ops.linear(u, self.b) * self.scale
+
+    def row_delta(self, x: Tensor) -> Tensor:
+        """s (x_i A_i) B: this rank's share, to be added to the partial product before its reduction."""
+        return ops.linear(ops.linear(x, self.a), self.b) * self.scale

@@ -1,0 +1,135 @@
+"""LoRA under tensor parallelism against PEFT + transformers, tiny random Llama and Qwen2 models
+in float64.
+
+Reference: transformers' model (in full float64: tests/test_llama_hf.py) with PEFT's adapters on every projection (the same A and B, both
+non-zero), one process: the logits, the loss and every adapter gradient, and the adapters after
+one AdamW step of torch's optimizer. Ours at every dp x pp x tp layout the world allows, with
+and without sequence parallelism (tp 4 replicates the Llama model's 2 KV heads): to 1e-10. The
+base weights are frozen: no gradient, not in the optimizer.
+"""
+
+from __future__ import annotations
+
+import _dense_llama as dense
+import numpy as np
+import pytest
+from _mpi import max_rel
+from mpi4py import MPI
+
+from mpisplit.models.gpt import GPT
+from mpisplit.models.hf_layout import hf_name
+from mpisplit.models.lora import apply_lora
+from mpisplit.nn.lora import TARGETS, LoraConfig
+from mpisplit.parallel.grid import ProcessGrid
+from mpisplit.training.optim import AdamW, average_gradients
+from mpisplit.training.step import StepRunner
+
+pytestmark = pytest.mark.mpi
+R, ALPHA, B, T = 4, 8.0, 12, 8
+LR, WD = 1e-2, 0.1
+
+
+def peft_name(ours: str) -> str:
+    """h.0.attn.q_proj.lora.a -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"""
+    module, leaf = ours.split(".lora.")
+    base = hf_name(f"{module}.weight")[0].removesuffix(".weight")
+    return f"base_model.model.{base}.lora_{leaf.upper()}.default.weight"
+
+
+def gather(p, comm):
+    """The full array of a slab over the TP group, replicated slabs (KV heads) placed once."""
+    local = np.ascontiguousarray(p.grad if p.grad is not None else p.data).reshape(p.view_shape)
+    if p.split_axis is None or comm.size == 1:
+        return local
+    slabs = comm.allgather(local[None], axis=0)
+    starts = comm.allgather(np.array([p.start]), axis=0)
+    out = np.zeros(p.global_shape)
+    n = p.view_shape[p.split_axis]
+    for slab, start in zip(slabs, starts):
+        where = [slice(None)] * out.ndim
+        real = min(n, p.global_shape[p.split_axis] - start)
+        where[p.split_axis] = slice(start, start + real)
+        src = [slice(None)] * out.ndim
+        src[p.split_axis] = slice(0, real)
+        out[tuple(where)] = slab[tuple(src)]
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def case(request, tmp_path_factory):
+    """The folder, the adapters' global arrays (ours: A (in, r), B (r, out)), a batch and the
+    reference from PEFT: loss, adapter gradients, adapters after one AdamW step."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from test_llama_hf import (  # transformers in full float64 (its RMSNorm and rotary tables)
+        _hf,
+        _ours,
+    )
+
+    c = dense.FAMILIES[request.param]
+    folder = tmp_path_factory.mktemp(f"lora-{request.param}") / "model"
+    dense.write_folder(folder, c, dense.arrays(c, seed=4))
+    with ProcessGrid(tp=1, comm=MPI.COMM_SELF) as g:
+        shapes = {n: p.global_shape for n, p in _adapted(folder, g).named_parameters() if ".lora." in n}
+    rng = np.random.default_rng(9)
+    adapters = {n: rng.standard_normal(s) * 0.3 for n, s in shapes.items()}
+    idx, targets = np.random.default_rng(2).integers(0, c["vocab_size"], size=(2, B, T))
+    model = peft.get_peft_model(_hf(folder, _ours(folder)), peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0)).to(torch.float64)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, a in adapters.items():
+            params[peft_name(n)].copy_(torch.as_tensor(a.T))
+    out = model(input_ids=torch.as_tensor(idx))
+    loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, c["vocab_size"]), torch.as_tensor(targets).reshape(-1))
+    loss.backward()
+    grads = {n: params[peft_name(n)].grad.numpy().T.copy() for n in adapters}
+    trainable = [params[peft_name(n)] for n in adapters]
+    opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.99), eps=1e-8, weight_decay=WD)
+    opt.step()
+    stepped = {n: params[peft_name(n)].detach().numpy().T.copy() for n in adapters}
+    return folder, adapters, idx, targets, out.logits.detach().numpy(), loss.item(), grads, stepped
+
+
+def _adapted(folder, grid, **options):
+    model = GPT.from_pretrained(folder, grid, dtype="float64", **options)
+    apply_lora(model, LoraConfig(rank=R, alpha=ALPHA), seed=0)
+    return model
+
+
+def _layouts(size):
+    out = []
+    for tp in (1, 2, 4):
+        for pp in (1, 2):
+            if size % (tp * pp) == 0 and B % (size // (tp * pp)) == 0:
+                out += [(tp, size // (tp * pp), pp, sp) for sp in ((False, True) if tp > 1 else (False,))]
+    return out
+
+
+def test_every_layout_equals_peft(case):
+    folder, adapters, idx, targets, ref_logits, ref_loss, ref_grads, ref_stepped = case
+    layouts = _layouts(MPI.COMM_WORLD.size)
+    assert layouts
+    for tp, dp, pp, sp in layouts:
+        with ProcessGrid(tp=tp, dp=dp, pp=pp) as grid:
+            model = _adapted(folder, grid)
+            model.sequence_parallel = sp
+            lora = {n: p for n, p in model.named_parameters() if ".lora." in n}
+            assert all(not p.requires_grad for n, p in model.named_parameters() if n not in lora)
+            for n, p in lora.items():
+                p.data[...] = p.slab_of(adapters[n])
+            if pp == 1 and not sp:
+                assert max_rel(model(idx).data, ref_logits) < 1e-10, (tp, dp)
+            rows = slice(grid.dp_rank * (B // dp), (grid.dp_rank + 1) * (B // dp))
+            loss = StepRunner(model, grid, 1, synchronous=True).forward_backward(idx[rows], targets[rows])
+            average_gradients(model.parameters(), grid.dp_comm)
+            loss = float(grid.dp_comm.allreduce(np.array([loss]))[0]) / dp
+            assert abs(loss - ref_loss) < 1e-12 * ref_loss, (tp, dp, pp, sp)
+            assert all(p.grad is None for n, p in model.named_parameters() if n not in lora)
+            for n, p in lora.items():
+                assert max_rel(gather(p, grid.tp_comm), ref_grads[n]) < 1e-10, (tp, dp, pp, sp, n)
+            opt = AdamW(list(lora.values()), lr=LR, betas=(0.9, 0.99), eps=1e-8, weight_decay=WD)
+            opt.step()
+            for n, p in lora.items():
+                p.grad = None
+                assert max_rel(gather(p, grid.tp_comm), ref_stepped[n]) < 1e-10, (tp, dp, pp, sp, n)

@@ -1,0 +1,157 @@
+"""LoRA fine-tuning with train.py, as `mpiexec -n N` jobs on a tiny random Llama folder in float64:
+the same losses at every layout and after a resume at another one, the base weights untouched
+and out of the optimizer, the checkpoint's adapter/ folder loaded by PEFT, and --lora-from.
+
+    python -m pytest -q tests/test_lora_train.py
+
+References: the one-rank run's losses (1e-10); the folder's own weights; transformers + PEFT
+(`PeftModel.from_pretrained` on the adapter folder) in full float64 against our model with the
+adapters read from the checkpoint's shards (1e-10).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import _dense_llama as dense
+import numpy as np
+import pytest
+from conftest import clean_mpi_env, mpiexec_path
+from mpi4py import MPI
+from test_llama_train import TRAIN, losses, run
+
+from mpisplit.models.hf_layout import hf_name
+from mpisplit.training.checkpoint import CheckpointReader
+
+pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own MPI jobs")
+COMMON = ["--init-from", "llama", "--data", "ids.npy", "--seq-len", "16", "--batch-size", "8", "--eval-every", "0",
+          "--sample-len", "0", "--no-progress", "--log-every", "1", "--dtype", "float64", "--lr", "1e-2",
+          "--warmup", "6", "--lora-rank", "4", "--lora-alpha", "8"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lora-train")
+    c = dense.FAMILIES["llama"]
+    dense.write_folder(path / "llama", c, dense.arrays(c, seed=4))
+    np.save(path / "ids.npy", np.random.default_rng(0).integers(0, c["vocab_size"], size=4000))
+    return path
+
+
+@pytest.fixture(scope="module")
+def baseline(work: Path) -> list[float]:
+    run(1, [*COMMON, "--steps", "6", "--out", "one"], work)
+    return losses(work / "one")
+
+
+@pytest.mark.parametrize(("n", "flags"), [
+    (4, ["--tp", "2", "--dp", "2", "--sequence-parallel", "--recompute", "full"]),
+    (4, ["--tp", "2", "--pp", "2", "--micro-batches", "2"]),
+    (4, ["--tp", "4"]),  # the 2 KV heads replicated: their adapters' B too
+    (2, ["--tp", "1", "--dp", "2", "--shard-optimizer"]),
+])
+def test_losses_equal_one_rank_at_every_layout(work, baseline, n, flags):
+    name = "run-" + "-".join(f.strip("-") for f in flags)
+    run(n, [*COMMON, "--steps", "6", *flags, "--out", name], work)
+    got = losses(work / name)
+    assert len(got) == 6 and np.allclose(got, baseline, rtol=1e-10, atol=0), (flags, got, baseline)
+    assert baseline[-1] < baseline[0] - 0.5  # the adapters learn
+
+
+def test_resume_at_another_layout(work, baseline):
+    run(2, [*COMMON, "--steps", "3", "--tp", "2", "--out", "resume"], work)
+    run(4, [*COMMON, "--steps", "6", "--tp", "2", "--pp", "2", "--resume", "--out", "resume"], work)
+    assert np.allclose(losses(work / "resume"), baseline, rtol=1e-10, atol=0)
+
+
+def _checkpoint(work: Path, run_name: str) -> Path:
+    return max((work / run_name).glob("step-*"))
+
+
+def test_base_frozen_and_only_adapters_in_the_optimizer(work, baseline):
+    from safetensors.numpy import load_file
+
+    reader = CheckpointReader(_checkpoint(work, "one"))
+    files = load_file(str(work / "llama" / "model.safetensors"))
+    names = reader.names()
+    base = [n for n in names if n.startswith("model/") and ".lora." not in n]
+    for n in base:
+        hf, transposed = hf_name(n.removeprefix("model/"))
+        want = files[hf].T if transposed else files[hf]
+        assert np.array_equal(reader.read(n), want), n  # bit for bit: never updated
+    optimizer = [n for n in names if n.startswith("optim/")]
+    assert optimizer and all(".lora." in n for n in optimizer)
+    assert len(optimizer) == 2 * 7 * 2 * 2  # two moments of A and B of 7 projections in 2 blocks
+    assert json.loads((work / "one" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    reader.close()
+
+
+def test_adapter_folder_loads_in_peft(work, baseline):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from test_llama_hf import _hf, _ours
+
+    from mpisplit.models.gpt import GPT
+    from mpisplit.models.lora import apply_lora
+    from mpisplit.nn.lora import LoraConfig
+    from mpisplit.parallel.grid import ProcessGrid
+
+    step = _checkpoint(work, "run-tp-2-pp-2-micro-batches-2")
+    config = json.loads((step / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+    model = peft.PeftModel.from_pretrained(_hf(work / "llama", _ours(work / "llama")), step / "adapter")
+    model = model.to(torch.float64)
+    idx = np.random.default_rng(5).integers(0, 101, size=(2, 12))
+    theirs = model(input_ids=torch.as_tensor(idx)).logits.detach().numpy()
+    reader = CheckpointReader(step)
+    with ProcessGrid(tp=1, comm=MPI.COMM_SELF) as g:
+        ours = GPT.from_pretrained(work / "llama", g, dtype="float64")
+        apply_lora(ours, LoraConfig(rank=4, alpha=8.0), seed=0)
+        for n, p in ours.named_parameters():
+            if ".lora." in n:
+                p.data[...] = reader.read(f"model/{n}")
+        logits = ours(idx).data
+    reader.close()
+    base = _ours(work / "llama")(idx).data
+    assert np.abs(logits - base).max() > 1e-3  # the trained adapters change the model
+    assert np.abs(logits - theirs).max() < 1e-10 * np.abs(theirs).max()
+
+
+def test_lora_from_starts_from_a_peft_adapter(work, baseline):
+    """A run started from a saved adapter (its settings taken from adapter_config.json) has the
+    first loss of that adapter on the model: transformers + PEFT on the same batch."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from test_llama_hf import _hf, _ours
+
+    from mpisplit.training.data import TextDataset
+
+    adapter = _checkpoint(work, "run-tp-2-pp-2-micro-batches-2") / "adapter"
+    run(2, [*COMMON[:-4], "--tp", "2", "--lora-from", str(adapter), "--steps", "1", "--out", "from"], work)
+    ids = np.load(work / "ids.npy")
+    x, y = TextDataset.from_ids(ids, 101).batch("train", 1337, 0, 8, 16)
+    model = peft.PeftModel.from_pretrained(_hf(work / "llama", _ours(work / "llama")), adapter).to(torch.float64)
+    logits = model(input_ids=torch.as_tensor(x)).logits
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 101), torch.as_tensor(y).reshape(-1)).item()
+    assert abs(losses(work / "from")[0] - want) < 1e-10 * want
+    assert abs(want - baseline[0]) > 1e-3  # not the base model's loss
+
+
+def test_bad_lora_flags_are_one_clear_error(work):
+    cases = [
+        (["--data", "ids.npy", "--lora-rank", "4"], "LoRA adapts a pretrained model: give --init-from FOLDER"),
+        ([*COMMON, "--lora-targets", "q_proj,c_attn"], r"--lora-targets: \['c_attn'\]"),
+        ([*COMMON, "--dtype", "float32", "--amp", "float16"], "LoRA with --amp is not supported"),
+        ([*COMMON[:-4], "--lora-alpha", "8"], "--lora-alpha apply to LoRA: give --lora-rank R too"),
+        ([*COMMON, "--lora-from", "llama"], "is not a PEFT adapter folder: it has no adapter_config.json"),
+    ]
+    for flags, message in cases:
+        done = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, str(TRAIN), *flags, "--out", "bad"], cwd=work,
+                              env=clean_mpi_env(), capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2, (flags, done.stdout, done.stderr)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert errors and all(re.search(message, e) for e in errors), (flags, done.stderr)
