@@ -224,6 +224,20 @@ def test_bench_shard_optimizer_smoke(tmp_path: Path, amp: bool) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_bench_lora_smoke(tmp_path: Path) -> None:
+    _single_rank_with_mpiexec()
+    pytest.importorskip("peft")
+    r = _run_script(["benchmarks/bench_lora.py", "--smoke", "--steps", "2", "--out", str(tmp_path)], timeout=280)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "bench_lora.json").read_text())
+    rows = {row["case"]: row for row in res["rows"]}
+    assert set(rows) == {"ours-lora", "ours-full", "torch-lora", "torch-full"}
+    assert rows["ours-lora"]["trained"] == rows["torch-lora"]["trained"] < rows["ours-full"]["trained"]
+    assert rows["ours-full"]["trained"] == rows["torch-full"]["trained"]
+    assert all(row["step_s"] > 0 for row in rows.values())
+
+
+@pytest.mark.timeout(300)
 def test_blas_threads_smoke(tmp_path: Path) -> None:
     _single_rank_with_mpiexec()
     r = _run_script(["benchmarks/blas_threads.py", "--smoke", "--out", str(tmp_path)])

@@ -48,13 +48,17 @@ def losses(folder: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("llama-train")
+def llama_work(path: Path) -> Path:
+    """`path` with the tiny Llama folder (llama/) and 4000 random token ids (ids.npy)."""
     c = dense.FAMILIES["llama"]
     dense.write_folder(path / "llama", c, dense.arrays(c, seed=4))
     np.save(path / "ids.npy", np.random.default_rng(0).integers(0, c["vocab_size"], size=4000))
     return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return llama_work(tmp_path_factory.mktemp("llama-train"))
 
 
 def finetune(out: str, *extra: str) -> list[str]:

@@ -17,12 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import _dense_llama as dense
 import numpy as np
 import pytest
 from conftest import clean_mpi_env, mpiexec_path
 from mpi4py import MPI
-from test_llama_train import TRAIN, losses, run
+from test_llama_train import TRAIN, llama_work, losses, run
 
 from mpisplit.models.hf_layout import hf_name
 from mpisplit.training.checkpoint import CheckpointReader
@@ -35,11 +34,7 @@ COMMON = ["--init-from", "llama", "--data", "ids.npy", "--seq-len", "16", "--bat
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lora-train")
-    c = dense.FAMILIES["llama"]
-    dense.write_folder(path / "llama", c, dense.arrays(c, seed=4))
-    np.save(path / "ids.npy", np.random.default_rng(0).integers(0, c["vocab_size"], size=4000))
-    return path
+    return llama_work(tmp_path_factory.mktemp("lora-train"))
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ class RowParallelLinear(Module):
             x = scatter_to_tp(pad_last(x, self.local_in_features * self.comm.size), self.comm)
         partial = ops.linear(x, self.weight)
         if self.lora is not None:  # the adapter's share joins the partial products before their sum
-            partial = partial + self.lora.row_delta(x)
+            partial = self.lora.add_row(partial, x)
         if sequence_parallel:  # (B, T/t, out): the bias is added on the shard, its gradient partial
             y = reduce_scatter_to_sp(partial, self.comm, axis=1)
         else:
@@ -227,5 +227,5 @@ def column_group(x: Tensor, layers: list[Any], comm: Any, sequence_parallel: boo
 
 
 def _with_lora(ys: list[Tensor], layers: list[Any], x: Tensor, comm: Any, sequence_parallel: bool) -> list[Tensor]:
-    return [y if layer.lora is None else y + layer.lora.column_delta(x, comm, sequence_parallel)
+    return [y if layer.lora is None else layer.lora.add_column(y, x, comm, sequence_parallel)
             for y, layer in zip(ys, layers)]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpisplit.autograd import ops
-from mpisplit.autograd.tensor import Tensor
+from mpisplit.autograd.tensor import Function, Tensor
 from mpisplit.nn.module import Module, Parameter
 from mpisplit.parallel.mappings import all_gather_from_sp
 from mpisplit.runtime.backend import get_array_module
@@ -90,14 +90,30 @@ class LoRA(Module):
         """The replicated factor, whose gradient is partial on each TP rank."""
         return self.b if self.row else self.a
 
-    def column_delta(self, x: Tensor, comm: Any, sequence_parallel: bool) -> Tensor:
-        """s (x A) B_i for this rank's output block; x is the TP region's input (after copy_to_tp),
-        or this rank's sequence block under sequence parallelism."""
-        u = ops.linear(x, self.a)
+    def add_column(self, y: Tensor, x: Tensor, comm: Any, sequence_parallel: bool) -> Tensor:
+        """y + s (x A) B_i for this rank's output block y; x is the TP region's input (after
+        copy_to_tp), or this rank's sequence block under sequence parallelism."""
+        u = ops.linear(x, self.a) * self.scale  # scaled while it has r columns
         if sequence_parallel:
             u = all_gather_from_sp(u, comm, axis=1)
-        return ops.linear(u, self.b) * self.scale
+        return _AddProduct.apply(y, u, self.b)
 
-    def row_delta(self, x: Tensor) -> Tensor:
-        """s (x_i A_i) B: this rank's share, to be added to the partial product before its reduction."""
-        return ops.linear(ops.linear(x, self.a), self.b) * self.scale
+    def add_row(self, partial: Tensor, x: Tensor) -> Tensor:
+        """partial + s (x_i A_i) B: this rank's share joins the partial product before its reduction."""
+        return _AddProduct.apply(partial, ops.linear(x, self.a) * self.scale, self.b)
+
+
+class _AddProduct(Function):
+    """y + u @ b written into y's array: y is a layer's fresh product that nothing else holds or
+    saves, so the adapter costs no (B, T, n) array of its own between forward and backward."""
+
+    def forward(self, y: Any, u: Any, b: Any) -> Any:
+        y += u @ b
+        self.save(u, b)
+        return y
+
+    def backward(self, g: Any) -> tuple[Any, Any, Any]:
+        u, b = self.saved
+        gu = g @ b.T if self.needs_input_grad[1] else None
+        gb = u.reshape(-1, u.shape[-1]).T @ g.reshape(-1, g.shape[-1]) if self.needs_input_grad[2] else None
+        return g, gu, gb
