@@ -150,3 +150,44 @@ def test_bad_lora_flags_are_one_clear_error(work):
         assert done.returncode == 2, (flags, done.stdout, done.stderr)
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert errors and all(re.search(message, e) for e in errors), (flags, done.stderr)
+
+
+def test_merged_folders_equal_peft(work, baseline):
+    """`convert --to-hf` of a LoRA checkpoint and `convert --merge-lora` of its adapter both write
+    the base folder with W + s A B: transformers on either gives PEFT's logits of the adapter."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from test_llama_hf import _hf, _ours
+
+    step = _checkpoint(work, "run-tp-2-pp-2-micro-batches-2")
+    convert = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpisplit", "convert"]
+    for flags in (["--to-hf", str(step), "merged-ckpt"], ["--merge-lora", "llama", str(step / "adapter"), "merged"]):
+        done = subprocess.run([*convert, *flags], cwd=work, env=clean_mpi_env(), capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+    idx = torch.as_tensor(np.random.default_rng(6).integers(0, 101, size=(2, 12)))
+    model = peft.PeftModel.from_pretrained(_hf(work / "llama", _ours(work / "llama")), step / "adapter")
+    want = model.to(torch.float64)(input_ids=idx).logits.detach().numpy()
+    for folder in ("merged-ckpt", "merged"):
+        got = _hf(work / folder, _ours(work / folder))(input_ids=idx).logits.detach().numpy()
+        assert np.abs(got - want).max() < 1e-10 * np.abs(want).max(), folder
+
+
+def test_serving_loads_a_lora_checkpoint_merged(work, baseline):
+    """`mpisplit serve --ckpt` of a LoRA run: the model with its adapters merged (the loader's
+    forward against PEFT's logits of the checkpoint's adapter)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from test_llama_hf import _hf, _ours
+
+    from mpisplit.parallel.grid import ProcessGrid
+    from mpisplit.serving.loading import load_model_and_tokenizer
+
+    step = _checkpoint(work, "one")
+    idx = np.random.default_rng(8).integers(0, 101, size=(1, 10))
+    with ProcessGrid(tp=1, comm=MPI.COMM_SELF) as g:
+        model, _, _ = load_model_and_tokenizer(g, ckpt=str(step), dtype="float64")
+        ours = model(idx).data
+    peft_model = peft.PeftModel.from_pretrained(_hf(work / "llama", _ours(work / "llama")), step / "adapter")
+    want = peft_model.to(torch.float64)(input_ids=torch.as_tensor(idx)).logits.detach().numpy()
+    assert np.abs(ours - want).max() < 1e-10 * np.abs(want).max()

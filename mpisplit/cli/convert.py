@@ -4,9 +4,13 @@
     mpirun -n 4 mpisplit convert --from-hf gpt2-folder ckpt-root --step 0
     mpisplit convert --to-hf out/run1/step-00000600 gpt2-export --dtype float32
     mpirun -n 1 mpisplit convert --from-gguf model.gguf llama-folder
+    mpirun -n 2 mpisplit convert --merge-lora llama-folder out/step-00000600/adapter merged-folder
 
 --to-hf reads an mpisplit checkpoint (a run folder's latest step, or one step folder; saved at
-any TP degree) and writes config.json + model.safetensors in the Hugging Face layout of its family.
+any TP degree) and writes config.json + model.safetensors in the Hugging Face layout of its family;
+a LoRA run's checkpoint is written with its adapters merged into the weights (W + s A B).
+--merge-lora reads a Hugging Face folder and a PEFT LoRA adapter folder (one a LoRA run saved in
+its checkpoints, or one PEFT saved) and writes the folder's model with the adapter merged.
 --from-hf reads such a folder and writes an mpisplit checkpoint OUT_ROOT/step-XXXXXXXX (model
 weights and config; no tokenizer, no optimizer state); other checkpoints under OUT_ROOT are kept.
 --from-gguf reads a llama.cpp GGUF file (Llama or Qwen2) and writes a new Hugging Face folder
@@ -43,6 +47,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         help="Hugging Face folder (GPT-2 or Llama family) -> mpisplit checkpoint under OUT_ROOT",
     )
     way.add_argument(
+        "--merge-lora", nargs=3, metavar=("HF_FOLDER", "ADAPTER", "OUT_FOLDER"),
+        help="Hugging Face folder + PEFT LoRA adapter folder -> Hugging Face folder with the adapter merged",
+    )
+    way.add_argument(
         "--from-gguf", nargs=2, metavar=("GGUF_FILE", "OUT_FOLDER"),
         help="llama.cpp GGUF file (Llama, Qwen2) -> new Hugging Face folder, weights dequantized to float32",
     )
@@ -69,6 +77,8 @@ def choose_tp(requested: int | None, world_size: int, n_head: int) -> int:
 
 def to_hf(ckpt: str, out: str, tp: int | None, dtype: str | None, world: Any) -> str:
     import mpisplit as ms
+    from mpisplit.models.lora import apply_lora, merge_lora
+    from mpisplit.nn.lora import LoraConfig
     from mpisplit.runtime.errors import agree
     from mpisplit.training.checkpoint import CheckpointReader
     from mpisplit.training.state import load_model, resolve_checkpoint
@@ -84,16 +94,45 @@ def to_hf(ckpt: str, out: str, tp: int | None, dtype: str | None, world: Any) ->
         cfg.validate(tp)
         stored = reader.dtype("model/wte.weight").name
         dtype = dtype or (stored if stored in ("float32", "float64") else "float32")
+        lora = reader.meta.get("lora")
     grid = ms.ProcessGrid(tp=tp, comm=world)
     model = ms.GPT(cfg, grid, dtype=dtype, init=False)
+    if lora is not None:  # a LoRA run: its adapters, then merged
+        apply_lora(model, LoraConfig.from_meta(lora), seed=0)
     load_model(reader, model)
     reader.close()
+    if lora is not None:
+        merge_lora(model)
     model.save_pretrained(out)
     grid.free()
     return (
         f"wrote {out} (config.json, model.safetensors) from {path}: {model.num_parameters():,} parameters, "
-        f"{dtype}, tp={tp}"
+        f"{dtype}, tp={tp}{', LoRA adapters merged' if lora is not None else ''}"
     )
+
+
+def merge_adapter(hf_folder: str, adapter: str, out: str, tp: int | None, dtype: str | None, world: Any) -> str:
+    import mpisplit as ms
+    from mpisplit.models import hf
+    from mpisplit.models.lora import apply_lora, load_adapter, merge_lora
+    from mpisplit.models.peft_adapter import read_adapter
+    from mpisplit.runtime.errors import agree
+
+    with agree(world):
+        cfg = hf.read_config(hf_folder)
+        tp = choose_tp(tp, world.Get_size(), cfg.n_head)
+        cfg.validate(tp)
+        dtype = dtype or hf.weights_dtype(hf_folder).name
+        lora, arrays = read_adapter(adapter)
+    grid = ms.ProcessGrid(tp=tp, comm=world)
+    model = ms.GPT.from_pretrained(hf_folder, grid, dtype=dtype)
+    with agree(world):
+        apply_lora(model, lora, seed=0)
+        load_adapter(model, arrays, adapter)
+    merge_lora(model)
+    model.save_pretrained(out)
+    grid.free()
+    return f"wrote {out} from {hf_folder} with the LoRA adapter {adapter} merged (rank {lora.rank}), {dtype}, tp={tp}"
 
 
 def from_hf(hf_folder: str, out_root: str, step: int, tp: int | None, dtype: str | None, world: Any) -> str:
@@ -140,10 +179,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     world = MPI.COMM_WORLD
     install_abort_on_exception(world)
-    # Each option takes two values (nargs=2).
+    # Each option takes two values (nargs=2; --merge-lora three).
     if args.to_hf:
         ckpt, out = args.to_hf
         summary = to_hf(ckpt, out, args.tp, args.dtype, world)
+    elif args.merge_lora:
+        hf_folder, adapter, out = args.merge_lora
+        summary = merge_adapter(hf_folder, adapter, out, args.tp, args.dtype, world)
     elif args.from_gguf:
         gguf_file, out = args.from_gguf
         summary = from_gguf(gguf_file, out, world)

@@ -64,9 +64,27 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                         f"list: prefer {API_KEY_ENV} or --api-key-file)")
     p.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the folder name)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=FOLDER",
+                   help="serve a PEFT LoRA adapter folder as the model NAME beside the base model (repeatable); "
+                        "requests pick it by their \"model\" field, and requests for different adapters share a batch")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the folder's own, if any)")
     return p.parse_args(argv)
+
+
+def _adapters(given: list[str]) -> list[tuple[str, str]]:
+    """--lora NAME=FOLDER values as (name, folder); a name once, a folder that exists."""
+    out: list[tuple[str, str]] = []
+    for value in given:
+        name, sep, folder = value.partition("=")
+        if not sep or not name.strip() or not folder:
+            raise ValueError(f"--lora takes NAME=FOLDER, got {value!r}")
+        if name in (n for n, _ in out):
+            raise ValueError(f"--lora names {name!r} twice")
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--lora {name}={folder}: the adapter folder does not exist")
+        out.append((name.strip(), folder))
+    return out
 
 
 def _check(args: argparse.Namespace, world_size: int) -> int:
@@ -85,6 +103,7 @@ def _check(args: argparse.Namespace, world_size: int) -> int:
         args.kv_cache_memory = parse_memory(args.kv_cache_memory)
     if args.port > 65535:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
+    args.lora = _adapters(args.lora)
     tp = world_size if args.tp is None else args.tp
     if tp <= 0 or world_size % tp:
         raise ValueError(f"--tp {tp} does not divide the world size {world_size}")
@@ -120,6 +139,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     import mpisplit as ms
     from mpisplit.models.chat_template import load_chat_template
+    from mpisplit.models.lora import attach_served_adapters
+    from mpisplit.models.peft_adapter import read_adapter
     from mpisplit.runtime.errors import agree, install_abort_on_exception
     from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.serving.server import ServeOptions, default_model_name, serve
@@ -147,6 +168,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
     model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
                                                      dtype=args.dtype, max_model_len=args.max_model_len)
+    with agree(world):
+        adapters = [(*read_adapter(folder), folder) for _, folder in args.lora]
+        if adapters:
+            attach_served_adapters(model, [(config, arrays, folder) for config, arrays, folder in adapters])
     model.to(args.device)
     with agree(world):
         template = load_chat_template(args.hf or args.gguf, args.chat_template)
@@ -157,6 +182,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                             else args.max_num_batched_tokens or None), chat_template=template,
         kv_cache_memory=args.kv_cache_memory, kv_block_size=args.kv_block_size, prefix_cache=not args.no_prefix_cache,
         model_name=args.model_name or default_model_name(args.ckpt or args.hf or args.gguf),
+        adapters=tuple(name for name, _ in args.lora),
     )
     code = serve(model, tokenizer, opts)
     grid.free()

@@ -41,6 +41,15 @@ class LoraConfig:
     dropout: float = 0.0
     rslora: bool = False
 
+    def to_meta(self) -> dict:
+        """What a checkpoint's meta records of the adapters."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets), "rslora": self.rslora}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> LoraConfig:
+        return cls(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]),
+                   rslora=bool(meta["rslora"]))
+
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
@@ -117,3 +126,42 @@ class _AddProduct(Function):
         gu = g @ b.T if self.needs_input_grad[1] else None
         gb = u.reshape(-1, u.shape[-1]).T @ g.reshape(-1, g.shape[-1]) if self.needs_input_grad[2] else None
         return g, gu, gb
+
+
+class RowAdapters:
+    """Which served adapter each row of a serving batch uses (ids (N,): 0 none, k the k-th);
+    one object shared by every AdapterSet of a model, set for the length of a forward pass."""
+
+    def __init__(self) -> None:
+        self.ids: Any = None
+
+
+class AdapterSet:
+    """The served adapters of one projection (their slabs, as LoRA lays them out): each row of
+    a batch adds the product of its own adapter, computed row by row (a stacked product of
+    one-row matrices), so a row's bits do not depend on the other rows or their adapters.
+    Inference only: the rows are added into the product's array."""
+
+    def __init__(self, rows: RowAdapters, factors: dict[int, tuple[Any, Any, float]]) -> None:
+        self.rows, self.factors = rows, factors
+
+    def add_column(self, y: Tensor, x: Tensor, comm: Any, sequence_parallel: bool) -> Tensor:
+        if sequence_parallel:
+            raise ValueError("served adapters run without sequence parallelism")
+        return self._add(y, x)
+
+    def add_row(self, partial: Tensor, x: Tensor) -> Tensor:
+        return self._add(partial, x)
+
+    def _add(self, y: Tensor, x: Tensor) -> Tensor:
+        ids = self.rows.ids
+        if ids is None:
+            return y
+        xp = get_array_module(y.data)
+        out, inp = y.data.reshape(-1, y.shape[-1]), x.data.reshape(-1, x.shape[-1])
+        for k, (a, b, scale) in self.factors.items():
+            rows = xp.flatnonzero(ids == k)
+            if len(rows):
+                u = xp.matmul(inp[rows][:, None, :], a) * scale  # (R, 1, r): one row per product
+                out[rows] += xp.matmul(u, b)[:, 0, :]
+        return y

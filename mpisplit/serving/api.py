@@ -104,7 +104,8 @@ class CompletionsApp:
             return error_response(err)
         card = {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "mpisplit",
                 "max_model_len": self.model.block_size}
-        return JSONResponse({"object": "list", "data": [card]})
+        adapters = [{**card, "id": name, "parent": self.model.name} for name in self.model.adapters]
+        return JSONResponse({"object": "list", "data": [card, *adapters]})
 
     async def tokenize(self, request: Request) -> Response:
         return await self._local(request, lambda body: tokenize.tokenize(body, self.model, self.chat_template))
@@ -149,7 +150,8 @@ class CompletionsApp:
             return error_response(ApiError(message, status=status, kind=kind))
         prompts = [p for p in req.prompts for _ in range(req.n)]
         extra = {"tools": req.tools} if req.tools is not None else {}  # chat only
-        layout = layout_class(self.model.name, req.logprobs is not None,
+        name = self.model.adapters[req.sampling.adapter - 1] if req.sampling.adapter else self.model.name
+        layout = layout_class(name, req.logprobs is not None,
                               echo=PromptEcho(self.model.tokenizer, prompts, req) if req.echo or req.prompt_logprobs is not None
                               else None, **extra)
         if req.stream:

@@ -126,7 +126,8 @@ def _embed(model: Any, ids: np.ndarray, positions: np.ndarray) -> Tensor:
 
 
 def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv: PagedKV,
-                     batch_invariant: bool = True, every_row: list[bool] | None = None) -> Any:
+                     batch_invariant: bool = True, every_row: list[bool] | None = None,
+                     adapters: list[int] | None = None) -> Any:
     """tokens (N,) laid out as `segments` -> float64 logits (len(segments), vocab) at the last
     token of each segment, the same on every TP rank. Writes the new keys and values into
     their blocks of `kv`. Collective over the model's TP communicator. Without
@@ -134,7 +135,9 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv
     bits may then depend on the batch).
 
     `every_row` (a flag per segment; prompt logprobs): also the logits of every row of the
-    flagged segments, from the same pass; then (last-row logits, {segment index: (count, vocab)})."""
+    flagged segments, from the same pass; then (last-row logits, {segment index: (count, vocab)}).
+    `adapters` (per segment; 0: the base model): the served LoRA adapter each segment's rows use
+    (models/lora.py attach_served_adapters)."""
     n = int(tokens.shape[0])
     if n != sum(s.count for s in segments) or n == 0:
         raise ValueError(f"{n} tokens do not fill segments of {[s.count for s in segments]}")
@@ -150,7 +153,8 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv
     if int(positions.max()) >= model.config.block_size:
         raise ValueError(f"position {int(positions.max())} is past block_size={model.config.block_size}")
     index = _Index.of(segments, positions[:n], kv.block_size, get_array_module(kv.k[0]))
-    with no_grad(), row_blocks(ROW_BLOCK) if batch_invariant else contextlib.nullcontext():
+    with no_grad(), row_blocks(ROW_BLOCK) if batch_invariant else contextlib.nullcontext(), \
+            _row_adapters(model, segments, adapters, padded):
         x = _embed(model, ids, positions)  # (1, P, h)
         for layer, block in enumerate(model.h):
             x = x + _attention(block.attn, block.ln_1(x), positions, layer, kv, segments, index)
@@ -165,6 +169,22 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv
         rows = _head(model, x, wanted, per_call, n)
         bounds = np.cumsum([0] + [segments[i].count for i in flagged])
         return last, {i: rows[bounds[k]: bounds[k + 1]] for k, i in enumerate(flagged)}
+
+
+@contextlib.contextmanager
+def _row_adapters(model: Any, segments: list[Segment], adapters: list[int] | None, padded: int) -> Any:
+    """Each row's served adapter set for the pass (padding rows: none)."""
+    holder = getattr(model, "served_adapters", None)
+    if holder is None or not adapters or not any(adapters):
+        yield
+        return
+    ids = np.zeros(padded, dtype=np.int64)
+    ids[: sum(s.count for s in segments)] = np.repeat(adapters, [s.count for s in segments])
+    holder.ids = get_array_module(model.parameters()[0].data).asarray(ids)
+    try:
+        yield
+    finally:
+        holder.ids = None
 
 
 def _head(model: Any, x: Tensor, picks: np.ndarray, per_call: int, n: int) -> np.ndarray:

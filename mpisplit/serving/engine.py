@@ -163,7 +163,8 @@ class Engine:
         """Whether `add(spec)` would place it now."""
         if not self.has_room:
             return False
-        digests = [] if spec.prompt_logprobs is not None else self._prefix_digests(spec.prompt, spec.rid)
+        digests = ([] if spec.prompt_logprobs is not None
+                   else self._prefix_digests(spec.prompt, spec.rid, spec.sampling.adapter))
         reuse = self.blocks.cached_prefix(digests)
         need = self.blocks.blocks_for(len(spec.prompt)) - len(reuse)
         return need <= self.blocks.available - self.blocks.idle_among(reuse)
@@ -182,7 +183,7 @@ class Engine:
             raise RuntimeError(f"no KV blocks for request {spec.rid}")
         self.running[spec.rid] = seq
 
-    def _prefix_digests(self, tokens: list[int], rid: int | None = None) -> list[bytes]:
+    def _prefix_digests(self, tokens: list[int], rid: int | None = None, adapter: int = 0) -> list[bytes]:
         """Digests of the full blocks before the last token (which is always computed). A new
         request's (`rid`) are kept for the next call: the head of the queue is asked about
         each step until it is admitted, then placed."""
@@ -190,7 +191,7 @@ class Engine:
             return []
         if rid is not None and self._head_digests[0] == rid:
             return self._head_digests[1]
-        digests = block_digests(tokens[: len(tokens) - 1], self.blocks.block_size)
+        digests = block_digests(tokens[: len(tokens) - 1], self.blocks.block_size, _root(adapter))
         if rid is not None:
             self._head_digests = (rid, digests)
         return digests
@@ -201,7 +202,8 @@ class Engine:
         # A sequence still owing prompt logprobs reads its whole prompt (a cached prefix's
         # logprobs were never kept); it still names its blocks for the others.
         wanted = not seq.reading_prompt_logprobs
-        digests = self._prefix_digests(seq.tokens, seq.spec.rid if count else None) if wanted else []
+        digests = (self._prefix_digests(seq.tokens, seq.spec.rid if count else None, seq.spec.sampling.adapter)
+                   if wanted else [])
         reuse = self.blocks.cached_prefix(digests)
         self.blocks.take(reuse)
         fresh = self.blocks.allocate(self.blocks.blocks_for(len(seq.tokens)) - len(reuse))
@@ -264,7 +266,7 @@ class Engine:
         bs, done = self.blocks.block_size, len(seq.digests)
         full = seq.fed // bs
         if full > done:
-            parent = seq.digests[-1] if seq.digests else ROOT
+            parent = seq.digests[-1] if seq.digests else _root(seq.spec.sampling.adapter)
             new = block_digests(seq.tokens[: full * bs], bs, parent, start=done)
             for i, d in enumerate(new, start=done):
                 self.blocks.register(seq.blocks[i], d)
@@ -309,7 +311,8 @@ class Engine:
                   and s.guide.error is None]
         if guided:  # this step's masks, while the forward pass runs
             self._masks.start([s.guide for s in guided])
-        logits = forward_segments(self.model, tokens, segments, self.kv, self.batch_invariant, every_row)
+        logits = forward_segments(self.model, tokens, segments, self.kv, self.batch_invariant, every_row,
+                                  [seq.spec.sampling.adapter for seq in seqs])
         masks = dict(zip(map(id, guided), self._masks.result())) if guided else {}
         rows: dict[int, np.ndarray] = {}
         if any(every_row):
@@ -390,3 +393,9 @@ class Engine:
         else:
             reason = None
         return StepOutput(rid, token, row, reason, stop_token=stop_token and reason == "stop")
+
+
+def _root(adapter: int) -> bytes:
+    """The digest before a sequence's first block: a served adapter's keys and values differ
+    from the base model's for the same tokens, so each has a prefix cache of its own."""
+    return ROOT if adapter == 0 else f"adapter {adapter}".encode()

@@ -71,7 +71,7 @@ class FrontendConfig:
         return {"host": self.host, "port": self.port, "api_key": self.api_key,
                 "model": {"name": m.name, "vocab_size": m.vocab_size, "block_size": m.block_size,
                           "kv_tokens": m.kv_tokens, "eos_token_ids": list(m.eos_token_ids),
-                          "tokenizer": _tokenizer_to_json(m.tokenizer)},
+                          "adapters": list(m.adapters), "tokenizer": _tokenizer_to_json(m.tokenizer)},
                 "chat_template": None if t is None else
                 {"source": t.source, "special_tokens": t.special_tokens, "origin": t.origin}}
 
@@ -79,7 +79,8 @@ class FrontendConfig:
     def from_json(cls, d: dict) -> FrontendConfig:
         m, t = d["model"], d["chat_template"]
         model = ModelInfo(m["name"], m["vocab_size"], m["block_size"], _tokenizer_from_json(m["tokenizer"]),
-                          kv_tokens=m["kv_tokens"], eos_token_ids=tuple(m["eos_token_ids"]))
+                          kv_tokens=m["kv_tokens"], eos_token_ids=tuple(m["eos_token_ids"]),
+                          adapters=tuple(m["adapters"]))
         if t is not None:
             from mpisplit.models.chat_template import ChatTemplate
 

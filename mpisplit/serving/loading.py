@@ -15,6 +15,8 @@ from mpisplit.models import GPT, GPTConfig
 from mpisplit.models.gpt import check_eos_ids
 from mpisplit.models.hf import is_gguf, load_tokenizer, read_config
 from mpisplit.models.hf_eos import eos_token_ids
+from mpisplit.models.lora import apply_lora, merge_lora
+from mpisplit.nn.lora import LoraConfig
 from mpisplit.runtime.errors import agree
 from mpisplit.training.checkpoint import CheckpointReader
 from mpisplit.training.data import CharTokenizer
@@ -47,9 +49,14 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
             chars = reader.meta.get("tokenizer")
             tokenizer = CharTokenizer(chars) if chars else None
             eos = tuple(int(i) for i in check_eos_ids(reader.meta.get("eos_token_ids", ()), cfg.vocab_size))
+            lora = reader.meta.get("lora")
         model = GPT(cfg, grid, dtype=dtype, init=False)
+        if lora is not None:  # a LoRA run's checkpoint: served with its adapters merged
+            apply_lora(model, LoraConfig.from_meta(lora), seed=0)
         load_model(reader, model)
         reader.close()
+        if lora is not None:
+            merge_lora(model)
         return model, tokenizer, eos
     assert hf is not None  # exactly one of ckpt, hf and gguf, checked above
     with agree(grid.world):

@@ -44,6 +44,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     grammar: str | None = None  # structured output: an llguidance grammar (guided.py)
+    adapter: int = 0  # 0: the base model; k: the k-th served LoRA adapter (the request's "model")
 
     @property
     def greedy(self) -> bool:

@@ -46,6 +46,7 @@ class ServeOptions:
     kv_cache_memory: int | float | None = None  # bytes per rank, a fraction of the available, None: default
     kv_block_size: int = 16
     prefix_cache: bool = True
+    adapters: tuple[str, ...] = ()  # the names of the LoRA adapters attached to the model (attach_served_adapters)
 
 
 def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
@@ -67,7 +68,8 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
         channel.free()
         return 0
     info = ModelInfo(opts.model_name, model.config.vocab_size, model.config.block_size, tokenizer,
-                     kv_tokens=blocks * opts.kv_block_size, eos_token_ids=tuple(opts.eos_token_ids))
+                     kv_tokens=blocks * opts.kv_block_size, eos_token_ids=tuple(opts.eos_token_ids),
+                     adapters=tuple(opts.adapters))
     metrics = ServerMetrics(opts.max_batch)
     metrics.observe_cache(engine)
     controller = Controller(engine, channel, tokenizer, metrics, opts.max_queue, opts.drain_s)

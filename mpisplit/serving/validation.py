@@ -80,6 +80,18 @@ class ModelInfo:
     tokenizer: Any  # encode/decode, or None: token ids only
     kv_tokens: int | None = None  # the most positions the KV cache holds for one sequence
     eos_token_ids: tuple[int, ...] = ()  # where a sequence ends (GET /tokenizer_info tells them)
+    adapters: tuple[str, ...] = ()  # the served LoRA adapters' names (`serve --lora NAME=FOLDER`)
+
+    def adapter(self, name: Any) -> int:
+        """0 for the base model (its name, or no "model" field), k for the k-th adapter; ApiError
+        (404, as OpenAI answers an unknown model) otherwise."""
+        if name is None or name == self.name:
+            return 0
+        if isinstance(name, str) and name in self.adapters:
+            return self.adapters.index(name) + 1
+        served = ", ".join(repr(n) for n in (self.name, *self.adapters))
+        raise ApiError(f"model {name!r} is not served here; this server serves {served}", "model", status=404,
+                       kind="not_found_error")
 
     @property
     def limit(self) -> int:
@@ -330,9 +342,7 @@ def unknown_fields(body: dict, known: frozenset[str]) -> tuple[str, ...]:
 
 def validate_completion(body: dict, model: ModelInfo) -> CompletionRequest:
     """The request as the engine takes it, or ApiError."""
-    name = body.get("model")
-    if name is not None and name != model.name:
-        raise ApiError(f"model {name!r} is not served here; this server serves {model.name!r}", "model")
+    adapter = model.adapter(body.get("model"))
     ignored = unknown_fields(body, COMPLETION_FIELDS)
     n = choice_count(body)
     prompts = _prompts(body, model)
@@ -359,7 +369,8 @@ def validate_completion(body: dict, model: ModelInfo) -> CompletionRequest:
         raise ApiError(f"'user' must be a string, got {user!r}", "user")
     from mpisplit.serving.guided import request_grammar
 
-    sampling = replace(sampling_params(body, model.vocab_size, max_tokens), grammar=request_grammar(body, model))
+    sampling = replace(sampling_params(body, model.vocab_size, max_tokens), grammar=request_grammar(body, model),
+                       adapter=adapter)
     return CompletionRequest(
         prompts=prompts, max_tokens=max_tokens, sampling=sampling,
         stops=_stops(body, model), logprobs=logprobs, stream=stream,

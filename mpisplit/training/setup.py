@@ -177,8 +177,7 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
 def lora_meta(config: TrainConfig) -> dict | None:
     """What a checkpoint records of the run's LoRA settings (None: full fine-tuning)."""
     lora = config.lora()
-    return None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
-                                      "rslora": lora.rslora}
+    return None if lora is None else lora.to_meta()
 
 
 def _mixed_precision(config: TrainConfig, cfg: GPTConfig, model: GPT, meta: dict | None, grid: Any) -> tuple:
