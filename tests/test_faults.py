@@ -363,6 +363,20 @@ def test_watchdog_rejects_bad_timeout(tmp_path: Path) -> None:
         Watchdog(tmp_path, rank=0, size=1, timeout=0, run_id="x")
 
 
+def test_thread_location_of_a_frame_without_a_line(monkeypatch) -> None:
+    """CPython 3.11+ gives f_lineno None between instructions that have no line: the location is
+    then the function's first line (it was a TypeError inside linecache that stopped the
+    watchdog, and the job's hang went unreported)."""
+    import types
+
+    code = test_thread_location_of_a_frame_without_a_line.__code__
+    frame = types.SimpleNamespace(f_code=code, f_lineno=None)
+    monkeypatch.setattr(sys, "_current_frames", lambda: {123: frame})
+    where, in_mpi = faults.thread_location(123)
+    assert where.endswith(f"test_faults.py:{code.co_firstlineno} (test_thread_location_of_a_frame_without_a_line)")
+    assert not in_mpi
+
+
 def test_thread_location_tells_mpi_waits_from_other_work() -> None:
     # The main thread stands in for a rank: a second thread samples it while it sleeps (outside
     # MPI), then until it is seen waiting in Request.Wait, then sends the awaited message.

@@ -150,13 +150,16 @@ class MixedPrecision:
         self.xp = xp
         self.model, self.master = model, master
         self.pairs = [(mine[name], theirs[name]) for name in theirs]
+        # the pairs the optimizer steps (LoRA freezes the rest: no gradients, weights never change)
+        self.trained = [(p, m) for p, m in self.pairs if m.requires_grad]
         self.comm = comm
         self.scaler = scaler if scaler is not None else LossScaler()
         # A ShardedAdamW holding the master weights of its part only writes the model itself
         # (sharded_optim.ShardedAdamW.shard_master_weights): update_model then has nothing to do.
         self.model_written_by_optimizer = False
         cast_module_(model, self.dtype)
-        self.update_model()
+        for p, m in self.pairs:  # every weight once; afterwards only the trained ones change
+            p.data[...] = m.data.astype(p.dtype)
 
     @property
     def scale(self) -> float:
@@ -174,9 +177,9 @@ class MixedPrecision:
         """
         xp = self.xp
         # the optimizer's flat gradient block when it was built on the same list, else our own
-        buffers = grad_buffer.attach([m for _, m in self.pairs])
+        buffers = grad_buffer.attach([m for _, m in self.trained])
         inv = 1.0 / self.scaler.scale
-        for p, m in self.pairs:
+        for p, m in self.trained:
             view = m.grad_store
             if p.grad is None:
                 view[...] = 0
@@ -206,7 +209,7 @@ class MixedPrecision:
         optimizer writes the model (sharded master weights)."""
         if self.model_written_by_optimizer:
             return
-        for p, m in self.pairs:
+        for p, m in self.trained:
             p.data[...] = m.data.astype(p.dtype)
 
     def update_scale(self, skipped: bool = False) -> None:
@@ -214,7 +217,7 @@ class MixedPrecision:
         self.scaler.update(skipped)
 
     def zero_grad(self) -> None:
-        for p, m in self.pairs:
+        for p, m in self.trained:
             p.grad = None
             m.grad = None
 

@@ -193,8 +193,6 @@ class TrainConfig:
             return
         if self.init_from is None:
             raise ValueError("LoRA adapts a pretrained model: give --init-from FOLDER")
-        if self.amp is not None:
-            raise ValueError("LoRA with --amp is not supported; train the adapters in float32")
         self.lora().validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -187,6 +187,9 @@ def _mixed_precision(config: TrainConfig, cfg: GPTConfig, model: GPT, meta: dict
         return model, None
     net = GPT(cfg, grid, dtype="float32", init=False, device=config.device, sequence_parallel=config.sequence_parallel,
               recompute=config.recompute)
+    lora = config.lora()
+    if lora is not None:  # the same adapters (and frozen weights) in the 16-bit twin
+        apply_lora(net, lora, config.seed)
     net.rng_shared, net.rng_local = model.rng_shared, model.rng_local
     with agree(grid.world):
         mp = MixedPrecision(net, model, config.amp, grid.world)

@@ -123,7 +123,7 @@ class ShardedAdamW(AdamW):
         values the model computes with. Call once the master weights are final (loaded)."""
         if self.holds_master_weights:
             raise ValueError("shard_master_weights: the master weights are already sharded")
-        twin = {id(m): p for p, m in mp.pairs}
+        twin = {id(m): p for p, m in mp.trained}
         if set(twin) != {id(p) for p in self.params}:
             raise ValueError("shard_master_weights: the MixedPrecision's master parameters are not this optimizer's")
         for part in self.parts:

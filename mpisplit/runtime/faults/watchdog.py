@@ -55,9 +55,11 @@ def thread_location(ident: int | None) -> tuple[str, bool]:
     frame = sys._current_frames().get(ident) if ident is not None else None
     if frame is None:
         return "(thread gone)", False
-    code = frame.f_code
-    in_mpi = bool(_MPI_CALL.search(linecache.getline(code.co_filename, frame.f_lineno)))
-    return f"{_short_path(code.co_filename)}:{frame.f_lineno} ({code.co_name})", in_mpi
+    code, line = frame.f_code, frame.f_lineno
+    if line is None:  # between two instructions of no line (CPython 3.11+ may say so): the function's first
+        line = code.co_firstlineno
+    in_mpi = bool(_MPI_CALL.search(linecache.getline(code.co_filename, line)))
+    return f"{_short_path(code.co_filename)}:{line} ({code.co_name})", in_mpi
 
 
 class Watchdog:
