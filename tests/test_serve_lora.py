@@ -94,7 +94,7 @@ def test_each_adapter_answers_as_peft_alone_and_batched(work, reference, n):
             together = list(pool.map(lambda name: (name, _ask(client, name)), ["one", "two", "llama"] * 2))
         for name, answer in together:
             assert answer == alone[name], name  # the same bits beside the other adapters
-        with pytest.raises(openai.NotFoundError, match="model 'three' is not served here"):
+        with pytest.raises(openai.BadRequestError, match="model 'three' is not served here"):
             client.completions.create(model="three", prompt=[PROMPT], max_tokens=2)
         assert server.stop() == 0
 

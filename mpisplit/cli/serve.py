@@ -168,11 +168,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
     model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
                                                      dtype=args.dtype, max_model_len=args.max_model_len)
-    with agree(world):
+    model.to(args.device)
+    with agree(world):  # after the move: the adapters' slabs are made where the weights are
         adapters = [(*read_adapter(folder), folder) for _, folder in args.lora]
         if adapters:
             attach_served_adapters(model, [(config, arrays, folder) for config, arrays, folder in adapters])
-    model.to(args.device)
     with agree(world):
         template = load_chat_template(args.hf or args.gguf, args.chat_template)
     opts = ServeOptions(

@@ -84,14 +84,13 @@ class ModelInfo:
 
     def adapter(self, name: Any) -> int:
         """0 for the base model (its name, or no "model" field), k for the k-th adapter; ApiError
-        (404, as OpenAI answers an unknown model) otherwise."""
+        (400 naming the field, as for any other bad field) otherwise."""
         if name is None or name == self.name:
             return 0
         if isinstance(name, str) and name in self.adapters:
             return self.adapters.index(name) + 1
         served = ", ".join(repr(n) for n in (self.name, *self.adapters))
-        raise ApiError(f"model {name!r} is not served here; this server serves {served}", "model", status=404,
-                       kind="not_found_error")
+        raise ApiError(f"model {name!r} is not served here; this server serves {served}", "model")
 
     @property
     def limit(self) -> int:
