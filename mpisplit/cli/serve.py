@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                                      dtype=args.dtype, max_model_len=args.max_model_len)
     model.to(args.device)
     with agree(world):  # after the move: the adapters' slabs are made where the weights are
-        adapters = [(*read_adapter(folder), folder) for _, folder in args.lora]
-        if adapters:
-            attach_served_adapters(model, [(config, arrays, folder) for config, arrays, folder in adapters])
+        if args.lora:
+            attach_served_adapters(model, [(*read_adapter(folder), folder) for _, folder in args.lora])
     with agree(world):
         template = load_chat_template(args.hf or args.gguf, args.chat_template)
     opts = ServeOptions(

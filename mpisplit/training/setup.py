@@ -13,6 +13,7 @@ from mpisplit.models.hf import load_tokenizer
 from mpisplit.models.hf import read_config as read_hf_config
 from mpisplit.models.lora import apply_lora, load_adapter
 from mpisplit.models.peft_adapter import read_adapter
+from mpisplit.nn.lora import LoraConfig
 from mpisplit.runtime.errors import agree
 from mpisplit.training.amp import MixedPrecision
 from mpisplit.training.checkpoint import CheckpointReader
@@ -84,6 +85,7 @@ class Model:
     mp: MixedPrecision | None
     start_step: int
     resume_meta: dict | None
+    lora: LoraConfig | None  # the adapters' settings (None: full fine-tuning)
 
 
 def open_checkpoint(path: Path | None, config: TrainConfig, data: TokenDataset, grid: Any) -> CheckpointReader | None:
@@ -158,9 +160,10 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
         meta = reader.meta
         load_model(reader, model)
         with agree(grid.world):
-            if meta.get("lora") != lora_meta(config):
+            want = None if lora is None else lora.to_meta()
+            if meta.get("lora") != want:
                 raise ValueError(f"the checkpoint's LoRA settings {meta.get('lora')} differ from this run's "
-                                 f"{lora_meta(config)}: resume with the flags it was trained with")
+                                 f"{want}: resume with the flags it was trained with")
             saved_opt = meta.get("optimizer", {}).get("type")
             if saved_opt != getattr(opt, "checkpoint_type", type(opt).__name__):
                 raise ValueError(f"checkpoint optimizer {saved_opt} differs from --optimizer {config.optimizer}")
@@ -168,26 +171,20 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
         start_step = int(meta["step"])
         restore_rng(model, reader, grid)
         reader.close()
-    net, mp = _mixed_precision(config, cfg, model, meta, grid)
+    net, mp = _mixed_precision(config, cfg, model, meta, grid, lora)
     if mp is not None and isinstance(opt, ShardedAdamW):
         opt.shard_master_weights(mp)  # float32 master weights of this rank's part only
-    return Model(cfg, model, net, opt, mp, start_step, meta)
+    return Model(cfg, model, net, opt, mp, start_step, meta, lora)
 
 
-def lora_meta(config: TrainConfig) -> dict | None:
-    """What a checkpoint records of the run's LoRA settings (None: full fine-tuning)."""
-    lora = config.lora()
-    return None if lora is None else lora.to_meta()
-
-
-def _mixed_precision(config: TrainConfig, cfg: GPTConfig, model: GPT, meta: dict | None, grid: Any) -> tuple:
+def _mixed_precision(config: TrainConfig, cfg: GPTConfig, model: GPT, meta: dict | None, grid: Any,
+                     lora: LoraConfig | None) -> tuple:
     """With amp, `net` (16-bit) runs forward and backward and `model` keeps the float32 master
     weights that the optimizer steps and checkpoints save; they share the dropout streams."""
     if config.amp is None:
         return model, None
     net = GPT(cfg, grid, dtype="float32", init=False, device=config.device, sequence_parallel=config.sequence_parallel,
               recompute=config.recompute)
-    lora = config.lora()
     if lora is not None:  # the same adapters (and frozen weights) in the 16-bit twin
         apply_lora(net, lora, config.seed)
     net.rng_shared, net.rng_local = model.rng_shared, model.rng_local

@@ -42,7 +42,7 @@ from mpisplit.training.checkpoint import latest_checkpoint
 from mpisplit.training.config import TrainConfig
 from mpisplit.training.plot import plot_run
 from mpisplit.training.run_log import RunLog
-from mpisplit.training.setup import build_model, load_data, lora_meta, open_checkpoint, rng_state
+from mpisplit.training.setup import build_model, load_data, open_checkpoint, rng_state
 from mpisplit.training.sharded_optim import ShardedAdamW
 from mpisplit.training.state import resolve_checkpoint, save_training_state
 from mpisplit.training.step import StepRunner
@@ -96,6 +96,7 @@ class Trainer:
         self.resumed_from = resume_from
         m = build_model(config, data, reader, grid)
         self.cfg, self.model, self.net, self.opt, self.mp, self.step = m.config, m.model, m.net, m.opt, m.mp, m.start_step
+        self.lora = m.lora
         self.runner = StepRunner(self.net, grid, config.micro_batches)
         self.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
         self.val_loss: float | None = None
@@ -105,7 +106,7 @@ class Trainer:
         self.base_meta = {
             "config": self.cfg.to_dict(), "tokenizer": tok.chars if tok else None, "args": config.to_dict(),
             "data": {"seed": config.seed, "sampler": "random-windows-v1", "source": config.data or "pydoc_data.topics"},
-            "dtype": config.dtype, "lora": lora_meta(config),
+            "dtype": config.dtype, "lora": None if self.lora is None else self.lora.to_meta(),
         }
 
     # ------------------------------------------------------------------ the run
@@ -228,11 +229,10 @@ class Trainer:
             self.out, step, self.model, self.opt, self.grid, meta={**self.base_meta, "step": step, **scaler},
             rank_meta=rng_state(self.model), keep_last=self.config.keep_last,
         )
-        lora = self.config.lora()
-        if lora is not None:  # the adapters also in PEFT's format: step-N/adapter
+        if self.lora is not None:  # the adapters also in PEFT's format: step-N/adapter
             with agree(self.world):
                 if self.rank == 0:
-                    export_checkpoint_adapter(self.last_saved, lora, self.config.init_from)
+                    export_checkpoint_adapter(self.last_saved, self.lora, self.config.init_from)
         self.guard.saved()
         self.guard.beat(step)
         return self.last_saved
