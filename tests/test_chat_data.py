@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,107 @@ def test_training_on_chat_data_equals_transformers(tmp_path):
     counted = torch.as_tensor(y) != IGNORE
     logp = torch.log_softmax(logits, dim=-1)[counted, torch.as_tensor(y)[counted]]
     assert abs(losses["one"][0] - float(-logp.sum() / counted.sum())) < 1e-10 * losses["one"][0]
+
+
+def test_packed_rows_hold_every_conversation_once_an_epoch(folders, tmp_path):
+    """--pack: each epoch's rows hold every conversation once, whole, from position 0, with its
+    own targets; any dp split gives the same global rows; another epoch packs anew."""
+    from tokenizers import Tokenizer
+
+    from mpisplit.nn.packing import check_positions
+
+    folder = folders["qwen2-style"]
+    chats = [[msg(U, f"Question {i}?"), msg(A, "The end " * (1 + i % 5))]
+             + ([msg(U, "Tell me a story."), msg(A, "The lazy dog. " * (1 + i % 3))] if i % 2 else []) for i in range(23)]
+    write_chats(tmp_path / "c.jsonl", chats)
+    manifest = prepare([tmp_path / "c.jsonl"], folder, tmp_path / "c",
+                       PrepareOptions(chat=True, val_fraction=0.2, eos="<|im_end|>", progress=False, workers=1))
+    tok, template = Tokenizer.from_file(str(folder / "tokenizer.json")), load_chat_template(folder)
+    encoded = {tuple(ids.tolist()): mask for ids, mask in
+               (encode_conversation(tok, template, c, None, "assistant", "t") for c in chats)}
+    data = ChatDataset(tmp_path / "c", manifest, tok.get_vocab_size())
+    part = data.splits["train"]
+    train = [tuple(part.conversation(k)[0].tolist()) for k in range(part.conversations)]
+    assert len(set(train)) == len(train) > 15 and set(train) <= set(encoded)
+    seq = 2 * (manifest["train"]["longest"] - 1)
+    data.use_packing(seq)
+    with pytest.raises(ValueError, match="rows()"):
+        data.batch("train", 5, 0, 4, seq)
+    per_epoch, batch = data.splits["train"].row_count(seq), 4
+    assert per_epoch < len(train)  # packing saves rows
+    epochs = []
+    for epoch in range(2):
+        seen, first = [], epoch * per_epoch
+        for row in range(first, first + per_epoch):
+            step, k = divmod(row, batch)
+            x, y, pos = data.rows("train", 5, step, batch, seq)
+            x, y, pos = x[k], y[k], pos[k]
+            check_positions(pos[None], (1, seq), seq)
+            starts = [i for i in range(seq) if pos[i] == 0] + [seq]
+            for lo, hi in pairwise(starts):
+                ids = tuple(x[lo:hi].tolist())
+                full = [key for key in encoded if key[:-1] == ids]
+                if not full:  # the padding after the last conversation: nothing counted
+                    assert hi == seq and (x[lo:] == data.pad).all() and (y[lo:] == IGNORE).all()
+                    continue
+                mask = encoded[full[0]]
+                assert y[lo:hi].tolist() == [t if m else IGNORE for t, m in zip(full[0][1:], mask[1:])]
+                seen.append(full[0])
+        assert sorted(seen) == sorted(train)  # every conversation once (they are all different)
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]
+    for dp in (2, 4):
+        whole = data.rows("train", 5, 3, 8, seq)
+        parts = [data.rows("train", 5, 3, 8, seq, r, dp) for r in range(dp)]
+        for i in range(3):
+            assert np.array_equal(np.concatenate([p[i] for p in parts]), whole[i])
+
+
+def test_pack_needs_a_chat_corpus():
+    from mpisplit.training.config import TrainConfig
+    from mpisplit.training.setup import load_data
+
+    with pytest.raises(ValueError, match="--pack packs the conversations of a chat corpus"):
+        load_data(TrainConfig(pack=True, seq_len=16))
+
+
+def test_packed_training_equals_transformers_on_each_conversation(tmp_path):
+    """train --pack: the first step's loss is the summed cross-entropy of the counted targets of
+    each conversation computed alone by transformers' GPT-2 (float64) over their number; tp 2
+    with sequence parallelism and full recomputation gives the same losses."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import GPT2LMHeadModel
+
+    write_chat_folder(tmp_path / "gpt", block_size=128)
+    chats = [CHATS[i % 3][: 2 + 2 * (i % 2)] for i in range(16)]
+    write_chats(tmp_path / "c.jsonl", chats)
+    subprocess.run([sys.executable, "-m", "mpisplit", "prepare", "--chat", "--tokenizer", "gpt", "--out", "corpus",
+                    "--eos", "<|im_end|>", "--val-fraction", "0.2", "--seq-len", "64", "--no-progress", "c.jsonl"],
+                   cwd=tmp_path, env=clean_mpi_env(), check=True, capture_output=True, timeout=120)
+    common = ["--data", "corpus", "--init-from", "gpt", "--seq-len", "128", "--batch-size", "2", "--pack",
+              "--dtype", "float64", "--eval-every", "2", "--eval-iters", "1", "--sample-len", "0", "--no-progress",
+              "--log-every", "1", "--lr", "1e-2", "--warmup", "3", "--steps", "2"]
+    _run(1, [*common, "--out", "one"], tmp_path)
+    _run(2, [*common, "--tp", "2", "--sequence-parallel", "--recompute", "full", "--out", "tp2"], tmp_path)
+    metrics = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("one", "tp2")}
+    for key in ("loss", "val_loss"):
+        got = [[m[key] for m in metrics[name] if key in m] for name in ("one", "tp2")]
+        assert got[0] and np.allclose(got[0], got[1], rtol=1e-10, atol=0), (key, got)
+    data = ChatDataset(tmp_path / "corpus", read_manifest(tmp_path / "corpus"), 391)
+    data.use_packing(128)
+    x, y, pos = data.rows("train", 1337, 0, 2, 128)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt", torch_dtype=torch.float64).eval()
+    total, counted, pieces = 0.0, 0, 0
+    with torch.no_grad():
+        for r in range(2):
+            starts = [i for i in range(128) if pos[r, i] == 0] + [128]
+            for lo, hi in pairwise(starts):  # each conversation (and the padding) alone
+                keep = torch.as_tensor(y[r, lo:hi]) != IGNORE
+                logp = torch.log_softmax(model(torch.as_tensor(x[None, r, lo:hi])).logits[0], dim=-1)
+                total -= float(logp[keep, torch.as_tensor(y[r, lo:hi])[keep]].sum())
+                counted += int(keep.sum())
+                pieces += bool(keep.any())
+    assert pieces > 2  # a row holds two conversations or more
+    assert abs(metrics["one"][0]["loss"] - total / counted) < 1e-10 * total / counted

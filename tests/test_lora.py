@@ -5,7 +5,8 @@ Reference: transformers' model (in full float64: tests/test_llama_hf.py) with PE
 non-zero), one process: the logits, the loss and every adapter gradient, and the adapters after
 one AdamW step of torch's optimizer. Ours at every dp x pp x tp layout the world allows, with
 and without sequence parallelism (tp 4 replicates the Llama model's 2 KV heads): to 1e-10. The
-base weights are frozen: no gradient, not in the optimizer.
+base weights are frozen: no gradient, not in the optimizer. Packed: each row holds two
+sequences (nn/packing.py), which PEFT runs one at a time.
 """
 
 from __future__ import annotations
@@ -55,10 +56,27 @@ def gather(p, comm):
     return out
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+SPLIT = 3  # packed: each row holds two sequences, columns 0..2 and 3..T-1, positions from 0 in each
+
+
+def _pieces(idx, targets, packed):
+    """The sequences PEFT runs: the rows whole, or each row's two packed sequences alone."""
+    if not packed:
+        return [(idx, targets)]
+    return [(idx[:, :SPLIT], targets[:, :SPLIT]), (idx[:, SPLIT:], targets[:, SPLIT:])]
+
+
+def positions(packed):
+    row = np.concatenate([np.arange(SPLIT), np.arange(T - SPLIT)]) if packed else np.arange(T)
+    return np.tile(row, (B, 1))
+
+
+@pytest.fixture(scope="module", params=[("llama", False), ("qwen2", False), ("llama", True)],
+                ids=["llama", "qwen2", "llama-packed"])
 def case(request, tmp_path_factory):
     """The folder, the adapters' global arrays (ours: A (in, r), B (r, out)), a batch and the
-    reference from PEFT: loss, adapter gradients, adapters after one AdamW step."""
+    reference from PEFT: logits, loss (summed cross-entropy / the number of targets), adapter
+    gradients, adapters after one AdamW step. Packed: PEFT runs each packed sequence alone."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from test_llama_hf import (  # transformers in full float64 (its RMSNorm and rotary tables)
@@ -66,8 +84,9 @@ def case(request, tmp_path_factory):
         _ours,
     )
 
-    c = dense.FAMILIES[request.param]
-    folder = tmp_path_factory.mktemp(f"lora-{request.param}") / "model"
+    family, packed = request.param
+    c = dense.FAMILIES[family]
+    folder = tmp_path_factory.mktemp(f"lora-{family}") / "model"
     dense.write_folder(folder, c, dense.arrays(c, seed=4))
     with ProcessGrid(tp=1, comm=MPI.COMM_SELF) as g:
         shapes = {n: p.global_shape for n, p in _adapted(folder, g).named_parameters() if ".lora." in n}
@@ -80,15 +99,19 @@ def case(request, tmp_path_factory):
     with torch.no_grad():
         for n, a in adapters.items():
             params[peft_name(n)].copy_(torch.as_tensor(a.T))
-    out = model(input_ids=torch.as_tensor(idx))
-    loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, c["vocab_size"]), torch.as_tensor(targets).reshape(-1))
+    logits, loss = [], 0.0
+    for ids, tgt in _pieces(idx, targets, packed):
+        out = model(input_ids=torch.as_tensor(ids)).logits
+        logits.append(out.detach().numpy())
+        loss = loss + torch.nn.functional.cross_entropy(out.reshape(-1, c["vocab_size"]), torch.as_tensor(tgt).reshape(-1),
+                                                        reduction="sum") / targets.size
     loss.backward()
     grads = {n: params[peft_name(n)].grad.numpy().T.copy() for n in adapters}
     trainable = [params[peft_name(n)] for n in adapters]
     opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.99), eps=1e-8, weight_decay=WD)
     opt.step()
     stepped = {n: params[peft_name(n)].detach().numpy().T.copy() for n in adapters}
-    return folder, adapters, idx, targets, out.logits.detach().numpy(), loss.item(), grads, stepped
+    return folder, adapters, idx, targets, packed, np.concatenate(logits, axis=1), loss.item(), grads, stepped
 
 
 def _adapted(folder, grid, **options):
@@ -107,9 +130,10 @@ def _layouts(size):
 
 
 def test_every_layout_equals_peft(case):
-    folder, adapters, idx, targets, ref_logits, ref_loss, ref_grads, ref_stepped = case
+    folder, adapters, idx, targets, packed, ref_logits, ref_loss, ref_grads, ref_stepped = case
     layouts = _layouts(MPI.COMM_WORLD.size)
     assert layouts
+    pos = positions(packed)
     for tp, dp, pp, sp in layouts:
         with ProcessGrid(tp=tp, dp=dp, pp=pp) as grid:
             model = _adapted(folder, grid)
@@ -119,9 +143,10 @@ def test_every_layout_equals_peft(case):
             for n, p in lora.items():
                 p.data[...] = p.slab_of(adapters[n])
             if pp == 1 and not sp:
-                assert max_rel(model(idx).data, ref_logits) < 1e-10, (tp, dp)
+                assert max_rel(model(idx, pos if packed else None).data, ref_logits) < 1e-10, (tp, dp)
             rows = slice(grid.dp_rank * (B // dp), (grid.dp_rank + 1) * (B // dp))
-            loss = StepRunner(model, grid, 1, synchronous=True).forward_backward(idx[rows], targets[rows])
+            loss = StepRunner(model, grid, 1, synchronous=True).forward_backward(
+                idx[rows], targets[rows], positions=pos[rows] if packed else None)
             average_gradients(model.parameters(), grid.dp_comm)
             loss = float(grid.dp_comm.allreduce(np.array([loss]))[0]) / dp
             assert abs(loss - ref_loss) < 1e-12 * ref_loss, (tp, dp, pp, sp)

@@ -40,10 +40,11 @@ def _rope(x: Any, c: Any, s: Any, sign: float) -> Any:
 
 
 class Rotary(Function):
-    """x (B, T, n, d) rotated by per-position tables cos, sin (T, d) (not differentiated)."""
+    """x (B, T, n, d) rotated by per-position tables cos, sin (T, d), or (B, T, d) when each row
+    has its own positions (packed rows); not differentiated."""
 
     def forward(self, x: Any, cos: Any = None, sin: Any = None) -> Any:
-        c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, d): broadcast over batch and heads
+        c, s = cos[..., None, :], sin[..., None, :]  # (T, 1, d) or (B, T, 1, d): broadcast over heads
         self.c, self.s = c, s
         return _rope(x, c, s, 1.0)
 
@@ -52,9 +53,11 @@ class Rotary(Function):
 
 
 def rotary(x: Tensor, cos: Any, sin: Any) -> Tensor:
-    """rope(x) for x (B, T, n, d) and tables (T, d) in x's dtype on x's device."""
-    if x.shape[-1] % 2 or cos.shape != (x.shape[1], x.shape[-1]) or sin.shape != cos.shape:
-        raise ValueError(f"rotary: x {x.shape} needs even d and cos/sin of shape (T, d), got {cos.shape}, {sin.shape}")
+    """rope(x) for x (B, T, n, d) and tables (T, d) or (B, T, d) in x's dtype on x's device."""
+    B, T, _, d = x.shape
+    if d % 2 or cos.shape not in ((T, d), (B, T, d)) or sin.shape != cos.shape:
+        raise ValueError(f"rotary: x {x.shape} needs even d and cos/sin of shape (T, d) or (B, T, d), "
+                         f"got {cos.shape}, {sin.shape}")
     return Rotary.apply(x, cos=cos, sin=sin)
 
 

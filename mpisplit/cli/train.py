@@ -112,6 +112,9 @@ def _output(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data", type=str, default=D.data, help="UTF-8 text file (default: CPython's documentation "
                    "text), a folder from `mpisplit prepare`, or with --init-from/--tokenizer: token ids (.npy, or "
                    "integers separated by spaces or commas), or text encoded by the folder's tokenizer")
+    g.add_argument("--pack", action="store_true",
+                   help="a chat corpus (prepare --chat): pack several conversations into each row of --seq-len "
+                        "tokens; attention stays within each conversation and its positions start at 0")
     g.add_argument("--init-from", type=str, default=D.init_from, metavar="FOLDER",
                    help="fine-tune from a Hugging Face folder (config.json + model.safetensors) of GPT-2 or the "
                    "Llama family (llama, qwen2, mistral), or a GGUF file (FILE.gguf); the model's shape is taken from it")

@@ -102,6 +102,7 @@ def warm_up(dtype: Any = np.float32) -> None:
     s = np.ones((1, 1, 2, 2), dtype=dtype)
     softmax.causal_softmax_forward(s, 1.0)
     softmax.causal_softmax_backward(s, s.copy(), 1.0)
+    softmax.packed_softmax_forward(s, 1.0, np.zeros((1, 2), np.int64))
     m, sums = np.empty(2, dtype=dtype), np.empty(2)
     cross_entropy.row_max(x, 4, m)
     cross_entropy.exp_rows(x, 4, m, out, sums)

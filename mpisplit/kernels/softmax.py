@@ -80,3 +80,30 @@ def causal_softmax_backward(att, ga, scale):
                 g[m, i, j] = scale * a[m, i, j] * (g[m, i, j] - dot)
             for j in range(n, t_k):
                 g[m, i, j] = 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def packed_softmax_forward(s, scale, starts):
+    """causal_softmax_forward of square scores (B, ..., T, T) whose row i of batch row b sees keys
+    starts[b, i]..i only (packed sequences, nn/packing.py); exact zeros elsewhere. The backward is
+    causal_softmax_backward's: the weights are zero outside the block, and so is its result."""
+    t = s.shape[-1]
+    flat = s.reshape(-1, t, t)
+    per = flat.shape[0] // starts.shape[0]
+    for m in range(flat.shape[0]):
+        b = m // per
+        for i in range(t):
+            row = flat[m, i]
+            lo = starts[b, i]
+            seen = row[lo:i + 1]
+            n = i + 1 - lo
+            mx = _scale_max(seen, n, scale)
+            for j in range(n):
+                seen[j] = exp_nonpositive_any(seen[j] - mx)
+            inv = 1.0 / _sum(seen, n)
+            for j in range(n):
+                seen[j] *= inv
+            for j in range(lo):
+                row[j] = 0.0
+            for j in range(i + 1, t):
+                row[j] = 0.0

@@ -41,11 +41,12 @@ from mpisplit.nn.gqa import GroupedQueryAttention
 from mpisplit.nn.layernorm import LayerNorm
 from mpisplit.nn.mlp import ParallelMLP, SwiGLUMLP
 from mpisplit.nn.module import Module, Parameter
+from mpisplit.nn.packing import Packing, check_positions
 from mpisplit.nn.rmsnorm import RMSNorm
 from mpisplit.nn.rotary import RotaryTables
 from mpisplit.parallel.comm import Communicator
 from mpisplit.parallel.mappings import gather_from_tp
-from mpisplit.runtime.backend import resolve_dtype, to_numpy
+from mpisplit.runtime.backend import get_array_module, resolve_dtype, to_numpy
 
 if TYPE_CHECKING:
     from numpy.random import Generator
@@ -61,7 +62,10 @@ class PositionEmbedding(Module):
     def __init__(self, block_size: int, hidden: int, dtype: np.dtype, std: float = 0.02) -> None:
         self.weight = Parameter(np.zeros((block_size, hidden), dtype=dtype), init=("normal", std))
 
-    def forward(self, length: int, offset: int = 0) -> Tensor:
+    def forward(self, length: int, offset: int = 0, positions: Any = None) -> Tensor:
+        """Rows offset..offset+length, or the rows of `positions` (B, n) (packed rows)."""
+        if positions is not None:
+            return ops.embedding(self.weight, get_array_module(self.weight.data).asarray(positions))
         return self.weight[offset: offset + length]
 
 
@@ -98,13 +102,13 @@ class Block(Module):
 
     def forward(
         self, x: Tensor, rngs: tuple[Any, Any], cache: KVCache | None = None, *, sequence_parallel: bool = False,
-        recompute_core: bool = False,
+        recompute_core: bool = False, packing: Packing | None = None,
     ) -> Tensor:
         shared, local = rngs  # shared: the same stream on every TP rank (replicated activations)
         residual = local if sequence_parallel else shared  # sequence blocks differ: so do their masks
         p = self.dropout if self.training and cache is None else 0.0
         a = self.attn(self.ln_1(x), rng=local, cache=cache, sequence_parallel=sequence_parallel,
-                      recompute_core=recompute_core)
+                      recompute_core=recompute_core, packing=packing)
         x = x + ops.dropout(a, p, residual)
         m = self.mlp(self.ln_2(x), sequence_parallel=sequence_parallel)
         return x + ops.dropout(m, p, residual)
@@ -214,23 +218,27 @@ class GPT(Module):
         """The vocab-parallel output layer (last stage): the token table when tied, else lm_head."""
         return self.wte if self.lm_head is None else self.lm_head
 
-    def embed(self, idx: Any, offset: int = 0, *, sequence_parallel: bool = False) -> Tensor:
+    def embed(self, idx: Any, offset: int = 0, *, sequence_parallel: bool = False,
+              packing: Packing | None = None) -> Tensor:
         """Token ids (B, T) -> token (+ position) embeddings (B, T, h), after dropout (first stage);
-        with `sequence_parallel` this rank's (B, T/t, h) block of them."""
+        with `sequence_parallel` this rank's (B, T/t, h) block of them; with `packing` the learned
+        positions of each packed sequence restart at 0."""
         p = self.config.dropout if self.training and offset == 0 else 0.0
         if not sequence_parallel:
             x = self.wte(idx)  # (B, T, h)
             if self.wpe is not None:
-                x = x + self.wpe(idx.shape[1], offset)
+                x = x + self.wpe(idx.shape[1], offset, None if packing is None else packing.on(x.data)[0])
             return ops.dropout(x, p, self.rng_shared)
         n = idx.shape[1] // self.grid.tp
         x = self.wte(idx, sequence_parallel=True)  # (B, T/t, h)
         if self.wpe is not None:
-            x = x + self.wpe(n, offset + self.grid.tp_rank * n)
+            block = None if packing is None else packing.block(self.grid.tp_rank, n)
+            x = x + self.wpe(n, offset + self.grid.tp_rank * n, block)
         return ops.dropout(x, p, self.rng_local)
 
     def run_blocks(
         self, x: Tensor, caches: list[KVCache] | None = None, *, sequence_parallel: bool = False,
+        packing: Packing | None = None,
     ) -> Tensor:
         """(B, T, h) through this stage's blocks; caches: one per block of this stage."""
         rngs = (self.rng_shared, self.rng_local)
@@ -239,46 +247,58 @@ class GPT(Module):
                 x = block(x, rngs, caches[i])
             elif self.recompute == "full":
                 def run(inp: Tensor, r: tuple, block: Block = block) -> Tensor:
-                    return block(inp, r, sequence_parallel=sequence_parallel)
+                    return block(inp, r, sequence_parallel=sequence_parallel, packing=packing)
                 x = recomputed(run, x, rngs)
             else:
                 x = block(x, rngs, sequence_parallel=sequence_parallel,
-                          recompute_core=self.recompute == "selective")
+                          recompute_core=self.recompute == "selective", packing=packing)
         return x
 
     def hidden_states(
         self, idx: Any, caches: list[KVCache] | None = None, *, sequence_parallel: bool = False,
+        positions: Any = None,
     ) -> Tensor:
         """idx (B, T) -> final hidden states (B, T, h) after ln_f, the same on every TP rank (with
-        `sequence_parallel`, and no caches: this rank's (B, T/t, h) block of them)."""
+        `sequence_parallel`, and no caches: this rank's (B, T/t, h) block of them). `positions`
+        (B, T): packed rows (nn/packing.py), each sequence computed as if alone."""
         self._check_whole("hidden_states")
         ln_f = self.ln_f
         assert ln_f is not None  # _check_whole: this is the last stage, which has ln_f
         offset = caches[0].length if caches else 0
         idx = self._check_idx(idx, offset)
         if caches is not None:
+            if positions is not None:
+                raise ValueError("packed rows are for training and scoring, not for decoding with a KV cache")
             return ln_f(self.run_blocks(self._embed_cached(idx, offset), caches))
         if sequence_parallel:
             self._check_sequence(idx)
-        x = self.embed(idx, sequence_parallel=sequence_parallel)
-        return ln_f(self.run_blocks(x, sequence_parallel=sequence_parallel))
+        packing = self.packing(positions, idx.shape)
+        x = self.embed(idx, sequence_parallel=sequence_parallel, packing=packing)
+        return ln_f(self.run_blocks(x, sequence_parallel=sequence_parallel, packing=packing))
+
+    def packing(self, positions: Any, shape: tuple[int, ...]) -> Packing | None:
+        """The Packing of `positions` for token ids of `shape` (checked), or None for plain rows."""
+        if positions is None or isinstance(positions, Packing):
+            return positions
+        return Packing(check_positions(positions, (shape[0], shape[1]), self.config.block_size))
 
     def _embed_cached(self, idx: Any, offset: int) -> Tensor:
         x = self.wte(idx)  # decoding: no dropout
         return x if self.wpe is None else x + self.wpe(idx.shape[1], offset)
 
-    def stage_forward(self, inp: Any) -> Tensor:
+    def stage_forward(self, inp: Any, packing: Packing | None = None) -> Tensor:
         """One pipeline stage's forward: token ids (first stage) or the previous stage's output
-        (B, T, h) -> this stage's output (B, T, h); the last stage's output is after ln_f."""
+        (B, T, h) -> this stage's output (B, T, h); the last stage's output is after ln_f.
+        `packing`: that of the micro-batch's rows (every stage needs it)."""
         sp = self.sequence_parallel
         if self.is_first:
             idx = self._check_idx(inp)
             if sp:
                 self._check_sequence(idx)
-            x = self.embed(idx, sequence_parallel=sp)
+            x = self.embed(idx, sequence_parallel=sp, packing=packing)
         else:
             x = inp
-        x = self.run_blocks(x, sequence_parallel=sp)
+        x = self.run_blocks(x, sequence_parallel=sp, packing=packing)
         return x if self.ln_f is None else self.ln_f(x)  # the last stage's output is after ln_f
 
     def stage_loss(self, hidden: Tensor, targets: Any, ignore_index: int = -100,
@@ -301,22 +321,24 @@ class GPT(Module):
                 "(run stages with mpisplit.parallel.pipeline, or load the checkpoint at pp=1)"
             )
 
-    def forward(self, idx: Any) -> Tensor:
-        """idx (B, T) -> full logits (B, T, vocab_size) on every rank (all-gathered)."""
-        local = self.head.logits(self.hidden_states(idx))  # (B, T, Vp/t)
+    def forward(self, idx: Any, positions: Any = None) -> Tensor:
+        """idx (B, T) -> full logits (B, T, vocab_size) on every rank (all-gathered); `positions`:
+        packed rows (see hidden_states)."""
+        local = self.head.logits(self.hidden_states(idx, positions=positions))  # (B, T, Vp/t)
         full = gather_from_tp(local, self.grid.tp_comm)  # (B, T, Vp)
         V = self.config.vocab_size
         return full if full.shape[-1] == V else full[..., :V]
 
-    def loss(self, idx: Any, targets: Any, ignore_index: int = -100, normalizer: float | None = None) -> Tensor:
+    def loss(self, idx: Any, targets: Any, ignore_index: int = -100, normalizer: float | None = None,
+             positions: Any = None) -> Tensor:
         """Mean next-token cross-entropy (with `normalizer`: the sum divided by it); the logits
-        stay split over the TP ranks."""
+        stay split over the TP ranks. `positions`: packed rows (see hidden_states)."""
         targets = targets.data if isinstance(targets, Tensor) else targets
         idx = self._check_idx(idx)
         if tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         check_targets(targets, self.config.vocab_size, ignore_index)  # before any collective
-        hidden = self.hidden_states(idx, sequence_parallel=self.sequence_parallel)
+        hidden = self.hidden_states(idx, sequence_parallel=self.sequence_parallel, positions=positions)
         return self.stage_loss(hidden, targets, ignore_index, normalizer)
 
     # --------------------------------------------------------- generation

@@ -24,6 +24,7 @@ from mpisplit.autograd import ops
 from mpisplit.autograd.tensor import Function, Tensor, is_grad_enabled
 from mpisplit.nn.linear import RowParallelLinear, _check_input, sequence_parallel_linear
 from mpisplit.nn.module import Module, Parameter
+from mpisplit.nn.packing import Packing, packed_mask
 from mpisplit.parallel.mappings import copy_to_tp
 from mpisplit.runtime.backend import get_array_module, is_low_precision, resolve_dtype
 
@@ -41,22 +42,26 @@ def dropout_mask(att: Any, p: float, rng: Any) -> Any:
     return mask
 
 
-def causal_weights(q: Any, k: Any, scale: float) -> Any:
-    """softmax(q k^T * scale + causal mask) for q (..., T, hs), k (..., T, hs) that broadcast
-    against each other (grouped query heads: q (B, kv, g, T, hs), k (B, kv, 1, T, hs))."""
+def causal_weights(q: Any, k: Any, scale: float, starts: Any = None) -> Any:
+    """softmax(q k^T * scale + causal mask) for q (B, ..., T, hs), k (B, ..., T, hs) that broadcast
+    against each other (grouped query heads: q (B, kv, g, T, hs), k (B, kv, 1, T, hs)). With
+    `starts` (B, T) (packed rows, nn/packing.py) query i sees keys starts[b, i]..i only."""
     xp = get_array_module(q)
     att = q @ k.swapaxes(-1, -2)  # (..., T, T)
     T = att.shape[-1]
     if kernels.applies(att):  # scale, mask and softmax in one pass per row
-        from mpisplit.kernels.softmax import causal_softmax_forward
+        from mpisplit.kernels.softmax import causal_softmax_forward, packed_softmax_forward
 
-        causal_softmax_forward(att, scale)
+        if starts is None:
+            causal_softmax_forward(att, scale)
+        else:
+            packed_softmax_forward(att, scale, starts)
         return att
     low = is_low_precision(att.dtype)  # 16-bit compute: the softmax runs in float32
     if low:
         att = att.astype(xp.float32)
     att *= scale
-    att += ops.causal_mask(T, T, 0, xp, att.dtype)
+    att += ops.causal_mask(T, T, 0, xp, att.dtype) if starts is None else packed_mask(starts, att.ndim, att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
@@ -91,12 +96,14 @@ class _HeadAttention(Function):
     activation and the attention weights once, and no copies for the head split.
     Dropout on the attention weights uses `rng` (a Generator) when p > 0. With `recompute`
     (selective recomputation) only qkv is kept: backward recomputes the weights, and redraws
-    the dropout mask from a copy of the generator taken before the forward drew it.
+    the dropout mask from a copy of the generator taken before the forward drew it. `starts`
+    (B, T): packed rows (nn/packing.py), each query seeing its own sequence only.
     """
 
-    def forward(self, qkv: Any, p: float = 0.0, rng: Any = None, recompute: bool = False) -> Any:
+    def forward(self, qkv: Any, p: float = 0.0, rng: Any = None, recompute: bool = False,
+                starts: Any = None) -> Any:
         B, T, _, nh, hs = qkv.shape
-        self.scale = 1.0 / math.sqrt(hs)
+        self.scale, self.starts = 1.0 / math.sqrt(hs), starts
         self.p, self.replay = p, copy.deepcopy(rng) if recompute and p > 0.0 else None
         att = self._weights(qkv)
         mask = dropout_mask(att, p, rng)
@@ -112,7 +119,7 @@ class _HeadAttention(Function):
         """softmax(q k^T / sqrt(hs) + causal mask): (B, nh, T, T)."""
         q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         k = qkv[:, :, 1].transpose(0, 2, 1, 3)
-        return causal_weights(q, k, self.scale)
+        return causal_weights(q, k, self.scale, self.starts)
 
     def backward(self, g: Any) -> Any:
         qkv, att, mask = self.saved
@@ -202,7 +209,7 @@ class ParallelSelfAttention(Module):
 
     def forward(
         self, x: Tensor, rng: Any = None, cache: KVCache | None = None, *, sequence_parallel: bool = False,
-        recompute_core: bool = False,
+        recompute_core: bool = False, packing: Packing | None = None,
     ) -> Tensor:
         """x (B, T, h), the same on every TP rank -> (B, T, h), the same on every TP rank.
 
@@ -210,6 +217,7 @@ class ParallelSelfAttention(Module):
         different heads). With `cache`, no graph is recorded: the new positions are
         appended to the cache and attend to everything cached before them. With
         `sequence_parallel`, x and the output are this rank's (B, T/t, h) block of the sequence.
+        With `packing`, each token attends within its own packed sequence only.
         """
         _check_input(x, self.hidden, self.dtype, "ParallelSelfAttention")
         if sequence_parallel:
@@ -224,7 +232,8 @@ class ParallelSelfAttention(Module):
             y = self._decode(qkv.data, cache)
         else:
             p = self.dropout if self.training else 0.0
-            y = _HeadAttention.apply(qkv, p=p, rng=rng, recompute=recompute_core)  # (B, T, hl)
+            starts = None if packing is None else packing.on(qkv.data)[1]
+            y = _HeadAttention.apply(qkv, p=p, rng=rng, recompute=recompute_core, starts=starts)  # (B, T, hl)
         return self.c_proj(y, sequence_parallel=sequence_parallel)
 
     def rows_qkv(self, x: Tensor, positions: Any) -> tuple[Any, Any, Any]:

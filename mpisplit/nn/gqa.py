@@ -25,6 +25,7 @@ from mpisplit.autograd.tensor import Function, Tensor, is_grad_enabled
 from mpisplit.nn.attention import KVCache, causal_softmax_backward, causal_weights, dropout_mask
 from mpisplit.nn.linear import RowParallelLinear, _check_input, column_group
 from mpisplit.nn.module import Module, Parameter
+from mpisplit.nn.packing import Packing
 from mpisplit.nn.rotary import RotaryTables
 from mpisplit.runtime.backend import get_array_module, resolve_dtype
 
@@ -67,14 +68,15 @@ def _grouped(x: Any, kv: int) -> Any:
 class _GroupedAttention(Function):
     """q (B, T, H, d), k and v (B, T, KV, d), rotary applied -> causal attention -> (B, T, H*d).
     With `recompute` only q, k, v are kept and backward recomputes the weights (and redraws the
-    dropout mask from a copy of the generator)."""
+    dropout mask from a copy of the generator). `starts` (B, T): packed rows (nn/packing.py)."""
 
-    def forward(self, q: Any, k: Any, v: Any, p: float = 0.0, rng: Any = None, recompute: bool = False) -> Any:
+    def forward(self, q: Any, k: Any, v: Any, p: float = 0.0, rng: Any = None, recompute: bool = False,
+                starts: Any = None) -> Any:
         B, T, H, d = q.shape
         kv = k.shape[2]
-        self.scale, self.kv = 1.0 / math.sqrt(d), kv
+        self.scale, self.kv, self.starts = 1.0 / math.sqrt(d), kv, starts
         self.p, self.replay = p, copy.deepcopy(rng) if recompute and p > 0.0 else None
-        att = causal_weights(_grouped(q, kv), _grouped(k, kv), self.scale)  # (B, kv, g, T, T)
+        att = causal_weights(_grouped(q, kv), _grouped(k, kv), self.scale, starts)  # (B, kv, g, T, T)
         mask = dropout_mask(att, p, rng)
         y = (att if mask is None else att * mask) @ _grouped(v, kv)  # (B, kv, g, T, d)
         self.save(q, k, v, None if recompute else att, None if recompute else mask)
@@ -85,7 +87,7 @@ class _GroupedAttention(Function):
         kv = self.kv
         q5, k5, v5 = _grouped(q, kv), _grouped(k, kv), _grouped(v, kv)
         if att is None:  # selective recomputation: the weights and the very same mask again
-            att = causal_weights(q5, k5, self.scale)
+            att = causal_weights(q5, k5, self.scale, self.starts)
             mask = dropout_mask(att, self.p, self.replay)
         B, T, H, d = q.shape
         gy = g.reshape(B, T, H, d).transpose(0, 2, 1, 3).reshape(B, kv, H // kv, T, d)
@@ -135,14 +137,16 @@ class GroupedQueryAttention(Module):
 
     def forward(
         self, x: Tensor, rng: Any = None, cache: KVCache | None = None, *, sequence_parallel: bool = False,
-        recompute_core: bool = False,
+        recompute_core: bool = False, packing: Packing | None = None,
     ) -> Tensor:
         """x (B, T, h) -> (B, T, h), the same on every TP rank (with `sequence_parallel` this rank's
-        (B, T/t, h) block). With `cache`, no graph: positions continue from the cache's length."""
+        (B, T/t, h) block). With `cache`, no graph: positions continue from the cache's length.
+        With `packing`, rotary positions restart with each packed sequence, which attends to itself only."""
         q, k, v = self.project(x, sequence_parallel=sequence_parallel)
         T = q.shape[1]
         offset = cache.length if cache is not None else 0
-        cos, sin = self.rotary.at(slice(offset, offset + T), q.data)
+        positions, starts = (slice(offset, offset + T), None) if packing is None else packing.on(q.data)
+        cos, sin = self.rotary.at(positions, q.data)
         if cache is not None:
             if is_grad_enabled():
                 raise RuntimeError("decoding with a KV cache must run under no_grad()")
@@ -150,7 +154,7 @@ class GroupedQueryAttention(Module):
         else:
             p = self.dropout if self.training else 0.0
             y = _GroupedAttention.apply(ops.rotary(q, cos, sin), ops.rotary(k, cos, sin), v,
-                                        p=p, rng=rng, recompute=recompute_core)  # (B, T, Hl*d)
+                                        p=p, rng=rng, recompute=recompute_core, starts=starts)  # (B, T, Hl*d)
         return self.o_proj(y, sequence_parallel=sequence_parallel)
 
     def rows_qkv(self, x: Tensor, positions: Any) -> tuple[Any, Any, Any]:

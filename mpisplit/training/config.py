@@ -51,6 +51,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     grad_clip: float = 1.0  # clip the global gradient norm (0: off)
     seed: int = 1337
+    pack: bool = False  # chat corpus: several conversations per row, each attending to itself only
     # ---- LoRA (models/lora.py): adapters on the projections, the rest frozen
     lora_rank: int = 0  # adapter rank (0: full fine-tuning)
     lora_alpha: float | None = None  # adapter scale alpha / rank (None: alpha = rank, a scale of 1)

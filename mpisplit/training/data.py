@@ -145,6 +145,16 @@ class TokenDataset:
                 f"the data has {len(self.train)} train and {len(self.val)} validation tokens"
             )
 
+    def use_packing(self, seq_len: int) -> None:
+        raise ValueError("--pack packs the conversations of a chat corpus (mpisplit prepare --chat); "
+                         "windows of a token stream fill their rows already")
+
+    def rows(
+        self, split: str, seed: int, step: int, batch_size: int, seq_len: int, dp_rank: int = 0, dp: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """batch() and the rows' positions when packed (None: every row one sequence from 0)."""
+        return (*self.batch(split, seed, step, batch_size, seq_len, dp_rank, dp), None)
+
     def train_entropy(self) -> float:
         """The unigram entropy of the training tokens (nats)."""
         return unigram_entropy(self.train, self.vocab_size)

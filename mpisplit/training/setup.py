@@ -57,6 +57,8 @@ def load_data(config: TrainConfig, rank: int = 0, size: int = 1) -> Data:
         text = default_corpus() if config.data is None else load_text(config.data)
         data = Data(TextDataset(text), text, None)
     data.dataset.check_seq_len(config.seq_len)
+    if config.pack:
+        data.dataset.use_packing(config.seq_len)
     return data
 
 

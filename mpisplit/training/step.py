@@ -39,18 +39,21 @@ class StepRunner:
         self.net, self.grid, self.micro_batches = net, grid, micro_batches
         self.link = StageLink(grid.pp_comm, synchronous=synchronous) if grid.pp > 1 else None
 
-    def _split(self, x: Any, y: Any) -> tuple[list[Any], list[Any], int]:
+    def _split(self, x: Any, y: Any, positions: Any) -> tuple[list[Any], list[Any], list[Any], int]:
+        """The micro-batches' ids, targets and packings (None: plain rows)."""
         rows = check_micro_batches(x.shape[0], self.micro_batches)
         xs = [x[i * rows:(i + 1) * rows] for i in range(self.micro_batches)]
         ys = [y[i * rows:(i + 1) * rows] for i in range(self.micro_batches)]
-        return xs, ys, rows
+        packing = None if positions is None else self.net.packing(positions, x.shape)  # checked once, every rank alike
+        packs = [None if packing is None else packing.rows(i * rows, (i + 1) * rows) for i in range(self.micro_batches)]
+        return xs, ys, packs, rows
 
-    def _stage_step(self, xs: list[Any], ys: list[Any], scale: float,
+    def _stage_step(self, xs: list[Any], ys: list[Any], packs: list[Any], scale: float,
                     normalizer: float | None = None) -> Callable[[int, Tensor | None], Tensor]:
         net = self.net
 
         def step(i: int, x: Tensor | None) -> Tensor:
-            out = net.stage_forward(xs[i] if x is None else x)
+            out = net.stage_forward(xs[i] if x is None else x, packs[i])
             if not net.is_last:
                 return out
             if normalizer is not None:
@@ -59,62 +62,66 @@ class StepRunner:
 
         return step
 
-    def _loss(self, x: Any, y: Any, normalizer: float | None) -> Tensor:
+    def _loss(self, x: Any, y: Any, normalizer: float | None, packing: Any = None) -> Tensor:
         """One micro-batch's loss: its mean over M, or its sum over `normalizer`."""
         if normalizer is None:
-            return self.net.loss(x, y) * (1.0 / self.micro_batches)
-        return self.net.loss(x, y, normalizer=normalizer)
+            return self.net.loss(x, y, positions=packing) * (1.0 / self.micro_batches)
+        return self.net.loss(x, y, normalizer=normalizer, positions=packing)
 
     def _normalizer(self, target_count: int | None) -> float | None:
         return None if target_count is None else max(int(target_count), 1) / self.grid.dp
 
-    def forward_backward(self, x: Any, y: Any, *, loss_scale: float = 1.0, target_count: int | None = None) -> float:
+    def forward_backward(self, x: Any, y: Any, *, loss_scale: float = 1.0, target_count: int | None = None,
+                         positions: Any = None) -> float:
         """Gradients of the mean loss over this rank's batch (x, y: (B, T) token ids), times
         `loss_scale` (mixed precision), accumulate in the parameters' .grad; returns that mean
-        loss (unscaled), the same on every stage. `target_count`: see the module's docstring. A scaled backward may overflow float16: the
+        loss (unscaled), the same on every stage. `target_count`: see the module's docstring.
+        `positions` (B, T): packed rows (nn/packing.py). A scaled backward may overflow float16: the
         loss scaler finds the non-finite gradients and skips the step, so NumPy's overflow
         warnings are silenced there (and only there)."""
         normalizer = self._normalizer(target_count)
+        batch = self._split(x, y, positions)
         if loss_scale == 1.0:
-            return self._forward_backward(x, y, None, normalizer)
+            return self._forward_backward(batch, x.shape[1], None, normalizer)
         with np.errstate(over="ignore", invalid="ignore"):
-            return self._forward_backward(x, y, float(loss_scale), normalizer)
+            return self._forward_backward(batch, x.shape[1], float(loss_scale), normalizer)
 
-    def _forward_backward(self, x: Any, y: Any, seed: float | None, normalizer: float | None) -> float:
+    def _forward_backward(self, batch: tuple, seq: int, seed: float | None, normalizer: float | None) -> float:
         m = self.micro_batches
-        xs, ys, rows = self._split(x, y)
+        xs, ys, packs, rows = batch
         like = self._like()
         if self.link is None:
             total = 0.0
-            for xi, yi in zip(xs, ys):
-                loss = self._loss(xi, yi, normalizer)
+            for xi, yi, pk in zip(xs, ys, packs):
+                loss = self._loss(xi, yi, normalizer, pk)
                 # Seeded with the scale (in the loss's dtype): the loss itself is never scaled.
                 loss.backward(None if seed is None else loss.xp.asarray(seed, dtype=loss.dtype))
                 total += float(to_numpy(loss.data))
             self.sum_sequence_parallel_gradients()
             self.sum_replica_gradients()
             return total
-        shape, dtype = self._boundary(rows, x.shape[1])
-        outs = one_forward_one_backward(self._stage_step(xs, ys, 1.0 / m, normalizer), m, self.link, shape, dtype,
-                                        like, loss_seed=seed)
+        shape, dtype = self._boundary(rows, seq)
+        outs = one_forward_one_backward(self._stage_step(xs, ys, packs, 1.0 / m, normalizer), m, self.link, shape,
+                                        dtype, like, loss_seed=seed)
         self.sum_tied_gradients()
         self.sum_sequence_parallel_gradients()
         self.sum_replica_gradients()
         return self._share_loss(outs)
 
-    def evaluate(self, x: Any, y: Any, *, summed: bool = False) -> float:
+    def evaluate(self, x: Any, y: Any, *, summed: bool = False, positions: Any = None) -> float:
         """Mean loss over the batch without gradients, the same on every stage; with `summed` the
         summed cross-entropy of the counted targets instead (the caller divides)."""
         m = self.micro_batches
-        xs, ys, rows = self._split(x, y)
+        xs, ys, packs, rows = self._split(x, y, positions)
         normalizer = 1.0 if summed else None
         with no_grad():
             if self.link is None:
                 if summed:
-                    return sum(float(to_numpy(self._loss(xi, yi, 1.0).data)) for xi, yi in zip(xs, ys))
-                return sum(float(to_numpy(self.net.loss(xi, yi).data)) for xi, yi in zip(xs, ys)) / m
+                    return sum(float(to_numpy(self._loss(xi, yi, 1.0, pk).data)) for xi, yi, pk in zip(xs, ys, packs))
+                return sum(float(to_numpy(self.net.loss(xi, yi, positions=pk).data))
+                           for xi, yi, pk in zip(xs, ys, packs)) / m
             shape, dtype = self._boundary(rows, x.shape[1])
-            outs = forward_only(self._stage_step(xs, ys, 1.0 / m, normalizer), m, self.link, shape, dtype,
+            outs = forward_only(self._stage_step(xs, ys, packs, 1.0 / m, normalizer), m, self.link, shape, dtype,
                                 self._like())
         return self._share_loss(outs)
 

@@ -161,10 +161,10 @@ class Trainer:
         c, grid, mp = self.config, self.grid, self.mp
         self.faults.before_step(done)
         self.opt.lr = optim.cosine_lr(done - 1, max_lr=c.lr, warmup=c.warmup, total=c.steps, min_lr=self.min_lr)
-        x, y = self.data.batch("train", c.seed, done - 1, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
+        x, y, positions = self.data.rows("train", c.seed, done - 1, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
         # d(mean loss) over M micro-batches; under amp d(scale * loss)
         value = self.runner.forward_backward(x, y, loss_scale=1.0 if mp is None else mp.scale,
-                                             target_count=self._target_count(y))
+                                             target_count=self._target_count(y), positions=positions)
         self.faults.poison_grads(done, self.net.parameters())
         skipped = mp is not None and not mp.unscale_()  # an overflow on any rank skips the step on every rank
         norm = float("nan")
@@ -213,8 +213,8 @@ class Trainer:
         losses, counted = [], 0
         with no_grad():
             for i in range(c.eval_iters):
-                x, y = self.data.batch("val", c.seed, i, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
-                losses.append(self.runner.evaluate(x, y, summed=self.data.masked))
+                x, y, positions = self.data.rows("val", c.seed, i, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
+                losses.append(self.runner.evaluate(x, y, summed=self.data.masked, positions=positions))
                 counted += int((y != -100).sum())
         self.net.train()
         if self.data.masked:
