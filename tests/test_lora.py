@@ -158,3 +158,122 @@ def test_every_layout_equals_peft(case):
             for n, p in lora.items():
                 p.grad = None
                 assert max_rel(gather(p, grid.tp_comm), ref_stepped[n]) < 1e-10, (tp, dp, pp, sp, n)
+
+
+P = 0.25  # LoRA dropout
+
+
+def _record_masks(monkeypatch, model):
+    """Wrap LoRA._drop: each adapter's keep-mask of this forward (out != 0 where x is dense
+    random), by the adapter's parameter-name prefix, with the layout it was drawn in."""
+    from mpisplit.nn.lora import LoRA
+
+    names = {id(m): n.removesuffix(".lora.a") for n, p in model.named_parameters() if n.endswith(".lora.a")
+             for m in model.modules() if isinstance(m, LoRA) and m.a is p}
+    masks, original = {}, LoRA._drop
+
+    def drop(self, x, rngs, stream):
+        out = original(self, x, rngs, stream)
+        assert np.all(x.data != 0)
+        masks[names[id(self)]] = (out.data != 0, self.row, stream)
+        return out
+
+    monkeypatch.setattr(LoRA, "_drop", drop)
+    return masks
+
+
+def _global_masks(masks, grid, sp):
+    """The masks of the whole batch and every projection, on every rank: a column adapter's mask
+    is the same on every TP rank (checked) or a sequence block (SP), a row adapter's a block of
+    the input features; DP ranks hold blocks of rows, pipeline stages their own blocks."""
+    out = {}
+    for name, (keep, row, stream) in sorted(masks.items()):
+        assert stream == (1 if row or sp else 0), name  # replicated inputs draw from the shared stream
+        parts = grid.tp_comm.mpi.allgather(keep)
+        if row:
+            keep = np.concatenate(parts, axis=2)
+        elif sp:
+            keep = np.concatenate(parts, axis=1)
+        else:
+            assert all(np.array_equal(p, keep) for p in parts), name
+        out[name] = np.concatenate(grid.dp_comm.mpi.allgather(keep), axis=0)
+    for stage in grid.pp_comm.mpi.allgather(out):
+        out.update(stage)
+    return out
+
+
+def test_dropout_equals_peft_with_the_same_masks(monkeypatch, tmp_path):
+    """--lora-dropout: at every layout, training with the adapters' dropout equals PEFT + transformers
+    (float64, 1e-10) given the very masks drawn (PEFT's nn.Dropout replaced by them); a column
+    adapter's mask is the same on every TP rank; full recomputation replays the same masks."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from test_llama_hf import _hf, _ours
+
+    c = dense.FAMILIES["llama"]
+    folder = tmp_path / "model"
+    if MPI.COMM_WORLD.rank == 0:
+        dense.write_folder(folder, c, dense.arrays(c, seed=4))
+    folder = MPI.COMM_WORLD.bcast(folder)
+    MPI.COMM_WORLD.Barrier()
+    idx, targets = np.random.default_rng(2).integers(0, c["vocab_size"], size=(2, B, T))
+    adapters = None
+    for tp, dp, pp, sp in _layouts(MPI.COMM_WORLD.size):
+        with ProcessGrid(tp=tp, dp=dp, pp=pp) as grid:
+            grads = {}
+            for recompute in ("none", "full"):
+                model = GPT.from_pretrained(folder, grid, dtype="float64")
+                apply_lora(model, LoraConfig(rank=R, alpha=ALPHA, dropout=P), seed=0)
+                model.sequence_parallel, model.recompute = sp, recompute
+                lora = {n: p for n, p in model.named_parameters() if ".lora." in n}
+                if adapters is None:
+                    rng = np.random.default_rng(9)
+                    adapters = {n: rng.standard_normal(p.global_shape) * 0.3 for n, p in sorted(lora.items())}
+                    adapters = MPI.COMM_WORLD.bcast(adapters)  # every stage's names, from a pp=1 layout
+                for n, p in lora.items():
+                    p.data[...] = p.slab_of(adapters[n])
+                masks = _record_masks(monkeypatch, model)
+                rows = slice(grid.dp_rank * (B // dp), (grid.dp_rank + 1) * (B // dp))
+                loss = StepRunner(model, grid, 1, synchronous=True).forward_backward(idx[rows], targets[rows])
+                monkeypatch.undo()
+                average_gradients(model.parameters(), grid.dp_comm)
+                loss = float(grid.dp_comm.allreduce(np.array([loss]))[0]) / dp
+                grads[recompute] = {n: gather(p, grid.tp_comm) for n, p in lora.items()}
+                if recompute == "none":
+                    keep = _global_masks(masks, grid, sp)
+            where = (tp, dp, pp, sp)
+            for n in grads["none"]:
+                assert np.array_equal(grads["full"][n], grads["none"][n]), (where, n)
+            ref_loss, ref_grads = _peft_with_masks(torch, peft, _hf(folder, _ours(folder)), adapters, keep, idx,
+                                                   targets, c["vocab_size"])
+            assert abs(loss - ref_loss) < 1e-12 * ref_loss, where
+            for n, g in grads["none"].items():
+                assert max_rel(g, ref_grads[n]) < 1e-10, (where, n)
+
+
+def _peft_with_masks(torch, peft, hf_model, adapters, keep, idx, targets, vocab):
+    """PEFT's loss and adapter gradients with each adapter's dropout replaced by its mask (the
+    model in eval mode, as in the checks above: the masks are the dropout, whatever the mode)."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.mask = torch.as_tensor(mask / (1.0 - P))
+
+        def forward(self, x):
+            return x * self.mask
+
+    model = peft.get_peft_model(hf_model, peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=P)).to(torch.float64)
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    with torch.no_grad():
+        for n, a in adapters.items():
+            params[peft_name(n)].copy_(torch.as_tensor(a.T))
+    assert sorted(keep) == sorted({n.removesuffix(".lora.a").removesuffix(".lora.b") for n in adapters})
+    for name, mask in keep.items():
+        owner = peft_name(f"{name}.lora.a").removesuffix(".lora_A.default.weight")
+        modules[f"{owner}.lora_dropout"]["default"] = Fixed(mask.astype(np.float64))
+    out = model(input_ids=torch.as_tensor(idx))
+    loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), torch.as_tensor(targets).reshape(-1))
+    loss.backward()
+    return loss.item(), {n: params[peft_name(n)].grad.numpy().T.copy() for n in adapters}

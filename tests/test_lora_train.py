@@ -148,12 +148,28 @@ def test_lora_from_starts_from_a_peft_adapter(work, baseline):
     assert abs(want - baseline[0]) > 1e-3  # not the base model's loss
 
 
+def test_dropout_trains_and_resumes_exactly(work, baseline):
+    """--lora-dropout: the masks change the losses (the run differs from the baseline), are drawn
+    from the checkpointed streams (a run resumed at step 2 continues with the same losses, at tp 2
+    with full recomputation, which replays them), and the adapter folder records the rate."""
+    flags = [*COMMON, "--lora-dropout", "0.3", "--tp", "2", "--recompute", "full", "--save-every", "2"]
+    run(2, [*flags, "--steps", "4", "--out", "dropout"], work)
+    run(2, [*flags, "--steps", "2", "--out", "dropout-resumed"], work)
+    run(2, [*flags, "--steps", "4", "--resume", "--out", "dropout-resumed"], work)
+    got, resumed = losses(work / "dropout"), losses(work / "dropout-resumed")
+    assert len(got) == 4 and np.array_equal(got, resumed), (got, resumed)
+    assert abs(got[1] - baseline[1]) > 1e-6 and got[0] == pytest.approx(baseline[0], rel=1e-10)  # B starts at 0
+    config = json.loads((_checkpoint(work, "dropout") / "adapter" / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.3
+
+
 def test_bad_lora_flags_are_one_clear_error(work):
     cases = [
         (["--data", "ids.npy", "--lora-rank", "4"], "LoRA adapts a pretrained model: give --init-from FOLDER"),
         ([*COMMON, "--lora-targets", "q_proj,c_attn"], r"--lora-targets: \['c_attn'\]"),
         ([*COMMON[:-4], "--lora-alpha", "8"], "--lora-alpha apply to LoRA: give --lora-rank R too"),
         ([*COMMON, "--lora-from", "llama"], "is not a PEFT adapter folder: it has no adapter_config.json"),
+        ([*COMMON, "--lora-dropout", "1"], r"--lora-dropout must be in \[0, 1\), got 1.0"),
     ]
     for flags, message in cases:
         done = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, str(TRAIN), *flags, "--out", "bad"], cwd=work,

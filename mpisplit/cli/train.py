@@ -101,7 +101,8 @@ def _lora(g: argparse._ArgumentGroup) -> None:
                    help="the projections adapted, by their Hugging Face names: q_proj,k_proj,v_proj,o_proj,"
                         "gate_proj,up_proj,down_proj, or all-linear")
     g.add_argument("--lora-dropout", type=float, default=D.lora_dropout, metavar="P",
-                   help="dropout on the adapters' input (only 0 is supported)")
+                   help="dropout on the adapters' input while training, as PEFT's lora_dropout (with "
+                        "--lora-from: the adapter's lora_dropout unless this is given)")
     g.add_argument("--lora-rslora", action="store_true", help="rank-stabilised scale A / sqrt(R)")
     g.add_argument("--lora-from", default=D.lora_from, metavar="FOLDER",
                    help="start the adapters from a PEFT adapter folder (adapter_config.json + "

@@ -108,9 +108,9 @@ class Block(Module):
         residual = local if sequence_parallel else shared  # sequence blocks differ: so do their masks
         p = self.dropout if self.training and cache is None else 0.0
         a = self.attn(self.ln_1(x), rng=local, cache=cache, sequence_parallel=sequence_parallel,
-                      recompute_core=recompute_core, packing=packing)
+                      recompute_core=recompute_core, packing=packing, rngs=rngs)
         x = x + ops.dropout(a, p, residual)
-        m = self.mlp(self.ln_2(x), sequence_parallel=sequence_parallel)
+        m = self.mlp(self.ln_2(x), sequence_parallel=sequence_parallel, rngs=rngs)
         return x + ops.dropout(m, p, residual)
 
 

@@ -90,7 +90,7 @@ def read_adapter_config(folder: Path) -> LoraConfig:
     names = set(TARGETS) if targets == "all-linear" else {str(t).rsplit(".", 1)[-1] for t in targets or []}
     config = LoraConfig(rank=int(data.get("r", 0)), alpha=float(data.get("lora_alpha", 0)),
                         targets=tuple(t for t in TARGETS if t in names) + tuple(sorted(names - set(TARGETS))),
-                        rslora=bool(data.get("use_rslora", False)))
+                        dropout=float(data.get("lora_dropout") or 0.0), rslora=bool(data.get("use_rslora", False)))
     try:
         config.validate()
     except ValueError as exc:

@@ -209,7 +209,7 @@ class ParallelSelfAttention(Module):
 
     def forward(
         self, x: Tensor, rng: Any = None, cache: KVCache | None = None, *, sequence_parallel: bool = False,
-        recompute_core: bool = False, packing: Packing | None = None,
+        recompute_core: bool = False, packing: Packing | None = None, rngs: Any = None,
     ) -> Tensor:
         """x (B, T, h), the same on every TP rank -> (B, T, h), the same on every TP rank.
 
@@ -217,7 +217,8 @@ class ParallelSelfAttention(Module):
         different heads). With `cache`, no graph is recorded: the new positions are
         appended to the cache and attend to everything cached before them. With
         `sequence_parallel`, x and the output are this rank's (B, T/t, h) block of the sequence.
-        With `packing`, each token attends within its own packed sequence only.
+        With `packing`, each token attends within its own packed sequence only. `rngs` is the
+        blocks' common signature (LoRA's dropout streams; GPT-2's fused projection has no adapters).
         """
         _check_input(x, self.hidden, self.dtype, "ParallelSelfAttention")
         if sequence_parallel:

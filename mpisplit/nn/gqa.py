@@ -126,10 +126,10 @@ class GroupedQueryAttention(Module):
         self.o_proj = RowParallelLinear(n_heads * head_dim, hidden, tp_comm, bias=out_bias, dtype=dtype,
                                         std=std if proj_std is None else proj_std)
 
-    def project(self, x: Tensor, *, sequence_parallel: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, *, sequence_parallel: bool = False, rngs: Any = None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, h) -> q (B, T, Hl, d), k and v (B, T, KVl, d) of this rank's heads, no rotary."""
         _check_input(x, self.hidden, self.dtype, "GroupedQueryAttention")
-        q, k, v = column_group(x, [self.q_proj, self.k_proj, self.v_proj], self.comm, sequence_parallel)
+        q, k, v = column_group(x, [self.q_proj, self.k_proj, self.v_proj], self.comm, sequence_parallel, rngs)
         B, T = q.shape[:2]
         d = self.head_size
         return (q.reshape(B, T, self.local_heads, d), k.reshape(B, T, self.local_kv_heads, d),
@@ -137,12 +137,13 @@ class GroupedQueryAttention(Module):
 
     def forward(
         self, x: Tensor, rng: Any = None, cache: KVCache | None = None, *, sequence_parallel: bool = False,
-        recompute_core: bool = False, packing: Packing | None = None,
+        recompute_core: bool = False, packing: Packing | None = None, rngs: Any = None,
     ) -> Tensor:
         """x (B, T, h) -> (B, T, h), the same on every TP rank (with `sequence_parallel` this rank's
         (B, T/t, h) block). With `cache`, no graph: positions continue from the cache's length.
-        With `packing`, rotary positions restart with each packed sequence, which attends to itself only."""
-        q, k, v = self.project(x, sequence_parallel=sequence_parallel)
+        With `packing`, rotary positions restart with each packed sequence, which attends to itself only.
+        `rngs`: the model's (shared, local) dropout streams, for the LoRA adapters' dropout."""
+        q, k, v = self.project(x, sequence_parallel=sequence_parallel, rngs=rngs)
         T = q.shape[1]
         offset = cache.length if cache is not None else 0
         positions, starts = (slice(offset, offset + T), None) if packing is None else packing.on(q.data)
@@ -155,7 +156,7 @@ class GroupedQueryAttention(Module):
             p = self.dropout if self.training else 0.0
             y = _GroupedAttention.apply(ops.rotary(q, cos, sin), ops.rotary(k, cos, sin), v,
                                         p=p, rng=rng, recompute=recompute_core, starts=starts)  # (B, T, Hl*d)
-        return self.o_proj(y, sequence_parallel=sequence_parallel)
+        return self.o_proj(y, sequence_parallel=sequence_parallel, rngs=rngs)
 
     def rows_qkv(self, x: Tensor, positions: Any) -> tuple[Any, Any, Any]:
         """Decoding rows x (1, N, h) at `positions` (N,) -> arrays q (1, N, Hl, d), k and v

@@ -147,14 +147,15 @@ class ColumnParallelLinear(Module):
         if seed is not None:
             self.reset_parameters(seed)
 
-    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False, rngs: Any = None) -> Tensor:
+        """`rngs`: the model's (shared, local) dropout streams, for a LoRA adapter's dropout."""
         _check_input(x, self.in_features, self.dtype, "ColumnParallelLinear")
         if sequence_parallel:
             y = sequence_parallel_linear(x, self.weight, self.bias, self.comm)  # (B, T, n)
-            (y,) = _with_lora([y], [self], x, self.comm, True)
+            (y,) = _with_lora([y], [self], x, self.comm, True, rngs)
         else:
             xt = copy_to_tp(x, self.comm)
-            (y,) = _with_lora([ops.linear(xt, self.weight, self.bias)], [self], xt, self.comm, False)  # (..., n)
+            (y,) = _with_lora([ops.linear(xt, self.weight, self.bias)], [self], xt, self.comm, False, rngs)  # (..., n)
         if not self.gather_output:
             return y
         y = gather_from_tp(y, self.comm)  # (..., tp * n)
@@ -191,7 +192,8 @@ class RowParallelLinear(Module):
         if seed is not None:
             self.reset_parameters(seed)
 
-    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False, rngs: Any = None) -> Tensor:
+        """`rngs`: the model's (shared, local) dropout streams, for a LoRA adapter's dropout."""
         if self.input_is_parallel:
             _check_input(x, self.local_in_features, self.dtype, "RowParallelLinear (parallel input)")
         else:
@@ -199,7 +201,7 @@ class RowParallelLinear(Module):
             x = scatter_to_tp(pad_last(x, self.local_in_features * self.comm.size), self.comm)
         partial = ops.linear(x, self.weight)
         if self.lora is not None:  # the adapter's share joins the partial products before their sum
-            partial = self.lora.add_row(partial, x)
+            partial = self.lora.add_row(partial, x, rngs)
         if sequence_parallel:  # (B, T/t, out): the bias is added on the shard, its gradient partial
             y = reduce_scatter_to_sp(partial, self.comm, axis=1)
         else:
@@ -207,25 +209,27 @@ class RowParallelLinear(Module):
         return y if self.bias is None else y + self.bias
 
 
-def column_group(x: Tensor, layers: list[Any], comm: Any, sequence_parallel: bool = False) -> list[Tensor]:
+def column_group(x: Tensor, layers: list[Any], comm: Any, sequence_parallel: bool = False,
+                 rngs: Any = None) -> list[Tensor]:
     """Several column-split layers (anything with `weight` (k, n_i), `bias` and `lora`) on the
     same input, which enters the TP region once: one all-reduce of dX backward for all of them.
     Under sequence parallelism their slabs are concatenated into one product, so the sequence
     blocks are all-gathered once (and once more in backward) for the group. A layer's LoRA
-    adapter (nn/lora.py) adds its product to the layer's."""
+    adapter (nn/lora.py) adds its product to the layer's (`rngs`: for its dropout)."""
     if not sequence_parallel:
         xt = copy_to_tp(x, comm)  # the gradients of every branch meet here, then one all-reduce
         ys = [ops.linear(xt, layer.weight, layer.bias) for layer in layers]
-        return _with_lora(ys, layers, xt, comm, False)
+        return _with_lora(ys, layers, xt, comm, False, rngs)
     widths = [layer.weight.shape[1] for layer in layers]
     biases = [layer.bias for layer in layers]
     w = ops.concat([layer.weight for layer in layers], axis=1)  # (k, sum n_i)
     b = None if biases[0] is None else ops.concat(biases, axis=0)
     y = sequence_parallel_linear(x, w, b, comm)  # (B, T, sum n_i)
     ys = ops.split(y, widths, axis=-1) if len(layers) > 1 else [y]
-    return _with_lora(ys, layers, x, comm, True)
+    return _with_lora(ys, layers, x, comm, True, rngs)
 
 
-def _with_lora(ys: list[Tensor], layers: list[Any], x: Tensor, comm: Any, sequence_parallel: bool) -> list[Tensor]:
-    return [y if layer.lora is None else layer.lora.add_column(y, x, comm, sequence_parallel)
+def _with_lora(ys: list[Tensor], layers: list[Any], x: Tensor, comm: Any, sequence_parallel: bool,
+               rngs: Any = None) -> list[Tensor]:
+    return [y if layer.lora is None else layer.lora.add_column(y, x, comm, sequence_parallel, rngs)
             for y, layer in zip(ys, layers)]

@@ -15,6 +15,13 @@ replicated factor's gradient is partial on each TP rank (A of a column layer see
 output columns, B of a row layer only its share of x A): `partial` lists it, to be summed over TP.
 Under sequence parallelism a column layer's input is this rank's sequence block: x A is computed
 on the block and all-gathered (r columns, not h).
+
+Dropout (PEFT's lora_dropout) applies to the adapter's input only, y = x W + s (drop(x) A) B, a
+mask per projection. Its stream follows the input's layout: a column layer's input is the same
+on every TP rank, so its mask is drawn from the shared stream (the same on every rank; the local
+stream for a sequence block); a row layer's ranks hold different input features and draw theirs
+from their local streams. The streams are the model's dropout generators, handed down by the
+block, so full recomputation replays the very same masks.
 """
 
 from __future__ import annotations
@@ -63,8 +70,8 @@ class LoraConfig:
         if unknown or not self.targets:
             raise ValueError(f"--lora-targets: {unknown or 'none given'}; choose among {', '.join(TARGETS)} "
                              "or all-linear")
-        if self.dropout != 0.0:
-            raise ValueError(f"--lora-dropout {self.dropout}: only 0 is supported")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
@@ -92,24 +99,35 @@ class LoRA(Module):
             self.a = Parameter(xp.zeros((fan_in, r), dtype), init=bound)
             self.b = Parameter(xp.zeros((r, n), dtype), split_axis=1, start=weight.start, global_shape=(r, fan_out))
             self.b.replicas, self.b.replica_rank = weight.replicas, weight.replica_rank
-        self.row, self.scale = row, config.scale
+        self.row, self.scale, self.dropout = row, config.scale, config.dropout
 
     @property
     def partial(self) -> Parameter:
         """The replicated factor, whose gradient is partial on each TP rank."""
         return self.b if self.row else self.a
 
-    def add_column(self, y: Tensor, x: Tensor, comm: Any, sequence_parallel: bool) -> Tensor:
+    def add_column(self, y: Tensor, x: Tensor, comm: Any, sequence_parallel: bool, rngs: Any = None) -> Tensor:
         """y + s (x A) B_i for this rank's output block y; x is the TP region's input (after
-        copy_to_tp), or this rank's sequence block under sequence parallelism."""
+        copy_to_tp), or this rank's sequence block under sequence parallelism. `rngs`: the
+        model's (shared, local) dropout streams."""
+        x = self._drop(x, rngs, 1 if sequence_parallel else 0)
         u = ops.linear(x, self.a) * self.scale  # scaled while it has r columns
         if sequence_parallel:
             u = all_gather_from_sp(u, comm, axis=1)
         return _AddProduct.apply(y, u, self.b)
 
-    def add_row(self, partial: Tensor, x: Tensor) -> Tensor:
+    def add_row(self, partial: Tensor, x: Tensor, rngs: Any = None) -> Tensor:
         """partial + s (x_i A_i) B: this rank's share joins the partial product before its reduction."""
-        return _AddProduct.apply(partial, ops.linear(x, self.a) * self.scale, self.b)
+        return _AddProduct.apply(partial, ops.linear(self._drop(x, rngs, 1), self.a) * self.scale, self.b)
+
+    def _drop(self, x: Tensor, rngs: Any, stream: int) -> Tensor:
+        """x after the adapter's dropout (training only), drawn from rngs[stream]."""
+        p = self.dropout if self.training else 0.0
+        if p == 0.0:
+            return x
+        if rngs is None:
+            raise RuntimeError("LoRA dropout needs the model's dropout streams (rngs) in training")
+        return ops.dropout(x, p, rngs[stream])
 
 
 class _AddProduct(Function):
@@ -145,12 +163,12 @@ class AdapterSet:
     def __init__(self, rows: RowAdapters, factors: dict[int, tuple[Any, Any, float]]) -> None:
         self.rows, self.factors = rows, factors
 
-    def add_column(self, y: Tensor, x: Tensor, comm: Any, sequence_parallel: bool) -> Tensor:
+    def add_column(self, y: Tensor, x: Tensor, comm: Any, sequence_parallel: bool, rngs: Any = None) -> Tensor:
         if sequence_parallel:
             raise ValueError("served adapters run without sequence parallelism")
         return self._add(y, x)
 
-    def add_row(self, partial: Tensor, x: Tensor) -> Tensor:
+    def add_row(self, partial: Tensor, x: Tensor, rngs: Any = None) -> Tensor:
         return self._add(partial, x)
 
     def _add(self, y: Tensor, x: Tensor) -> Tensor:

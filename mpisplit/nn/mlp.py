@@ -31,7 +31,7 @@ class ParallelMLP(Module):
         if seed is not None:
             self.reset_parameters(seed)
 
-    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False, rngs: Any = None) -> Tensor:
         """x (B, T, h), or (B, T/t, h) sequence shards with `sequence_parallel`; the output alike."""
         h = self.c_fc(x, sequence_parallel=sequence_parallel)  # (B, T, ffn/t)
         h = ops.gelu(h) if self.activation == "gelu" else ops.relu(h)
@@ -57,7 +57,9 @@ class SwiGLUMLP(Module):
             ffn_hidden, hidden, tp_comm, bias=bias, dtype=dtype, std=std if proj_std is None else proj_std,
         )
 
-    def forward(self, x: Tensor, *, sequence_parallel: bool = False) -> Tensor:
-        """x (B, T, h), or (B, T/t, h) sequence shards with `sequence_parallel`; the output alike."""
-        gate, up = column_group(x, [self.gate_proj, self.up_proj], self.comm, sequence_parallel)  # (B, T, ffn/t)
-        return self.down_proj(ops.swiglu(gate, up), sequence_parallel=sequence_parallel)
+    def forward(self, x: Tensor, *, sequence_parallel: bool = False, rngs: Any = None) -> Tensor:
+        """x (B, T, h), or (B, T/t, h) sequence shards with `sequence_parallel`; the output alike.
+        `rngs`: the model's dropout streams (LoRA adapters' dropout)."""
+        gate, up = column_group(x, [self.gate_proj, self.up_proj], self.comm, sequence_parallel,
+                                rngs)  # (B, T, ffn/t)
+        return self.down_proj(ops.swiglu(gate, up), sequence_parallel=sequence_parallel, rngs=rngs)

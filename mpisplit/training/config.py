@@ -56,7 +56,7 @@ class TrainConfig:
     lora_rank: int = 0  # adapter rank (0: full fine-tuning)
     lora_alpha: float | None = None  # adapter scale alpha / rank (None: alpha = rank, a scale of 1)
     lora_targets: str = "all-linear"  # Hugging Face projection names, comma-separated, or all-linear
-    lora_dropout: float = 0.0  # dropout on the adapters' input (only 0)
+    lora_dropout: float = 0.0  # dropout on the adapters' input while training (--lora-from: the adapter's unless given)
     lora_rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank)
     lora_from: str | None = None  # start the adapters from a PEFT adapter folder (its settings apply)
     # ---- data and output
@@ -181,6 +181,8 @@ class TrainConfig:
         if self.lora_rank and self.lora_rank != found.rank:
             raise ValueError(f"--lora-rank {self.lora_rank} differs from the rank {found.rank} of --lora-from "
                              f"{self.lora_from!r} (leave --lora-rank out to take the adapter's)")
+        if self.lora_dropout:  # a training setting, not the adapter's: the flag wins
+            found.dropout = self.lora_dropout
         return found
 
     def _check_lora(self) -> None:
