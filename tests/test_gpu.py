@@ -329,6 +329,40 @@ def test_gpt_on_cupy_equals_numpy_float64() -> None:
         np.testing.assert_array_equal(out_d, out_h)
 
 
+def test_packed_rows_and_lora_dropout_on_cupy() -> None:
+    """Packed rows with LoRA adapters on the device equal the host (positions on the device:
+    learned and rotary positions, the block-diagonal mask); LoRA's dropout draws its masks on
+    the device (not the host's masks) and full recomputation replays them bit for bit."""
+    from mpisplit.models.lora import apply_lora
+    from mpisplit.nn.lora import LoraConfig
+
+    positions = np.tile(np.concatenate([np.arange(5), np.arange(7)]), (4, 1))
+    llama = {**CFG, "family": "llama", "norm": "rmsnorm", "mlp": "swiglu", "positions": "rotary", "n_kv_head": 2,
+             "qkv_bias": False, "out_bias": False, "mlp_bias": False}
+    x, y = _ids(1)
+
+    def run(cfg, grid, device, dropout=0.0, recompute="none"):
+        model = GPT(GPTConfig(**cfg), grid, dtype="float64", seed=2, device=device, recompute=recompute)
+        if cfg is llama:
+            apply_lora(model, LoraConfig(rank=2, alpha=4.0, dropout=dropout), seed=1)
+            for n, p in model.named_parameters():
+                if n.endswith(".lora.b"):
+                    p.data[...] = 0.5
+        loss = model.loss(x, y, positions=positions)
+        loss.backward()
+        return float(to_numpy(loss.data)), [p.grad for p in model.parameters()]
+
+    for cpu, gpu, _ in _grid_pairs():
+        for cfg in (CFG, llama):
+            (lh, gh), (ld, gd) = run(cfg, cpu, "cpu"), run(cfg, gpu, "gpu")
+            assert abs(ld - lh) < 1e-12
+            for a, b in zip(gd, gh):
+                assert (a is None) == (b is None) and (a is None or _rel(a, b) < 1e-10)
+        (l0, g0), (l1, g1) = run(llama, gpu, "gpu", 0.3), run(llama, gpu, "gpu", 0.3, "full")
+        assert l0 == l1 and abs(l0 - run(llama, gpu, "gpu")[0]) > 1e-6  # the masks act
+        assert all(a is None or np.array_equal(to_numpy(a), to_numpy(b)) for a, b in zip(g0, g1))
+
+
 def test_paged_serving_engine_on_cupy_equals_numpy_float64() -> None:
     """The serving engine with its KV blocks on the GPU (gathered attention) against the same
     engine on the host (the compiled kernel or NumPy): the same greedy tokens, logits to 1e-10,
