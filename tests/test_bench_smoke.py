@@ -238,6 +238,16 @@ def test_bench_lora_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_bench_packing_smoke(tmp_path: Path) -> None:
+    _single_rank_with_mpiexec()
+    r = _run_script(["benchmarks/bench_packing.py", "--smoke", "--reps", "1", "--out", str(tmp_path)], timeout=280)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "bench_packing.json").read_text())
+    assert res["rows"]["packed"] < res["rows"]["padded"] and res["fill"]["packed"] > res["fill"]["padded"]
+    assert all(t["median_s"] > 0 for t in res["times"].values())
+
+
+@pytest.mark.timeout(300)
 def test_blas_threads_smoke(tmp_path: Path) -> None:
     _single_rank_with_mpiexec()
     r = _run_script(["benchmarks/blas_threads.py", "--smoke", "--out", str(tmp_path)])
