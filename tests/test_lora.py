@@ -3,7 +3,7 @@ in float64.
 
 Reference: transformers' model (in full float64: tests/test_llama_hf.py) with PEFT's adapters on every projection (the same A and B, both
 non-zero), one process: the logits, the loss and every adapter gradient, and the adapters after
-one AdamW step of torch's optimizer. Ours at every dp x pp x tp layout the world allows, with
+one SGD step and after one AdamW step of torch's optimizers. Ours at every dp x pp x tp layout the world allows, with
 and without sequence parallelism (tp 4 replicates the Llama model's 2 KV heads): to 1e-10. The
 base weights are frozen: no gradient, not in the optimizer. Packed: each row holds two
 sequences (nn/packing.py), which PEFT runs one at a time.
@@ -22,7 +22,7 @@ from mpisplit.models.hf_layout import hf_name
 from mpisplit.models.lora import apply_lora
 from mpisplit.nn.lora import TARGETS, LoraConfig
 from mpisplit.parallel.grid import ProcessGrid
-from mpisplit.training.optim import AdamW, average_gradients
+from mpisplit.training.optim import SGD, AdamW, average_gradients
 from mpisplit.training.step import StepRunner
 
 pytestmark = pytest.mark.mpi
@@ -37,9 +37,10 @@ def peft_name(ours: str) -> str:
     return f"base_model.model.{base}.lora_{leaf.upper()}.default.weight"
 
 
-def gather(p, comm):
-    """The full array of a slab over the TP group, replicated slabs (KV heads) placed once."""
-    local = np.ascontiguousarray(p.grad if p.grad is not None else p.data).reshape(p.view_shape)
+def gather(p, comm, data=False):
+    """The full array of a slab (its gradient when it has one, unless `data`) over the TP group,
+    replicated slabs (KV heads) placed once."""
+    local = np.ascontiguousarray(p.grad if p.grad is not None and not data else p.data).reshape(p.view_shape)
     if p.split_axis is None or comm.size == 1:
         return local
     slabs = comm.allgather(local[None], axis=0)
@@ -76,7 +77,7 @@ def positions(packed):
 def case(request, tmp_path_factory):
     """The folder, the adapters' global arrays (ours: A (in, r), B (r, out)), a batch and the
     reference from PEFT: logits, loss (summed cross-entropy / the number of targets), adapter
-    gradients, adapters after one AdamW step. Packed: PEFT runs each packed sequence alone."""
+    gradients, adapters after one SGD step (momentum, weight decay) and after one AdamW step. Packed: PEFT runs each packed sequence alone."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from test_llama_hf import (  # transformers in full float64 (its RMSNorm and rotary tables)
@@ -107,10 +108,15 @@ def case(request, tmp_path_factory):
                                                         reduction="sum") / targets.size
     loss.backward()
     grads = {n: params[peft_name(n)].grad.numpy().T.copy() for n in adapters}
+    copies = {n: params[peft_name(n)].detach().clone().requires_grad_() for n in adapters}
+    for n, t in copies.items():
+        t.grad = params[peft_name(n)].grad.clone()
+    torch.optim.SGD(list(copies.values()), lr=LR, momentum=0.9, weight_decay=WD).step()
     trainable = [params[peft_name(n)] for n in adapters]
     opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.99), eps=1e-8, weight_decay=WD)
     opt.step()
-    stepped = {n: params[peft_name(n)].detach().numpy().T.copy() for n in adapters}
+    stepped = {"sgd": {n: t.detach().numpy().T.copy() for n, t in copies.items()},
+               "adamw": {n: params[peft_name(n)].detach().numpy().T.copy() for n in adapters}}
     return folder, adapters, idx, targets, packed, np.concatenate(logits, axis=1), loss.item(), grads, stepped
 
 
@@ -153,11 +159,16 @@ def test_every_layout_equals_peft(case):
             assert all(p.grad is None for n, p in model.named_parameters() if n not in lora)
             for n, p in lora.items():
                 assert max_rel(gather(p, grid.tp_comm), ref_grads[n]) < 1e-10, (tp, dp, pp, sp, n)
-            opt = AdamW(list(lora.values()), lr=LR, betas=(0.9, 0.99), eps=1e-8, weight_decay=WD)
-            opt.step()
-            for n, p in lora.items():
-                p.grad = None
-                assert max_rel(gather(p, grid.tp_comm), ref_stepped[n]) < 1e-10, (tp, dp, pp, sp, n)
+            start = {n: p.data.copy() for n, p in lora.items()}
+            for name, opt in (("sgd", SGD(list(lora.values()), lr=LR, momentum=0.9, weight_decay=WD)),
+                              ("adamw", AdamW(list(lora.values()), lr=LR, betas=(0.9, 0.99), eps=1e-8,
+                                              weight_decay=WD))):
+                for n, p in lora.items():
+                    p.data[...] = start[n]
+                opt.step()
+                for n, p in lora.items():
+                    assert max_rel(gather(p, grid.tp_comm, data=True), ref_stepped[name][n]) < 1e-10, (
+                        name, tp, dp, pp, sp, n)
 
 
 P = 0.25  # LoRA dropout
