@@ -248,6 +248,15 @@ def _run(n: int, args: list[str], cwd: Path) -> None:
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
+def _gpt_and_corpus(tmp_path: Path, n: int, block_size: int) -> None:
+    """tmp_path/gpt (a GPT-2 folder with a chat template) and tmp_path/corpus (n conversations)."""
+    write_chat_folder(tmp_path / "gpt", block_size=block_size)
+    write_chats(tmp_path / "c.jsonl", [CHATS[i % 3][: 2 + 2 * (i % 2)] for i in range(n)])
+    subprocess.run([sys.executable, "-m", "mpisplit", "prepare", "--chat", "--tokenizer", "gpt", "--out", "corpus",
+                    "--eos", "<|im_end|>", "--val-fraction", "0.2", "--seq-len", "64", "--no-progress", "c.jsonl"],
+                   cwd=tmp_path, env=clean_mpi_env(), check=True, capture_output=True, timeout=120)
+
+
 def test_training_on_chat_data_equals_transformers(tmp_path):
     """One command line from conversations to a trained model: the first step's loss equals the
     summed cross-entropy over the counted targets / their number under transformers' GPT-2 in
@@ -256,12 +265,7 @@ def test_training_on_chat_data_equals_transformers(tmp_path):
     pytest.importorskip("transformers")
     from transformers import GPT2LMHeadModel
 
-    write_chat_folder(tmp_path / "gpt", block_size=64)
-    chats = [CHATS[i % 3][: 2 + 2 * (i % 2)] for i in range(12)]
-    write_chats(tmp_path / "c.jsonl", chats)
-    subprocess.run([sys.executable, "-m", "mpisplit", "prepare", "--chat", "--tokenizer", "gpt", "--out", "corpus",
-                    "--eos", "<|im_end|>", "--val-fraction", "0.2", "--seq-len", "64", "--no-progress", "c.jsonl"],
-                   cwd=tmp_path, env=clean_mpi_env(), check=True, capture_output=True, timeout=120)
+    _gpt_and_corpus(tmp_path, 12, block_size=64)
     common = ["--data", "corpus", "--init-from", "gpt", "--seq-len", "63", "--batch-size", "4",
               "--dtype", "float64", "--eval-every", "0", "--sample-len", "0", "--no-progress", "--log-every", "1",
               "--lr", "1e-2", "--warmup", "3"]  # 3 steps inside the warmup: --steps 2 has the same rates
@@ -355,12 +359,7 @@ def test_packed_training_equals_transformers_on_each_conversation(tmp_path):
     pytest.importorskip("transformers")
     from transformers import GPT2LMHeadModel
 
-    write_chat_folder(tmp_path / "gpt", block_size=128)
-    chats = [CHATS[i % 3][: 2 + 2 * (i % 2)] for i in range(16)]
-    write_chats(tmp_path / "c.jsonl", chats)
-    subprocess.run([sys.executable, "-m", "mpisplit", "prepare", "--chat", "--tokenizer", "gpt", "--out", "corpus",
-                    "--eos", "<|im_end|>", "--val-fraction", "0.2", "--seq-len", "64", "--no-progress", "c.jsonl"],
-                   cwd=tmp_path, env=clean_mpi_env(), check=True, capture_output=True, timeout=120)
+    _gpt_and_corpus(tmp_path, 16, block_size=128)
     common = ["--data", "corpus", "--init-from", "gpt", "--seq-len", "128", "--batch-size", "2", "--pack",
               "--dtype", "float64", "--eval-every", "2", "--eval-iters", "1", "--sample-len", "0", "--no-progress",
               "--log-every", "1", "--lr", "1e-2", "--warmup", "3", "--steps", "2"]

@@ -37,6 +37,17 @@ def _scale_max(row, n, scale):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _softmax(row, n, scale):
+    """row[:n] = softmax(scale * row[:n]) in place (n >= 1)."""
+    mx = _scale_max(row, n, scale)
+    for j in range(n):
+        row[j] = exp_nonpositive_any(row[j] - mx)
+    inv = 1.0 / _sum(row, n)
+    for j in range(n):
+        row[j] *= inv
+
+
+@numba.njit(cache=True, error_model="numpy")
 def causal_softmax_forward(s, scale):
     t_q, t_k = s.shape[-2], s.shape[-1]
     flat = s.reshape(-1, t_q, t_k)
@@ -48,12 +59,7 @@ def causal_softmax_forward(s, scale):
             if n == 0:
                 row[:] = 0.0
                 continue
-            mx = _scale_max(row, n, scale)
-            for j in range(n):
-                row[j] = exp_nonpositive_any(row[j] - mx)
-            inv = 1.0 / _sum(row, n)
-            for j in range(n):
-                row[j] *= inv
+            _softmax(row, n, scale)
             for j in range(n, t_k):
                 row[j] = 0.0
 
@@ -95,14 +101,7 @@ def packed_softmax_forward(s, scale, starts):
         for i in range(t):
             row = flat[m, i]
             lo = starts[b, i]
-            seen = row[lo:i + 1]
-            n = i + 1 - lo
-            mx = _scale_max(seen, n, scale)
-            for j in range(n):
-                seen[j] = exp_nonpositive_any(seen[j] - mx)
-            inv = 1.0 / _sum(seen, n)
-            for j in range(n):
-                seen[j] *= inv
+            _softmax(row[lo:i + 1], i + 1 - lo, scale)
             for j in range(lo):
                 row[j] = 0.0
             for j in range(i + 1, t):
