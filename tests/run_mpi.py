@@ -174,6 +174,8 @@ def run_size(
         # -v: every test's outcome on its own line in the kept log, so that a size killed at its
         # time limit (no closing summary) still names its failed tests; the console shows the rest.
         cmd += ["-v", "-rfEs", "-p", "no:cacheprovider", *pytest_args]
+        if size == 1 and not label:
+            cmd.append("--durations=25")  # the slowest tests, at the end of the kept log (CI's time budget)
         shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
         print(f"--- size {size}{label}: {shown + ' ' if shown else ''}{' '.join(cmd)}", flush=True)
         start = time.perf_counter()

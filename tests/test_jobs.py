@@ -30,7 +30,9 @@ pytestmark = pytest.mark.skipif(
 
 JOBS = Path(REPO_ROOT) / "jobs"
 FAKE = Path(REPO_ROOT) / "tests" / "_fake_scheduler"
-SCRIPTS = ["slurm_cpu.sbatch", "slurm_gpu.sbatch", "pbs_cpu.pbs", "pbs_gpu.pbs", "workstation.sh"]
+SCRIPTS = [
+    "slurm_cpu.sbatch", "slurm_gpu.sbatch", "slurm_serve.sbatch", "pbs_cpu.pbs", "pbs_gpu.pbs", "workstation.sh"
+]  # slurm_serve.sbatch runs under a real Slurm: tests/test_slurm.py
 TINY = (
     "--layers 1 --hidden 16 --heads 2 --seq-len 16 --batch-size 4 --eval-every 0 --sample-len 0 "
     "--log-every 1"

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpisplit.models.chat_template import load_chat_template
     from mpisplit.models.lora import attach_served_adapters
     from mpisplit.models.peft_adapter import read_adapter
+    from mpisplit.parallel.placement import warn_split_tp_groups
     from mpisplit.runtime.errors import agree, install_abort_on_exception
     from mpisplit.serving.loading import load_model_and_tokenizer
     from mpisplit.serving.server import ServeOptions, default_model_name, serve
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # 2 shared cores served 16 clients 3-10x slower).
     ms.limit_blas_threads(world, threads=None if os.environ.get("MPISPLIT_BLAS_THREADS", "").strip() else 1)
     grid = ms.ProcessGrid(tp=tp)
+    warn_split_tp_groups(world, grid.tp)
     if args.device == "gpu":
         from mpisplit.parallel.gpu import use_gpu
 

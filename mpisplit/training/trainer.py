@@ -27,6 +27,7 @@ from mpisplit import __version__
 from mpisplit.autograd import no_grad
 from mpisplit.models.peft_adapter import export_checkpoint_adapter
 from mpisplit.parallel.grid import ProcessGrid
+from mpisplit.parallel.placement import warn_split_tp_groups
 from mpisplit.runtime.backend import limit_blas_threads
 from mpisplit.runtime.errors import agree
 from mpisplit.runtime.faults import (
@@ -87,6 +88,7 @@ class Trainer:
         self.data = data.dataset
         self.threads = limit_blas_threads(world)
         self.grid = grid = ProcessGrid(tp=tp, dp=dp, pp=config.pp, comm=world)
+        warn_split_tp_groups(world, tp)
         self.gpu = None
         if config.device == "gpu":
             from mpisplit.parallel.gpu import use_gpu

@@ -1,0 +1,125 @@
+"""Ranks on separate network hosts: network namespaces on a bridge (tests/_hosts.py), so that ranks
+of different hosts reach one another over TCP through veth links, never through shared memory.
+
+    python -m pytest -q tests/test_hosts.py      # as root
+
+Reference: the same job on one host (mpiexec -n N, shared memory). Every communicator here has
+two ranks, and a sum of two numbers does not depend on its order, so training is equal bit for
+bit in float64 whatever algorithm MPI picks for the network (at three ranks or more a
+collective's algorithm may change the order of a sum: the host all-reduce ring of
+parallel/comm.py keeps one order from 1 MiB up, MPI's own below that may not). Checked too:
+the bytes on the links (the traffic really crosses them), MPI's own view of the nodes, and the
+placement warning for a tensor-parallel group split over hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _hosts import NetHosts, missing
+from conftest import REPO_ROOT, clean_mpi_env, mpiexec_path
+from mpi4py import MPI
+
+pytestmark = [pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own jobs; world size 1"),
+              pytest.mark.timeout(300)]
+
+TINY = ("--layers 2 --hidden 16 --heads 2 --seq-len 16 --batch-size 4 --eval-every 3 --eval-iters 2 --sample-len 0 "
+        "--log-every 1 --dtype float64 --steps 6 --no-progress")
+PROBE = """
+import sys, numpy as np
+from mpi4py import MPI
+from mpisplit.parallel.placement import node_names
+w = MPI.COMM_WORLD
+x = np.full(1 << 20, float(w.rank))  # 8 MiB
+w.Allreduce(MPI.IN_PLACE, x)
+assert (x == sum(range(w.size))).all()
+names = node_names(w)
+if w.rank == 0:
+    print("NODES", " ".join(n.split()[0] for n in names))
+"""
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    with NetHosts(2) as h:
+        yield h
+
+
+def _env() -> dict[str, str]:
+    env = {**clean_mpi_env(), "OPENBLAS_NUM_THREADS": "1", "MPISPLIT_BLAS_THREADS": "1",
+           "PYTHONPATH": REPO_ROOT}
+    env.pop("MPISPLIT_FAULT", None)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def on_hosts(hosts: NetHosts, n: int, ppn: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return run([mpiexec_path(), *hosts.mpiexec_args(n, ppn), sys.executable, *args], cwd, **NetHosts.ENV)
+
+
+def on_one_host(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return run([mpiexec_path(), "-n", str(n), sys.executable, *args], cwd)
+
+
+def test_ranks_of_two_hosts_talk_over_the_links(hosts, tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)
+    before = [hosts.link_bytes(i) for i in (1, 2)]
+    out = on_hosts(hosts, 4, 2, ["probe.py"], tmp_path).stdout
+    moved = [hosts.link_bytes(i) - b for i, b in zip((1, 2), before)]
+    nodes = out.split("NODES ")[1].split()
+    assert nodes == ["mpisplit-h1", "mpisplit-h1", "mpisplit-h2", "mpisplit-h2"], out  # MPI sees two nodes
+    assert all(m > 8 << 20 for m in moved), moved  # the 8 MiB all-reduce crossed each link
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import pydoc_data.topics
+
+    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[:20000]
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2", "--dp", "2"], ["--tp", "2", "--pp", "2", "--micro-batches", "2"]],
+                         ids=["tp-in-host-dp-across", "tp-in-host-pp-across"])
+def test_training_across_hosts_equals_one_host(hosts, corpus, tmp_path, layout):
+    """TP inside each host, DP (or the pipeline's stages) across: the losses, gradient norms and
+    validation losses of the one-host run, bit for bit; no placement warning."""
+    args = [str(Path(REPO_ROOT) / "train.py"), *TINY.split(), "--data", str(corpus), *layout]
+    on_one_host(4, [*args, "--out", "one"], tmp_path)
+    before = [hosts.link_bytes(i) for i in (1, 2)]
+    done = on_hosts(hosts, 4, 2, [*args, "--out", "two"], tmp_path)
+    assert all(hosts.link_bytes(i) - b > 64 << 10 for i, b in zip((1, 2), before))  # gradients or activations
+    assert "span nodes" not in done.stderr
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == 6 and [{k: m[k] for k in m if k not in ("time", "tokens_per_s", "elapsed")} for m in one] == [
+        {k: m[k] for k in m if k not in ("time", "tokens_per_s", "elapsed")} for m in two]
+
+
+def test_a_tp_group_split_over_hosts_is_warned_about(hosts, corpus, tmp_path):
+    """One rank per host with --tp 2: the run is right (equal to one host), and rank 0 says that
+    each layer's all-reduce crosses the network."""
+    args = [str(Path(REPO_ROOT) / "train.py"), *TINY.split(), "--data", str(corpus), "--tp", "2"]
+    on_one_host(2, [*args, "--out", "one"], tmp_path)
+    done = on_hosts(hosts, 2, 1, [*args, "--out", "two"], tmp_path)
+    assert "1 tensor-parallel group(s) span nodes, e.g. ranks [0, 1] on mpisplit-h1 (rank 0), mpisplit-h2 (rank 1)" \
+        in done.stderr, done.stderr
+    assert [m["loss"] for m in metrics(tmp_path / "one")] == [m["loss"] for m in metrics(tmp_path / "two")]
