@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -320,6 +321,27 @@ def test_job_guard_on_one_rank() -> None:
         guard.close()
 
 
+def test_watchdog_report_when_every_rank_waits(tmp_path: Path) -> None:
+    """No rank missing: the same call and step on every rank (messages stopped: the network) is
+    told apart from different calls (mismatched collectives); the ranks are grouped by host."""
+    dog = Watchdog(tmp_path, rank=0, size=3, timeout=60.0, run_id="run1", abort=lambda: None)
+    where = "mpisplit/parallel/comm.py:189 (_allreduce_flat)"
+    try:
+        dog.beat(7)
+        texts = []
+        for other in (where, "mpisplit/parallel/comm.py:201 (bcast)"):
+            for r, host in ((1, "h1"), (2, "h2")):
+                rec = {"run": "run1", "rank": r, "host": host, "pid": r, "step": 7, "in_mpi": True,
+                       "where": where if r == 1 else other, "time": time.time()}
+                (tmp_path / f"rank-{r:05d}.json").write_text(json.dumps(rec))
+            texts.append(dog.report(61.0, where)[0])
+    finally:
+        dog.stop()
+    assert "every rank waits in the same MPI call after step 7" in texts[0] and "lost network link" in texts[0]
+    assert "at different steps or calls (mismatched collectives?)" in texts[1]
+    assert f"waiting ranks: 0 on {socket.gethostname()}, 1 on h1, 2 on h2" in texts[0]
+
+
 def test_watchdog_report_names_missing_ranks(tmp_path: Path) -> None:
     aborted = []
     dog = Watchdog(
@@ -350,7 +372,7 @@ def test_watchdog_report_names_missing_ranks(tmp_path: Path) -> None:
     finally:
         dog.stop()
     assert lowest  # rank 0 is the lowest of the waiting ranks 0 and 1
-    assert "missing ranks: 2-3" in text and "waiting ranks: 0-1" in text
+    assert "missing ranks: 2-3" in text and f"waiting ranks: 0 on {socket.gethostname()}, 1 on node7" in text
     assert (
         "rank 2 (host node7, pid 102): after step 7, outside MPI at train.py:300 (_train)" in text
     )
@@ -642,4 +664,4 @@ def test_hang_on_one_rank_is_named_and_aborted(tmp_path: Path, corpus: Path) -> 
         and "outside MPI at mpisplit/runtime/faults/injection.py" in err
         and "(_hang)" in err
     )
-    assert "waiting ranks: 0\n" in err
+    assert f"waiting ranks: 0 on {socket.gethostname()}\n" in err

@@ -15,12 +15,15 @@ placement warning for a tensor-parallel group split over hosts.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from _hosts import NetHosts, missing
+from _hosts import PREFIX, NetHosts, missing
 from conftest import REPO_ROOT, clean_mpi_env, mpiexec_path
 from mpi4py import MPI
 
@@ -123,3 +126,86 @@ def test_a_tp_group_split_over_hosts_is_warned_about(hosts, corpus, tmp_path):
     assert "1 tensor-parallel group(s) span nodes, e.g. ranks [0, 1] on mpisplit-h1 (rank 0), mpisplit-h2 (rank 1)" \
         in done.stderr, done.stderr
     assert [m["loss"] for m in metrics(tmp_path / "one")] == [m["loss"] for m in metrics(tmp_path / "two")]
+
+
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if entry.isdigit() and text.encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _train_until(hosts: NetHosts, corpus: Path, tmp: Path, steps: int) -> tuple[subprocess.Popen, Path]:
+    """A 2-host dp 2 x tp 2 run of slow steps (saving every 10), once it has logged `steps` steps."""
+    out = tmp / "run"
+    env = {**_env(), **NetHosts.ENV, "MPISPLIT_FAULT": "sleep@seconds=0.1"}
+    cmd = [mpiexec_path(), *hosts.mpiexec_args(4, 2), sys.executable, str(Path(REPO_ROOT) / "train.py"),
+           *TINY.replace("--steps 6", "--steps 5000").split(), "--data", str(corpus), "--tp", "2", "--dp", "2",
+           "--save-every", "10", "--collective-timeout", "15", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < steps:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc, out
+
+
+def _ends_within(proc: subprocess.Popen, out: Path, seconds: float) -> tuple[int, str, float]:
+    start = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the job still runs {seconds} s after losing a host")
+    deadline = time.monotonic() + max(1.0, seconds - (time.monotonic() - start))
+    while _processes_with(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _processes_with(str(out))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks outlived the job by {seconds} s: {left}\n{err[-2000:]}"
+    return proc.returncode, err, time.monotonic() - start
+
+
+def _last_checkpoint_loads(out: Path) -> None:
+    from mpisplit.training.checkpoint import CheckpointReader, latest_checkpoint
+
+    path = latest_checkpoint(out)
+    assert path is not None and int(path.name.split("-")[1]) >= 10
+    with CheckpointReader(path) as reader:
+        reader.verify()
+
+
+def test_a_lost_link_ends_the_job(hosts, corpus, tmp_path):
+    """Host 2's link goes down mid-training: no message reaches anyone, every rank stalls in the
+    same all-reduce; the collective timeout (15 s) ends the job on both hosts within 60 s (the
+    ranks of the cut-off host, whose MPI_Abort cannot reach the launcher, exit by themselves),
+    naming the stalled call and the ranks of each host; the last checkpoint loads."""
+    proc, out = _train_until(hosts, corpus, tmp_path, 15)
+    subprocess.run(["ip", "link", "set", f"{PREFIX}v2", "down"], check=True)
+    try:
+        code, err, _ = _ends_within(proc, out, 60)
+    finally:
+        subprocess.run(["ip", "link", "set", f"{PREFIX}v2", "up"], check=True)
+    assert code != 0, err
+    assert "collective timeout" in err and "every rank waits in the same MPI call" in err, err[-3000:]
+    assert "on mpisplit-h1" in err and "on mpisplit-h2" in err, err[-3000:]
+    _last_checkpoint_loads(out)
+
+
+def test_a_lost_host_ends_the_job(hosts, corpus, tmp_path):
+    """Every rank of host 2 killed mid-training: the launcher ends the job at once (non-zero), no
+    rank is left behind, and the last checkpoint loads."""
+    proc, out = _train_until(hosts, corpus, tmp_path, 15)
+    pids = subprocess.run(["ip", "netns", "pids", f"{PREFIX}2"], capture_output=True, text=True, check=True)
+    for pid in pids.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    code, err, seconds = _ends_within(proc, out, 60)
+    assert code != 0 and seconds < 60, err
+    _last_checkpoint_loads(out)

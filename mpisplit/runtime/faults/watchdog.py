@@ -41,6 +41,9 @@ _MPI_CALL = re.compile(
 )
 
 
+ABORT_GRACE_S = 10.0  # seconds MPI_Abort may take before a stalled rank exits by itself
+
+
 def _short_path(filename: str) -> str:
     parts = Path(filename).parts
     for anchor in ("mpisplit", "site-packages"):
@@ -60,6 +63,15 @@ def thread_location(ident: int | None) -> tuple[str, bool]:
         line = code.co_firstlineno
     in_mpi = bool(_MPI_CALL.search(linecache.getline(code.co_filename, line)))
     return f"{_short_path(code.co_filename)}:{line} ({code.co_name})", in_mpi
+
+
+def _by_host(ranks: list[int], beats: dict[int, dict], me: int) -> str:
+    """"0-1 on node-a, 2-3 on node-b": ranks grouped by the host of their heartbeat."""
+    hosts: dict[str, list[int]] = {}
+    for r in ranks:
+        host = socket.gethostname() if r == me else str(beats.get(r, {}).get("host", "?"))
+        hosts.setdefault(host, []).append(r)
+    return ", ".join(f"{format_ranks(sorted(rs))} on {host}" for host, rs in hosts.items())
 
 
 class Watchdog:
@@ -180,6 +192,9 @@ class Watchdog:
             self._emit(f"[rank {self.rank}] watchdog stopped after an internal error: {exc!r}")
 
     def _abort_job(self) -> None:
+        # MPI_Abort reaches the other ranks through the launcher; when this host has lost its
+        # network, that path is gone too and Abort may never return: exit on our own after a while.
+        threading.Timer(ABORT_GRACE_S, os._exit, args=(EXIT_WATCHDOG,)).start()
         wait_for_reader(self._stream or sys.stderr)  # the report reaches the launcher first
         MPI.COMM_WORLD.Abort(EXIT_WATCHDOG)
 
@@ -239,9 +254,14 @@ class Watchdog:
         if missing:
             lines.append(f"  missing ranks: {format_ranks(missing)}")
             lines += details
+        elif len({(beats[r].get("step"), beats[r].get("where")) for r in waiting if r != self.rank}
+                 | {(self._step, where)}) == 1:
+            lines.append(f"  no rank is missing: every rank waits in the same MPI call after step {self._step}, so "
+                         "their messages stopped arriving: a lost network link or host, or a stuck MPI transport")
         else:
-            lines.append("  no rank is missing: every rank waits in MPI (mismatched collectives?)")
-        lines.append(f"  waiting ranks: {format_ranks(waiting)}")
+            lines.append("  no rank is missing: every rank waits in MPI, at different steps or calls (mismatched "
+                         "collectives?)")
+        lines.append(f"  waiting ranks: {_by_host(waiting, beats, self.rank)}")
         if self._write_error:
             lines.append(f"  (could not write this rank's heartbeat: {self._write_error})")
         lines.append("  aborting the job")
