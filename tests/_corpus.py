@@ -87,3 +87,14 @@ def val_indices(n: int, f: float) -> list[int]:
     """The documents prepare holds out: floor((i + 1) f) > floor(i f), else the last one."""
     held = [i for i in range(n) if math.floor((i + 1) * f) > math.floor(i * f)]
     return held or [n - 1]
+
+
+def docs_text_file(folder: Path, chars: int = 20000) -> Path:
+    """folder/tiny.txt: the first `chars` characters of CPython's documentation topics (the text
+    train.py's default run reads), for the tests that launch train.py."""
+    import pydoc_data.topics
+
+    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[:chars]
+    path = folder / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -248,6 +248,22 @@ def test_bench_packing_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_bench_hosts_smoke(tmp_path: Path) -> None:
+    _single_rank_with_mpiexec()
+    sys.path.insert(0, str(Path(REPO) / "tests"))
+    from _hosts import missing
+
+    if missing():
+        pytest.skip(missing())
+    r = _run_script(["benchmarks/bench_hosts.py", "--smoke", "--out", str(tmp_path)], timeout=280)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "bench_hosts.json").read_text())["results"]["none"]
+    assert res["p2"]["alpha"] > 0 and res["p2"]["beta"] > 0 and res["p4"]["ranks"] == 4
+    assert all(row["mpi_s"] > 0 and row["ring_s"] > 0 for row in res["p2"]["allreduce"])
+    assert res["step"]["dp_allreduce_s"] > 0 and len(res["model"]) == 12
+
+
+@pytest.mark.timeout(300)
 def test_blas_threads_smoke(tmp_path: Path) -> None:
     _single_rank_with_mpiexec()
     r = _run_script(["benchmarks/blas_threads.py", "--smoke", "--out", str(tmp_path)])

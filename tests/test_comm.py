@@ -14,7 +14,7 @@ import pytest
 from conftest import world
 from mpi4py import MPI
 
-from mpisplit.parallel.comm import KINDS, MAX_COUNT, Communicator
+from mpisplit.parallel.comm import HOST_RING_ALLREDUCE_MIN_BYTES, KINDS, MAX_COUNT, Communicator
 
 pytestmark = pytest.mark.mpi
 
@@ -364,12 +364,38 @@ def test_large_allreduce_takes_the_ring(comm: Communicator) -> None:
         small = rank_data(comm.rank, (HOST_RING_ALLREDUCE_MIN_BYTES // 8 - 1,), np.float64)
         comm.allreduce_(small, op="max")
         np.testing.assert_array_equal(small, np.max(all_data(p, small.shape, np.float64), axis=0))
-        if p > 1:
-            assert counting.calls == {"Sendrecv": 2 * (p - 1) * 4, "Allreduce": 1}
+        if p > 1:  # (the ranks of one node: the first large all-reduce asks MPI once)
+            assert counting.calls == {"Split_type": 1, "Sendrecv": 2 * (p - 1) * 4, "Allreduce": 1}
         else:
             assert counting.calls == {}
     finally:
         comm.mpi = real
+
+
+@pytest.mark.parametrize(("choice", "ring"), [("ring", True), ("mpi", False), ("auto", True)])
+def test_allreduce_choice(comm: Communicator, monkeypatch: pytest.MonkeyPatch, choice: str, ring: bool) -> None:
+    """MPISPLIT_ALLREDUCE forces the ring or MPI's Allreduce for large host all-reduces; auto takes
+    the ring on the ranks of one node (every test here: tests/test_hosts.py has the other case)."""
+    monkeypatch.setenv("MPISPLIT_ALLREDUCE", choice)
+    real = comm.mpi
+    counting = CountingComm(real)
+    comm.mpi = counting  # type: ignore[assignment]
+    try:
+        big = rank_data(comm.rank, (HOST_RING_ALLREDUCE_MIN_BYTES // 8 + 3,), np.float64)
+        comm.allreduce_(big)
+        np.testing.assert_array_equal(big, np.sum(all_data(comm.size, big.shape, np.float64), axis=0))
+        if comm.size > 1:
+            assert ("Sendrecv" in counting.calls) == ring and ("Allreduce" in counting.calls) != ring
+    finally:
+        comm.mpi = real
+    assert not comm.spans_nodes()
+
+
+def test_allreduce_choice_is_checked(comm: Communicator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPISPLIT_ALLREDUCE", "fast")
+    big = np.zeros(HOST_RING_ALLREDUCE_MIN_BYTES // 8 + 3)
+    with pytest.raises(ValueError, match="MPISPLIT_ALLREDUCE must be one of auto, ring, mpi, got 'fast'"):
+        comm.allreduce_(big) if comm.size > 1 else comm._ring_allreduces()
 
 
 def test_default_max_count() -> None:

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from _corpus import docs_text_file
 from conftest import REPO_ROOT, clean_mpi_env, mpiexec_path
 from mpi4py import MPI
 
@@ -69,12 +70,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import pydoc_data.topics
-
-    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[:20000]
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return docs_text_file(tmp_path_factory.mktemp("data"))
 
 
 def _descendants_by_marker(marker: str) -> list[int]:

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _corpus import docs_text_file
 from _hosts import PREFIX, NetHosts, missing
+from _procs import processes_with
 from conftest import REPO_ROOT, clean_mpi_env, mpiexec_path
 from mpi4py import MPI
 
@@ -41,8 +43,12 @@ x = np.full(1 << 20, float(w.rank))  # 8 MiB
 w.Allreduce(MPI.IN_PLACE, x)
 assert (x == sum(range(w.size))).all()
 names = node_names(w)
+from mpisplit.parallel.comm import Communicator
+whole, node = Communicator(w), Communicator(w.Split_type(MPI.COMM_TYPE_SHARED))
+choice = (whole.spans_nodes(), whole._ring_allreduces(), node.spans_nodes(), node._ring_allreduces())
 if w.rank == 0:
     print("NODES", " ".join(n.split()[0] for n in names))
+    print("CHOICE", *choice)
 """
 
 
@@ -82,19 +88,16 @@ def test_ranks_of_two_hosts_talk_over_the_links(hosts, tmp_path):
     before = [hosts.link_bytes(i) for i in (1, 2)]
     out = on_hosts(hosts, 4, 2, ["probe.py"], tmp_path).stdout
     moved = [hosts.link_bytes(i) - b for i, b in zip((1, 2), before)]
-    nodes = out.split("NODES ")[1].split()
+    nodes = out.split("NODES ")[1].split("\n")[0].split()
     assert nodes == ["mpisplit-h1", "mpisplit-h1", "mpisplit-h2", "mpisplit-h2"], out  # MPI sees two nodes
     assert all(m > 8 << 20 for m in moved), moved  # the 8 MiB all-reduce crossed each link
+    # large all-reduces: MPI's own over the hosts (it knows the nodes), the ring inside one
+    assert out.split("CHOICE ")[1].split()[:4] == ["True", "False", "False", "True"], out
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import pydoc_data.topics
-
-    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[:20000]
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return docs_text_file(tmp_path_factory.mktemp("data"))
 
 
 def metrics(out: Path) -> list[dict]:
@@ -128,16 +131,6 @@ def test_a_tp_group_split_over_hosts_is_warned_about(hosts, corpus, tmp_path):
     assert [m["loss"] for m in metrics(tmp_path / "one")] == [m["loss"] for m in metrics(tmp_path / "two")]
 
 
-def _processes_with(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if entry.isdigit() and text.encode() in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def _train_until(hosts: NetHosts, corpus: Path, tmp: Path, steps: int) -> tuple[subprocess.Popen, Path]:
@@ -164,9 +157,9 @@ def _ends_within(proc: subprocess.Popen, out: Path, seconds: float) -> tuple[int
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"the job still runs {seconds} s after losing a host")
     deadline = time.monotonic() + max(1.0, seconds - (time.monotonic() - start))
-    while _processes_with(str(out)) and time.monotonic() < deadline:
+    while processes_with(str(out)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = _processes_with(str(out))
+    left = processes_with(str(out))
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"ranks outlived the job by {seconds} s: {left}\n{err[-2000:]}"

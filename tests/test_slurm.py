@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+from _corpus import docs_text_file
+from _procs import processes_with
 from _slurm import SlurmCluster, missing
 from conftest import REPO_ROOT, clean_mpi_env, mpiexec_path
 from mpi4py import MPI
@@ -48,12 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import pydoc_data.topics
-
-    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[:20000]
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return docs_text_file(tmp_path_factory.mktemp("data"))
 
 
 def _env(cluster: SlurmCluster, **extra: str) -> dict[str, str]:
@@ -214,17 +211,6 @@ def test_time_limit_by_slurms_timer(cluster, corpus, tmp_path):
     _check_resumed(out, tmp_path, corpus, 200, _stopped_at(log, "USR1"))
 
 
-def processes_with(text: str) -> list[int]:
-    """Processes whose command line contains `text` (a job's run folder): none may outlive a job."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if entry.isdigit() and text.encode() in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def test_scancel_leaves_the_last_checkpoint_loadable(cluster, corpus, tmp_path):

@@ -16,6 +16,7 @@ every path.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,12 @@ HOST_ALLREDUCE_CHUNK_BYTES = 4 << 20
 # shared-memory Allreduce for a 204 MiB gradient block at 2 ranks (RESULTS.md, "DP all-reduce
 # as a ring"). Smaller ones keep MPI's Allreduce, whose few-step algorithms win on latency.
 HOST_RING_ALLREDUCE_MIN_BYTES = 1 << 20
+# ... on a communicator whose ranks share one node. One that spans nodes keeps MPI's Allreduce,
+# whose algorithms know the nodes: measured across network namespaces (RESULTS.md, "Separate
+# network hosts"), 4 ranks on 2 hosts over a 1 Gbit/s link: 0.68x the ring's time at 64 MiB (the
+# flat ring sends 1.5x the bytes over each link); one rank per host: the same time.
+# MPISPLIT_ALLREDUCE=ring or =mpi forces either everywhere (auto: this choice).
+ALLREDUCE_CHOICES = ("auto", "ring", "mpi")
 
 KINDS = ("allreduce", "allgather", "reduce_scatter", "bcast")
 
@@ -78,6 +85,7 @@ class Communicator:
         self.max_count = max_count
         self._device_path: Any = None  # created on the first CuPy collective (staged) or set
         self._scratch: dict[str, np.ndarray] = {}  # host ring buffers, by dtype
+        self._ring: bool | None = None  # large host all-reduces as the ring (decided on the first)
         self._stats: dict[str, dict[str, int]] = {}
         self.reset_stats()
 
@@ -176,7 +184,7 @@ class Communicator:
     def _allreduce_flat(self, send: Any, recv: np.ndarray, op: str) -> None:
         # send is a flat array or MPI.IN_PLACE (then recv holds the input).
         host = isinstance(recv, np.ndarray)
-        if host and self.size > 1 and recv.nbytes >= HOST_RING_ALLREDUCE_MIN_BYTES:
+        if host and self.size > 1 and recv.nbytes >= HOST_RING_ALLREDUCE_MIN_BYTES and self._ring_allreduces():
             if send is not MPI.IN_PLACE:
                 recv[...] = send
             self._ring_allreduce(recv, op)
@@ -187,6 +195,25 @@ class Communicator:
         mpi_op = _OPS[op]
         for s in _slices(recv.size, step):
             self.mpi.Allreduce(send if send is MPI.IN_PLACE else send[s], recv[s], op=mpi_op)
+
+    def _ring_allreduces(self) -> bool:
+        """Whether large host all-reduces run as the ring here (see ALLREDUCE_CHOICES). The first
+        call is collective (all ranks reach it together, in the same all-reduce)."""
+        if self._ring is None:
+            choice = os.environ.get("MPISPLIT_ALLREDUCE", "auto").strip().lower() or "auto"
+            if choice not in ALLREDUCE_CHOICES:
+                raise ValueError(f"MPISPLIT_ALLREDUCE must be one of {', '.join(ALLREDUCE_CHOICES)}, got {choice!r}")
+            self._ring = choice == "ring" or (choice == "auto" and not self.spans_nodes())
+        return self._ring
+
+    def spans_nodes(self) -> bool:
+        """Whether this communicator's ranks sit on more than one node (MPI's shared-memory
+        split). Collective."""
+        node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return node.Get_size() < self.size
+        finally:
+            node.Free()
 
     def _ring_allreduce(self, flat: np.ndarray, op: str) -> None:
         """flat = op over the ranks, in place: each piece of size x HOST_ALLREDUCE_CHUNK_BYTES
