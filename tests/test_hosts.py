@@ -202,3 +202,30 @@ def test_a_lost_host_ends_the_job(hosts, corpus, tmp_path):
     code, err, seconds = _ends_within(proc, out, 60)
     assert code != 0 and seconds < 60, err
     _last_checkpoint_loads(out)
+
+
+def test_serving_across_hosts_equals_one_host(hosts, tmp_path):
+    """A float64 model served at tp 2 with one rank on each host (the front end on host 1's
+    address) answers the openai client with the one-host server's text and logprobs, bit for bit."""
+    openai = pytest.importorskip("openai")
+    from _serving import Server, serve_env, write_char_checkpoint
+
+    ckpt = write_char_checkpoint(tmp_path / "ckpt")
+    answers = []
+    for across in (False, True):
+        host = hosts.hosts[0] if across else "127.0.0.1"
+        server = Server(2, ["--ckpt", str(ckpt), "--dtype", "float64", "--host", host],
+                        env={**serve_env(), **(NetHosts.ENV if across else {})})
+        if across:
+            server.cmd = [mpiexec_path(), *hosts.mpiexec_args(2, 1), *server.cmd[server.cmd.index(sys.executable):]]
+        before = hosts.link_bytes(2)
+        with server:
+            assert server.url.startswith(f"http://{host}:")
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60)
+            model = client.models.list().data[0].id
+            got = client.completions.create(model=model, prompt="hello ", max_tokens=12, temperature=0, logprobs=3)
+            choice = got.choices[0]
+            answers.append((choice.text, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs))
+            assert server.stop() == 0
+        assert (hosts.link_bytes(2) - before > 16 << 10) == across  # each layer's all-reduce crossed the link
+    assert answers[0] == answers[1] and len(answers[0][1]) == 12
