@@ -115,6 +115,9 @@ class _Split:
         self.masks = ShardedTokens([folder / s["file"] for s in part["mask"]["shards"]], "uint8")
         self.offsets = np.load(folder / part["index"]["file"], allow_pickle=False)
         self.conversations = len(self.offsets) - 1
+        self._count: tuple[int | None, int] = (None, 0)  # (seq_len, rows per epoch)
+        self._rows_key: tuple | None = None  # (seed, split, epoch, seq_len) of the rows kept
+        self._rows: list[list[int]] = []
 
     def conversation(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
@@ -123,14 +126,14 @@ class _Split:
     def row_count(self, seq_len: int) -> int:
         """Rows per epoch when packed into rows of seq_len inputs: the same every epoch (the
         lengths are placed longest first whatever their order, so the rows fill alike)."""
-        if getattr(self, "_count", (None, 0))[0] != seq_len:
+        if self._count[0] != seq_len:
             self._count = (seq_len, len(best_fit_decreasing(np.diff(self.offsets) - 1, seq_len)))
         return self._count[1]
 
     def epoch_rows(self, seed: int, split: str, epoch: int, seq_len: int) -> list[list[int]]:
         """The packed rows of `epoch`, in their shuffled order (the latest epoch's kept)."""
         key = (seed, split, epoch, seq_len)
-        if getattr(self, "_rows_key", None) != key:
+        if self._rows_key != key:
             rng = np.random.default_rng([seed, 0 if split == "train" else 1, epoch, 7])
             inputs = np.diff(self.offsets) - 1  # a conversation of n tokens fills n - 1 input columns
             rows = best_fit_decreasing(inputs, seq_len, order=rng.permutation(self.conversations))
