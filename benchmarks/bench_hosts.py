@@ -11,6 +11,9 @@ For each link rate (unlimited, 10 and 1 Gbit/s):
   step          the collectives of one training step of a dp 2 x tp 2 GPT across the hosts (TP
                 inside each host, the gradient all-reduce across): time in collectives per
                 communicator, from the Communicator's own counters
+  decode        greedy decoding of a 101 M-parameter GPT at tp 2, one rank per host against
+                both on one host, batch 1 and 16: time per token, the collectives of a token
+                (counted) and their time by the model
 
   python benchmarks/bench_hosts.py                 # rates unlimited, 10gbit, 1gbit
   python benchmarks/bench_hosts.py --smoke         # one rate, small sizes
@@ -128,6 +131,32 @@ def step_worker(reps: int) -> dict:
             "parameters": model.num_parameters()}
 
 
+def decode_worker(reps: int) -> dict:
+    """Greedy decoding at tp 2, one rank per host: seconds per token and, from the Communicator's
+    counters, the collectives of one token (each layer's two all-reduces, the head's gather)."""
+    from mpi4py import MPI
+
+    from mpisplit.models.config import GPTConfig
+    from mpisplit.models.gpt import GPT
+    from mpisplit.parallel.grid import ProcessGrid
+
+    grid = ProcessGrid(tp=2, dp=1)
+    cfg = GPTConfig(vocab_size=8192, block_size=256, n_layer=8, n_head=16, n_embd=1024)
+    model = GPT(cfg, grid, seed=0)
+    out, tokens = {}, 16
+    for batch in (1, 16):
+        idx = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, 16))
+
+        model.generate(idx, 2)
+        grid.tp_comm.reset_stats()
+        per_token = _timed(lambda idx=idx: model.generate(idx, tokens), MPI.COMM_WORLD, reps) / tokens
+        stats = grid.tp_comm.stats()
+        runs = reps + 1
+        out[str(batch)] = {"s_per_token": per_token, **{
+            f"{k}_{field}": stats[k][field] / runs / tokens for k in ("allreduce", "allgather") for field in ("calls", "bytes")}}
+    return {"parameters": model.num_parameters(), "decode": out}
+
+
 def run_rate(hosts: Any, rate: str | None, sizes: list[int], reps: int) -> dict:
     hosts.shape(rate)
     env = {**os.environ, **hosts.ENV, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
@@ -142,6 +171,11 @@ def run_rate(hosts: Any, rate: str | None, sizes: list[int], reps: int) -> dict:
            "--reps", str(reps)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True)
     result["step"] = json.loads(done.stdout.strip().splitlines()[-1])
+    for ppn, key in ((1, "decode_across"), (2, "decode_one_host")):
+        cmd = [common.mpiexec_path(), *hosts.mpiexec_args(2, ppn), sys.executable, __file__, "--decode-worker",
+               "--reps", str(reps)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True)
+        result[key] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -154,6 +188,17 @@ def show(rate: str, res: dict) -> None:
         for r in res[key]["allreduce"]:
             print(f"  {r['bytes'] / MIB:38.2f} MiB {r['mpi_s'] * 1e3:7.2f} {r['ring_s'] * 1e3:7.2f} "
                   f"{r['model_s'] * 1e3:7.2f} ms")
+    alpha, beta = res["p2"]["alpha"], res["p2"]["beta"]
+    for batch, d in res["decode_across"]["decode"].items():
+        one = res["decode_one_host"]["decode"][batch]
+        # a 2-rank ring all-reduce: 2 alpha + n / beta; a 2-rank all-gather: alpha + n / (2 beta)
+        modelled = (d["allreduce_calls"] * 2 * alpha + d["allreduce_bytes"] / beta
+                    + d["allgather_calls"] * alpha + d["allgather_bytes"] / (2 * beta))
+        print(f"  decode, tp 2 across the hosts, batch {batch:>2s}: {d['s_per_token'] * 1e3:6.2f} ms per token "
+              f"(one host {one['s_per_token'] * 1e3:6.2f}); {d['allreduce_calls']:.0f} all-reduces of "
+              f"{d['allreduce_bytes'] / max(d['allreduce_calls'], 1) / 1024:.1f} KiB and {d['allgather_calls']:.0f} "
+              f"all-gathers per token: model {modelled * 1e3:.2f} ms of communication")
+        d["modelled_comm_s"] = modelled
     s = res["step"]
     print(f"  dp 2 x tp 2 step ({s['parameters'] / 1e6:.1f} M parameters): {s['step_s'] * 1e3:.0f} ms, of which "
           f"the gradient all-reduce across hosts {s['dp_allreduce_s'] * 1e3:.0f} ms "
@@ -198,12 +243,14 @@ def main() -> int:
     p.add_argument("--bytes", nargs="+", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--decode-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--node-tflops", type=float, default=5.0, help="the model's node: FLOP/s (float32)")
     p.add_argument("--tokens", type=int, default=16384, help="the model's tokens per node per step")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = p.parse_args()
-    if args.worker or args.step_worker:
-        result = worker(args.bytes, args.reps) if args.worker else step_worker(args.reps)
+    if args.worker or args.step_worker or args.decode_worker:
+        result = (worker(args.bytes, args.reps) if args.worker else step_worker(args.reps) if args.step_worker
+                  else decode_worker(args.reps))
         from mpi4py import MPI
 
         if MPI.COMM_WORLD.Get_rank() == 0:

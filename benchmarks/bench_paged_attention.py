@@ -21,9 +21,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks import common  # noqa: E402
-from mpisplit.kernels.paged_attention import paged_attention  # noqa: E402
-from mpisplit.nn.gqa import grouped_decode  # noqa: E402
+from benchmarks import common
+from mpisplit.kernels.paged_attention import paged_attention
+from mpisplit.nn.gqa import grouped_decode
 
 H, KV, D, BS = 9, 3, 64, 16
 CASES = [(16, 200, 1), (16, 600, 1), (64, 200, 1), (1, 256, 256), (1, 512, 256)]

@@ -14,7 +14,7 @@ Arithmetic operators and methods (`a + b`, `a @ b`, `t.sum()`) are attached by
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,10 @@ class Tensor:
         self._freed = False  # set once backward() has walked (and dropped) this node's graph
         # Where backward() puts this leaf's gradient when set (see mpisplit.training.grad_buffer).
         self.grad_store: Any = None
+        # Called with this leaf after each backward walk has added its gradient (the walk has
+        # passed every use of the leaf by then): mpisplit.training.overlap starts sending a
+        # gradient bucket as soon as its last gradient is in.
+        self.grad_hook: Callable[[Tensor], None] | None = None
 
     # ----------------------------------------------------------------- views
     @property
@@ -201,6 +205,8 @@ class Tensor:
                     assigned.add(id(node.grad))
                 else:
                     node.grad = node.grad + g
+                if node.grad_hook is not None:
+                    node.grad_hook(node)
                 continue
             in_grads = ctx.backward(g)
             if not isinstance(in_grads, tuple):
@@ -298,9 +304,13 @@ def _topological_order(root: Tensor) -> list[Tensor]:
         visited.add(id(node))
         stack.append((node, True))
         if node._ctx is not None:
-            for parent in node._ctx.inputs:
-                if parent.requires_grad and id(parent) not in visited:
-                    stack.append((parent, False))
+            # Leaves pushed first, so popped after the inputs computed from them: each leaf then
+            # lands in `order` after its consumers' inputs, and backward reaches it (writes its
+            # gradient) right after its last consumer, not at the end of the walk. The order
+            # among the other tensors, and so every sum of gradients, is unchanged.
+            inputs = [p for p in node._ctx.inputs if p.requires_grad and id(p) not in visited]
+            stack.extend((p, False) for p in inputs if p._ctx is None)
+            stack.extend((p, False) for p in inputs if p._ctx is not None)
     return order
 
 

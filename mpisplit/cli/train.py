@@ -83,6 +83,8 @@ def _optimisation(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default=D.optimizer)
     g.add_argument("--shard-optimizer", action="store_true",
                    help="hold 1/dp of the AdamW moments on each DP rank (reduce-scatter, update, all-gather)")
+    g.add_argument("--overlap-grads", choices=["auto", "on", "off"], default=D.overlap_grads,
+                   help="reduce the DP gradients during backward, bucket by bucket (auto: when DP spans nodes)")
     g.add_argument("--lr", type=float, default=D.lr, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=D.min_lr, help="final learning rate (default: lr / 10)")
     g.add_argument("--warmup", type=int, default=D.warmup, help="linear warm-up steps")

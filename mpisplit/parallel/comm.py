@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,15 @@ KINDS = ("allreduce", "allgather", "reduce_scatter", "bcast")
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _COMBINE = {"sum": np.add, "max": np.maximum, "min": np.minimum}  # the host ring's combine step
-_RING_TAG = 31  # the rows collectives' Sendrecv (on the library's own Dup of the communicator)
+_RING_TAG = 31
+# A helper thread's wait between tests of a non-blocking call (training/overlap.py).
+POLL_SLEEP_S = 2e-4  # the rows collectives' Sendrecv (on the library's own Dup of the communicator)
+
+
+def _wait(request: Any) -> None:
+    """Complete `request`, testing it every POLL_SLEEP_S (each test moves MPI's progress on)."""
+    while not request.Test():
+        time.sleep(POLL_SLEEP_S)
 
 
 def _slices(n: int, step: int) -> list[slice]:
@@ -229,6 +238,54 @@ class Communicator:
             self._ring_reduce_segments(segs, op)
         for segs in segments:
             self._ring_gather_segments(segs)
+
+    # ---- a host all-reduce or reduce-scatter in pieces, one call per piece (training/overlap.py
+    # sends each piece as soon as backward has written it, from a helper thread) -----------------
+
+    def allreduce_pieces(self, flat: np.ndarray) -> tuple[bool, list[slice]]:
+        """(ring, pieces): the pieces in which allreduce_(flat) reduces the flat host array
+        `flat`, and whether as the ring. allreduce_piece_ of every piece, in any order, gives
+        the bits of allreduce_(flat): the same calls on the same elements. Collective on the
+        communicator's first large all-reduce (the ring's choice)."""
+        if self.size == 1:
+            return False, []
+        if flat.nbytes >= HOST_RING_ALLREDUCE_MIN_BYTES and self._ring_allreduces():
+            per = max(1, min(HOST_ALLREDUCE_CHUNK_BYTES // flat.itemsize, self.max_count))
+            return True, _slices(flat.size, self.size * per)
+        return False, _slices(flat.size, min(self.max_count, max(1, HOST_ALLREDUCE_CHUNK_BYTES // flat.itemsize)))
+
+    def allreduce_piece_(self, piece: np.ndarray, ring: bool, op: str = "sum") -> None:
+        """One piece of allreduce_pieces, in place; not counted (the caller counts the whole).
+        MPI's piece as a non-blocking call, waited for by polling with short sleeps: a helper
+        thread blocked inside MPI spins on a core that backward needs."""
+        if ring:
+            self._ring_allreduce(piece, op)
+        else:
+            _wait(self.mpi.Iallreduce(MPI.IN_PLACE, piece, op=_OPS[op]))
+
+    def reduce_row_chain_(self, x: np.ndarray, q: int, cols: slice, op: str = "sum") -> None:
+        """x[q, cols] on rank q = op over the ranks of x[q, cols]; x is left as it is elsewhere.
+        Combined along the chain q + 1, q + 2, ..., q (each rank its own row q and what came from
+        its left): the order in which reduce_scatter_rows_ combines row q, so the same bits, and
+        row q is done as soon as every rank's row q is (the other rows may still be in backward).
+        Not counted (the caller counts)."""
+        p, r = self.size, self.rank
+        k = (r - q - 1) % p  # place in the chain: rank q + 1 starts, rank q ends
+        mine = x[q, cols]
+        if k == 0:
+            self.mpi.Send(mine, (r + 1) % p, _RING_TAG)
+            return
+        got = self._ring_scratch(mine.size, mine.dtype)[: mine.size]
+        self.mpi.Recv(got, (r - 1) % p, _RING_TAG)
+        out = mine if k == p - 1 else got
+        _COMBINE[op](mine, got, out=out)
+        if k < p - 1:
+            self.mpi.Send(out, (r + 1) % p, _RING_TAG)
+
+    def record(self, kind: str, nbytes: int) -> None:
+        """Count a collective that ran in pieces (allreduce_piece_, reduce_row_chain_) once."""
+        if self.size > 1:
+            self._count(kind, nbytes)
 
     def _bcast_flat(self, buf: np.ndarray, root: int) -> None:
         for s in _slices(buf.size, self.max_count):

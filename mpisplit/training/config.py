@@ -44,6 +44,7 @@ class TrainConfig:
     batch_size: int = 16  # global batch: sequences per step over all DP ranks
     optimizer: str = "adamw"  # adamw or sgd
     shard_optimizer: bool = False  # AdamW state 1/dp per DP rank: reduce-scatter, update the part, all-gather
+    overlap_grads: str = "auto"  # DP gradient reduction during backward: on, off, auto (on when DP spans nodes)
     lr: float = 3e-3  # peak learning rate
     min_lr: float | None = None  # final learning rate of the cosine schedule (None: lr / 10)
     warmup: int = 50  # linear warm-up steps
@@ -136,7 +137,8 @@ class TrainConfig:
     def _check_choices(self) -> None:
         for name, allowed in (("arch", ("gpt", "llama")), ("device", ("cpu", "gpu")), ("comm", ("auto", "mpi", "staged", "nccl")),
                               ("dtype", ("float32", "float64")), ("amp", (None, "float16", "bfloat16")),
-                              ("optimizer", ("adamw", "sgd")), ("recompute", ("none", "selective", "full"))):
+                              ("optimizer", ("adamw", "sgd")), ("recompute", ("none", "selective", "full")),
+                              ("overlap_grads", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
         if self.comm != "auto" and self.device != "gpu":

@@ -38,8 +38,9 @@ class GradBuffer:
             offset += p.size
 
     def holds_all_gradients(self, params: list[Any]) -> bool:
-        """True when `params` are exactly this buffer's and every gradient is its view."""
-        return _same(params, self.params) and all(p.grad is p.grad_store for p in params)
+        """True when `params` are exactly this buffer's (in any order) and every gradient is its view."""
+        return (len(params) == len(self.params) and {id(p) for p in params} == {id(p) for p in self.params}
+                and all(p.grad is p.grad_store for p in params))
 
 
 def _same(a: list[Any], b: list[Any]) -> bool:

@@ -27,6 +27,7 @@ from mpisplit.training.data import (
     load_token_ids,
 )
 from mpisplit.training.optim import SGD, AdamW, Optimizer
+from mpisplit.training.overlap import late_first, late_params
 from mpisplit.training.prepared import load_tokens, uses_tokens
 from mpisplit.training.sharded_optim import ShardedAdamW
 from mpisplit.training.state import load_model, load_optimizer
@@ -149,7 +150,9 @@ def build_model(config: TrainConfig, data: Data, reader: CheckpointReader | None
             apply_lora(model, lora, config.seed)
             if config.lora_from is not None and reader is None:
                 load_adapter(model, read_adapter(config.lora_from)[1], config.lora_from)
-    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    # LoRA: the adapters only; the gradients summed over TP or stages after backward first in
+    # the gradient block (training/overlap.py), whether or not the DP reduction overlaps
+    trained = late_first([p for p in model.parameters() if p.requires_grad], late_params(model, grid))
     opt: Optimizer
     if config.optimizer == "adamw" and config.shard_optimizer:
         opt = ShardedAdamW(trained, grid.dp_comm, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)

@@ -41,6 +41,7 @@ from mpisplit.runtime.faults import (
 from mpisplit.training import optim
 from mpisplit.training.checkpoint import latest_checkpoint
 from mpisplit.training.config import TrainConfig
+from mpisplit.training.overlap import overlapped_reduction
 from mpisplit.training.plot import plot_run
 from mpisplit.training.run_log import RunLog
 from mpisplit.training.setup import build_model, load_data, open_checkpoint, rng_state
@@ -100,6 +101,8 @@ class Trainer:
         self.cfg, self.model, self.net, self.opt, self.mp, self.step = m.config, m.model, m.net, m.opt, m.mp, m.start_step
         self.lora = m.lora
         self.runner = StepRunner(self.net, grid, config.micro_batches)
+        with agree(world):
+            self.overlap = overlapped_reduction(config.overlap_grads, self.model, self.opt, self.mp, grid)
         self.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
         self.val_loss: float | None = None
         self.history: list[dict] = []
@@ -124,6 +127,8 @@ class Trainer:
                 code = self._finish()
         finally:
             self.log.close()
+            if self.overlap is not None:
+                self.overlap.close()
         self.grid.free()  # collective: not on the way out of an exception one rank alone may have
         return TrainResult(code, self.step, self.val_loss, self.last_saved, self.history)
 
@@ -164,6 +169,8 @@ class Trainer:
         self.faults.before_step(done)
         self.opt.lr = optim.cosine_lr(done - 1, max_lr=c.lr, warmup=c.warmup, total=c.steps, min_lr=self.min_lr)
         x, y, positions = self.data.rows("train", c.seed, done - 1, c.batch_size, c.seq_len, grid.dp_rank, grid.dp)
+        if self.overlap is not None:
+            self.overlap.start(self.runner.micro_batches)
         # d(mean loss) over M micro-batches; under amp d(scale * loss)
         value = self.runner.forward_backward(x, y, loss_scale=1.0 if mp is None else mp.scale,
                                              target_count=self._target_count(y), positions=positions)
@@ -201,10 +208,14 @@ class Trainer:
         """DP average of the gradients and the global-norm clip; returns the norm. A sharded
         optimizer reduce-scatters the block and clips its part; otherwise one all-reduce."""
         grid, clip = self.grid, self.config.grad_clip
+        if self.overlap is not None:
+            self.overlap.finish()  # already under way since backward began
         if isinstance(self.opt, ShardedAdamW):
-            self.opt.reduce_scatter_gradients()
+            if self.overlap is None:
+                self.opt.reduce_scatter_gradients()
             return self.opt.clip_grad_norm(clip, grid.tp_comm, grid.pp_comm)
-        optim.average_gradients(self.model.parameters(), grid.dp_comm)
+        if self.overlap is None:
+            optim.average_gradients(self.model.parameters(), grid.dp_comm)
         return optim.clip_grad_norm(self.model.parameters(), clip, grid.tp_comm, grid.pp_comm)
 
     def evaluate(self) -> float:
