@@ -13,8 +13,11 @@ least half of its forward and backward time. Per link rate, medians over interle
   one host      the blocking step with both ranks on one host (shared memory): the goal is the
                 overlapped step across hosts within 1.2x of it
 
-  python benchmarks/bench_overlap.py                  # 1gbit and 10gbit
-  python benchmarks/bench_overlap.py --smoke          # one rate, two steps
+  python benchmarks/bench_overlap.py                  # 1gbit and 10gbit, 3 rounds
+  python benchmarks/bench_overlap.py --smoke          # one rate, one round of two steps
+
+Also timed: the helper thread waiting for MPI's pieces in other ways (WAITS: the blocking
+Allreduce, an Iallreduce tested at other intervals) than the library's default.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ if __package__ in (None, ""):
 from benchmarks import common
 
 MIB = 1 << 20
+# The helper thread's ways of waiting for MPI's piece (comm.POLL_SLEEP_S): a blocking Allreduce,
+# or an Iallreduce tested every so many seconds; the library's default runs as "overlapped".
+WAITS = {"blocking_call": 0.0, "poll_50us": 5e-5, "poll_200us": 2e-4, "poll_1ms": 1e-3}
 
 
 def worker(reps: int, rows: int, layers: int, vocab: int) -> dict:
@@ -46,6 +52,7 @@ def worker(reps: int, rows: int, layers: int, vocab: int) -> dict:
 
     from mpisplit.models.config import GPTConfig
     from mpisplit.models.gpt import GPT
+    from mpisplit.parallel import comm as comm_module
     from mpisplit.parallel.grid import ProcessGrid
     from mpisplit.training.optim import AdamW, average_gradients
     from mpisplit.training.overlap import GradientOverlap
@@ -73,10 +80,13 @@ def worker(reps: int, rows: int, layers: int, vocab: int) -> dict:
         compute()
         average_gradients(model.parameters(), grid.dp_comm)
 
-    def overlapped() -> None:
-        ov.start(1)
-        compute()
-        ov.finish()
+    def overlapped(poll: float) -> Any:
+        def step() -> None:
+            comm_module.POLL_SLEEP_S = poll  # how the helper thread waits for MPI's piece
+            ov.start(1)
+            compute()
+            ov.finish()
+        return step
 
     def iallreduce() -> float:
         req = grid.dp_comm.mpi.Iallreduce(MPI.IN_PLACE, block, op=MPI.SUM)
@@ -85,7 +95,9 @@ def worker(reps: int, rows: int, layers: int, vocab: int) -> dict:
         req.Wait()
         return time.perf_counter() - t0
 
-    kinds = {"compute": compute, "reduce": reduce, "blocking": blocking, "overlapped": overlapped}
+    default = comm_module.POLL_SLEEP_S
+    kinds = {"compute": compute, "reduce": reduce, "blocking": blocking, "overlapped": overlapped(default),
+             **{f"overlapped_{name}": overlapped(poll) for name, poll in WAITS.items() if poll != default}}
     times: dict[str, list[float]] = {k: [] for k in (*kinds, "iallreduce_wait", "overlap_wait")}
     compute()  # warm: the gradient block written once
     for i in range(reps + 1):
@@ -104,6 +116,7 @@ def worker(reps: int, rows: int, layers: int, vocab: int) -> dict:
             times["iallreduce_wait"].append(wait)
         model.zero_grad()
     ov.close()
+    comm_module.POLL_SLEEP_S = default
     medians = {k: statistics.median(v) for k, v in times.items()}
     slowest = {k: max(world.allgather(v)) for k, v in medians.items()}
     return {**slowest, "gradient_bytes": int(block.nbytes), "parameters": model.num_parameters(),
@@ -119,6 +132,15 @@ def run(hosts: Any, ppn: int, reps: int, rows: int, layers: int, vocab: int) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _median_of(runs: list[dict]) -> dict:
+    """Each timing's median over the rounds; the rest from the first."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
 def show(rate: str, across: dict, one: dict) -> None:
     ms = lambda s: f"{s * 1e3:.0f} ms"
     print(f"--- {rate}: {across['parameters'] / 1e6:.1f} M parameters, {across['gradient_bytes'] / MIB:.1f} MiB "
@@ -128,6 +150,8 @@ def show(rate: str, across: dict, one: dict) -> None:
     print(f"  step blocking {ms(across['blocking'])}, overlapped {ms(across['overlapped'])} "
           f"(waiting at the end {ms(across['overlap_wait'])}); Iallreduce's wait after compute "
           f"{ms(across['iallreduce_wait'])}")
+    waits = ", ".join(f"{name} {ms(across['overlapped_' + name])}" for name in WAITS if "overlapped_" + name in across)
+    print(f"  overlapped, the helper waiting otherwise: {waits}")
     print(f"  one host: step {ms(one['blocking'])} (compute {ms(one['compute'])}); overlapped across hosts / "
           f"one host = {across['overlapped'] / one['blocking']:.2f}x, blocking = "
           f"{across['blocking'] / one['blocking']:.2f}x")
@@ -137,7 +161,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=3, help="interleaved steps of each kind per job")
+    p.add_argument("--rounds", type=int, default=3, help="jobs across the hosts and on one, alternated")
     p.add_argument("--rows", type=int, default=6, help="sequences of 128 tokens per rank and step")
     p.add_argument("--layers", type=int, default=8, help="the GPT's blocks (hidden 384)")
     p.add_argument("--vocab", type=int, default=4096, help="the GPT's vocabulary (tied embedding: its gradient is last)")
@@ -163,8 +188,11 @@ def main() -> int:
     with NetHosts(2) as hosts:
         for rate in args.rates[:1] if args.smoke else args.rates:
             hosts.shape(rate)
-            results[rate] = {"across": run(hosts, 1, reps, args.rows, args.layers, args.vocab),
-                             "one_host": run(hosts, 2, reps, args.rows, args.layers, args.vocab)}
+            rounds: dict[str, list[dict]] = {"across": [], "one_host": []}
+            for _ in range(1 if args.smoke else args.rounds):  # alternated: the machine's noise shared
+                for key, ppn in (("across", 1), ("one_host", 2)):
+                    rounds[key].append(run(hosts, ppn, reps, args.rows, args.layers, args.vocab))
+            results[rate] = {key: _median_of(runs) for key, runs in rounds.items()}
             show(rate, results[rate]["across"], results[rate]["one_host"])
     out = common.write_json(args.out / "bench_overlap.json", {"machine": common.machine_info(), "results": results})
     print(f"-> {out} ({common.machine_info()['cpu']})")

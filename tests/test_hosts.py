@@ -104,17 +104,21 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2", "--dp", "2"], ["--tp", "2", "--pp", "2", "--micro-batches", "2"]],
-                         ids=["tp-in-host-dp-across", "tp-in-host-pp-across"])
+@pytest.mark.parametrize("layout", [["--tp", "2", "--dp", "2"], ["--tp", "2", "--dp", "2", "--shard-optimizer"],
+                                    ["--tp", "2", "--pp", "2", "--micro-batches", "2"]],
+                         ids=["tp-in-host-dp-across", "tp-in-host-dp-across-sharded", "tp-in-host-pp-across"])
 def test_training_across_hosts_equals_one_host(hosts, corpus, tmp_path, layout):
     """TP inside each host, DP (or the pipeline's stages) across: the losses, gradient norms and
-    validation losses of the one-host run, bit for bit; no placement warning."""
+    validation losses of the one-host run, bit for bit; no placement warning. DP across hosts
+    reduces the gradients during backward (--overlap-grads auto), on one host after it."""
     args = [str(Path(REPO_ROOT) / "train.py"), *TINY.split(), "--data", str(corpus), *layout]
-    on_one_host(4, [*args, "--out", "one"], tmp_path)
+    alone = on_one_host(4, [*args, "--out", "one"], tmp_path)
     before = [hosts.link_bytes(i) for i in (1, 2)]
     done = on_hosts(hosts, 4, 2, [*args, "--out", "two"], tmp_path)
     assert all(hosts.link_bytes(i) - b > 64 << 10 for i, b in zip((1, 2), before))  # gradients or activations
     assert "span nodes" not in done.stderr
+    overlapped = "DP gradients reduced during backward"
+    assert (overlapped in done.stdout) == ("--dp" in layout) and overlapped not in alone.stdout, done.stdout
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == 6 and [{k: m[k] for k in m if k not in ("time", "tokens_per_s", "elapsed")} for m in one] == [
         {k: m[k] for k in m if k not in ("time", "tokens_per_s", "elapsed")} for m in two]
@@ -229,3 +233,51 @@ def test_serving_across_hosts_equals_one_host(hosts, tmp_path):
             assert server.stop() == 0
         assert (hosts.link_bytes(2) - before > 16 << 10) == across  # each layer's all-reduce crossed the link
     assert answers[0] == answers[1] and len(answers[0][1]) == 12
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-stream"])
+def test_a_lost_link_ends_the_serving_job(hosts, tmp_path, when):
+    """Host 2's link goes down under a tp 2 server (one rank per host), while it waits for
+    requests or while it streams a completion: with --collective-timeout 10 the job ends on both
+    hosts within 60 s, non-zero, naming what it lost (idle: the keep-alive's silent rank and its
+    host; mid-stream: the stalled collective); the client's stream ends instead of hanging."""
+    openai = pytest.importorskip("openai")
+    from _serving import Server, serve_env, write_char_checkpoint
+
+    ckpt = write_char_checkpoint(tmp_path / "ckpt")
+    server = Server(2, ["--ckpt", str(ckpt), "--dtype", "float64", "--host", hosts.hosts[0],
+                        "--collective-timeout", "10"],
+                    env={**serve_env(), **NetHosts.ENV, "MPISPLIT_FAULT": "sleep@seconds=0.1"})  # 60 tokens: 6 s
+    server.cmd = [mpiexec_path(), *hosts.mpiexec_args(2, 1), *server.cmd[server.cmd.index(sys.executable):]]
+    with server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120, max_retries=0)
+        model = client.models.list().data[0].id
+        assert client.completions.create(model=model, prompt="hello ", max_tokens=4, temperature=0).choices[0].text
+        stream = None
+        if when == "mid-stream":
+            stream = client.completions.create(model=model, prompt="h", max_tokens=60, temperature=0, stream=True)
+            next(iter(stream))
+        subprocess.run(["ip", "link", "set", f"{PREFIX}v2", "down"], check=True)
+        try:
+            start = time.monotonic()
+            if stream is not None:
+                with pytest.raises(Exception):  # noqa: B017 - a cut stream: whatever the transport says
+                    for _ in stream:
+                        pass
+            try:
+                code = server.proc.wait(timeout=60 - (time.monotonic() - start))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the server still runs 60 s after losing a host\n{''.join(server.log)[-3000:]}")
+            deadline = time.monotonic() + 20
+            while processes_with(str(ckpt)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = processes_with(str(ckpt))
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            subprocess.run(["ip", "link", "set", f"{PREFIX}v2", "up"], check=True)
+    log = "".join(server.log)
+    assert code != 0 and not left, (code, left, log[-3000:])
+    assert "collective timeout" in log, log[-3000:]
+    if when == "idle":
+        assert "no answer for 10 s from rank 1 on mpisplit-h2" in log, log[-3000:]

@@ -90,3 +90,53 @@ def clients_that_go_away_free_their_slots_within_a_step(server):
         time.sleep(0.02)
     assert metric(server.url, "mpisplit_running_sequences") == 0
     assert metric(server.url, 'mpisplit_requests_total{outcome="cancelled"}') == before + 4
+
+
+def _follower_pid(server: Server, ckpt: str) -> int:
+    """The pid of rank 1: the job's server process that is not rank 0 (rank 0 prints its pid)."""
+    import re
+    import sys
+
+    from _procs import processes_with
+
+    leader = int(re.search(r"\(pid (\d+),", "".join(server.log)).group(1))
+    for pid in processes_with(ckpt):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if pid != leader and argv[0] == sys.executable.encode() and b"mpisplit.serve" in argv:
+            return pid
+    raise AssertionError("no second server rank found")
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-stream"])
+def test_a_rank_that_stops_answering_ends_the_job(tmp_path, when):
+    """Rank 1 frozen (SIGSTOP) while the server waits for requests, or while it streams a
+    completion: with --collective-timeout 3, rank 0 notices (the keep-alive between steps, the
+    watchdog inside a step's collective) and ends the job non-zero within 30 s, saying so; the
+    client's stream ends instead of hanging."""
+    import os
+    import signal
+    import socket
+
+    ckpt = write_char_checkpoint(tmp_path / "ckpt")
+    env = {**serve_env(), "MPISPLIT_FAULT": f"sleep@seconds={STEP_S}"}  # a stream of 60 tokens: 3 s
+    with Server(2, ["--ckpt", str(ckpt), "--dtype", "float64", "--collective-timeout", "3"], env=env) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60, max_retries=0)
+        model = client.models.list().data[0].id
+        stream = None
+        if when == "mid-stream":
+            stream = client.completions.create(model=model, prompt="h", max_tokens=60, temperature=0, stream=True)
+            next(iter(stream))
+        os.kill(_follower_pid(server, str(ckpt)), signal.SIGSTOP)
+        start = time.monotonic()
+        if stream is not None:
+            with pytest.raises(Exception):  # noqa: B017 - a cut stream: whatever the transport says
+                for _ in stream:
+                    pass
+        code = server.proc.wait(timeout=30)
+        seconds = time.monotonic() - start
+    log = "".join(server.log)
+    assert code != 0 and seconds < 30, (code, seconds, log[-3000:])
+    assert "collective timeout" in log, log[-3000:]
+    if when == "idle":
+        assert f"no answer for 3 s from rank 1 on {socket.gethostname()}" in log, log[-3000:]

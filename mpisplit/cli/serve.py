@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--kv-block-size", type=int, default=16, help="token positions per KV-cache block")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="compute every prompt in full (default: full blocks of earlier prompts are reused)")
+    p.add_argument("--collective-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="end the job when a rank has been lost this long: stalled in a step's collective, or "
+                        "silent to the keep-alive between steps (0: off)")
+    p.add_argument("--heartbeat-dir", default=None, metavar="DIR",
+                   help="the collective timeout's heartbeat folder, on a filesystem every rank sees, so that "
+                        "its report names the ranks of every host (default: under this host's temporary folder)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait to be admitted; more get HTTP 429")
     p.add_argument("--prefill-chunk", type=int, default=256,
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         kv_cache_memory=args.kv_cache_memory, kv_block_size=args.kv_block_size, prefix_cache=not args.no_prefix_cache,
         model_name=args.model_name or default_model_name(args.ckpt or args.hf or args.gguf),
         adapters=tuple(name for name, _ in args.lora),
+        collective_timeout=args.collective_timeout, heartbeat_dir=args.heartbeat_dir,
     )
     code = serve(model, tokenizer, opts)
     grid.free()

@@ -52,9 +52,10 @@ KINDS = ("allreduce", "allgather", "reduce_scatter", "bcast")
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _COMBINE = {"sum": np.add, "max": np.maximum, "min": np.minimum}  # the host ring's combine step
-_RING_TAG = 31
-# A helper thread's wait between tests of a non-blocking call (training/overlap.py).
-POLL_SLEEP_S = 2e-4  # the rows collectives' Sendrecv (on the library's own Dup of the communicator)
+_RING_TAG = 31  # the rows collectives' Sendrecv (on the library's own Dup of the communicator)
+# How the overlap's helper thread (training/overlap.py) waits for a piece of MPI's all-reduce:
+# > 0: an Iallreduce tested every POLL_SLEEP_S seconds; 0: the blocking Allreduce.
+POLL_SLEEP_S = 5e-5
 
 
 def _wait(request: Any) -> None:
@@ -256,10 +257,14 @@ class Communicator:
 
     def allreduce_piece_(self, piece: np.ndarray, ring: bool, op: str = "sum") -> None:
         """One piece of allreduce_pieces, in place; not counted (the caller counts the whole).
-        MPI's piece as a non-blocking call, waited for by polling with short sleeps: a helper
-        thread blocked inside MPI spins on a core that backward needs."""
+        MPI's piece over two ranks as Iallreduce, waited for by testing it every POLL_SLEEP_S
+        (a helper thread blocked inside MPI spins on a core that backward needs; a sum of two
+        numbers is the same in any order); over more ranks the blocking Allreduce, whose
+        algorithm (and so order of the sum) is the blocking path's."""
         if ring:
             self._ring_allreduce(piece, op)
+        elif POLL_SLEEP_S <= 0 or self.size > 2:
+            self.mpi.Allreduce(MPI.IN_PLACE, piece, op=_OPS[op])
         else:
             _wait(self.mpi.Iallreduce(MPI.IN_PLACE, piece, op=_OPS[op]))
 
@@ -273,14 +278,23 @@ class Communicator:
         k = (r - q - 1) % p  # place in the chain: rank q + 1 starts, rank q ends
         mine = x[q, cols]
         if k == 0:
-            self.mpi.Send(mine, (r + 1) % p, _RING_TAG)
+            self._p2p(self.mpi.Isend, mine, (r + 1) % p)
             return
         got = self._ring_scratch(mine.size, mine.dtype)[: mine.size]
-        self.mpi.Recv(got, (r - 1) % p, _RING_TAG)
+        self._p2p(self.mpi.Irecv, got, (r - 1) % p)
         out = mine if k == p - 1 else got
         _COMBINE[op](mine, got, out=out)
         if k < p - 1:
-            self.mpi.Send(out, (r + 1) % p, _RING_TAG)
+            self._p2p(self.mpi.Isend, out, (r + 1) % p)
+
+    @staticmethod
+    def _p2p(start: Callable[..., Any], buf: np.ndarray, peer: int) -> None:
+        """A point-to-point message of the chain, waited for as POLL_SLEEP_S says."""
+        request = start(buf, peer, _RING_TAG)
+        if POLL_SLEEP_S > 0:
+            _wait(request)
+        else:
+            request.Wait()
 
     def record(self, kind: str, nbytes: int) -> None:
         """Count a collective that ran in pieces (allreduce_piece_, reduce_row_chain_) once."""

@@ -25,14 +25,18 @@ SPIN_S = 2e-4  # test without sleeping this long after a message (the next one i
 MAX_SLEEP_S = 0.02
 
 
-def wait_cheaply(request: MPI.Request) -> None:
-    """Complete `request`, sleeping between tests once it has been pending for SPIN_S."""
+def wait_cheaply(request: MPI.Request, deadline: float | None = None) -> bool:
+    """Complete `request`, sleeping between tests once it has been pending for SPIN_S; False
+    (still pending) once time.monotonic() passes `deadline`."""
     start = time.perf_counter()
     sleep = 5e-5
     while not request.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
         if time.perf_counter() - start > SPIN_S:
             time.sleep(sleep)
             sleep = min(sleep * 2, MAX_SLEEP_S)
+    return True
 
 
 class ControlChannel:
@@ -58,11 +62,13 @@ class ControlChannel:
         if data:
             self.comm.Ibcast(np.frombuffer(data, dtype=np.uint8).copy(), root=0).Wait()
 
-    def recv(self) -> tuple[int, dict | None]:
-        """Ranks > 0: the next (op, payload), waiting without keeping a core busy."""
+    def recv(self, deadline: float | None = None) -> tuple[int, dict | None] | None:
+        """Ranks > 0: the next (op, payload), waiting without keeping a core busy; None when no
+        header came by `deadline` (time.monotonic(); the job is then to be ended)."""
         if self.rank == 0:
             raise RuntimeError("rank 0 does not receive on the control channel")
-        wait_cheaply(self.comm.Ibcast(self._header, root=0))
+        if not wait_cheaply(self.comm.Ibcast(self._header, root=0), deadline):
+            return None
         op, nbytes = int(self._header[0]), int(self._header[1])
         if op not in OP_NAMES or nbytes < 0:
             raise RuntimeError(f"corrupt control header {self._header.tolist()}")

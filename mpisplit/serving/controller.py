@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpisplit.serving.channel import SHUTDOWN, STEP, ControlChannel
+from mpisplit.serving.channel import IDLE, SHUTDOWN, STEP, ControlChannel
 from mpisplit.serving.engine import Engine, SequenceSpec, StepOutput
+from mpisplit.serving.liveness import Liveness
 from mpisplit.serving.metrics import ServerMetrics
 from mpisplit.serving.sampling import SamplingParams, log_softmax, top_logprobs
 from mpisplit.serving.text import TextStream
@@ -66,7 +67,7 @@ class Controller:
 
     def __init__(
         self, engine: Engine, channel: ControlChannel, tokenizer: Any, metrics: ServerMetrics, max_queue: int,
-        drain_s: float = 10.0,
+        drain_s: float = 10.0, liveness: Liveness | None = None,
     ) -> None:
         self.engine, self.channel, self.tokenizer, self.metrics = engine, channel, tokenizer, metrics
         self.max_queue, self.drain_s = max_queue, drain_s
@@ -81,6 +82,7 @@ class Controller:
         self._stopped: list[int] = []  # met a stop string; still in the engine until the next step
         self.stopping = threading.Event()  # set by SIGTERM: admit nothing new, then exit
         self.alive = True
+        self.liveness = liveness
 
     # -------------------------------------------------- called from other threads
     def submit(self, sub: Submission) -> bool:
@@ -122,9 +124,15 @@ class Controller:
                 self._collect(block=not self.active and not self.waiting)
                 payload = self._plan()
                 if payload is None:
+                    if self.liveness is not None and self.liveness.ping_due():
+                        self.liveness.check(lambda: self.channel.send(IDLE))
                     continue
+                if self.liveness is not None:
+                    self.liveness.beat()
                 self.channel.send(STEP, payload)  # rank 0's engine has applied it already
                 outputs = self.engine.step()
+                if self.liveness is not None:
+                    self.liveness.beat()
                 self.metrics.observe_cache(self.engine)
                 self.metrics.batch_occupancy.observe(len(self.engine.running) + sum(o.finished for o in outputs))
                 self._deliver(outputs)
@@ -283,12 +291,24 @@ class Controller:
         self.waiting.clear()
 
 
-def follow(engine: Engine, channel: ControlChannel) -> None:
-    """Ranks > 0: apply and run every step rank 0 broadcasts, until it says shutdown."""
+def follow(engine: Engine, channel: ControlChannel, liveness: Liveness | None = None) -> None:
+    """Ranks > 0: apply and run every step rank 0 broadcasts, until it says shutdown; answer its
+    keep-alive (IDLE), and end the job when it has said nothing for the collective timeout."""
     while True:
-        op, payload = channel.recv()
+        got = channel.recv(None if liveness is None else liveness.deadline())
+        if got is None:
+            assert liveness is not None
+            liveness.silent_leader()
+            return
+        op, payload = got
         if op == SHUTDOWN:
             return
+        if op == IDLE and liveness is not None:
+            liveness.answer()
         if op == STEP:
+            if liveness is not None:
+                liveness.beat()
             engine.apply(payload or {})
             engine.step()
+            if liveness is not None:
+                liveness.beat()

@@ -22,6 +22,7 @@ from mpisplit.serving.channel import SHUTDOWN, ControlChannel
 from mpisplit.serving.controller import Controller, follow
 from mpisplit.serving.engine import Engine
 from mpisplit.serving.kv_pool import kv_blocks
+from mpisplit.serving.liveness import Liveness
 from mpisplit.serving.metrics import ServerMetrics
 from mpisplit.serving.relay import FrontendConfig, FrontendRelay
 from mpisplit.serving.validation import ModelInfo
@@ -47,6 +48,8 @@ class ServeOptions:
     kv_block_size: int = 16
     prefix_cache: bool = True
     adapters: tuple[str, ...] = ()  # the names of the LoRA adapters attached to the model (attach_served_adapters)
+    collective_timeout: float = 300.0  # seconds a lost rank may go unnoticed (serving/liveness.py); 0: off
+    heartbeat_dir: str | None = None  # the watchdog's folder (shared by the ranks: reports name them all)
 
 
 def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
@@ -61,10 +64,12 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
                     kv_blocks=blocks, kv_block_size=opts.kv_block_size, prefix_cache=opts.prefix_cache,
                     tokenizer=tokenizer)
     channel = ControlChannel(model.grid.world)
+    liveness = Liveness(channel.comm, opts.collective_timeout, opts.heartbeat_dir)
     if channel.rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 leads the shutdown
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        follow(engine, channel)
+        follow(engine, channel, liveness)
+        liveness.stop()
         channel.free()
         return 0
     info = ModelInfo(opts.model_name, model.config.vocab_size, model.config.block_size, tokenizer,
@@ -72,7 +77,7 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
                      adapters=tuple(opts.adapters))
     metrics = ServerMetrics(opts.max_batch)
     metrics.observe_cache(engine)
-    controller = Controller(engine, channel, tokenizer, metrics, opts.max_queue, opts.drain_s)
+    controller = Controller(engine, channel, tokenizer, metrics, opts.max_queue, opts.drain_s, liveness)
     try:
         relay = FrontendRelay(controller, FrontendConfig(opts.host, opts.port, info, opts.api_key, opts.chat_template))
     except BaseException:
@@ -94,6 +99,7 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
         controller.run()
     finally:
         relay.stop()
+        liveness.stop()
     channel.free()
     if relay.lost:
         raise RuntimeError(relay.lost)

@@ -16,10 +16,16 @@ hold the tied embedding) must be reduced over DP only after those sums, in the s
 the blocking path: such parameters are `late`, placed at the start of the block (`late_first`),
 and reduced by `finish()` after the sums, with whatever bucket holds them.
 
-The helper thread makes blocking MPI calls on the DP communicator (its own) while the main
-thread computes and calls the TP and pipeline communicators: MPI_THREAD_MULTIPLE, which mpi4py
-asks for. A non-blocking MPI_Iallreduce was the other way: MPICH moves its bytes only inside
-MPI calls of the main thread (benchmarks/bench_hosts.py measures both).
+The helper thread calls MPI on the DP communicator (its own) while the main thread computes and
+calls the TP and pipeline communicators: MPI_THREAD_MULTIPLE, which mpi4py asks for. Measured
+across network hosts (benchmarks/bench_overlap.py): an MPI_Iallreduce started by the main thread
+moves no bytes until the main thread calls MPI again (MPICH has no progress thread), so the
+helper thread it is; waiting in a blocking call, that thread spins on a core that backward
+needs, so at dp 2 it waits for MPI's pieces (Iallreduce: a sum of two numbers has one value
+whatever the algorithm) and the chain's Isend and Irecv by testing them every 50 us, which hid
+the most (parallel/comm.py's POLL_SLEEP_S; 0 makes it the blocking call); at dp 3 and more it
+makes the blocking path's own Allreduce calls, whose order of the sum Iallreduce need not
+keep. The ring's pieces (DP inside a node, `--overlap-grads on`) are blocking Sendrecv steps.
 """
 
 from __future__ import annotations

@@ -264,6 +264,7 @@ class Trainer:
             f"{self.threads} BLAS thread(s) per rank, {c.dtype}"
             f"{f' master weights, {c.amp} compute' if c.amp else ''}, device {c.device}"
             f"{', optimizer state sharded over dp' if c.shard_optimizer else ''}"
+            f"{f', DP gradients reduced during backward ({len(self.overlap.order)} buckets)' if self.overlap else ''}"
         )
         say(
             f"data: {'CPython documentation text' if c.data is None else c.data}, "
