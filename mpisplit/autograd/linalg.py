@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from mpisplit.autograd.operands import _operands, _unbroadcast
+from mpisplit.autograd.quantized import QuantizedLinear
 from mpisplit.autograd.tensor import Function, Tensor, grad_target
 from mpisplit.runtime.backend import get_array_module
 
@@ -132,6 +133,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if x.dtype != weight.dtype:
         raise TypeError(f"linear: input dtype {x.dtype} != weight dtype {weight.dtype}")
     get_array_module(x.data, weight.data)
+    slab = getattr(weight, "quantized", None)
+    if slab is not None:  # kept in quantized blocks (nn/quantized.py): forward only
+        return QuantizedLinear.apply(x, *(() if bias is None else (bias,)), slab=slab, padded=weight.shape[1])
     if bias is None:
         return Linear.apply(x, weight)
     return Linear.apply(x, weight, bias)
@@ -143,4 +147,7 @@ def linear_t(x: Tensor, weight: Tensor) -> Tensor:
         raise ValueError(f"linear_t: input features {x.shape[-1]} != weight columns {weight.shape[1]}")
     if x.dtype != weight.dtype:
         raise TypeError(f"linear_t: input dtype {x.dtype} != weight dtype {weight.dtype}")
+    slab = getattr(weight, "quantized", None)
+    if slab is not None:
+        return QuantizedLinear.apply(x, slab=slab, padded=weight.shape[0])
     return LinearT.apply(x, weight)

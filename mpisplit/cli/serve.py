@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank dequantizes its slices")
     src.add_argument("--hf", help="a Hugging Face folder of GPT-2 or the Llama family (config.json, model.safetensors, "
                                   "tokenizer.json or vocab.json + merges.txt)")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="--gguf: keep the Q8_0, Q4_0 and Q4_1 matrices in their blocks (a quarter to a half of "
+                        "float32's memory; decoding slower so far: README, GGUF) instead of dequantizing them")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
@@ -175,7 +178,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if world.Get_rank() == 0:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
     model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
-                                                     dtype=args.dtype, max_model_len=args.max_model_len)
+                                                     dtype=args.dtype, max_model_len=args.max_model_len,
+                                                     quantized=args.keep_quantized)
+    report = getattr(model, "quantized_report", None)
+    if report is not None and world.Get_rank() == 0:
+        left = report["dequantized"]
+        print(f"mpisplit serve: {len(report['kept'])} matrices kept in their GGUF blocks "
+              f"({report['bytes'] / 2**20:.1f} MiB on rank 0)"
+              + (f"; dequantized to {args.dtype}: {', '.join(left)}" if left else ""), flush=True)
     model.to(args.device)
     with agree(world):  # after the move: the adapters' slabs are made where the weights are
         if args.lora:

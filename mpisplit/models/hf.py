@@ -40,14 +40,17 @@ def weights_dtype(source: str | os.PathLike) -> np.dtype:
     return hf_gpt2.weights_dtype(source)
 
 
-def from_gguf(cls: type, path: str | os.PathLike, grid: Any, dtype: Any = "float32", **options: Any) -> Any:
-    """A `cls` (GPT) with the weights of a GGUF file, each rank dequantizing only its slabs.
-    Collective over grid.world: any failure raises on every rank."""
+def from_gguf(cls: type, path: str | os.PathLike, grid: Any, dtype: Any = "float32", *,
+              keep_quantized: bool = False, **options: Any) -> Any:
+    """A `cls` (GPT) with the weights of a GGUF file, each rank dequantizing only its slabs; with
+    `keep_quantized` its matrices stay in the file's blocks where a kernel takes them (serving:
+    nn/quantized.py; the model's quantized_report says which did not). Collective over
+    grid.world: any failure raises on every rank."""
     from mpisplit.models.gguf import GGUFWeights
     from mpisplit.runtime.errors import agree
 
     with agree(grid.world):
-        weights = GGUFWeights(path)
+        weights = GGUFWeights(path, keep_quantized=keep_quantized)
     return hf_llama.from_pretrained(cls, path, grid, dtype, source=weights, config=weights.config, **options)
 
 

@@ -113,14 +113,49 @@ def _read_slab(files: Any, key: str, transposed: bool, p: Parameter) -> np.ndarr
 
 
 def load_weights(model: GPT, files: Any) -> None:
-    """Fill every parameter of `model` (one pipeline stage or the whole) from `files`."""
+    """Fill every parameter of `model` (one pipeline stage or the whole) from `files`. A source
+    that keeps quantized blocks (GGUFWeights(keep_quantized=True)) gives matrices their blocks
+    instead (`p.quantized`), their float arrays left unwritten; what it could not keep is listed
+    in model.quantized_report."""
     keys = _check_tensors(model, files)
     params = dict(model.named_parameters())
+    report: dict[str, Any] = {"kept": [], "bytes": 0, "dequantized": []}
     for name, p in params.items():
         key, transposed = keys[name]
+        if getattr(files, "keep_quantized", False) and p.ndim == 2:
+            kept = _quantized_slab(files, key, transposed, p)
+            if kept is not None:
+                p.quantized = kept
+                report["kept"].append(name)
+                report["bytes"] += kept.nbytes
+                continue
+            report["dequantized"].append(f"{key} ({files.gguf_type(key)})")
         slab = _read_slab(files, key, transposed, p)
         xp = get_array_module(p.data)
         p.data[...] = xp.asarray(slab.astype(p.dtype, copy=False))
+    if getattr(files, "keep_quantized", False):
+        model.quantized_report = report  # type: ignore[attr-defined]
+
+
+def _quantized_slab(files: Any, key: str, transposed: bool, p: Parameter) -> Any:
+    """p's slab as the file's blocks (a QuantizedSlab), or None (see models/gguf/blocks.py). The
+    file's (out, in) rows are p's columns when p is stored transposed ((in, out): a linear)."""
+    from mpisplit.models.gguf.blocks import slab_blocks
+    from mpisplit.nn.quantized import QuantizedSlab
+
+    out_f, in_f = files.shape(key)
+    rows, cols = range(out_f), range(in_f)
+    if p.split_axis is not None:
+        lo, real = _slab_extent(p)
+        split_rows = (p.split_axis == 1) == transposed  # the split runs along the file's rows
+        if not split_rows and real != p.shape[p.split_axis]:
+            return None  # padded input features: the slab's columns would not match x
+        if split_rows:
+            rows = range(lo, lo + real)
+        else:
+            cols = range(lo, lo + real)
+    got = slab_blocks(files, key, rows, cols)
+    return None if got is None else QuantizedSlab(got[0], got[1], len(rows), len(cols))
 
 
 # ---------------------------------------------------------------------------- writing

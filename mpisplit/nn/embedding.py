@@ -85,6 +85,10 @@ class VocabParallelEmbedding(Module):
         ids = ids.data if isinstance(ids, Tensor) else ids
         check_ids(to_numpy(ids) if not isinstance(ids, np.ndarray) else ids, self.vocab_size)
         ids = get_array_module(self.weight.data).asarray(ids)  # host ids go to the weight's device
+        slab = self.weight.quantized
+        if slab is not None:  # quantized blocks (nn/quantized.py, serving): rows dequantized as looked up
+            local = Tensor(slab.lookup(ids, self.vocab_start, self.dtype))
+            return local if self.comm.size == 1 else reduce_from_tp(local, self.comm)
         if self.comm.size == 1:
             return ops.embedding(self.weight, ids)
         local = _LocalLookup.apply(self.weight, ids=ids, start=self.vocab_start)

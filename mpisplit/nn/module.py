@@ -50,6 +50,8 @@ class Parameter(Tensor):
         # A slab that `replicas` TP ranks hold alike (a key/value head replicated because tp >
         # kv heads): its gradient is summed over them, it is saved and counted by replica 0.
         self.replicas, self.replica_rank = 1, 0
+        # The slab as a GGUF file's quantized blocks (nn/quantized.py; serving), or None.
+        self.quantized: Any = None
         if int(np.prod(self.view_shape)) != self.size:
             raise ValueError(f"view_shape {self.view_shape} does not hold a slab of shape {self.shape}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mpisplit import kernels
 from mpisplit.models import GPT, GPTConfig
 from mpisplit.models.gpt import check_eos_ids
 from mpisplit.models.hf import is_gguf, load_tokenizer, read_config
@@ -25,13 +26,14 @@ from mpisplit.training.state import load_model, resolve_checkpoint
 
 def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | None = None,
                              dtype: str = "float32", max_model_len: int | None = None,
-                             gguf: str | None = None) -> tuple[GPT, Any, tuple[int, ...]]:
+                             gguf: str | None = None, quantized: bool = False) -> tuple[GPT, Any, tuple[int, ...]]:
     """(model, tokenizer or None, eos ids) on every rank; each rank reads only its slabs, and
     hashes the checkpoint files it reads before using them. Collective. A checkpoint's
     tokenizer is its character vocabulary; a folder's is tokenizer.json or vocab.json +
     merges.txt (None without them: token ids only); `hf` may also be a GGUF file.
     `max_model_len` caps the context of a rotary model (the Llama family declares 8k-128k
-    positions)."""
+    positions). `quantized`: a GGUF file's matrices stay in its blocks where a kernel takes them
+    (nn/quantized.py; model.quantized_report lists the others)."""
     if (ckpt is None) + (hf is None) + (gguf is None) != 2:
         raise ValueError("give exactly one of ckpt, hf and gguf")
     if gguf is not None:
@@ -61,7 +63,13 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
     assert hf is not None  # exactly one of ckpt, hf and gguf, checked above
     with agree(grid.world):
         cfg = read_config(hf)
-        options = {"max_model_len": max_model_len} if cfg.positions == "rotary" else {}
+        options: dict[str, Any] = {"max_model_len": max_model_len} if cfg.positions == "rotary" else {}
+        if quantized:
+            if not is_gguf(hf):
+                raise ValueError("--keep-quantized applies to --gguf files")
+            if not kernels.enabled():
+                raise ValueError("--keep-quantized needs the block kernels: pip install 'mpisplit[fast]' (numba)")
+            options["keep_quantized"] = True
         capped_context(cfg, max_model_len)
     model = GPT.from_pretrained(hf, grid, dtype=dtype, **options)
     with agree(grid.world):

@@ -39,12 +39,11 @@ class GradBuffer:
 
     def holds_all_gradients(self, params: list[Any]) -> bool:
         """True when `params` are exactly this buffer's (in any order) and every gradient is its view."""
-        return (len(params) == len(self.params) and {id(p) for p in params} == {id(p) for p in self.params}
-                and all(p.grad is p.grad_store for p in params))
+        return _same_set(params, self.params) and all(p.grad is p.grad_store for p in params)
 
 
-def _same(a: list[Any], b: list[Any]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+def _same_set(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and {id(x) for x in a} == {id(x) for x in b}
 
 
 def _group_key(p: Any) -> tuple[str, str]:
@@ -53,15 +52,16 @@ def _group_key(p: Any) -> tuple[str, str]:
 
 def attach(params: list[Any], multiple: int = 1) -> list[GradBuffer]:
     """Give `params` gradient views of one flat buffer per (array library, dtype), each padded
-    to a multiple of `multiple` elements; idempotent (an existing buffer of the same parameters
-    whose padding is a multiple of `multiple` is kept)."""
+    to a multiple of `multiple` elements; idempotent (an existing buffer of the same parameters, in
+    any order, whose padding is a multiple of `multiple` is kept)."""
     groups: dict[tuple[str, str], list[Any]] = {}
     for p in params:
         groups.setdefault(_group_key(p), []).append(p)
     buffers = []
     for group in groups.values():
         existing = getattr(group[0], "grad_buffer", None)
-        if existing is not None and _same(existing.params, group) and existing.multiple % multiple == 0:
+        # the same parameters in another order (an optimizer's list, the model's): the same block
+        if existing is not None and _same_set(existing.params, group) and existing.multiple % multiple == 0:
             buffers.append(existing)
         else:
             buffers.append(GradBuffer(group, multiple))

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from mpisplit.runtime.faults.watchdog import waits_for_mpi
+
 
 @dataclass
 class _Bucket:
@@ -145,6 +147,11 @@ class GradientOverlap:
             self.futures.append(self.pool.submit(self._reduce, self.order[self.next]))
             self.next += 1
 
+    @waits_for_mpi  # the collective timeout sees a stall in the helper's collectives here
+    def _wait(self) -> None:
+        for f in self.futures:
+            f.result()
+
     def _reduce(self, b: _Bucket) -> None:
         if b.row is None:
             self.comm.allreduce_piece_(b.flat[b.lo: b.hi], self.ring)
@@ -161,8 +168,7 @@ class GradientOverlap:
         self.active = False
         for p in self.params:
             p.grad_hook = None
-        for f in self.futures:
-            f.result()
+        self._wait()
         self.exposed_s = time.perf_counter() - t0
         dp = self.comm.size
         for buf in self.buffers:

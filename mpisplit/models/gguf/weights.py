@@ -79,8 +79,10 @@ def _row_index(rows: range, head_dim: int) -> np.ndarray:
 class GGUFWeights:
     """The tensors of one GGUF file by Hugging Face name (the interface of hf_gpt2's weight files)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, keep_quantized: bool = False) -> None:
         self.file = GGUFFile(path)
+        # hf_llama.load_weights keeps the matrices' blocks where it can (models/gguf/blocks.py)
+        self.keep_quantized = keep_quantized
         self.folder = Path(path)  # named so for error messages shared with Hugging Face folders
         f = self.file
         self.config = hf_config(f)

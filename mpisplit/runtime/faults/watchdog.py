@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from mpi4py import MPI
 
@@ -53,16 +53,41 @@ def _short_path(filename: str) -> str:
     return "/".join(parts[-2:])
 
 
+# Functions in which a thread waits for MPI calls that another thread makes (waits_for_mpi).
+_MPI_WAITS: set[Any] = set()
+
+
+def waits_for_mpi(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark `fn`: a thread inside it waits for MPI calls made by a helper thread (the overlapped
+    gradient reduction), so the watchdog counts it as inside MPI."""
+    _MPI_WAITS.add(fn.__code__)
+    return fn
+
+
+def _where(frame: Any) -> str:
+    code, line = frame.f_code, frame.f_lineno
+    if line is None:  # between two instructions of no line (CPython 3.11+ may say so): the function's first
+        line = code.co_firstlineno
+    return f"{_short_path(code.co_filename)}:{line} ({code.co_name})"
+
+
 def thread_location(ident: int | None) -> tuple[str, bool]:
-    """("file:line (function)", in_mpi) of the innermost Python frame of thread `ident`."""
+    """("file:line (function)", in_mpi) of the innermost Python frame of thread `ident` (or of the
+    function marked waits_for_mpi that it is inside)."""
     frame = sys._current_frames().get(ident) if ident is not None else None
     if frame is None:
         return "(thread gone)", False
     code, line = frame.f_code, frame.f_lineno
-    if line is None:  # between two instructions of no line (CPython 3.11+ may say so): the function's first
+    if line is None:
         line = code.co_firstlineno
-    in_mpi = bool(_MPI_CALL.search(linecache.getline(code.co_filename, line)))
-    return f"{_short_path(code.co_filename)}:{line} ({code.co_name})", in_mpi
+    if _MPI_CALL.search(linecache.getline(code.co_filename, line)):
+        return _where(frame), True
+    outer: Any = frame
+    while outer is not None:
+        if outer.f_code in _MPI_WAITS:
+            return _where(outer), True
+        outer = outer.f_back
+    return _where(frame), False
 
 
 def _by_host(ranks: list[int], beats: dict[int, dict], me: int) -> str:

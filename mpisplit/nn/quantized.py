@@ -1,0 +1,73 @@
+"""A weight slab kept in GGUF's quantized blocks (serving only).
+
+`QuantizedSlab` holds this rank's rows of a weight in the Hugging Face (out, in) layout as the
+file's block bytes (kernels/quant_blocks.py: Q8_0, Q4_0, Q4_1): a column-split layer's output
+rows, whole; a row-split layer's share of each row's blocks. A layer's weight Parameter keeps its
+shape and names and gets the slab as `.quantized`; `ops.linear` / `ops.linear_t` then compute with
+the blocks (autograd/quantized.py), and the Parameter's own float array is never written, so its
+pages are never touched (allocated zeroed, lazily, by the OS).
+
+A product of few rows (decode: one per sequence) runs the fused kernel, which reads each block
+once and dequantizes it in registers; a larger one (a prompt chunk) dequantizes the slab in
+tiles of rows and multiplies with BLAS, whichever of the two measured faster for that many rows
+(`FUSED_MAX_ROWS`). Backward through it is an error: quantized weights are for inference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Rows of x up to which the fused kernel beats dequantize-then-BLAS (benchmarks/bench_quant.py).
+FUSED_MAX_ROWS = 4
+# Output rows dequantized at a time on the BLAS path (a tile of at most this many x K floats).
+TILE_ROWS = 512
+
+
+class QuantizedSlab:
+    """rows x features of a weight as `kind` blocks: `blocks` (rows, features / 32 * block bytes)."""
+
+    def __init__(self, kind: str, blocks: np.ndarray, rows: int, features: int) -> None:
+        from mpisplit.kernels.quant_blocks import BLOCK, BLOCK_BYTES
+
+        if kind not in BLOCK_BYTES:
+            raise ValueError(f"no quantized kernel for {kind}; expected one of {sorted(BLOCK_BYTES)}")
+        if features % BLOCK or blocks.shape != (rows, features // BLOCK * BLOCK_BYTES[kind]):
+            raise ValueError(f"{kind} blocks of shape {blocks.shape} do not hold a {rows} x {features} slab")
+        self.kind, self.rows, self.features = kind, rows, features
+        self.blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.blocks.nbytes)
+
+    def matmul_t(self, x: np.ndarray) -> np.ndarray:
+        """x (M, features) @ W.T: (M, rows), in x's dtype."""
+        from mpisplit.kernels.quant_blocks import block_matmul, dequantize_rows
+
+        if x.shape[0] <= FUSED_MAX_ROWS:
+            return block_matmul(x, self.blocks, self.kind)
+        out = np.empty((x.shape[0], self.rows), dtype=x.dtype)
+        for lo in range(0, self.rows, TILE_ROWS):
+            hi = min(self.rows, lo + TILE_ROWS)
+            tile = dequantize_rows(self.blocks[lo:hi], self.kind, self.features, x.dtype)
+            np.matmul(x, tile.T, out=out[:, lo:hi])
+        return out
+
+    def lookup(self, ids: np.ndarray, start: int, dtype: Any) -> np.ndarray:
+        """Rows ids - start of the slab dequantized, (*ids.shape, features); zero rows for ids
+        outside [start, start + rows) (another rank's part of a vocabulary)."""
+        from mpisplit.kernels.quant_blocks import dequantize_rows
+
+        local = np.asarray(ids).reshape(-1) - start
+        inside = (local >= 0) & (local < self.rows)
+        out = np.zeros((local.size, self.features), dtype=dtype)
+        if inside.any():
+            out[inside] = dequantize_rows(self.blocks[local[inside]], self.kind, self.features, dtype)
+        return out.reshape(*np.shape(ids), self.features)
+
+    def dequantize(self, dtype: Any = np.float32) -> np.ndarray:
+        from mpisplit.kernels.quant_blocks import dequantize_rows
+
+        return dequantize_rows(self.blocks, self.kind, self.features, dtype)
