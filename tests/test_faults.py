@@ -395,6 +395,27 @@ def test_thread_location_of_a_frame_without_a_line(monkeypatch) -> None:
     assert not in_mpi
 
 
+def test_a_wait_for_a_helper_threads_mpi_calls_counts_as_in_mpi(monkeypatch) -> None:
+    """A frame inside a function marked waits_for_mpi (the overlapped gradient reduction waiting
+    for its helper thread), however deep the innermost frame, is inside MPI, located there."""
+    import types
+
+    from mpisplit.runtime.faults.watchdog import waits_for_mpi
+
+    @waits_for_mpi
+    def waiting() -> None:
+        pass
+
+    marked = types.SimpleNamespace(f_code=waiting.__code__, f_lineno=waiting.__code__.co_firstlineno + 1, f_back=None)
+    inner = types.SimpleNamespace(f_code=test_thread_location_of_a_frame_without_a_line.__code__, f_lineno=None,
+                                  f_back=marked)
+    monkeypatch.setattr(sys, "_current_frames", lambda: {7: inner})
+    where, in_mpi = faults.thread_location(7)
+    assert in_mpi and "(waiting)" in where
+    monkeypatch.setattr(sys, "_current_frames", lambda: {7: types.SimpleNamespace(**{**vars(inner), "f_back": None})})
+    assert not faults.thread_location(7)[1]
+
+
 def test_thread_location_tells_mpi_waits_from_other_work() -> None:
     # The main thread stands in for a rank: a second thread samples it while it sleeps (outside
     # MPI), then until it is seen waiting in Request.Wait, then sends the awaited message.

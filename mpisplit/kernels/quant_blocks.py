@@ -9,11 +9,12 @@ K / 32 blocks along the input features (the Hugging Face (out, in) layout), one 
 
 where byte j of a 4-bit block holds element j in its low nibble and element j + 16 in its high
 one. `block_matmul(x, blocks, kind)` = x @ W.T for activations x (N, K): each output row's blocks
-are read once for all N rows of x, and a block's dot product is d * sum(x_j q_j) (+ m * sum x_j
-over the block, Q4_1), so the dequantized matrix never exists. The activations stay in their
-float type: float32 in serving, float64 in the tests, where the product equals the float64
-product with the dequantized matrix to rounding. `dequantize_rows` gives the float rows (for a
-prompt's large N, where BLAS on dequantized tiles is faster).
+are read once for all N rows of x, each block's 32 values formed in registers and multiplied
+into 32 lanes that are summed once per output row, so the dequantized matrix never exists (one
+row of x has a kernel of its own, its output rows split over the numba threads). The
+activations stay in their float type: float32 in serving, float64 in the tests, where the
+product equals the float64 product with the dequantized matrix to rounding. `dequantize_rows`
+gives the float rows (for a prompt's large N, where BLAS on dequantized tiles is faster).
 
 fp16 scales are read through a 65,536-entry table of their float values (256 KiB, cached).
 """

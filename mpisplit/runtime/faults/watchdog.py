@@ -86,7 +86,7 @@ def thread_location(ident: int | None) -> tuple[str, bool]:
     while outer is not None:
         if outer.f_code in _MPI_WAITS:
             return _where(outer), True
-        outer = outer.f_back
+        outer = getattr(outer, "f_back", None)
     return _where(frame), False
 
 
