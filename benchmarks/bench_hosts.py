@@ -249,19 +249,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = p.parse_args()
     if args.worker or args.step_worker or args.decode_worker:
-        result = (worker(args.bytes, args.reps) if args.worker else step_worker(args.reps) if args.step_worker
-                  else decode_worker(args.reps))
-        from mpi4py import MPI
-
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            print(json.dumps(result), flush=True)
+        common.print_from_rank0(worker(args.bytes, args.reps) if args.worker else step_worker(args.reps)
+                                if args.step_worker else decode_worker(args.reps))
         return 0
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _hosts import NetHosts, missing
-
-    reason = missing()
-    if reason:
-        print(f"bench_hosts: {reason}", file=sys.stderr)
+    NetHosts = common.net_hosts("bench_hosts")
+    if NetHosts is None:
         return 2
     sizes = [4 << 10, MIB] if args.smoke else [4 << 10, 64 << 10, MIB, 4 * MIB, 16 * MIB, 64 * MIB]
     rates = args.rates[:1] if args.smoke else args.rates

@@ -170,18 +170,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = p.parse_args()
     if args.worker:
-        result = worker(args.reps, args.rows, args.layers, args.vocab)
-        from mpi4py import MPI
-
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            print(json.dumps(result), flush=True)
+        common.print_from_rank0(worker(args.reps, args.rows, args.layers, args.vocab))
         return 0
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _hosts import NetHosts, missing
-
-    reason = missing()
-    if reason:
-        print(f"bench_overlap: {reason}", file=sys.stderr)
+    NetHosts = common.net_hosts("bench_overlap")
+    if NetHosts is None:
         return 2
     reps = 2 if args.smoke else args.reps
     results = {}

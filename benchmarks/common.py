@@ -258,6 +258,26 @@ def write_json(path: Path, obj: Any) -> Path:
     return path
 
 
+def print_from_rank0(result: Any) -> None:
+    """A worker's result as one JSON line on rank 0's stdout (the line its parent reads)."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(json.dumps(result, default=_json_default), flush=True)
+
+
+def net_hosts(script: str) -> Any:
+    """tests/_hosts.py's NetHosts, or None after saying on stderr why it cannot run here."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from _hosts import NetHosts, missing
+
+    reason = missing()
+    if reason:
+        print(f"{script}: {reason}", file=sys.stderr)
+        return None
+    return NetHosts
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
