@@ -30,7 +30,6 @@ keep. The ring's pieces (DP inside a node, `--overlap-grads on`) are blocking Se
 
 from __future__ import annotations
 
-import bisect
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,7 +86,7 @@ class GradientOverlap:
         self.ring = False
         for buf in reversed(self.buffers):
             self.order += self._buckets(buf)
-        self.of_param = {id(p): self._param_buckets(p) for p in self.params}
+        self.of_param = self._param_buckets()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpisplit-dp-reduce")
         self.active = False
         self.exposed_s = 0.0  # the last finish()'s wait for the helper thread
@@ -102,13 +101,23 @@ class GradientOverlap:
         return [_Bucket(buf.flat, q * part.m + c.start, q * part.m + c.stop, q, c)
                 for q in reversed(range(self.comm.size)) for c in reversed(cols)]
 
-    def _param_buckets(self, p: Any) -> list[_Bucket]:
-        buf = p.grad_buffer
-        lo = _offset(buf, p)
-        mine = [b for b in self.order if b.flat is buf.flat]
-        mine.sort(key=lambda b: b.lo)
-        first = max(0, bisect.bisect_right([b.lo for b in mine], lo) - 1)
-        return [b for b in mine[first:] if b.lo < lo + p.size and b.hi > lo]
+    def _param_buckets(self) -> dict[int, list[_Bucket]]:
+        """Each parameter's buckets (those its elements fall in), in one pass over each block:
+        the buckets of a block tile it without overlap."""
+        out: dict[int, list[_Bucket]] = {}
+        for buf in self.buffers:
+            mine = sorted((b for b in self.order if b.flat is buf.flat), key=lambda b: b.lo)
+            i, lo = 0, 0
+            for p in buf.params:
+                hi = lo + p.size
+                while i < len(mine) and mine[i].hi <= lo:
+                    i += 1
+                j = i
+                while j < len(mine) and mine[j].lo < hi:
+                    j += 1
+                out[id(p)] = mine[i:j] if hi > lo else []
+                lo = hi
+        return out
 
     def start(self, micro_batches: int) -> None:
         """Arm the hooks for a step of `micro_batches` backward walks."""
@@ -195,15 +204,6 @@ def _buffers_of(params: list[Any]) -> list[Any]:
         if all(b is not buf for b in out):
             out.append(buf)
     return out
-
-
-def _offset(buf: Any, p: Any) -> int:
-    off = 0
-    for q in buf.params:
-        if q is p:
-            return off
-        off += q.size
-    raise ValueError("parameter not in its gradient block")
 
 
 def threads_supported() -> bool:
