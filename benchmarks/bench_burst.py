@@ -89,8 +89,10 @@ def run(url: str, vocab: int, streams: int, tokens: int, burst: int, burst_len: 
         done.set()
     for t in threads:
         t.join()
-    lo, hi = window if burst else (window[0], float("inf"))  # no burst: every gap after the 20th token
-    gaps = np.concatenate([np.diff([x for x in s if lo <= x <= hi]) for s in stamps])
+    # With a burst: the gaps inside its window; without: every gap after a stream's 20th token (a
+    # stream may be done before the last one reaches its 20th, so no common window)
+    lo, hi = window
+    gaps = np.concatenate([np.diff([x for x in s if lo <= x <= hi] if burst else s[19:]) for s in stamps])
     if gaps.size == 0:
         raise RuntimeError(f"no stream drew two tokens in the measured window ({hi - lo:.3f} s)")
     return {"gaps": len(gaps), "itl_ms_p50": float(np.percentile(gaps, 50) * 1e3),

@@ -10,14 +10,17 @@ proxy through `launch.sh` (tests/_hosts/launch.sh: `ip netns exec` instead of ss
 different hosts can only reach one another over the veth links: TCP through the bridge, not
 shared memory. `shape(rate)` limits every link with a token-bucket filter (`tc ... tbf`; this
 kernel has no netem, so no latency can be added). Only the private 10.77.0.0/24 addresses made
-here are ever used.
+here are ever used. One set of hosts exists at a time on a machine: a second `NetHosts` (another
+test process, a benchmark) waits for the first to be removed (a lock file, LOCK).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 
 BRIDGE, PREFIX, SUBNET = "mpisplit-br", "mpisplit-h", "10.77.0"
 LAUNCH = Path(__file__).with_name("_hosts") / "launch.sh"
+LOCK = Path("/run/lock/mpisplit-nethosts.lock")
+LOCK_WAIT_S = 600
 
 
 def missing() -> str | None:
@@ -56,6 +61,15 @@ class NetHosts:
         self.n = n
 
     def __enter__(self) -> Self:
+        self._lock()
+        try:
+            self._make()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _make(self) -> None:
         self.remove()  # whatever an interrupted run left
         _ip("link", "add", BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
@@ -68,10 +82,26 @@ class NetHosts:
             _ip("-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        self.remove()
+        try:
+            self.remove()
+        finally:
+            os.close(self._lock_fd)  # releases the lock
+
+    def _lock(self) -> None:
+        LOCK.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._lock_fd)
+                    raise TimeoutError(f"network hosts still in use by another process after {LOCK_WAIT_S} s ({LOCK})")
+                time.sleep(0.5)
 
     def remove(self) -> None:
         for i in range(1, 10):

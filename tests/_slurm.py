@@ -77,6 +77,11 @@ def write_config(root: Path, cpus: int = 8) -> Path:
     conf = root / "slurm.conf"
     conf.write_text("\n".join([
         "ClusterName=mpisplit",
+        # MPICH names a job's shared-memory segments after its job step; a step killed before
+        # it removed them leaves /dev/shm/mpich_shm_* behind, which a later cluster's job with
+        # the same id would attach to (its ranks then read each other's stale messages and fail
+        # in MPI_Init). Job ids that no earlier cluster used avoid that.
+        f"FirstJobId={10 + int(time.time()) % 10_000_000}",
         f"SlurmctldHost={host}",
         "SlurmUser=root",
         "SlurmdUser=root",

@@ -167,11 +167,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.timeout(method="thread"))
             else:
                 item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT_S, method="thread"))
+    _slow_modules_first(items)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not gpu_available():
         skip = pytest.mark.skip(reason="needs CuPy and a CUDA device")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+def _slow_modules_first(items: list[pytest.Item]) -> None:
+    """Test files ordered by the longest per-test timeout they declare, longest first (otherwise
+    as collected; a file's tests stay together, in their order): under pytest-xdist's workers
+    (tests/run_mpi.py), the long files (a real model served, trained, scored) start first instead
+    of leaving one worker busy at the end while the other waits."""
+
+    def declared(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("timeout")
+        return float(marker.args[0]) if marker is not None and marker.args else 0.0
+
+    longest: dict[str, float] = {}
+    for item in items:
+        longest[item.nodeid.split("::")[0]] = max(longest.get(item.nodeid.split("::")[0], 0.0), declared(item))
+    order = {path: i for i, path in enumerate(longest)}
+    items.sort(key=lambda item: (-longest[item.nodeid.split("::")[0]], order[item.nodeid.split("::")[0]]))
 
 
 def mpiexec_path() -> str:

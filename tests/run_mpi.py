@@ -3,7 +3,9 @@
     python tests/run_mpi.py                       # sizes 1, 2 and 4
     python tests/run_mpi.py --sizes 1 2 3 4 -x -k comm
 
-Size 1 runs every test (`pytest --with-mpi`); larger sizes run the MPI-marked tests
+Size 1 runs every test (`pytest --with-mpi`), in pytest-xdist's workers (one per core, each
+file whole in one worker, each worker MPI's singleton) where pytest-xdist is installed and
+`--workers 1` does not ask for one `mpiexec -n 1 pytest`; larger sizes run the MPI-marked tests
 (`pytest --only-mpi`). Arguments this script does not know go to pytest; test paths among them
 replace the default `tests`. Each size has a wall-clock limit: on expiry the whole process
 group is killed and the size fails. Exit status 0 only when every size passed.
@@ -55,6 +57,21 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# The size-1 passes in parallel: pytest-xdist's workers, each test file whole in one worker (its
+# module-scoped fixtures, a served model or a Slurm cluster, start once). Many tests wait (a
+# server starting, a launcher, a timeout) more than they compute. Two tests that need the same
+# machine-wide thing take turns through a lock (tests/_hosts.py's network namespaces).
+MAX_WORKERS = 4
+
+
+def default_workers() -> int:
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return 1
+    return max(1, min(MAX_WORKERS, usable_cores()))
+
+
 def find_mpiexec() -> str:
     local = Path(sys.executable).parent / "mpiexec"
     if os.access(local, os.X_OK):
@@ -76,11 +93,11 @@ def is_hydra(mpiexec: str) -> bool:
     return "HYDRA" in out.stdout
 
 
-def rank_env(size: int) -> dict[str, str]:
+def rank_env(size: int, workers: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    threads = max(1, usable_cores() // size)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        if size > 1:
+    threads = max(1, usable_cores() // (size * workers))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        if size * workers > 1:
             env.setdefault(var, str(threads))
     if size > usable_cores():
         for key, value in MPICH_OVERSUBSCRIBED_ENV.items():
@@ -158,19 +175,23 @@ def standin_env(comm: str) -> dict[str, str]:
 
 def run_size(
     size: int, mpiexec: str, hydra: bool, pytest_args: list[str], timeout: float,
-    extra_env: dict[str, str] | None = None, label: str = "",
+    extra_env: dict[str, str] | None = None, label: str = "", workers: int = 1,
 ) -> SizeResult:
     mode = ["--with-mpi"] if size == 1 else ["--only-mpi"]
+    workers = workers if size == 1 else 1
     with tempfile.TemporaryDirectory(prefix=f"run_mpi_{size}_") as logdir:
         redirect = []
-        if hydra:
+        if hydra and workers == 1:
             redirect = [
                 "-outfile-pattern",
                 os.path.join(logdir, "rank%r.out"),
                 "-errfile-pattern",
                 os.path.join(logdir, "rank%r.out"),
             ]
-        cmd = [mpiexec, *redirect, "-n", str(size), sys.executable, "-m", "pytest", *mode]
+        if workers > 1:  # pytest-xdist's workers, each MPI's singleton (one rank, no launcher)
+            cmd = [sys.executable, "-m", "pytest", *mode, "-n", str(workers), "--dist", "loadfile"]
+        else:
+            cmd = [mpiexec, *redirect, "-n", str(size), sys.executable, "-m", "pytest", *mode]
         # -v: every test's outcome on its own line in the kept log, so that a size killed at its
         # time limit (no closing summary) still names its failed tests; the console shows the rest.
         cmd += ["-v", "-rfEs", "-p", "no:cacheprovider", *pytest_args]
@@ -179,8 +200,15 @@ def run_size(
         shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
         print(f"--- size {size}{label}: {shown + ' ' if shown else ''}{' '.join(cmd)}", flush=True)
         start = time.perf_counter()
-        env = {**rank_env(size), **(extra_env or {})}
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+        env = {**rank_env(size, workers), **(extra_env or {})}
+        logged = hydra or workers > 1
+        out = open(os.path.join(logdir, "rank0.out"), "w") if workers > 1 else None  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out,
+                                    stderr=None if out is None else subprocess.STDOUT)
+        finally:
+            if out is not None:
+                out.close()
         try:
             returncode: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -191,7 +219,7 @@ def run_size(
             raise
         seconds = time.perf_counter() - start
         result = SizeResult(size, returncode, seconds, label=label)
-        if hydra:
+        if logged:
             for rank in range(size):
                 path = Path(logdir) / f"rank{rank}.out"
                 text = path.read_text(errors="replace") if path.exists() else ""
@@ -201,8 +229,8 @@ def run_size(
                 result.failures += [line for line in short_summary(text, ("FAILED ", "ERROR "))
                                     if line not in result.failures]
                 if returncode is None:  # killed: no summary, but -v named each failure as it came
-                    result.failures += [f"FAILED {line.split()[0]} (seen before the time limit)"
-                                        for line in text.splitlines() if VERBOSE_FAIL.match(line)]
+                    result.failures += [f"FAILED {nodeid_of(m)} (seen before the time limit)"
+                                        for m in map(VERBOSE_FAIL.match, text.splitlines()) if m]
                 if rank == 0:
                     result.skips = short_summary(text, ("SKIPPED ",))
                 failed = counts is None or counts.get("failed", 0) or counts.get("errors", 0)
@@ -223,9 +251,20 @@ def keep_log(text: str, size: int, label: str, rank: int) -> str:
     return str(LOG_DIR / name)
 
 
-# pytest -v's line of one test: "tests/x.py::name PASSED    [ 12%]".
-VERBOSE_PASS = re.compile(r"^\S+::\S.* (PASSED|SKIPPED|XFAIL|XPASS|DESELECTED)\b.*\[\s*\d+%\]\s*$")
-VERBOSE_FAIL = re.compile(r"^\S+::\S.* (FAILED|ERROR)\b.*\[\s*\d+%\]\s*$")
+
+def _verbose_line(outcomes: str) -> re.Pattern[str]:
+    """pytest -v's line of one test with one of these outcomes: "tests/x.py::name PASSED [ 12%]",
+    or under pytest-xdist "[gw1] [ 12%] PASSED tests/x.py::name" (the test's id: `nodeid_of`)."""
+    return re.compile(rf"^(?:(?P<id>\S+::\S.*) ({outcomes})\b.*\[\s*\d+%\]"
+                      rf"|\[gw\d+\] \[\s*\d+%\] ({outcomes}) (?P<xdist_id>\S+::\S.*))\s*$")
+
+
+VERBOSE_PASS = _verbose_line("PASSED|SKIPPED|XFAIL|XPASS|DESELECTED")
+VERBOSE_FAIL = _verbose_line("FAILED|ERROR")
+
+
+def nodeid_of(match: re.Match[str]) -> str:
+    return match.group("id") or match.group("xdist_id")
 
 
 def without_passed(text: str) -> str:
@@ -300,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds per world size (default 2400: size 1 takes ~10 minutes on 2 idle cores, more "
              "under load); --timeout goes to pytest-timeout",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="pytest-xdist workers for the size-1 passes (default: one per usable core, at most "
+             f"{MAX_WORKERS}, where pytest-xdist is installed; 1: one pytest under mpiexec -n 1)",
+    )
     parser.add_argument("--no-standin", action="store_true",
                         help="skip the GPU tests under the CuPy stand-in (tests/standin)")
     args, pytest_args = parser.parse_known_args(argv)
@@ -319,11 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     mpiexec = find_mpiexec()
     hydra = is_hydra(mpiexec)
     plain = pytest_args if args.no_standin else ["-m", "not gpu", *pytest_args]
-    results = [run_size(n, mpiexec, hydra, plain, args.size_timeout) for n in sizes]
+    workers = default_workers() if args.workers is None else max(1, args.workers)
+    results = [run_size(n, mpiexec, hydra, plain, args.size_timeout, workers=workers) for n in sizes]
     if not args.no_standin:
         for n, comm in STANDIN_PASSES:
             results.append(run_size(n, mpiexec, hydra, ["-m", "gpu", *pytest_args], args.size_timeout,
-                                    standin_env(comm), f" (GPU stand-in, {comm})"))
+                                    standin_env(comm), f" (GPU stand-in, {comm})", workers=workers))
 
     report_problems(results)
     print("=== run_mpi summary")

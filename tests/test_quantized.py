@@ -138,3 +138,82 @@ def test_served_quantized_model_answers_as_the_dequantized_one(tmp_path: Path) -
     for other_text, other in rest:
         assert other_text == text
         assert max(abs(a - b) for a, b in zip(other, ref)) <= 1e-9
+
+
+def _tiny(family: str, tp: int):
+    import mpisplit as ms
+
+    shape = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=128)
+    cfg = (ms.GPTConfig.llama(**shape, n_kv_head=2, intermediate_size=256, tie_embeddings=True)
+           if family == "llama" else ms.GPTConfig(**shape))
+    grid = ms.ProcessGrid(tp=tp)
+    return ms.GPT(cfg, grid, dtype="float64", seed=4), grid
+
+
+def _blocked(model, kind: str) -> int:
+    """Every linear and embedding slab replaced by gguf's dequantize(quantize(rows)); how many."""
+    from mpisplit.nn.embedding import VocabParallelEmbedding
+    from mpisplit.nn.linear import ColumnParallelLinear, Linear, RowParallelLinear
+
+    qt, n = gguf.GGMLQuantizationType[kind.upper()], 0
+    for m in model.modules():
+        linear = isinstance(m, (Linear, ColumnParallelLinear, RowParallelLinear))
+        if linear or isinstance(m, VocabParallelEmbedding):
+            rows = m.weight.data.T if linear else m.weight.data
+            back = gguf.quants.dequantize(gguf.quants.quantize(rows.astype(np.float32), qt), qt)
+            m.weight.data[...] = back.T if linear else back
+            n += 1
+    return n
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_quantize_at_load_equals_the_dequantized_weights(family: str, kind: str) -> None:
+    """`quantize_model` (serve --quantize) at tp = gcd(world, 4), float64: logits equal those of
+    the same model whose matrices are gguf's dequantize(quantize(.)) of each slab, to 1e-12 of
+    their scale; every linear and embedding slab kept (their float arrays let go, zeros), none
+    dequantized (128 and 512 / tp input features: whole blocks)."""
+    import mpisplit as ms
+    from mpisplit.models.quantize import quantize_model
+
+    tp = math.gcd(COMM.Get_size(), 4)
+    (model, grid), (ref, _) = _tiny(family, tp), _tiny(family, tp)
+    report = quantize_model(model, kind)
+    assert len(report["kept"]) == _blocked(ref, kind) and not report["dequantized"], report
+    assert all(not p.data.any() for _, p in model.named_parameters() if p.quantized is not None)
+    ids = np.array([[5, 70, 99, 3, 42, 14, 1, 60], [9, 8, 7, 6, 5, 4, 3, 2]])
+    with ms.no_grad():
+        want, got = ms.to_numpy(ref(ids)), ms.to_numpy(model(ids))
+    assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
+    grid.free()
+
+
+@world(sizes=(1,))
+def test_served_with_quantize_answers_as_the_dequantized_weights(tmp_path: Path) -> None:
+    """`mpisplit serve --hf FOLDER --quantize q4_0` at 2 ranks, float64, through the openai
+    client: the greedy ids of the in-process model with gguf's dequantized Q4_0 weights; the
+    start line says what was quantized. --quantize with a GGUF file is one clear error."""
+    import subprocess
+    import sys
+
+    openai = pytest.importorskip("openai")
+    from _serving import Server, greedy_reference, serve_env
+
+    model, grid = _tiny("llama", 1)
+    model.save_pretrained(tmp_path / "hf")
+    _blocked(model, "q4_0")
+    prompt = [5, 70, 99, 3]
+    want = greedy_reference(model, prompt, 12).tolist()
+    with Server(2, ["--hf", str(tmp_path / "hf"), "--dtype", "float64", "--quantize", "q4_0"]) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60, max_retries=0)
+        got = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=12,
+                                        temperature=0, logprobs=1)
+        assert server.stop() == 0
+    assert [line for line in server.log if "matrices quantized to Q4_0 blocks" in line], server.log[-5:]
+    assert [int(t) for t in got.choices[0].logprobs.tokens] == want  # no tokenizer: each token is its id
+    grid.free()
+    path = G.write_gguf(tmp_path / "m.gguf", dict(G.TINY), G.llama_arrays(dict(G.TINY)), "Q8_0")
+    bad = subprocess.run([sys.executable, "-m", "mpisplit", "serve", "--gguf", str(path), "--quantize", "q8_0"],
+                         capture_output=True, text=True, timeout=120, env=serve_env(), check=False)
+    assert bad.returncode != 0 and "--keep-quantized" in bad.stderr, bad.stderr[-2000:]

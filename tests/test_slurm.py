@@ -174,7 +174,7 @@ def test_scontrol_requeue_saves_and_resumes_exactly(cluster, corpus, tmp_path):
     release_requeued(cluster, job_id)
     record = wait_for(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     log = (tmp_path / f"mpisplit-cpu-{job_id}.out").read_text()
-    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", (record, log)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", (record, log, cluster.logs())
     assert accounted(cluster, job_id)[-1] == "COMPLETED" and len(accounted(cluster, job_id)) == 2
     _check_resumed(out, tmp_path, corpus, 40, _stopped_at(log, "TERM"))
 
@@ -189,7 +189,7 @@ def test_time_limit_warning_saves_requeues_and_resumes(cluster, corpus, tmp_path
     release_requeued(cluster, job_id)
     record = wait_for(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     log = (tmp_path / f"mpisplit-cpu-{job_id}.out").read_text()
-    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", (record, log)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", (record, log, cluster.logs())
     stopped = _stopped_at(log, "USR1")
     assert f"requeueing job {job_id}: it continues from step {stopped}" in log
     _check_resumed(out, tmp_path, corpus, 40, stopped)

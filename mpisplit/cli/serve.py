@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--keep-quantized", action="store_true",
                    help="--gguf: keep the Q8_0, Q4_0 and Q4_1 matrices in their blocks (a quarter to a half of "
                         "float32's memory; decoding slower so far: README, GGUF) instead of dequantizing them")
+    p.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None,
+                   help="--hf/--ckpt: quantize the matrices into GGUF's Q8_0 or Q4_0 blocks at load (as "
+                        "--keep-quantized keeps a GGUF file's; serving only)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
@@ -112,6 +115,8 @@ def _check(args: argparse.Namespace, world_size: int) -> int:
         args.kv_cache_memory = parse_memory(args.kv_cache_memory)
     if args.port > 65535:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
+    if (args.quantize or args.keep_quantized) and args.device == "gpu":
+        raise ValueError("quantized blocks (--quantize, --keep-quantized) are computed on the CPU: not with --device gpu")
     args.lora = _adapters(args.lora)
     tp = world_size if args.tp is None else args.tp
     if tp <= 0 or world_size % tp:
@@ -179,11 +184,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
     model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
                                                      dtype=args.dtype, max_model_len=args.max_model_len,
-                                                     quantized=args.keep_quantized)
+                                                     quantized=args.keep_quantized, quantize=args.quantize)
     report = getattr(model, "quantized_report", None)
     if report is not None and world.Get_rank() == 0:
         left = report["dequantized"]
-        print(f"mpisplit serve: {len(report['kept'])} matrices kept in their GGUF blocks "
+        how = f"quantized to {args.quantize.upper()} blocks" if args.quantize else "kept in their GGUF blocks"
+        print(f"mpisplit serve: {len(report['kept'])} matrices {how} "
               f"({report['bytes'] / 2**20:.1f} MiB on rank 0)"
               + (f"; dequantized to {args.dtype}: {', '.join(left)}" if left else ""), flush=True)
     model.to(args.device)

@@ -17,6 +17,8 @@ from mpisplit.models.gpt import check_eos_ids
 from mpisplit.models.hf import is_gguf, load_tokenizer, read_config
 from mpisplit.models.hf_eos import eos_token_ids
 from mpisplit.models.lora import apply_lora, merge_lora
+from mpisplit.models.quantize import KINDS as QUANTIZE_KINDS
+from mpisplit.models.quantize import quantize_model
 from mpisplit.nn.lora import LoraConfig
 from mpisplit.runtime.errors import agree
 from mpisplit.training.checkpoint import CheckpointReader
@@ -26,16 +28,42 @@ from mpisplit.training.state import load_model, resolve_checkpoint
 
 def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | None = None,
                              dtype: str = "float32", max_model_len: int | None = None,
-                             gguf: str | None = None, quantized: bool = False) -> tuple[GPT, Any, tuple[int, ...]]:
+                             gguf: str | None = None, quantized: bool = False,
+                             quantize: str | None = None) -> tuple[GPT, Any, tuple[int, ...]]:
     """(model, tokenizer or None, eos ids) on every rank; each rank reads only its slabs, and
     hashes the checkpoint files it reads before using them. Collective. A checkpoint's
     tokenizer is its character vocabulary; a folder's is tokenizer.json or vocab.json +
     merges.txt (None without them: token ids only); `hf` may also be a GGUF file.
     `max_model_len` caps the context of a rotary model (the Llama family declares 8k-128k
     positions). `quantized`: a GGUF file's matrices stay in its blocks where a kernel takes them
-    (nn/quantized.py; model.quantized_report lists the others)."""
+    (nn/quantized.py; model.quantized_report lists the others). `quantize` ("q8_0", "q4_0"): a
+    checkpoint's or folder's matrices quantized into such blocks once loaded (models/quantize.py)."""
     if (ckpt is None) + (hf is None) + (gguf is None) != 2:
         raise ValueError("give exactly one of ckpt, hf and gguf")
+    with agree(grid.world):
+        _check_quantize(quantize, gguf or hf, quantized)
+    model, tokenizer, eos = _load(grid, ckpt, hf, dtype, max_model_len, gguf, quantized)
+    if quantize is not None:
+        with agree(grid.world):
+            model.quantized_report = quantize_model(model, quantize)  # type: ignore[attr-defined]
+    return model, tokenizer, eos
+
+
+def _check_quantize(quantize: str | None, source: str | None, quantized: bool) -> None:
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE_KINDS:
+        raise ValueError(f"--quantize takes one of {sorted(QUANTIZE_KINDS)}, got {quantize!r}")
+    if quantized or (source is not None and is_gguf(source)):
+        raise ValueError("--quantize is for --hf folders and --ckpt checkpoints: a GGUF file's own blocks "
+                         "are kept with --keep-quantized")
+    if not kernels.enabled():
+        raise ValueError("--quantize needs the block kernels: pip install 'mpisplit[fast]' (numba)")
+
+
+def _load(grid: Any, ckpt: str | None, hf: str | None, dtype: str, max_model_len: int | None,
+          gguf: str | None, quantized: bool) -> tuple[GPT, Any, tuple[int, ...]]:
+    """load_model_and_tokenizer less --quantize."""
     if gguf is not None:
         if not is_gguf(gguf):
             raise ValueError(f"--gguf takes a .gguf file, got {gguf!r}")
