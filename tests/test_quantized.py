@@ -143,7 +143,7 @@ def test_served_quantized_model_answers_as_the_dequantized_one(tmp_path: Path) -
 def _tiny(family: str, tp: int):
     import mpisplit as ms
 
-    shape = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=128)
+    shape = {"vocab_size": 100, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 128}
     cfg = (ms.GPTConfig.llama(**shape, n_kv_head=2, intermediate_size=256, tie_embeddings=True)
            if family == "llama" else ms.GPTConfig(**shape))
     grid = ms.ProcessGrid(tp=tp)

@@ -41,7 +41,7 @@ def quantize_model(model: Any, kind: str) -> dict[str, Any]:
             continue
         p = module.weight
         if not isinstance(p.data, np.ndarray):
-            raise ValueError("--quantize computes on the CPU: load the model there (no --device gpu)")
+            raise TypeError("--quantize computes on the CPU: load the model there (no --device gpu)")
         name = names.get(id(p), "?")
         if p.quantized is not None:
             continue  # already blocks (a tied weight met twice)
