@@ -99,6 +99,11 @@ def release_requeued(cluster: SlurmCluster, job_id: int, timeout: float = 120) -
         record = job(cluster, job_id)
         if record.get("JobState") == "PENDING" and record.get("Restarts", "0") != "0":
             assert record.get("Reason") in ("BeginTime", "None", "Priority", "Resources"), record
+            # slurmd launches a requeued job only with a credential made after (in whole seconds)
+            # the one of its last run was revoked; a release within that second is refused ("Job
+            # already killed, do not launch batch job") and the job fails. Slurm's own hold of two
+            # minutes never meets it; two seconds are enough.
+            time.sleep(2)
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             return
         time.sleep(0.3)

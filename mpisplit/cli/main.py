@@ -26,7 +26,7 @@ COMMANDS = {
     "serve": ("mpisplit.cli.serve", "serve a model over an OpenAI-compatible HTTP API from all ranks"),
     "chat": ("mpisplit.cli.chat", "a conversation with a model in the terminal, from all ranks"),
     "eval": ("mpisplit.cli.eval", "perplexity and bits per byte of a text under a model, from all ranks"),
-    "convert": ("mpisplit.cli.convert", "convert between mpisplit checkpoints and Hugging Face GPT-2 folders"),
+    "convert": ("mpisplit.cli.convert", "convert between mpisplit checkpoints, Hugging Face folders and GGUF files"),
     "plot": ("mpisplit.cli.plot", "draw a run's loss curve (RUN_DIR/loss.png)"),
 }
 
