@@ -185,11 +185,14 @@ def _slow_modules_first(items: list[pytest.Item]) -> None:
         marker = item.get_closest_marker("timeout")
         return float(marker.args[0]) if marker is not None and marker.args else 0.0
 
-    longest: dict[str, float] = {}
+    def file_of(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    longest: dict[str, float] = {}  # in collection order
     for item in items:
-        longest[item.nodeid.split("::")[0]] = max(longest.get(item.nodeid.split("::")[0], 0.0), declared(item))
+        longest[file_of(item)] = max(longest.get(file_of(item), 0.0), declared(item))
     order = {path: i for i, path in enumerate(longest)}
-    items.sort(key=lambda item: (-longest[item.nodeid.split("::")[0]], order[item.nodeid.split("::")[0]]))
+    items.sort(key=lambda item: (-longest[file_of(item)], order[file_of(item)]))
 
 
 def mpiexec_path() -> str:

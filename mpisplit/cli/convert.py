@@ -41,10 +41,11 @@ import sys
 from typing import Any
 
 USER_ERRORS = (ValueError, TypeError, OSError)
-GGUF_TYPES = ["f32", "f16", "q8_0", "q4_0"]  # models/gguf/writer.py TYPES
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    from mpisplit.models.gguf.writer import TYPES as GGUF_TYPES
+
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "--to-gguf", nargs=2, metavar=("SRC", "OUT_GGUF"),
         help="Hugging Face folder or mpisplit checkpoint (Llama family, GPT-2) -> GGUF file for llama.cpp",
     )
-    p.add_argument("--type", choices=GGUF_TYPES, default=None,
+    p.add_argument("--type", choices=list(GGUF_TYPES), default=None,
                    help="type of the GGUF file's matrices (--to-gguf; default f16)")
     p.add_argument("--tokenizer", default=None, metavar="FOLDER",
                    help="folder whose tokenizer.json and tokenizer_config.json go into the GGUF file (--to-gguf)")

@@ -22,6 +22,8 @@ API_KEY_ENV = "MPISPLIT_API_KEY"
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    from mpisplit.models.quantize import KINDS as QUANTIZE_KINDS
+
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -34,7 +36,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--keep-quantized", action="store_true",
                    help="--gguf: keep the Q8_0, Q4_0 and Q4_1 matrices in their blocks (a quarter to a half of "
                         "float32's memory; decoding slower so far: README, GGUF) instead of dequantizing them")
-    p.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None,
+    p.add_argument("--quantize", choices=sorted(QUANTIZE_KINDS), default=None,
                    help="--hf/--ckpt: quantize the matrices into GGUF's Q8_0 or Q4_0 blocks at load (as "
                         "--keep-quantized keeps a GGUF file's; serving only)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")

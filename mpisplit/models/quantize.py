@@ -28,8 +28,7 @@ def quantize_model(model: Any, kind: str) -> dict[str, Any]:
     from mpisplit.nn.embedding import VocabParallelEmbedding
     from mpisplit.nn.linear import ColumnParallelLinear, Linear, RowParallelLinear
 
-    if kind not in KINDS:
-        raise ValueError(f"--quantize takes one of {sorted(KINDS)}, got {kind!r}")
+    check_kind(kind)
     names = {id(p): name for name, p in model.named_parameters()}
     report: dict[str, Any] = {"kept": [], "bytes": 0, "dequantized": []}
     for module in model.modules():
@@ -44,7 +43,7 @@ def quantize_model(model: Any, kind: str) -> dict[str, Any]:
             raise TypeError("--quantize computes on the CPU: load the model there (no --device gpu)")
         name = names.get(id(p), "?")
         if p.quantized is not None:
-            continue  # already blocks (a tied weight met twice)
+            continue  # already blocks (a second call): its float array is zeros by now
         slab = quantize_rows(p.data.T if transposed else p.data, KINDS[kind])
         if slab is None:
             report["dequantized"].append(f"{name} ({p.data.shape[0 if transposed else 1]} input features)")
@@ -54,6 +53,11 @@ def quantize_model(model: Any, kind: str) -> dict[str, Any]:
         report["kept"].append(name)
         report["bytes"] += slab.nbytes
     return report
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"--quantize takes one of {sorted(KINDS)}, got {kind!r}")
 
 
 def quantize_rows(rows: np.ndarray, kind: str) -> Any:

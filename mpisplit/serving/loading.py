@@ -17,8 +17,7 @@ from mpisplit.models.gpt import check_eos_ids
 from mpisplit.models.hf import is_gguf, load_tokenizer, read_config
 from mpisplit.models.hf_eos import eos_token_ids
 from mpisplit.models.lora import apply_lora, merge_lora
-from mpisplit.models.quantize import KINDS as QUANTIZE_KINDS
-from mpisplit.models.quantize import quantize_model
+from mpisplit.models.quantize import check_kind, quantize_model
 from mpisplit.nn.lora import LoraConfig
 from mpisplit.runtime.errors import agree
 from mpisplit.training.checkpoint import CheckpointReader
@@ -52,8 +51,7 @@ def load_model_and_tokenizer(grid: Any, *, ckpt: str | None = None, hf: str | No
 def _check_quantize(quantize: str | None, source: str | None, quantized: bool) -> None:
     if quantize is None:
         return
-    if quantize not in QUANTIZE_KINDS:
-        raise ValueError(f"--quantize takes one of {sorted(QUANTIZE_KINDS)}, got {quantize!r}")
+    check_kind(quantize)
     if quantized or (source is not None and is_gguf(source)):
         raise ValueError("--quantize is for --hf folders and --ckpt checkpoints: a GGUF file's own blocks "
                          "are kept with --keep-quantized")
