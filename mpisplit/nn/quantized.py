@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 # Rows of x up to which the fused kernel beats dequantize-then-BLAS (benchmarks/bench_quant.py).
-FUSED_MAX_ROWS = 4
+FUSED_MAX_ROWS = 16
 # Output rows dequantized at a time on the BLAS path (a tile of at most this many x K floats).
 TILE_ROWS = 512
 

@@ -1,0 +1,230 @@
+"""One output row of x @ W.T with W's row in GGUF's quantized blocks: LLVM vector code.
+
+`block_dot(kind)` is a numba intrinsic `dot(blocks, r, x, n, table)` = the dot product of row n
+of x (float32 or float64) with row r of the weight, read straight from its blocks of 32 input
+features (kernels/quant_blocks.py lists their bytes). It is written as LLVM vector IR rather than
+as a numba loop because numba's loops over a block's 16 or 32 lanes do not vectorize (its small
+integers widen to 64 bits; its per-block reductions become scalar code): here each block is one
+or two vector loads of its quants, integer unpacking in 32-bit lanes, a conversion to x's float
+type, and a multiply-add with x's 32 values into vector accumulators that are summed once per
+row. The IR names no instruction set; LLVM picks the widest vectors of the CPU it compiles for
+(AVX-512, AVX2, NEON).
+
+Per block b with scale d (and m, Q4_1/Q5_1), quants q_j, activations x_j:
+    Q8_0, Q4_0, Q5_0   d * sum_j x_j q_j                 (q signed: int8, nibble - 8, 5 bits - 16)
+    Q4_1, Q5_1         d * sum_j x_j q_j + m * sum_j x_j  (q unsigned)
+fp16 scales come from a table of the 65,536 fp16 values in x's type (no half-precision
+instructions needed). In float64 the result equals the float64 product with the dequantized row
+to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+FAST = ("fast",)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a block keeps its parts (byte offsets) and how its quants read."""
+
+    size: int  # bytes per block of 32
+    d: int  # fp16 scale
+    q: int  # the quants: 32 int8 (Q8_0) or 16 bytes of nibbles
+    m: int | None = None  # fp16 minimum (Q4_1, Q5_1)
+    qh: int | None = None  # 32 fifth bits, little-endian uint32 (Q5_0, Q5_1)
+    offset: int = 0  # subtracted from each unsigned quant (Q4_0: 8, Q5_0: 16)
+
+
+LAYOUTS = {
+    "Q8_0": Layout(size=34, d=0, q=2),
+    "Q4_0": Layout(size=18, d=0, q=2, offset=8),
+    "Q4_1": Layout(size=20, d=0, m=2, q=4),
+    "Q5_0": Layout(size=22, d=0, qh=2, q=6, offset=16),
+    "Q5_1": Layout(size=24, d=0, m=2, qh=4, q=8),
+}
+
+
+def _const(ty: ir.Type, value: int | list) -> ir.Constant:
+    return ir.Constant(ty, value)
+
+
+def _load(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, ty: ir.Type, align: int) -> ir.Value:
+    """A value of type `ty` at byte `offset` of the i8 pointer `base`."""
+    return builder.load(builder.bitcast(builder.gep(base, [offset]), ty.as_pointer()), align=align)
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
+    vec = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, _const(I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), _const(ir.VectorType(I32, lanes), [0] * lanes))
+
+
+def _hsum(builder: ir.IRBuilder, v: ir.Value, lanes: int) -> ir.Value:
+    """The sum of a vector's lanes, halving it in a tree."""
+    while lanes > 1:
+        half = lanes // 2
+        lo = builder.shuffle_vector(v, v, _const(ir.VectorType(I32, half), list(range(half))))
+        hi = builder.shuffle_vector(v, v, _const(ir.VectorType(I32, half), list(range(half, lanes))))
+        v, lanes = builder.fadd(lo, hi, flags=FAST), half
+    return builder.extract_element(v, _const(I32, 0))
+
+
+def _scale(builder: ir.IRBuilder, block: ir.Value, at: int, table: ir.Value) -> ir.Value:
+    """The fp16 at byte `at` of the block, as a float of the table's type."""
+    bits = builder.zext(_load(builder, block, _const(I64, at), I16, 1), I64)
+    return builder.load(builder.gep(table, [bits]))
+
+
+def _quants(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type) -> ir.Value:
+    """The block's 32 quants as a <32 x float>, in the order of its 32 input features."""
+    v32, v16 = ir.VectorType(I32, 32), ir.VectorType(I32, 16)
+    if lay.qh is None and lay.offset == 0 and lay.m is None:  # Q8_0: int8
+        q = builder.sext(_load(builder, block, _const(I64, lay.q), ir.VectorType(I8, 32), 1), v32)
+        return builder.sitofp(q, ir.VectorType(fty, 32))
+    q = builder.zext(_load(builder, block, _const(I64, lay.q), ir.VectorType(I8, 16), 1), v16)
+    lo, hi = builder.and_(q, _const(v16, [15] * 16)), builder.lshr(q, _const(v16, [4] * 16))
+    q = builder.shuffle_vector(lo, hi, _const(v32, list(range(32))))  # element j: lo[j], then hi[j - 16]
+    if lay.qh is not None:  # bit j of qh is element j's fifth bit
+        qh = _splat(builder, _load(builder, block, _const(I64, lay.qh), I32, 1), 32)
+        bit = builder.and_(builder.lshr(qh, _const(v32, list(range(32)))), _const(v32, [1] * 32))
+        q = builder.or_(q, builder.shl(bit, _const(v32, [4] * 32)))
+    if lay.offset:
+        q = builder.sub(q, _const(v32, [lay.offset] * 32))
+    return builder.sitofp(q, ir.VectorType(fty, 32))
+
+
+def _loop(builder: ir.IRBuilder, count: ir.Value, init: list, body) -> list:
+    """for b in range(count): carried = body(b, carried); the carried values after the loop."""
+    pre = builder.block
+    loop, done = builder.append_basic_block("blocks"), builder.append_basic_block("blocks.done")
+    builder.cbranch(builder.icmp_signed(">", count, _const(I64, 0)), loop, done)
+    builder.position_at_end(loop)
+    b = builder.phi(I64)
+    carried = [builder.phi(v.type) for v in init]
+    after = body(b, carried)
+    b2 = builder.add(b, _const(I64, 1))
+    end = builder.block
+    builder.cbranch(builder.icmp_signed("<", b2, count), loop, done)
+    for phi, first, then in zip([b, *carried], [_const(I64, 0), *init], [b2, *after]):
+        phi.add_incoming(first, pre)
+        phi.add_incoming(then, end)
+    builder.position_at_end(done)
+    out = []
+    for first, then in zip(init, after):
+        phi = builder.phi(first.type)
+        phi.add_incoming(first, pre)
+        phi.add_incoming(then, end)
+        out.append(phi)
+    return out
+
+
+def _row_dots(builder: ir.IRBuilder, lay: Layout, row: ir.Value, xrows: list, nb: ir.Value,
+              table: ir.Value) -> list:
+    """For each x row: sum over the weight row's nb blocks of d * x.q (+ m * sum x), each block
+    unpacked once for all the x rows, lanes summed once, at the end."""
+    fty = xrows[0].type.pointee
+    vec = ir.VectorType(fty, 32)
+    zero = ir.Constant(vec, [0.0] * 32)
+
+    def block(b, carried):
+        at = builder.gep(row, [builder.mul(b, _const(I64, lay.size))])
+        d = _splat(builder, _scale(builder, at, lay.d, table), 32)
+        q = _quants(builder, lay, at, fty)
+        m = None if lay.m is None else _splat(builder, _scale(builder, at, lay.m, table), 32)
+        out = []
+        for i, xrow in enumerate(xrows):
+            x = builder.load(builder.bitcast(builder.gep(xrow, [builder.mul(b, _const(I64, 32))]),
+                                             vec.as_pointer()), align=4)
+            acc, accm = carried[2 * i], carried[2 * i + 1]
+            out.append(builder.fadd(acc, builder.fmul(d, builder.fmul(x, q, flags=FAST), flags=FAST), flags=FAST))
+            out.append(accm if m is None else builder.fadd(accm, builder.fmul(m, x, flags=FAST), flags=FAST))
+        return out
+
+    sums = _loop(builder, nb, [zero] * (2 * len(xrows)), block)
+    return [_hsum(builder, acc if lay.m is None else builder.fadd(acc, accm, flags=FAST), 32)
+            for acc, accm in zip(sums[::2], sums[1::2])]
+
+
+def _row_unpack(builder: ir.IRBuilder, lay: Layout, row: ir.Value, orow: ir.Value, nb: ir.Value,
+                table: ir.Value) -> None:
+    """orow[32 b + j] = d * q_j (+ m) for each of the row's nb blocks."""
+    fty = orow.type.pointee
+    vec = ir.VectorType(fty, 32)
+
+    def block(b, carried):
+        at = builder.gep(row, [builder.mul(b, _const(I64, lay.size))])
+        w = builder.fmul(_splat(builder, _scale(builder, at, lay.d, table), 32), _quants(builder, lay, at, fty))
+        if lay.m is not None:
+            w = builder.fadd(w, _splat(builder, _scale(builder, at, lay.m, table), 32))
+        dest = builder.bitcast(builder.gep(orow, [builder.mul(b, _const(I64, 32))]), vec.as_pointer())
+        builder.store(w, dest, align=4)
+        return []
+
+    _loop(builder, nb, [], block)
+
+
+def _rows(context, builder, signature, args, count=1):
+    """(row r of the blocks as i8*, rows n.. n + count - 1 of the float array as float*, blocks
+    per row, the table)."""
+    barr = context.make_array(signature.args[0])(context, builder, args[0])
+    farr = context.make_array(signature.args[2])(context, builder, args[2])
+    tarr = context.make_array(signature.args[4])(context, builder, args[4])
+    row = builder.gep(builder.bitcast(barr.data, I8.as_pointer()),
+                      [builder.mul(args[1], builder.extract_value(barr.strides, 0))])
+    stride = builder.extract_value(farr.strides, 0)
+    frows = [builder.bitcast(builder.gep(builder.bitcast(farr.data, I8.as_pointer()),
+                                         [builder.mul(builder.add(args[3], _const(I64, i)), stride)]),
+                             farr.data.type) for i in range(count)]
+    nb = builder.udiv(builder.extract_value(farr.shape, 1), _const(I64, 32))
+    return row, frows, nb, tarr.data
+
+
+def _floats(ty) -> bool:
+    return isinstance(ty, types.Array) and ty.dtype in (types.float32, types.float64) and ty.ndim == 2
+
+
+def block_dot(kind: str, count: int = 1):
+    """The intrinsic dot(blocks, r, x, n, table): x[n] . W[r] for blocks of `kind`, in x's type;
+    with count > 1, the tuple of x[n + i] . W[r] for i < count (the row unpacked once)."""
+    lay = LAYOUTS[kind]
+
+    @intrinsic
+    def dot(typingctx, blocks, r, x, n, table):
+        if not _floats(x):
+            return None
+
+        def codegen(context, builder, signature, args):
+            row, xrows, nb, tab = _rows(context, builder, signature, args, count)
+            sums = _row_dots(builder, lay, row, xrows, nb, tab)
+            return sums[0] if count == 1 else context.make_tuple(builder, signature.return_type, sums)
+
+        ret = x.dtype if count == 1 else types.UniTuple(x.dtype, count)
+        return ret(blocks, types.intp, x, types.intp, table), codegen
+
+    return dot
+
+
+def block_unpack(kind: str):
+    """The intrinsic unpack(blocks, r, out, n, table): out[n] = W[r] dequantized, in out's type."""
+    lay = LAYOUTS[kind]
+
+    @intrinsic
+    def unpack(typingctx, blocks, r, out, n, table):
+        if not _floats(out):
+            return None
+
+        def codegen(context, builder, signature, args):
+            row, orows, nb, tab = _rows(context, builder, signature, args)
+            _row_unpack(builder, lay, row, orows[0], nb, tab)
+            return context.get_dummy_value()
+
+        return types.none(blocks, types.intp, out, types.intp, table), codegen
+
+    return unpack
