@@ -115,16 +115,16 @@ def test_quantized_model_equals_the_dequantized_one(kind: str) -> None:
 
 @world(sizes=(1,))
 def test_served_quantized_model_answers_as_the_dequantized_one(tmp_path: Path) -> None:
-    """`mpisplit serve --gguf F --keep-quantized` at 1 and 3 ranks (heads and MLP split in whole
-    blocks) against the dequantized server at 1 rank, float64, through the openai client: the
-    same greedy text and logprobs to 1e-9; the start line says what stayed in blocks."""
+    """`mpisplit serve --gguf F` (the file's blocks kept: the default) at 1 and 3 ranks (heads and
+    MLP split in whole blocks) against `--dequantize` at 1 rank, float64, through the openai
+    client: the same greedy text and logprobs to 1e-9; the start line says what stayed in blocks."""
     openai = pytest.importorskip("openai")
     from _serving import Server
 
     cfg = dict(G.TINY, tied=True, hidden=192, heads=6, kv_heads=3, inter=384)
     path = G.write_gguf(tmp_path / "m.gguf", cfg, G.llama_arrays(cfg, seed=5), "Q4_1")
     answers = []
-    for n, extra in ((1, []), (1, ["--keep-quantized"]), (3, ["--keep-quantized"])):
+    for n, extra in ((1, ["--dequantize"]), (1, []), (3, [])):
         with Server(n, ["--gguf", str(path), "--dtype", "float64", *extra]) as server:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60, max_retries=0)
             got = client.completions.create(model=client.models.list().data[0].id, prompt="the world",
@@ -132,7 +132,7 @@ def test_served_quantized_model_answers_as_the_dequantized_one(tmp_path: Path) -
             assert server.stop() == 0
             answers.append((got.choices[0].text, got.choices[0].logprobs.token_logprobs))
             kept = [line for line in server.log if "kept in their GGUF blocks" in line]
-            assert bool(kept) == bool(extra) and (not kept or "dequantized" not in kept[0]), server.log[-5:]
+            assert bool(kept) == (not extra) and (not kept or "dequantized" not in kept[0]), server.log[-5:]
     (text, ref), rest = answers[0], answers[1:]
     assert len(ref) == 24
     for other_text, other in rest:
@@ -216,4 +216,7 @@ def test_served_with_quantize_answers_as_the_dequantized_weights(tmp_path: Path)
     path = G.write_gguf(tmp_path / "m.gguf", dict(G.TINY), G.llama_arrays(dict(G.TINY)), "Q8_0")
     bad = subprocess.run([sys.executable, "-m", "mpisplit", "serve", "--gguf", str(path), "--quantize", "q8_0"],
                          capture_output=True, text=True, timeout=120, env=serve_env(), check=False)
-    assert bad.returncode != 0 and "--keep-quantized" in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode != 0 and "GGUF file's own blocks are kept" in bad.stderr, bad.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "mpisplit", "serve", "--hf", str(tmp_path / "hf"), "--dequantize"],
+                         capture_output=True, text=True, timeout=120, env=serve_env(), check=False)
+    assert bad.returncode != 0 and "--dequantize applies to --gguf files" in bad.stderr, bad.stderr[-2000:]

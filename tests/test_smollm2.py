@@ -1,11 +1,12 @@
 """A real model end to end: SmolLM2-135M-Instruct (30 layers, 9 heads / 3 KV heads, tied, vocabulary
 49152), fetched once per machine as llama.cpp's GGUF file (tests/_smollm2.py), served with
-`mpisplit serve --gguf` at tp = 3 and tp = 1 in float32 and asked through the official openai client,
-on /v1/completions (its chat format written out) and /v1/chat/completions (its own template).
+`mpisplit serve --gguf` at tp = 3 (its Q4_1 and Q8_0 blocks kept, the default) and tp = 1 (with
+--dequantize) in float32 and asked through the official openai client, on /v1/completions (its chat
+format written out) and /v1/chat/completions (its own template).
 
 References: the model's own answer to "What is the capital of France?" (Paris, ending its turn
 with <|im_end|>: finish_reason "stop", no special token in the text); the two layouts against each
-other (greedy ids equal, logprobs within 1e-3); streamed deltas against the whole answer; and where
+other (kept blocks against dequantized floats: greedy ids equal, logprobs within 1e-3); streamed deltas against the whole answer; and where
 transformers and torch are installed, transformers on the folder `mpisplit convert --from-gguf`
 writes: greedy ids and log-softmax, and `apply_chat_template` + greedy `generate` for the chats
 (absent, that comparison skips; the rest runs everywhere).
@@ -64,7 +65,7 @@ def served():
     with Server(3, args, env=serve_env()) as server:
         client = _client(server.url)
         got[3], got["chat"] = _complete(client), _chats(client)
-    with Server(1, args, env=serve_env()) as server:
+    with Server(1, [*args, "--dequantize"], env=serve_env()) as server:
         got[1] = _complete(_client(server.url))
     return got
 

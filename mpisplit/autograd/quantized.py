@@ -25,4 +25,4 @@ class QuantizedLinear(Function):
 
     def backward(self, g: Any) -> tuple[Any, ...]:
         raise RuntimeError("weights kept in GGUF's quantized blocks serve only: load the model dequantized "
-                           "(without --keep-quantized) to train or fine-tune it")
+                           "(mpisplit serve --dequantize, or GPT.from_pretrained without keep_quantized) to train or fine-tune it")

@@ -30,15 +30,17 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
-    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank dequantizes its slices")
+    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank keeps its slices "
+                                                   "of the Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 matrices in their blocks "
+                                                   "(on the CPU, with numba) and dequantizes the rest")
     src.add_argument("--hf", help="a Hugging Face folder of GPT-2 or the Llama family (config.json, model.safetensors, "
                                   "tokenizer.json or vocab.json + merges.txt)")
-    p.add_argument("--keep-quantized", action="store_true",
-                   help="--gguf: keep the Q8_0, Q4_0 and Q4_1 matrices in their blocks (a quarter to a half of "
-                        "float32's memory; decoding slower so far: README, GGUF) instead of dequantizing them")
+    p.add_argument("--dequantize", action="store_true",
+                   help="--gguf: dequantize every matrix to --dtype instead of keeping the file's blocks (2 to 6 "
+                        "times the memory; decoding slower: README, GGUF)")
     p.add_argument("--quantize", choices=sorted(QUANTIZE_KINDS), default=None,
-                   help="--hf/--ckpt: quantize the matrices into GGUF's Q8_0 or Q4_0 blocks at load (as "
-                        "--keep-quantized keeps a GGUF file's; serving only)")
+                   help="--hf/--ckpt: quantize the matrices into GGUF's Q8_0 or Q4_0 blocks at load (as a "
+                        "GGUF file's are kept; serving only)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
@@ -117,8 +119,10 @@ def _check(args: argparse.Namespace, world_size: int) -> int:
         args.kv_cache_memory = parse_memory(args.kv_cache_memory)
     if args.port > 65535:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
-    if (args.quantize or args.keep_quantized) and args.device == "gpu":
-        raise ValueError("quantized blocks (--quantize, --keep-quantized) are computed on the CPU: not with --device gpu")
+    if args.quantize and args.device == "gpu":
+        raise ValueError("quantized blocks (--quantize) are computed on the CPU: not with --device gpu")
+    if args.dequantize and args.gguf is None:
+        raise ValueError("--dequantize applies to --gguf files")
     args.lora = _adapters(args.lora)
     tp = world_size if args.tp is None else args.tp
     if tp <= 0 or world_size % tp:
@@ -126,6 +130,20 @@ def _check(args: argparse.Namespace, world_size: int) -> int:
     if tp != world_size:
         raise ValueError(f"serving runs one model over all ranks: --tp must equal the world size {world_size}")
     return tp
+
+
+def _keep_blocks(args: argparse.Namespace, rank: int) -> bool:
+    """Whether a --gguf file's matrices stay in their blocks: on the CPU with the block kernels,
+    unless --dequantize; rank 0 says why when they cannot."""
+    if args.gguf is None or args.dequantize:
+        return False
+    from mpisplit import kernels
+
+    why = ("its block kernels run on the CPU" if args.device == "gpu" else
+           None if kernels.enabled() else "the block kernels need numba: pip install 'mpisplit[fast]'")
+    if why is not None and rank == 0:
+        print(f"mpisplit serve: the GGUF file's matrices are dequantized to {args.dtype} ({why})", flush=True)
+    return why is None
 
 
 def api_key(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
@@ -186,7 +204,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
     model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
                                                      dtype=args.dtype, max_model_len=args.max_model_len,
-                                                     quantized=args.keep_quantized, quantize=args.quantize)
+                                                     quantized=_keep_blocks(args, world.Get_rank()),
+                                                     quantize=args.quantize)
     report = getattr(model, "quantized_report", None)
     if report is not None and world.Get_rank() == 0:
         left = report["dequantized"]

@@ -1,6 +1,6 @@
 """Quantize a loaded model's matrices into GGUF blocks (`mpisplit serve --quantize q8_0|q4_0`).
 
-What `--keep-quantized` gives a GGUF file's weights, for any other source (a Hugging Face folder
+What `mpisplit serve --gguf` does with a GGUF file's blocks, for any other source (a Hugging Face folder
 of GPT-2 or the Llama family, an mpisplit checkpoint): each rank turns its slab of every linear
 weight and of the (tied) embedding into Q8_0 or Q4_0 blocks (the `gguf` package's own
 quantization, so the blocks are those llama.cpp would write for the same rows) and serves

@@ -54,7 +54,7 @@ def _check_quantize(quantize: str | None, source: str | None, quantized: bool) -
     check_kind(quantize)
     if quantized or (source is not None and is_gguf(source)):
         raise ValueError("--quantize is for --hf folders and --ckpt checkpoints: a GGUF file's own blocks "
-                         "are kept with --keep-quantized")
+                         "are kept as they are")
     if not kernels.enabled():
         raise ValueError("--quantize needs the block kernels: pip install 'mpisplit[fast]' (numba)")
 
@@ -92,9 +92,9 @@ def _load(grid: Any, ckpt: str | None, hf: str | None, dtype: str, max_model_len
         options: dict[str, Any] = {"max_model_len": max_model_len} if cfg.positions == "rotary" else {}
         if quantized:
             if not is_gguf(hf):
-                raise ValueError("--keep-quantized applies to --gguf files")
+                raise ValueError("quantized blocks are kept for --gguf files only")
             if not kernels.enabled():
-                raise ValueError("--keep-quantized needs the block kernels: pip install 'mpisplit[fast]' (numba)")
+                raise ValueError("keeping quantized blocks needs the block kernels: pip install 'mpisplit[fast]' (numba)")
             options["keep_quantized"] = True
         capped_context(cfg, max_model_len)
     model = GPT.from_pretrained(hf, grid, dtype=dtype, **options)
