@@ -157,10 +157,12 @@ def test_engine_link_fails_what_waits_when_the_engine_goes():
         ours, theirs = socket.socketpair()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         link = EngineLink(reader, writer)
+        link.release(("started", 0))
         dispatch = asyncio.create_task(link.dispatch())
         choice = ipc.Choice([1], 2, SamplingParams(), [], None)
         first = asyncio.create_task(link.submit([choice]))
         await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(ipc.recv, theirs) == ("started", 0)
         assert await asyncio.to_thread(ipc.recv, theirs) == ("submit", 1, [choice])
         events = [(1, 0, piece("a", 1)), (1, 0, piece("b", 2))]
         await asyncio.to_thread(ipc.send, theirs, ("events", events))  # before the ack: kept
@@ -177,6 +179,57 @@ def test_engine_link_fails_what_waits_when_the_engine_goes():
         await dispatch
 
     asyncio.run(main())
+
+
+def test_engine_link_holds_requests_until_started():
+    """A request made before the front end has told the engine "started" (a client polling
+    /health while the server starts) reaches the engine after that message, never before it."""
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        link = EngineLink(reader, writer)
+        dispatch = asyncio.create_task(link.dispatch())
+        health = asyncio.create_task(link.ask("health"))
+        await asyncio.sleep(0.05)
+        link.release(("started", 8000))
+        assert await asyncio.to_thread(ipc.recv, theirs) == ("started", 8000)
+        assert await asyncio.to_thread(ipc.recv, theirs) == ("ask", 1, "health")
+        await asyncio.to_thread(ipc.send, theirs, ("answer", 1, True))
+        assert await health is True
+        theirs.close()
+        await dispatch
+
+    asyncio.run(main())
+
+
+def test_a_server_polled_for_health_while_it_starts_starts(tmp_path):
+    """/health asked from before the server listens, as an orchestrator does: the requests that
+    queue on the listening socket while the server starts do not break its start; it answers."""
+    ckpt = write_char_checkpoint(tmp_path / "char")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    codes: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                codes.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code)
+            except httpx.HTTPError:
+                time.sleep(0.001)
+
+    pollers = [threading.Thread(target=poll, daemon=True) for _ in range(4)]
+    for t in pollers:
+        t.start()
+    try:
+        with Server(1, ["--ckpt", str(ckpt), "--dtype", "float64", "--port", str(port)]) as srv:
+            wait_for(lambda: 200 in codes)
+            assert srv.stop() == 0
+    finally:
+        done.set()
+        for t in pollers:
+            t.join(timeout=15)
 
 
 def front_end_pid(root: int) -> int:

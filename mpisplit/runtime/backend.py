@@ -164,7 +164,8 @@ def _parse_threads(value: Any, source: str) -> int:
 
 
 def limit_blas_threads(comm: Any = None, threads: int | None = None) -> int:
-    """Limit the BLAS thread pools of this process so that ranks do not oversubscribe cores.
+    """Limit the BLAS thread pools of this process, and numba's (the fused and block kernels),
+    so that ranks do not oversubscribe cores.
 
     threads = the argument, else the environment variable MPISPLIT_BLAS_THREADS, else
     max(1, cores // k): cores = this process's CPU affinity set, k = the number of ranks of
@@ -182,7 +183,17 @@ def limit_blas_threads(comm: Any = None, threads: int | None = None) -> int:
     else:
         n = _threads_per_rank(comm)
     _blas_limiter = threadpool_limits(limits=n, user_api="blas")
+    _limit_numba(n)
     return n
+
+
+def _limit_numba(n: int) -> None:
+    """numba's parallel kernels use at most n threads (and never more than it started with)."""
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 def _threads_per_rank(comm: Any) -> int:

@@ -38,10 +38,14 @@ class Pending:
 
 
 class EngineLink:
-    """The front end's view of the engine: submit, cancel, ask; a task runs `dispatch()`."""
+    """The front end's view of the engine: submit, cancel, ask; a task runs `dispatch()`.
+    What requests send before `release()` is held back: the engine's first message from the
+    front end must be "started" (a client polling /health while the server starts is answered
+    only once it has been)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader, self._writer = reader, writer
+        self._held: list[bytes] | None = []
         self._open: dict[int, Pending] = {}
         self._answers: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -54,7 +58,7 @@ class EngineLink:
         loop = asyncio.get_running_loop()
         pending = Pending(next(self._ids), asyncio.Queue(), loop.create_future())
         self._open[pending.key] = pending  # before sending: events may come before the ack
-        self._writer.write(ipc.frame(("submit", pending.key, choices)))
+        self._send(("submit", pending.key, choices))
         status, message = await pending.accepted
         if status != 200:
             self._open.pop(pending.key, None)
@@ -65,7 +69,7 @@ class EngineLink:
         """Free the request's slots at the next engine step; its later events are dropped."""
         self.close(pending)
         if self.alive:
-            self._writer.write(ipc.frame(("cancel", pending.key)))
+            self._send(("cancel", pending.key))
 
     def close(self, pending: Pending) -> None:
         self._open.pop(pending.key, None)
@@ -76,8 +80,21 @@ class EngineLink:
             return None
         qid = next(self._ids)
         future = self._answers[qid] = asyncio.get_running_loop().create_future()
-        self._writer.write(ipc.frame(("ask", qid, what)))
+        self._send(("ask", qid, what))
         return await future
+
+    def _send(self, message: tuple) -> None:
+        if self._held is None:
+            self._writer.write(ipc.frame(message))
+        else:
+            self._held.append(ipc.frame(message))
+
+    def release(self, first: tuple) -> None:
+        """Send `first`, then what was held back; later messages go at once."""
+        self._writer.write(ipc.frame(first))
+        for frame in self._held or ():
+            self._writer.write(frame)
+        self._held = None
 
     async def dispatch(self) -> None:
         """Route the engine's messages until it says stop or goes away."""
@@ -159,7 +176,7 @@ async def serve(sock: socket.socket) -> int:
         writer.write(ipc.frame(("failed", f"the HTTP server did not start on {config.host}:{config.port}")))
         await writer.drain()
         return 1
-    writer.write(ipc.frame(("started", listener.getsockname()[1])))
+    link.release(("started", listener.getsockname()[1]))
     await link.dispatch()
     server.should_exit = True
     await serving
