@@ -51,7 +51,7 @@ def products() -> list[dict]:
             w = rng.standard_normal((r, k)).astype(np.float32)
             blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])
             wt = np.ascontiguousarray(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind]).T)
-            for n in (1, 2, 4, 8, 16):
+            for n in (1, 2, 4, 8, 16, 32, 64):
                 x = rng.standard_normal((n, k)).astype(np.float32)
                 blas = _best(lambda x=x, wt=wt: x @ wt)
                 fused = _best(lambda x=x, b=blocks, kd=kind: block_matmul(x, b, kd))

@@ -64,6 +64,20 @@ def test_products_equal_the_dequantized_product(kind: str, rows: int, features: 
 
 
 @world(sizes=(1,))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(kind: str, dtype: type) -> None:
+    """Each row of x multiplied alone equals, bit for bit, the same row among 1..9 others (rows
+    taken four at a time and one at a time): what batch-invariant serving relies on."""
+    blocks, _ = _blocks(kind, 70, 160, seed=3)
+    x = np.random.default_rng(4).standard_normal((9, 160)).astype(dtype)
+    alone = np.concatenate([block_matmul(x[i:i + 1], blocks, kind) for i in range(9)])
+    for n in range(2, 10):
+        assert np.array_equal(block_matmul(x[:n], blocks, kind), alone[:n]), n
+    assert np.array_equal(block_matmul(x[::-1].copy(), blocks, kind), alone[::-1])
+
+
+@world(sizes=(1,))
 def test_bad_blocks_and_kinds_are_named() -> None:
     blocks, _ = _blocks("Q8_0", 4, 64)
     with pytest.raises(ValueError, match="Q6_K"):

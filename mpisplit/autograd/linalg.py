@@ -31,9 +31,14 @@ def row_blocks(rows: int) -> Iterator[None]:
         _rows.size = before
 
 
+def row_block_size() -> int | None:
+    """The rows per product set by an enclosing row_blocks(), or None."""
+    return getattr(_rows, "size", None)
+
+
 def _rows_times(x2: Any, w: Any) -> Any:
     """x2 (M, k) @ w (k, n), in blocks of the row_blocks() size when one is set."""
-    size = getattr(_rows, "size", None)
+    size = row_block_size()
     if size is None:
         return x2 @ w
     if x2.shape[0] % size:

@@ -10,12 +10,16 @@ type, and a multiply-add with x's 32 values into vector accumulators that are su
 row. The IR names no instruction set; LLVM picks the widest vectors of the CPU it compiles for
 (AVX-512, AVX2, NEON).
 
-Per block b with scale d (and m, Q4_1/Q5_1), quants q_j, activations x_j:
-    Q8_0, Q4_0, Q5_0   d * sum_j x_j q_j                 (q signed: int8, nibble - 8, 5 bits - 16)
-    Q4_1, Q5_1         d * sum_j x_j q_j + m * sum_j x_j  (q unsigned)
-fp16 scales come from a table of the 65,536 fp16 values in x's type (no half-precision
-instructions needed). In float64 the result equals the float64 product with the dequantized row
-to rounding.
+Per block b with scale d (and m, Q4_1/Q5_1) and quants q_j, the weights are formed in registers
+exactly as gguf dequantizes them:
+    Q8_0, Q4_0, Q5_0   w_j = d * q_j        (q signed: int8, nibble - 8, 5 bits - 16)
+    Q4_1, Q5_1         w_j = d * q_j + m    (q unsigned)
+then multiplied into the lanes with x's 32 values. fp16 scales come from a table of the 65,536
+fp16 values in x's type (no half-precision instructions needed). In float64 the result equals the
+float64 product with the dequantized row to rounding. The order of the arithmetic is fixed (no
+fast-math: one fused multiply-add per block and row into the lanes, the lanes summed in a fixed
+tree), so a row of x gets the same bits whether it is multiplied alone or with others
+(`block_dot(kind, 4)`): batch invariance.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from numba import types
 from numba.extending import intrinsic
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-FAST = ("fast",)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,18 @@ def _hsum(builder: ir.IRBuilder, v: ir.Value, lanes: int) -> ir.Value:
         half = lanes // 2
         lo = builder.shuffle_vector(v, v, _const(ir.VectorType(I32, half), list(range(half))))
         hi = builder.shuffle_vector(v, v, _const(ir.VectorType(I32, half), list(range(half, lanes))))
-        v, lanes = builder.fadd(lo, hi, flags=FAST), half
+        v, lanes = builder.fadd(lo, hi), half
     return builder.extract_element(v, _const(I32, 0))
+
+
+def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    """a * b + c rounded once (llvm.fma: one instruction where the CPU has it)."""
+    vec = a.type
+    suffix = f"v{vec.count}f{32 if vec.element == ir.FloatType() else 64}"
+    fn = builder.module.globals.get(f"llvm.fma.{suffix}")
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.{suffix}")
+    return builder.call(fn, [a, b, c])
 
 
 def _scale(builder: ir.IRBuilder, block: ir.Value, at: int, table: ir.Value) -> ir.Value:
@@ -125,46 +138,42 @@ def _loop(builder: ir.IRBuilder, count: ir.Value, init: list, body) -> list:
     return out
 
 
+def _weights(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, table: ir.Value) -> ir.Value:
+    """The block's 32 weights d * q (+ m) as a <32 x float>: gguf's dequantization, bit for bit
+    (d * q is exact in float32: 11 bits of scale times at most 8 of quant)."""
+    w = builder.fmul(_splat(builder, _scale(builder, block, lay.d, table), 32), _quants(builder, lay, block, fty))
+    if lay.m is not None:
+        w = builder.fadd(w, _splat(builder, _scale(builder, block, lay.m, table), 32))
+    return w
+
+
+def _at(builder: ir.IRBuilder, base: ir.Value, b: ir.Value, vec: ir.VectorType) -> ir.Value:
+    """Pointer to floats 32 b .. 32 b + 31 of a float row."""
+    return builder.bitcast(builder.gep(base, [builder.mul(b, _const(I64, 32))]), vec.as_pointer())
+
+
 def _row_dots(builder: ir.IRBuilder, lay: Layout, row: ir.Value, xrows: list, nb: ir.Value,
               table: ir.Value) -> list:
-    """For each x row: sum over the weight row's nb blocks of d * x.q (+ m * sum x), each block
-    unpacked once for all the x rows, lanes summed once, at the end."""
-    fty = xrows[0].type.pointee
-    vec = ir.VectorType(fty, 32)
-    zero = ir.Constant(vec, [0.0] * 32)
+    """For each x row, its dot product with the weight row: per block the 32 weights formed once
+    for all the x rows, one fused multiply-add each into 32 lanes, the lanes summed at the end."""
+    vec = ir.VectorType(xrows[0].type.pointee, 32)
 
-    def block(b, carried):
-        at = builder.gep(row, [builder.mul(b, _const(I64, lay.size))])
-        d = _splat(builder, _scale(builder, at, lay.d, table), 32)
-        q = _quants(builder, lay, at, fty)
-        m = None if lay.m is None else _splat(builder, _scale(builder, at, lay.m, table), 32)
-        out = []
-        for i, xrow in enumerate(xrows):
-            x = builder.load(builder.bitcast(builder.gep(xrow, [builder.mul(b, _const(I64, 32))]),
-                                             vec.as_pointer()), align=4)
-            acc, accm = carried[2 * i], carried[2 * i + 1]
-            out.append(builder.fadd(acc, builder.fmul(d, builder.fmul(x, q, flags=FAST), flags=FAST), flags=FAST))
-            out.append(accm if m is None else builder.fadd(accm, builder.fmul(m, x, flags=FAST), flags=FAST))
-        return out
+    def block(b, accs):
+        w = _weights(builder, lay, builder.gep(row, [builder.mul(b, _const(I64, lay.size))]), vec.element, table)
+        return [_fma(builder, builder.load(_at(builder, x, b, vec), align=4), w, acc) for x, acc in zip(xrows, accs)]
 
-    sums = _loop(builder, nb, [zero] * (2 * len(xrows)), block)
-    return [_hsum(builder, acc if lay.m is None else builder.fadd(acc, accm, flags=FAST), 32)
-            for acc, accm in zip(sums[::2], sums[1::2])]
+    sums = _loop(builder, nb, [ir.Constant(vec, [0.0] * 32)] * len(xrows), block)
+    return [_hsum(builder, acc, 32) for acc in sums]
 
 
 def _row_unpack(builder: ir.IRBuilder, lay: Layout, row: ir.Value, orow: ir.Value, nb: ir.Value,
                 table: ir.Value) -> None:
     """orow[32 b + j] = d * q_j (+ m) for each of the row's nb blocks."""
-    fty = orow.type.pointee
-    vec = ir.VectorType(fty, 32)
+    vec = ir.VectorType(orow.type.pointee, 32)
 
     def block(b, carried):
-        at = builder.gep(row, [builder.mul(b, _const(I64, lay.size))])
-        w = builder.fmul(_splat(builder, _scale(builder, at, lay.d, table), 32), _quants(builder, lay, at, fty))
-        if lay.m is not None:
-            w = builder.fadd(w, _splat(builder, _scale(builder, at, lay.m, table), 32))
-        dest = builder.bitcast(builder.gep(orow, [builder.mul(b, _const(I64, 32))]), vec.as_pointer())
-        builder.store(w, dest, align=4)
+        w = _weights(builder, lay, builder.gep(row, [builder.mul(b, _const(I64, lay.size))]), vec.element, table)
+        builder.store(w, _at(builder, orow, b, vec), align=4)
         return []
 
     _loop(builder, nb, [], block)

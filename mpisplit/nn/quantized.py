@@ -10,7 +10,9 @@ pages are never touched (allocated zeroed, lazily, by the OS).
 A product of few rows (decode: one per sequence) runs the fused kernel, which reads each block
 once and dequantizes it in registers; a larger one (a prompt chunk) dequantizes the slab in
 tiles of rows and multiplies with BLAS, whichever of the two measured faster for that many rows
-(`FUSED_MAX_ROWS`). Backward through it is an error: quantized weights are for inference.
+(`FUSED_MAX_ROWS`). Inside row_blocks() (batch-invariant serving) every product runs the fused
+kernel, whose rows do not depend on the others in the call, so that a row's bits never depend
+on the batch. Backward through it is an error: quantized weights are for inference.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 # Rows of x up to which the fused kernel beats dequantize-then-BLAS (benchmarks/bench_quant.py).
-FUSED_MAX_ROWS = 16
+FUSED_MAX_ROWS = 32
 # Output rows dequantized at a time on the BLAS path (a tile of at most this many x K floats).
 TILE_ROWS = 512
 
@@ -44,9 +46,10 @@ class QuantizedSlab:
 
     def matmul_t(self, x: np.ndarray) -> np.ndarray:
         """x (M, features) @ W.T: (M, rows), in x's dtype."""
+        from mpisplit.autograd.linalg import row_block_size
         from mpisplit.kernels.quant_blocks import block_matmul, dequantize_rows
 
-        if x.shape[0] <= FUSED_MAX_ROWS:
+        if x.shape[0] <= FUSED_MAX_ROWS or row_block_size() is not None:
             return block_matmul(x, self.blocks, self.kind)
         out = np.empty((x.shape[0], self.rows), dtype=x.dtype)
         for lo in range(0, self.rows, TILE_ROWS):
