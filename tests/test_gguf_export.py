@@ -6,17 +6,21 @@ References, none of them the writer: this package's GGUF reader (the `--from-ggu
 tests compare it with transformers), gguf.quants' own quantize-dequantize round trip, transformers'
 GGUF loading (`from_pretrained(folder, gguf_file=...)`, an independent reader of llama.cpp's names,
 Q/K permutation and metadata) against transformers on the source folder, and the real
-SmolLM2-135M-Instruct file (tests/_smollm2.py) read by gguf.GGUFReader before and after a round trip.
-Sources: tiny seeded Llama / Qwen2 folders (tests/_dense_llama.py) with a byte-level BPE tokenizer
+SmolLM2-135M-Instruct file (tests/_smollm2.py) read by gguf.GGUFReader before and after a round trip,
+and, where MPISPLIT_LLAMA_SERVER names a llama.cpp `llama-server` binary (benchmarks/README.md,
+"llama.cpp"), llama.cpp itself serving the written file. Sources: tiny seeded Llama / Qwen2 folders (tests/_dense_llama.py) with a byte-level BPE tokenizer
 and a chat template (tests/_chat.py), and a tiny GPT-2 folder with the same tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import _chat as C
@@ -211,6 +215,66 @@ def test_checkpoint_to_gguf_at_two_ranks_equals_the_folders_file(tmp_path: Path)
     assert fields == {k: f.contents() for k, f in b.fields.items() if not k.startswith(("GGUF.", "general.name"))}
     assert b.fields["general.name"].contents() == "ckpt"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.gguf"]  # the temporary folder is gone
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself
+
+LLAMA_SERVER = os.environ.get("MPISPLIT_LLAMA_SERVER", "")
+QUESTION = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _answer(body: dict) -> dict:
+    return {"text": body["choices"][0]["text"], "finish": body["choices"][0]["finish_reason"],
+            "prompt": body["usage"]["prompt_tokens"], "answer": body["usage"]["completion_tokens"]}
+
+
+def _llama_cpp_answer(model: Path, tokens: int) -> dict:
+    """llama-server on `model`: its greedy answer to QUESTION (text, prompt and answer token counts)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([LLAMA_SERVER, "-m", str(model), "-t", "1", "-c", "512", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert proc.poll() is None, f"llama-server exited with {proc.returncode} on {model}"
+        r = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": QUESTION, "max_tokens": tokens,
+                                                                    "temperature": 0})
+        r.raise_for_status()
+        return _answer(r.json())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not LLAMA_SERVER, reason="MPISPLIT_LLAMA_SERVER names no llama.cpp llama-server binary")
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_llama_cpp_serves_the_written_file_as_mpisplit_does(tmp_path: Path, qtype: str) -> None:
+    """SmolLM2 -> folder (--from-gguf) -> `--to-gguf` file: llama.cpp's llama-server loads it and
+    its greedy answer is `mpisplit serve --gguf` of the same file's: text, token counts, and the
+    end of turn (the file's end-of-sequence id) met before 24 tokens."""
+    import httpx
+    from _serving import Server, serve_env
+
+    convert_to_hf(smollm2_gguf(), tmp_path / "hf", progress=False)
+    write_gguf(tmp_path / "hf", tmp_path / "m.gguf", qtype)
+    theirs = _llama_cpp_answer(tmp_path / "m.gguf", 24)
+    with Server(1, ["--gguf", str(tmp_path / "m.gguf"), "--model-name", "m"], env=serve_env()) as server:
+        r = httpx.post(server.url + "/v1/completions", timeout=120, json={
+            "model": "m", "prompt": QUESTION, "max_tokens": 24, "temperature": 0})
+        assert server.stop() == 0
+    ours = _answer(r.json())
+    assert "Paris" in theirs["text"] and theirs["finish"] == "stop" and theirs == ours, (theirs, ours)
 
 
 # ----------------------------------------------------------------------------- bad input

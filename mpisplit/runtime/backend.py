@@ -47,6 +47,8 @@ def get_array_module(*arrays: Any) -> ModuleType:
     Tensors are looked through to their `.data`. Mixing NumPy and CuPy arrays is a TypeError.
     With no array argument the answer is numpy.
     """
+    if all(type(x) is np.ndarray for x in arrays):  # the common case, decided at once
+        return np
     numpy_types: list[str] = []
     cupy_types: list[str] = []
     for x in arrays:
