@@ -78,6 +78,34 @@ def test_a_row_gets_the_same_bits_alone_and_in_a_batch(kind: str, dtype: type) -
 
 
 @world(sizes=(1,))
+def test_a_fused_group_equals_its_parts_and_holds_one_copy() -> None:
+    """q, k and v kept in blocks, fused into one slab (nn/quantized.fused_slab): its product is
+    the three products side by side, bit for bit; each part's blocks are a view of the fused
+    ones; a part of another kind, or a padded one, is not fused."""
+    from mpisplit.nn.module import Parameter
+
+    parts, want = [], []
+    x = np.random.default_rng(5).standard_normal((3, 96)).astype(np.float32)
+    for rows in (64, 32, 32):
+        blocks, _ = _blocks("Q4_1", rows, 96, seed=rows)
+        w = Parameter(np.zeros((96, rows), dtype=np.float32))
+        w.quantized = nq.QuantizedSlab("Q4_1", blocks, rows, 96)
+        parts.append(w)
+        want.append(w.quantized.matmul_t(x))
+    fused = nq.fused_slab(parts)
+    assert fused is not None and fused.rows == 128 and nq.fused_slab(parts) is fused
+    assert np.array_equal(fused.matmul_t(x), np.concatenate(want, axis=1))
+    assert all(np.shares_memory(w.quantized.blocks, fused.blocks) for w in parts)
+    other, _ = _blocks("Q8_0", 32, 96)
+    odd = Parameter(np.zeros((96, 32), dtype=np.float32))
+    odd.quantized = nq.QuantizedSlab("Q8_0", other, 32, 96)
+    assert nq.fused_slab([parts[0], odd]) is None
+    padded = Parameter(np.zeros((96, 40), dtype=np.float32))
+    padded.quantized = parts[1].quantized
+    assert nq.fused_slab([parts[0], padded]) is None
+
+
+@world(sizes=(1,))
 def test_bad_blocks_and_kinds_are_named() -> None:
     blocks, _ = _blocks("Q8_0", 4, 64)
     with pytest.raises(ValueError, match="Q6_K"):

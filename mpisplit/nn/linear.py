@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from mpisplit.autograd import Tensor, ops
+from mpisplit.autograd.quantized import QuantizedLinear
 from mpisplit.autograd.tensor import Function
 from mpisplit.nn.module import Module, Parameter
+from mpisplit.nn.quantized import fused_slab
 from mpisplit.parallel.mappings import (
     copy_to_tp,
     gather_from_tp,
@@ -218,7 +220,13 @@ def column_group(x: Tensor, layers: list[Any], comm: Any, sequence_parallel: boo
     adapter (nn/lora.py) adds its product to the layer's (`rngs`: for its dropout)."""
     if not sequence_parallel:
         xt = copy_to_tp(x, comm)  # the gradients of every branch meet here, then one all-reduce
-        ys = [ops.linear(xt, layer.weight, layer.bias) for layer in layers]
+        fused = fused_slab([layer.weight for layer in layers]) if len(layers) > 1 else None
+        if fused is not None:  # kept in quantized blocks (serving): one product for the group
+            y = QuantizedLinear.apply(xt, slab=fused, padded=fused.rows)
+            ys = ops.split(y, [layer.weight.shape[1] for layer in layers], axis=-1)
+            ys = [y if layer.bias is None else y + layer.bias for y, layer in zip(ys, layers)]
+        else:
+            ys = [ops.linear(xt, layer.weight, layer.bias) for layer in layers]
         return _with_lora(ys, layers, xt, comm, False, rngs)
     widths = [layer.weight.shape[1] for layer in layers]
     biases = [layer.bias for layer in layers]

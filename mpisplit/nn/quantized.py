@@ -74,3 +74,27 @@ class QuantizedSlab:
         from mpisplit.kernels.quant_blocks import dequantize_rows
 
         return dequantize_rows(self.blocks, self.kind, self.features, dtype)
+
+
+def fused_slab(weights: list) -> QuantizedSlab | None:
+    """One slab holding the rows of several weights' slabs that take the same input (q, k and v;
+    gate and up), so that one product serves them all; None unless every weight is kept in
+    blocks of one kind over the same features, unpadded. Built once and kept on the first slab;
+    each weight's slab then views its own rows of it (no second copy). The kernel computes
+    every output row by itself, so the fused product equals the separate ones bit for bit."""
+    found = [getattr(w, "quantized", None) for w in weights]
+    slabs: list[QuantizedSlab] = [s for s in found if s is not None]
+    if len(slabs) < 2 or len(slabs) != len(found):
+        return None
+    first = slabs[0]
+    if any(s.kind != first.kind or s.features != first.features or w.shape[1] != s.rows
+           for w, s in zip(weights, slabs)):
+        return None
+    group = getattr(first, "group", None)
+    if group is None or len(group[0]) != len(slabs) or any(a is not b for a, b in zip(group[0], slabs)):
+        blocks = np.concatenate([s.blocks for s in slabs])
+        lo = 0
+        for s in slabs:
+            s.blocks, lo = blocks[lo: lo + s.rows], lo + s.rows
+        group = first.group = (tuple(slabs), QuantizedSlab(first.kind, blocks, lo, first.features))
+    return group[1]

@@ -195,7 +195,7 @@ def _limit_numba(n: int) -> None:
         import numba
     except ImportError:
         return
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(n, getattr(numba.config, "NUMBA_NUM_THREADS", n))))
 
 
 def _threads_per_rank(comm: Any) -> int:
