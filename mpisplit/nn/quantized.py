@@ -39,6 +39,7 @@ class QuantizedSlab:
             raise ValueError(f"{kind} blocks of shape {blocks.shape} do not hold a {rows} x {features} slab")
         self.kind, self.rows, self.features = kind, rows, features
         self.blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+        self.group: tuple[tuple[QuantizedSlab, ...], QuantizedSlab] | None = None  # fused_slab's
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +91,7 @@ def fused_slab(weights: list) -> QuantizedSlab | None:
     if any(s.kind != first.kind or s.features != first.features or w.shape[1] != s.rows
            for w, s in zip(weights, slabs)):
         return None
-    group = getattr(first, "group", None)
+    group = first.group
     if group is None or len(group[0]) != len(slabs) or any(a is not b for a, b in zip(group[0], slabs)):
         blocks = np.concatenate([s.blocks for s in slabs])
         lo = 0
