@@ -153,7 +153,9 @@ def write_gguf(path: Path, cfg: dict[str, Any], arrays: dict[str, np.ndarray], q
         if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             a = permute(a, a.shape[0] // hd)
         if a.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(a, quant), raw_dtype=quant)
+            data = (random_k_blocks(*a.shape, qtype, np.random.default_rng(a.size)) if qtype.endswith("_K")
+                    else gguf.quants.quantize(a, quant))
+            w.add_tensor(gguf_name(name), data, raw_dtype=quant)
         else:
             w.add_tensor(gguf_name(name), a)
     for name, (a, raw) in (extra_tensors or {}).items():
@@ -163,6 +165,21 @@ def write_gguf(path: Path, cfg: dict[str, Any], arrays: dict[str, np.ndarray], q
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def random_k_blocks(rows: int, features: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """(rows, features / 256 * block bytes) uint8: K-quant super-blocks of random bytes (every byte
+    string is a valid block; gguf has no K-quant quantizer) with fp16 scales of a weight's size."""
+    from mpisplit.kernels.block_dot import LAYOUTS
+
+    lay = LAYOUTS[kind]
+    n = features // lay.elems
+    blocks = rng.integers(0, 256, (rows, n, lay.size), dtype=np.uint8)
+    for at in (lay.d, lay.m):
+        if at is not None:
+            scale = rng.uniform(1e-3, 2e-2, (rows, n)).astype(np.float16)
+            blocks[:, :, at:at + 2] = scale.view(np.uint8).reshape(rows, n, 2)
+    return blocks.reshape(rows, -1)
 
 
 def quantized(a: np.ndarray, qtype: str) -> np.ndarray:

@@ -21,17 +21,24 @@ from mpi4py import MPI
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("numba")
 
-from mpisplit.kernels.quant_blocks import KINDS, block_matmul, dequantize_rows
+from mpisplit.kernels.quant_blocks import BLOCK_ELEMS, KINDS, block_matmul, dequantize_rows
 from mpisplit.nn import quantized as nq
 
 COMM = MPI.COMM_WORLD
+# gguf quantizes these; the K-quants (super-blocks of 256) it only dequantizes
+QUANTIZABLE = [k for k in KINDS if BLOCK_ELEMS[k] == 32]
 
 
 def _blocks(kind: str, rows: int, features: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(blocks, the dequantized matrix in float64) of a seeded matrix."""
-    w = np.random.default_rng(seed).standard_normal((rows, features)).astype(np.float32)
+    """(blocks, the dequantized matrix in float64) of a seeded matrix; a K-quant's features
+    rounded up to whole super-blocks of 256, its blocks random bytes (every byte string is a
+    valid block) with fp16 scales of a weight's size, as gguf has no K-quant quantizer."""
     qt = gguf.GGMLQuantizationType[kind]
-    blocks = gguf.quants.quantize(w, qt)
+    rng = np.random.default_rng(seed)
+    if BLOCK_ELEMS[kind] == 32:
+        blocks = gguf.quants.quantize(rng.standard_normal((rows, features)).astype(np.float32), qt)
+    else:
+        blocks = G.random_k_blocks(rows, -(-features // 256) * 256, kind, rng)
     return blocks, gguf.quants.dequantize(blocks, qt).astype(np.float64)
 
 
@@ -40,6 +47,7 @@ def _blocks(kind: str, rows: int, features: int, seed: int = 0) -> tuple[np.ndar
 @pytest.mark.parametrize("rows,features", [(1, 32), (7, 96), (33, 576), (130, 64)])
 def test_dequantize_rows_equals_gguf(kind: str, rows: int, features: int) -> None:
     blocks, ref = _blocks(kind, rows, features)
+    features = ref.shape[1]
     assert np.array_equal(dequantize_rows(blocks, kind, features), ref.astype(np.float32))
     assert np.array_equal(dequantize_rows(blocks, kind, features, np.float64), ref)
 
@@ -52,6 +60,7 @@ def test_products_equal_the_dequantized_product(kind: str, rows: int, features: 
     """float64 activations: the fused kernel (and, past FUSED_MAX_ROWS, the tiled BLAS path)
     equal x @ W.T with W dequantized, to 1e-12 of the largest output; float32 to float32's."""
     blocks, ref = _blocks(kind, rows, features, seed=rows)
+    features = ref.shape[1]
     x = np.random.default_rng(n).standard_normal((n, features))
     want = x @ ref.T
     scale = np.abs(want).max()
@@ -69,8 +78,8 @@ def test_products_equal_the_dequantized_product(kind: str, rows: int, features: 
 def test_a_row_gets_the_same_bits_alone_and_in_a_batch(kind: str, dtype: type) -> None:
     """Each row of x multiplied alone equals, bit for bit, the same row among 1..9 others (rows
     taken four at a time and one at a time): what batch-invariant serving relies on."""
-    blocks, _ = _blocks(kind, 70, 160, seed=3)
-    x = np.random.default_rng(4).standard_normal((9, 160)).astype(dtype)
+    blocks, ref = _blocks(kind, 70, 160, seed=3)
+    x = np.random.default_rng(4).standard_normal((9, ref.shape[1])).astype(dtype)
     alone = np.concatenate([block_matmul(x[i:i + 1], blocks, kind) for i in range(9)])
     for n in range(2, 10):
         assert np.array_equal(block_matmul(x[:n], blocks, kind), alone[:n]), n
@@ -108,8 +117,8 @@ def test_a_fused_group_equals_its_parts_and_holds_one_copy() -> None:
 @world(sizes=(1,))
 def test_bad_blocks_and_kinds_are_named() -> None:
     blocks, _ = _blocks("Q8_0", 4, 64)
-    with pytest.raises(ValueError, match="Q6_K"):
-        nq.QuantizedSlab("Q6_K", blocks, 4, 64)
+    with pytest.raises(ValueError, match="no quantized kernel for Q2_K"):
+        nq.QuantizedSlab("Q2_K", blocks, 4, 64)
     with pytest.raises(ValueError, match="do not hold a 4 x 96 slab"):
         nq.QuantizedSlab("Q8_0", blocks, 4, 96)
     with pytest.raises(ValueError, match="do not hold 96 features"):
@@ -119,6 +128,8 @@ def test_bad_blocks_and_kinds_are_named() -> None:
 def _tiny_gguf(kind: str) -> Path:
     folder = Path(COMM.bcast(tempfile.mkdtemp() if COMM.Get_rank() == 0 else None))
     cfg = dict(G.TINY, tied=False, hidden=128, heads=4, kv_heads=2, inter=192)
+    if BLOCK_ELEMS[kind] == 256:  # whole super-blocks: every matrix 256 or 512 features wide
+        cfg.update(hidden=256, inter=512)
     if COMM.Get_rank() == 0:
         G.write_gguf(folder / "m.gguf", cfg, G.llama_arrays(cfg, seed=3), kind)
     COMM.Barrier()
@@ -128,9 +139,10 @@ def _tiny_gguf(kind: str) -> Path:
 @pytest.mark.mpi
 @pytest.mark.parametrize("kind", KINDS)
 def test_quantized_model_equals_the_dequantized_one(kind: str) -> None:
-    """A Llama (hidden 128, MLP 192, untied head) written as `kind`, loaded at tp = gcd(world, 4)
-    both ways in float64: logits equal to 1e-12 of their scale. At tp 4 the MLP's down
-    projection (192 / 4 = 48 input features: not whole blocks) is dequantized and reported; the
+    """A Llama (hidden 128, MLP 192, untied head; the K-quants 256 and 512: whole super-blocks)
+    written as `kind`, loaded at tp = gcd(world, 4) both ways in float64: logits equal to 1e-12
+    of their scale. At tp 4 the MLP's down projection (192 / 4 = 48, 512 / 4 = 128 input
+    features: not whole blocks) is dequantized and reported; the
     rest stays in blocks, the float arrays of those never written. Backward through a quantized
     matrix is an error."""
     import mpisplit as ms

@@ -37,12 +37,14 @@ I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64
 class Layout:
     """Where a block keeps its parts (byte offsets) and how its quants read."""
 
-    size: int  # bytes per block of 32
+    size: int  # bytes per block
     d: int  # fp16 scale
-    q: int  # the quants: 32 int8 (Q8_0) or 16 bytes of nibbles
-    m: int | None = None  # fp16 minimum (Q4_1, Q5_1)
-    qh: int | None = None  # 32 fifth bits, little-endian uint32 (Q5_0, Q5_1)
+    q: int  # the quants: 32 int8 (Q8_0) or 16 bytes of nibbles (128 for the K-quants)
+    m: int | None = None  # fp16 minimum (Q4_1, Q5_1; Q4_K's dmin)
+    qh: int | None = None  # 32 fifth bits, little-endian uint32 (Q5_0, Q5_1; Q6_K's 64 bytes of high bits)
     offset: int = 0  # subtracted from each unsigned quant (Q4_0: 8, Q5_0: 16)
+    elems: int = 32  # weights per block: 256 for the K-quants' super-blocks
+    scales: int | None = None  # the K-quants' sub-block scales (Q4_K: 12 bytes of 6-bit pairs; Q6_K: 16 int8)
 
 
 LAYOUTS = {
@@ -51,6 +53,8 @@ LAYOUTS = {
     "Q4_1": Layout(size=20, d=0, m=2, q=4),
     "Q5_0": Layout(size=22, d=0, qh=2, q=6, offset=16),
     "Q5_1": Layout(size=24, d=0, m=2, qh=4, q=8),
+    "Q4_K": Layout(size=144, d=0, m=2, scales=4, q=16, elems=256),
+    "Q6_K": Layout(size=210, d=208, q=0, qh=128, scales=192, elems=256),
 }
 
 
@@ -138,29 +142,84 @@ def _loop(builder: ir.IRBuilder, count: ir.Value, init: list, body) -> list:
     return out
 
 
-def _weights(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, table: ir.Value) -> ir.Value:
-    """The block's 32 weights d * q (+ m) as a <32 x float>: gguf's dequantization, bit for bit
+def _weights(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, table: ir.Value) -> list:
+    """The block's weights, 32 at a time (<32 x float> each), gguf's dequantization bit for bit
     (d * q is exact in float32: 11 bits of scale times at most 8 of quant)."""
+    if lay.elems == 256:
+        return (_q4_k if lay.m is not None else _q6_k)(builder, lay, block, fty, table)
     w = builder.fmul(_splat(builder, _scale(builder, block, lay.d, table), 32), _quants(builder, lay, block, fty))
     if lay.m is not None:
         w = builder.fadd(w, _splat(builder, _scale(builder, block, lay.m, table), 32))
-    return w
+    return [w]
 
 
-def _at(builder: ir.IRBuilder, base: ir.Value, b: ir.Value, vec: ir.VectorType) -> ir.Value:
-    """Pointer to floats 32 b .. 32 b + 31 of a float row."""
-    return builder.bitcast(builder.gep(base, [builder.mul(b, _const(I64, 32))]), vec.as_pointer())
+def _bits(builder: ir.IRBuilder, block: ir.Value, at: int, shift: int, mask: int) -> ir.Value:
+    """(byte >> shift) & mask of the 32 bytes at `at`, as <32 x i32>."""
+    v32 = ir.VectorType(I32, 32)
+    q = builder.zext(_load(builder, block, _const(I64, at), ir.VectorType(I8, 32), 1), v32)
+    return builder.and_(builder.lshr(q, _const(v32, [shift] * 32)), _const(v32, [mask] * 32))
+
+
+def _q4_k(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, table: ir.Value) -> list:
+    """Q4_K: 8 sub-blocks of 32, w = (d * sc) * q - dmin * mn, sc and mn 6-bit pairs packed in 12
+    bytes; sub-block 2c + h is the low (h 0) or high nibbles of quant bytes 32c .. 32c + 31."""
+    byte = [builder.zext(_load(builder, block, _const(I64, lay.scales + i), I8, 1), I32) for i in range(12)]
+    d, dmin = _scale(builder, block, lay.d, table), _scale(builder, block, lay.m, table)
+
+    def six(v, mask, shift=0):
+        return builder.and_(builder.lshr(v, _const(I32, shift)), _const(I32, mask))
+
+    out = []
+    for s in range(8):
+        if s < 4:
+            sc, mn = six(byte[s], 63), six(byte[s + 4], 63)
+        else:
+            top = [builder.shl(six(byte[i], 3, 6), _const(I32, 4)) for i in (s - 4, s)]
+            sc, mn = builder.or_(six(byte[s + 4], 15), top[0]), builder.or_(six(byte[s + 4], 15, 4), top[1])
+        q = builder.sitofp(_bits(builder, block, lay.q + 32 * (s // 2), 4 * (s % 2), 15), ir.VectorType(fty, 32))
+        ds, dm = builder.fmul(d, builder.uitofp(sc, fty)), builder.fmul(dmin, builder.uitofp(mn, fty))
+        out.append(builder.fsub(builder.fmul(_splat(builder, ds, 32), q), _splat(builder, dm, 32)))
+    return out
+
+
+def _q6_k(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, table: ir.Value) -> list:
+    """Q6_K: w = (d * scale) * (q - 32) with 16 int8 scales of 16 weights each; group g of 32
+    (a = g / 4) takes 4 low bits from quant bytes 64a + 32 (g % 2) .., shifted by 4 ((g / 2) % 2),
+    and 2 high bits from bytes 128 + 32a .., shifted by 2 (g % 4)."""
+    v32 = ir.VectorType(I32, 32)
+    d = _scale(builder, block, lay.d, table)
+    out = []
+    for g in range(8):
+        a = g // 4
+        low = _bits(builder, block, lay.q + 64 * a + 32 * (g % 2), 4 * ((g // 2) % 2), 15)
+        high = _bits(builder, block, lay.qh + 32 * a, 2 * (g % 4), 3)
+        q = builder.sub(builder.or_(low, builder.shl(high, _const(v32, [4] * 32))), _const(v32, [32] * 32))
+        ds = [builder.fmul(d, builder.sitofp(_load(builder, block, _const(I64, lay.scales + 2 * g + i), I8, 1), fty))
+              for i in (0, 1)]
+        halves = [_splat(builder, v, 16) for v in ds]
+        scale = builder.shuffle_vector(halves[0], halves[1], _const(v32, list(range(32))))
+        out.append(builder.fmul(scale, builder.sitofp(q, ir.VectorType(fty, 32))))
+    return out
+
+
+def _at(builder: ir.IRBuilder, base: ir.Value, b: ir.Value, lay: Layout, i: int, vec: ir.VectorType) -> ir.Value:
+    """Pointer to floats 32 i .. 32 i + 31 of block b of a float row."""
+    start = builder.add(builder.mul(b, _const(I64, lay.elems)), _const(I64, 32 * i))
+    return builder.bitcast(builder.gep(base, [start]), vec.as_pointer())
 
 
 def _row_dots(builder: ir.IRBuilder, lay: Layout, row: ir.Value, xrows: list, nb: ir.Value,
               table: ir.Value) -> list:
-    """For each x row, its dot product with the weight row: per block the 32 weights formed once
+    """For each x row, its dot product with the weight row: per block the weights formed once
     for all the x rows, one fused multiply-add each into 32 lanes, the lanes summed at the end."""
     vec = ir.VectorType(xrows[0].type.pointee, 32)
 
     def block(b, accs):
-        w = _weights(builder, lay, builder.gep(row, [builder.mul(b, _const(I64, lay.size))]), vec.element, table)
-        return [_fma(builder, builder.load(_at(builder, x, b, vec), align=4), w, acc) for x, acc in zip(xrows, accs)]
+        ws = _weights(builder, lay, builder.gep(row, [builder.mul(b, _const(I64, lay.size))]), vec.element, table)
+        for i, w in enumerate(ws):
+            accs = [_fma(builder, builder.load(_at(builder, x, b, lay, i, vec), align=4), w, acc)
+                    for x, acc in zip(xrows, accs)]
+        return accs
 
     sums = _loop(builder, nb, [ir.Constant(vec, [0.0] * 32)] * len(xrows), block)
     return [_hsum(builder, acc, 32) for acc in sums]
@@ -168,18 +227,19 @@ def _row_dots(builder: ir.IRBuilder, lay: Layout, row: ir.Value, xrows: list, nb
 
 def _row_unpack(builder: ir.IRBuilder, lay: Layout, row: ir.Value, orow: ir.Value, nb: ir.Value,
                 table: ir.Value) -> None:
-    """orow[32 b + j] = d * q_j (+ m) for each of the row's nb blocks."""
+    """orow[elems * b + j] = the dequantized weight j of block b, for each of the row's nb blocks."""
     vec = ir.VectorType(orow.type.pointee, 32)
 
     def block(b, carried):
-        w = _weights(builder, lay, builder.gep(row, [builder.mul(b, _const(I64, lay.size))]), vec.element, table)
-        builder.store(w, _at(builder, orow, b, vec), align=4)
+        ws = _weights(builder, lay, builder.gep(row, [builder.mul(b, _const(I64, lay.size))]), vec.element, table)
+        for i, w in enumerate(ws):
+            builder.store(w, _at(builder, orow, b, lay, i, vec), align=4)
         return []
 
     _loop(builder, nb, [], block)
 
 
-def _rows(context, builder, signature, args, count=1):
+def _rows(context, builder, signature, args, count=1, elems=32):
     """(row r of the blocks as i8*, rows n.. n + count - 1 of the float array as float*, blocks
     per row, the table)."""
     barr = context.make_array(signature.args[0])(context, builder, args[0])
@@ -191,7 +251,7 @@ def _rows(context, builder, signature, args, count=1):
     frows = [builder.bitcast(builder.gep(builder.bitcast(farr.data, I8.as_pointer()),
                                          [builder.mul(builder.add(args[3], _const(I64, i)), stride)]),
                              farr.data.type) for i in range(count)]
-    nb = builder.udiv(builder.extract_value(farr.shape, 1), _const(I64, 32))
+    nb = builder.udiv(builder.extract_value(farr.shape, 1), _const(I64, elems))
     return row, frows, nb, tarr.data
 
 
@@ -210,7 +270,7 @@ def block_dot(kind: str, count: int = 1):
             return None
 
         def codegen(context, builder, signature, args):
-            row, xrows, nb, tab = _rows(context, builder, signature, args, count)
+            row, xrows, nb, tab = _rows(context, builder, signature, args, count, lay.elems)
             sums = _row_dots(builder, lay, row, xrows, nb, tab)
             return sums[0] if count == 1 else context.make_tuple(builder, signature.return_type, sums)
 
@@ -230,7 +290,7 @@ def block_unpack(kind: str):
             return None
 
         def codegen(context, builder, signature, args):
-            row, orows, nb, tab = _rows(context, builder, signature, args)
+            row, orows, nb, tab = _rows(context, builder, signature, args, 1, lay.elems)
             _row_unpack(builder, lay, row, orows[0], nb, tab)
             return context.get_dummy_value()
 

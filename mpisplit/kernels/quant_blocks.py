@@ -8,6 +8,8 @@ K / 32 blocks along the input features (the Hugging Face (out, in) layout), one 
     Q4_1  fp16 d, fp16 m, 16 B of 4-bit q                 (20 B)   w = d * q + m
     Q5_0  fp16 d, 32 fifth bits, 16 B of 4-bit q          (22 B)   w = d * (q - 16)
     Q5_1  fp16 d, fp16 m, 32 fifth bits, 16 B of 4-bit q  (24 B)   w = d * q + m
+    Q4_K  super-blocks of 256: fp16 d, dmin, 8 6-bit scale/min pairs, 4-bit q  (144 B)
+    Q6_K  super-blocks of 256: 4 + 2 bits of q, 16 int8 scales, fp16 d         (210 B)
 
 where byte j of the 4-bit quants holds element j in its low nibble and element j + 16 in its
 high one, and bit j of the little-endian uint32 is element j's fifth bit.
@@ -36,6 +38,7 @@ from mpisplit.kernels.block_dot import LAYOUTS, block_dot, block_unpack
 
 BLOCK = 32
 BLOCK_BYTES = {kind: lay.size for kind, lay in LAYOUTS.items()}
+BLOCK_ELEMS = {kind: lay.elems for kind, lay in LAYOUTS.items()}  # 32; 256 for the K-quants
 KINDS = tuple(BLOCK_BYTES)
 # Weights x rows of x from which a product is split over the threads (below: one thread, as
 # starting them costs about as much as the product; measured with benchmarks/bench_quant.py).
@@ -92,8 +95,9 @@ def _check(blocks: np.ndarray, kind: str, k: int) -> None:
         raise ValueError(f"quantized blocks of kind {kind!r} are not supported; expected one of {KINDS}")
     if blocks.dtype != np.uint8 or blocks.ndim != 2 or not blocks.flags.c_contiguous:
         raise ValueError(f"blocks must be a C-contiguous (rows, bytes) uint8 array, got {blocks.dtype} {blocks.shape}")
-    if k % BLOCK or blocks.shape[1] != k // BLOCK * BLOCK_BYTES[kind]:
-        raise ValueError(f"{kind} rows of {blocks.shape[1]} bytes do not hold {k} features in blocks of {BLOCK}")
+    n = BLOCK_ELEMS[kind]
+    if k % n or blocks.shape[1] != k // n * BLOCK_BYTES[kind]:
+        raise ValueError(f"{kind} rows of {blocks.shape[1]} bytes do not hold {k} features in blocks of {n}")
 
 
 def block_matmul(x: np.ndarray, blocks: np.ndarray, kind: str) -> np.ndarray:

@@ -31,11 +31,12 @@ class QuantizedSlab:
     """rows x features of a weight as `kind` blocks: `blocks` (rows, features / 32 * block bytes)."""
 
     def __init__(self, kind: str, blocks: np.ndarray, rows: int, features: int) -> None:
-        from mpisplit.kernels.quant_blocks import BLOCK, BLOCK_BYTES
+        from mpisplit.kernels.quant_blocks import BLOCK_BYTES, BLOCK_ELEMS
 
         if kind not in BLOCK_BYTES:
             raise ValueError(f"no quantized kernel for {kind}; expected one of {sorted(BLOCK_BYTES)}")
-        if features % BLOCK or blocks.shape != (rows, features // BLOCK * BLOCK_BYTES[kind]):
+        n = BLOCK_ELEMS[kind]
+        if features % n or blocks.shape != (rows, features // n * BLOCK_BYTES[kind]):
             raise ValueError(f"{kind} blocks of shape {blocks.shape} do not hold a {rows} x {features} slab")
         self.kind, self.rows, self.features = kind, rows, features
         self.blocks = np.ascontiguousarray(blocks, dtype=np.uint8)

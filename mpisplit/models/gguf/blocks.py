@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mpisplit.kernels.quant_blocks import BLOCK, BLOCK_BYTES
+from mpisplit.kernels.quant_blocks import BLOCK_BYTES, BLOCK_ELEMS
 
 
 def slab_blocks(weights: Any, name: str, rows: range, cols: range) -> tuple[str, np.ndarray] | None:
@@ -25,7 +25,8 @@ def slab_blocks(weights: Any, name: str, rows: range, cols: range) -> tuple[str,
     kind = weights.gguf_type(name)
     if kind not in BLOCK_BYTES or len(weights.shape(name)) != 2:
         return None
-    if cols.start % BLOCK or len(cols) % BLOCK or not rows or not cols:
+    n = BLOCK_ELEMS[kind]
+    if cols.start % n or len(cols) % n or not rows or not cols:
         return None
     t = weights.file.tensors[weights._gguf_name[name]]
     raw = t.data.reshape(weights.shape(name)[0], -1).view(np.uint8)
@@ -34,5 +35,5 @@ def slab_blocks(weights: Any, name: str, rows: range, cols: range) -> tuple[str,
     else:
         raw = raw[rows.start:rows.stop]
     size = BLOCK_BYTES[kind]
-    part = raw[:, cols.start // BLOCK * size: cols.stop // BLOCK * size]
+    part = raw[:, cols.start // n * size: cols.stop // n * size]
     return kind, np.array(part, dtype=np.uint8, order="C")  # owned: never a view of the mapped file
