@@ -163,6 +163,7 @@ def _bits(builder: ir.IRBuilder, block: ir.Value, at: int, shift: int, mask: int
 def _q4_k(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, table: ir.Value) -> list:
     """Q4_K: 8 sub-blocks of 32, w = (d * sc) * q - dmin * mn, sc and mn 6-bit pairs packed in 12
     bytes; sub-block 2c + h is the low (h 0) or high nibbles of quant bytes 32c .. 32c + 31."""
+    assert lay.scales is not None and lay.m is not None  # Q4_K's layout has both
     byte = [builder.zext(_load(builder, block, _const(I64, lay.scales + i), I8, 1), I32) for i in range(12)]
     d, dmin = _scale(builder, block, lay.d, table), _scale(builder, block, lay.m, table)
 
@@ -186,6 +187,7 @@ def _q6_k(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, tab
     """Q6_K: w = (d * scale) * (q - 32) with 16 int8 scales of 16 weights each; group g of 32
     (a = g / 4) takes 4 low bits from quant bytes 64a + 32 (g % 2) .., shifted by 4 ((g / 2) % 2),
     and 2 high bits from bytes 128 + 32a .., shifted by 2 (g % 4)."""
+    assert lay.scales is not None and lay.qh is not None  # Q6_K's layout has both
     v32 = ir.VectorType(I32, 32)
     d = _scale(builder, block, lay.d, table)
     out = []
