@@ -6,8 +6,13 @@
   decode     SmolLM2-135M-Instruct (Q4_1 file, tests/_smollm2.py) greedy, 64 new tokens after a
              16-token prompt, batch 1 and 8: tokens/s with the matrices kept quantized and
              dequantized to float32, and the bytes of each model's weights
+  quality    the same model both ways, float32, every product through the cache in chunks of 16
+             tokens (the block kernels' path when kept): perplexity of a held-out text (this
+             repository's README, 1024 tokens), and 200 tokens drawn greedily by the kept model,
+             scored by both: the largest log-probability difference and the positions where the
+             dequantized model's greedy choice differs
 
-  python benchmarks/bench_quant.py [--threads 1]
+  python benchmarks/bench_quant.py [--threads 1] [--decode-only | --quality-only]
 """
 
 from __future__ import annotations
@@ -88,16 +93,67 @@ def decode(tokens: int = 64) -> list[dict]:
     return out
 
 
+def _scores(model, ids: np.ndarray, chunk: int = 16) -> np.ndarray:
+    """float64 log-softmax rows (len(ids), V) of ids through the KV cache, `chunk` tokens a pass."""
+    import mpisplit as ms
+    from mpisplit.parallel.mappings import gather_from_tp
+
+    caches, rows = model.new_caches(1), []
+    with ms.no_grad():
+        for lo in range(0, len(ids), chunk):
+            h = model.hidden_states(ids[None, lo: lo + chunk], caches)
+            z = gather_from_tp(model.head.logits(h), model.grid.tp_comm).data[0, :, : model.config.vocab_size]
+            z = np.asarray(z, dtype=np.float64)
+            rows.append(z - np.logaddexp.reduce(z, axis=1, keepdims=True))
+    return np.concatenate(rows)
+
+
+def quality(tokens: int = 200, text_tokens: int = 1024) -> dict:
+    from mpi4py import MPI
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _smollm2 import smollm2_gguf
+
+    import mpisplit as ms
+    from mpisplit.models.hf import load_tokenizer
+
+    path = smollm2_gguf()
+    grid = ms.ProcessGrid(tp=1, comm=MPI.COMM_SELF)
+    models = {keep: ms.GPT.from_pretrained(path, grid, dtype="float32", keep_quantized=keep, max_model_len=2048)
+              for keep in (True, False)}
+    tok = load_tokenizer(str(path), models[True].config.vocab_size)
+    text = np.array(tok.encode((ROOT / "README.md").read_text())[:text_tokens], dtype=np.int64)
+    out: dict = {"text_tokens": len(text)}
+    for keep, model in models.items():
+        lp = _scores(model, text)
+        out["ppl_kept" if keep else "ppl_dequantized"] = float(np.exp(-lp[np.arange(len(text) - 1), text[1:]].mean()))
+    prompt = text[:16]
+    drawn = models[True].generate(prompt[None], tokens)[0]
+    a, b = (_scores(models[k], drawn)[len(prompt) - 1: -1] for k in (True, False))
+    picked = drawn[len(prompt):]
+    out["max_logprob_diff"] = float(np.abs(a[np.arange(tokens), picked] - b[np.arange(tokens), picked]).max())
+    out["greedy_disagreements"] = int((b.argmax(axis=1) != picked).sum())
+    out["ppl_ratio"] = out["ppl_kept"] / out["ppl_dequantized"]
+    grid.free()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="BLAS and numba threads")
     p.add_argument("--decode-only", action="store_true", help="skip the products")
+    p.add_argument("--quality-only", action="store_true", help="only the perplexity and log-probability comparison")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = p.parse_args()
     common.limit_threads(args.threads)
     import numba
 
     numba.set_num_threads(args.threads)
+    if args.quality_only:
+        q = quality()
+        print(q)
+        common.write_json(args.out / "bench_quant_quality.json", {"machine": common.machine_info(), "quality": q})
+        return 0
     prods = [] if args.decode_only else products()
     print(common.format_table(prods, ["kind", "shape", "n", "blas_f32_ms", "fused_ms", "dequant_blas_ms", "fused_vs_f32"]))
     dec = decode()
