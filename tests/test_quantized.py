@@ -171,22 +171,27 @@ def test_quantized_model_equals_the_dequantized_one(kind: str) -> None:
 def test_served_quantized_model_answers_as_the_dequantized_one(tmp_path: Path) -> None:
     """`mpisplit serve --gguf F` (the file's blocks kept: the default) at 1 and 3 ranks (heads and
     MLP split in whole blocks) against `--dequantize` at 1 rank, float64, through the openai
-    client: the same greedy text and logprobs to 1e-9; the start line says what stayed in blocks."""
+    client: the same greedy text and logprobs to 1e-9; the start line says what stayed in blocks,
+    or, with the kernels off (MPISPLIT_KERNELS=numpy), that the matrices were dequantized and why."""
     openai = pytest.importorskip("openai")
-    from _serving import Server
+    from _serving import Server, serve_env
 
     cfg = dict(G.TINY, tied=True, hidden=192, heads=6, kv_heads=3, inter=384)
     path = G.write_gguf(tmp_path / "m.gguf", cfg, G.llama_arrays(cfg, seed=5), "Q4_1")
     answers = []
-    for n, extra in ((1, ["--dequantize"]), (1, []), (3, [])):
-        with Server(n, ["--gguf", str(path), "--dtype", "float64", *extra]) as server:
+    numpy_only = {**serve_env(), "MPISPLIT_KERNELS": "numpy"}
+    for n, extra, env in ((1, ["--dequantize"], None), (1, [], None), (3, [], None), (1, [], numpy_only)):
+        with Server(n, ["--gguf", str(path), "--dtype", "float64", *extra], env=env) as server:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60, max_retries=0)
             got = client.completions.create(model=client.models.list().data[0].id, prompt="the world",
                                             max_tokens=24, temperature=0, logprobs=2)
             assert server.stop() == 0
             answers.append((got.choices[0].text, got.choices[0].logprobs.token_logprobs))
             kept = [line for line in server.log if "kept in their GGUF blocks" in line]
-            assert bool(kept) == (not extra) and (not kept or "dequantized" not in kept[0]), server.log[-5:]
+            blocks = not extra and env is None
+            assert bool(kept) == blocks and (not kept or "dequantized" not in kept[0]), server.log[-5:]
+            if env is not None:  # said once, at the start
+                assert any("dequantized to float64 (the block kernels are off" in line for line in server.log)
     (text, ref), rest = answers[0], answers[1:]
     assert len(ref) == 24
     for other_text, other in rest:

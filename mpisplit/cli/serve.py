@@ -140,7 +140,8 @@ def _keep_blocks(args: argparse.Namespace, rank: int) -> bool:
     from mpisplit import kernels
 
     why = ("its block kernels run on the CPU" if args.device == "gpu" else
-           None if kernels.enabled() else "the block kernels need numba: pip install 'mpisplit[fast]'")
+           None if kernels.enabled() else "the block kernels are off: numba is not installed (pip install "
+           "'mpisplit[fast]') or MPISPLIT_KERNELS=numpy")
     if why is not None and rank == 0:
         print(f"mpisplit serve: the GGUF file's matrices are dequantized to {args.dtype} ({why})", flush=True)
     return why is None
