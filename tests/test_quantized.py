@@ -115,6 +115,26 @@ def test_a_fused_group_equals_its_parts_and_holds_one_copy() -> None:
 
 
 @world(sizes=(1,))
+def test_a_second_process_reuses_the_cached_kernels(tmp_path: Path) -> None:
+    """numba's cache key of a kernel includes what it closes over; the block kernels close over
+    intrinsics whose identity is fixed (kernels/block_dot.stable_identity), so a second process
+    finds the first one's compiled kernels and writes no new cache file."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from mpisplit.kernels.quant_blocks import block_matmul, dequantize_rows; "
+            "b = np.zeros((4, 72), np.uint8); block_matmul(np.ones((1, 128), np.float32), b, 'Q4_0'); "
+            "block_matmul(np.ones((5, 128)), b, 'Q4_0'); dequantize_rows(b, 'Q4_0', 128)")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    counts = []
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+        counts.append(sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.nbc")))
+    assert counts[0] and counts[1] == counts[0], counts
+
+
+@world(sizes=(1,))
 def test_bad_blocks_and_kinds_are_named() -> None:
     blocks, _ = _blocks("Q8_0", 4, 64)
     with pytest.raises(ValueError, match="no quantized kernel for Q2_K"):

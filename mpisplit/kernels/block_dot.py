@@ -24,7 +24,9 @@ tree), so a row of x gets the same bits whether it is multiplied alone or with o
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from llvmlite import ir
 from numba import types
@@ -261,6 +263,18 @@ def _floats(ty) -> bool:
     return isinstance(ty, types.Array) and ty.dtype in (types.float32, types.float64) and ty.ndim == 2
 
 
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def stable_identity(fn, name: str):
+    """Give a numba intrinsic or dispatcher that a cached kernel closes over a stable identity:
+    numba's is a new uuid in every process, which gives the kernel a new cache key, and a new
+    cache file, in every process (nothing is ever reused and the cache grows). The name and this
+    file's digest instead, so that a change of the IR here is a new key too."""
+    fn._set_uuid(f"mpisplit.kernels.block_dot.{name}.{_SOURCE}")
+    return fn
+
+
 def block_dot(kind: str, count: int = 1):
     """The intrinsic dot(blocks, r, x, n, table): x[n] . W[r] for blocks of `kind`, in x's type;
     with count > 1, the tuple of x[n + i] . W[r] for i < count (the row unpacked once)."""
@@ -279,7 +293,7 @@ def block_dot(kind: str, count: int = 1):
         ret = x.dtype if count == 1 else types.UniTuple(x.dtype, count)
         return ret(blocks, types.intp, x, types.intp, table), codegen
 
-    return dot
+    return stable_identity(dot, f"dot.{kind}.{count}")
 
 
 def block_unpack(kind: str):
@@ -298,4 +312,4 @@ def block_unpack(kind: str):
 
         return types.none(blocks, types.intp, out, types.intp, table), codegen
 
-    return unpack
+    return stable_identity(unpack, f"unpack.{kind}")

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from mpisplit.kernels.block_dot import LAYOUTS, block_dot, block_unpack
+from mpisplit.kernels.block_dot import LAYOUTS, block_dot, block_unpack, stable_identity
 
 BLOCK = 32
 BLOCK_BYTES = {kind: lay.size for kind, lay in LAYOUTS.items()}
@@ -68,6 +68,8 @@ def _kernels(kind: str) -> tuple[Any, Any, Any]:
                 out[n, r], out[n + 1, r], out[n + 2, r], out[n + 3, r] = dot4(blocks, r, x, n, table)
             for n in range(N - N % 4, N):
                 out[n, r] = dot(blocks, r, x, n, table)
+
+    stable_identity(rows, f"rows.{kind}")  # the kernels below close over it: their cache keys
 
     @numba.njit(cache=True)
     def matmul(x, blocks, table, out):
