@@ -47,10 +47,11 @@ class Layout:
     offset: int = 0  # subtracted from each unsigned quant (Q4_0: 8, Q5_0: 16)
     elems: int = 32  # weights per block: 256 for the K-quants' super-blocks
     scales: int | None = None  # the K-quants' sub-block scales (Q4_K: 12 bytes of 6-bit pairs; Q6_K: 16 int8)
+    int8: bool = False  # the quants are 32 signed bytes (Q8_0), not nibbles
 
 
 LAYOUTS = {
-    "Q8_0": Layout(size=34, d=0, q=2),
+    "Q8_0": Layout(size=34, d=0, q=2, int8=True),
     "Q4_0": Layout(size=18, d=0, q=2, offset=8),
     "Q4_1": Layout(size=20, d=0, m=2, q=4),
     "Q5_0": Layout(size=22, d=0, qh=2, q=6, offset=16),
@@ -104,7 +105,7 @@ def _scale(builder: ir.IRBuilder, block: ir.Value, at: int, table: ir.Value) -> 
 def _quants(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type) -> ir.Value:
     """The block's 32 quants as a <32 x float>, in the order of its 32 input features."""
     v32, v16 = ir.VectorType(I32, 32), ir.VectorType(I32, 16)
-    if lay.qh is None and lay.offset == 0 and lay.m is None:  # Q8_0: int8
+    if lay.int8:
         q = builder.sext(_load(builder, block, _const(I64, lay.q), ir.VectorType(I8, 32), 1), v32)
         return builder.sitofp(q, ir.VectorType(fty, 32))
     q = builder.zext(_load(builder, block, _const(I64, lay.q), ir.VectorType(I8, 16), 1), v16)
@@ -275,41 +276,43 @@ def stable_identity(fn, name: str):
     return fn
 
 
+def _intrinsic(name: str, lay: Layout, count: int, emit, result):
+    """An intrinsic f(blocks, r, arr, n, table) over row r of the blocks and rows n.. n + count - 1
+    of the float array arr: `emit(context, builder, signature, row, arr rows, blocks per row,
+    table)` writes its IR, `result(arr's dtype)` is its numba type."""
+
+    @intrinsic
+    def fn(typingctx, blocks, r, arr, n, table):
+        if not _floats(arr):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return emit(context, builder, signature, *_rows(context, builder, signature, args, count, lay.elems))
+
+        return result(arr.dtype)(blocks, types.intp, arr, types.intp, table), codegen
+
+    return stable_identity(fn, name)
+
+
 def block_dot(kind: str, count: int = 1):
     """The intrinsic dot(blocks, r, x, n, table): x[n] . W[r] for blocks of `kind`, in x's type;
     with count > 1, the tuple of x[n + i] . W[r] for i < count (the row unpacked once)."""
     lay = LAYOUTS[kind]
 
-    @intrinsic
-    def dot(typingctx, blocks, r, x, n, table):
-        if not _floats(x):
-            return None
+    def emit(context, builder, signature, row, xrows, nb, table):
+        sums = _row_dots(builder, lay, row, xrows, nb, table)
+        return sums[0] if count == 1 else context.make_tuple(builder, signature.return_type, sums)
 
-        def codegen(context, builder, signature, args):
-            row, xrows, nb, tab = _rows(context, builder, signature, args, count, lay.elems)
-            sums = _row_dots(builder, lay, row, xrows, nb, tab)
-            return sums[0] if count == 1 else context.make_tuple(builder, signature.return_type, sums)
-
-        ret = x.dtype if count == 1 else types.UniTuple(x.dtype, count)
-        return ret(blocks, types.intp, x, types.intp, table), codegen
-
-    return stable_identity(dot, f"dot.{kind}.{count}")
+    return _intrinsic(f"dot.{kind}.{count}", lay, count, emit,
+                      lambda dtype: dtype if count == 1 else types.UniTuple(dtype, count))
 
 
 def block_unpack(kind: str):
     """The intrinsic unpack(blocks, r, out, n, table): out[n] = W[r] dequantized, in out's type."""
     lay = LAYOUTS[kind]
 
-    @intrinsic
-    def unpack(typingctx, blocks, r, out, n, table):
-        if not _floats(out):
-            return None
+    def emit(context, builder, signature, row, orows, nb, table):
+        _row_unpack(builder, lay, row, orows[0], nb, table)
+        return context.get_dummy_value()
 
-        def codegen(context, builder, signature, args):
-            row, orows, nb, tab = _rows(context, builder, signature, args, 1, lay.elems)
-            _row_unpack(builder, lay, row, orows[0], nb, tab)
-            return context.get_dummy_value()
-
-        return types.none(blocks, types.intp, out, types.intp, table), codegen
-
-    return stable_identity(unpack, f"unpack.{kind}")
+    return _intrinsic(f"unpack.{kind}", lay, 1, emit, lambda dtype: types.none)
