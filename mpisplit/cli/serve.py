@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
     src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank keeps its slices "
-                                                   "of the Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K matrices in their blocks "
+                                                   "of the Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matrices in their blocks "
                                                    "(on the CPU, with numba) and dequantizes the rest")
     src.add_argument("--hf", help="a Hugging Face folder of GPT-2 or the Llama family (config.json, model.safetensors, "
                                   "tokenizer.json or vocab.json + merges.txt)")

@@ -11,12 +11,13 @@ row. The IR names no instruction set; LLVM picks the widest vectors of the CPU i
 (AVX-512, AVX2, NEON).
 
 Per block b with scale d (and m, Q4_1/Q5_1) and quants q_j, the weights are formed in registers
-exactly as gguf dequantizes them:
+exactly as gguf dequantizes them, in float32 (as gguf and llama.cpp do):
     Q8_0, Q4_0, Q5_0   w_j = d * q_j        (q signed: int8, nibble - 8, 5 bits - 16)
     Q4_1, Q5_1         w_j = d * q_j + m    (q unsigned)
-then multiplied into the lanes with x's 32 values. fp16 scales come from a table of the 65,536
-fp16 values in x's type (no half-precision instructions needed). In float64 the result equals the
-float64 product with the dequantized row to rounding. The order of the arithmetic is fixed (no
+    Q4_K, Q5_K, Q6_K   likewise per sub-block of 32 or 16 (below)
+then widened to x's type and multiplied into the lanes with x's 32 values. fp16 scales come from a table of the 65,536
+fp16 values (no half-precision instructions needed). In float64 the result equals the float64
+product with gguf's dequantized row to rounding. The order of the arithmetic is fixed (no
 fast-math: one fused multiply-add per block and row into the lanes, the lanes summed in a fixed
 tree), so a row of x gets the same bits whether it is multiplied alone or with others
 (`block_dot(kind, 4)`): batch invariance.
@@ -33,6 +34,7 @@ from numba import types
 from numba.extending import intrinsic
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32 = ir.FloatType()
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class Layout:
     d: int  # fp16 scale
     q: int  # the quants: 32 int8 (Q8_0) or 16 bytes of nibbles (128 for the K-quants)
     m: int | None = None  # fp16 minimum (Q4_1, Q5_1; Q4_K's dmin)
-    qh: int | None = None  # 32 fifth bits, little-endian uint32 (Q5_0, Q5_1; Q6_K's 64 bytes of high bits)
+    qh: int | None = None  # 32 fifth bits, little-endian uint32 (Q5_0, Q5_1; Q5_K's 32 bytes of fifth bits,
+    #                        bit s of byte j for sub-block s; Q6_K's 64 bytes of high bits)
     offset: int = 0  # subtracted from each unsigned quant (Q4_0: 8, Q5_0: 16)
     elems: int = 32  # weights per block: 256 for the K-quants' super-blocks
     scales: int | None = None  # the K-quants' sub-block scales (Q4_K: 12 bytes of 6-bit pairs; Q6_K: 16 int8)
@@ -57,6 +60,7 @@ LAYOUTS = {
     "Q5_0": Layout(size=22, d=0, qh=2, q=6, offset=16),
     "Q5_1": Layout(size=24, d=0, m=2, qh=4, q=8),
     "Q4_K": Layout(size=144, d=0, m=2, scales=4, q=16, elems=256),
+    "Q5_K": Layout(size=176, d=0, m=2, scales=4, qh=16, q=48, elems=256),
     "Q6_K": Layout(size=210, d=208, q=0, qh=128, scales=192, elems=256),
 }
 
@@ -97,9 +101,10 @@ def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Val
 
 
 def _scale(builder: ir.IRBuilder, block: ir.Value, at: int, table: ir.Value) -> ir.Value:
-    """The fp16 at byte `at` of the block, as a float of the table's type."""
+    """The fp16 at byte `at` of the block, as a float32 (exact; the table holds x's type)."""
     bits = builder.zext(_load(builder, block, _const(I64, at), I16, 1), I64)
-    return builder.load(builder.gep(table, [bits]))
+    value = builder.load(builder.gep(table, [bits]))
+    return value if value.type == F32 else builder.fptrunc(value, F32)
 
 
 def _quants(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type) -> ir.Value:
@@ -146,14 +151,17 @@ def _loop(builder: ir.IRBuilder, count: ir.Value, init: list, body) -> list:
 
 
 def _weights(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, table: ir.Value) -> list:
-    """The block's weights, 32 at a time (<32 x float> each), gguf's dequantization bit for bit
-    (d * q is exact in float32: 11 bits of scale times at most 8 of quant)."""
+    """The block's weights, 32 at a time (<32 x fty> each), gguf's dequantization bit for bit: formed
+    in float32 as gguf does (the products are exact there, a minimum's addition rounds as gguf's),
+    then widened to x's type."""
     if lay.elems == 256:
-        return (_q4_k if lay.m is not None else _q6_k)(builder, lay, block, fty, table)
-    w = builder.fmul(_splat(builder, _scale(builder, block, lay.d, table), 32), _quants(builder, lay, block, fty))
-    if lay.m is not None:
-        w = builder.fadd(w, _splat(builder, _scale(builder, block, lay.m, table), 32))
-    return [w]
+        ws = (_q4_k if lay.m is not None else _q6_k)(builder, lay, block, F32, table)
+    else:
+        w = builder.fmul(_splat(builder, _scale(builder, block, lay.d, table), 32), _quants(builder, lay, block, F32))
+        if lay.m is not None:
+            w = builder.fadd(w, _splat(builder, _scale(builder, block, lay.m, table), 32))
+        ws = [w]
+    return ws if fty == F32 else [builder.fpext(w, ir.VectorType(fty, 32)) for w in ws]
 
 
 def _bits(builder: ir.IRBuilder, block: ir.Value, at: int, shift: int, mask: int) -> ir.Value:
@@ -164,8 +172,9 @@ def _bits(builder: ir.IRBuilder, block: ir.Value, at: int, shift: int, mask: int
 
 
 def _q4_k(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, table: ir.Value) -> list:
-    """Q4_K: 8 sub-blocks of 32, w = (d * sc) * q - dmin * mn, sc and mn 6-bit pairs packed in 12
-    bytes; sub-block 2c + h is the low (h 0) or high nibbles of quant bytes 32c .. 32c + 31."""
+    """Q4_K and Q5_K: 8 sub-blocks of 32, w = (d * sc) * q - dmin * mn, sc and mn 6-bit pairs packed
+    in 12 bytes; sub-block 2c + h is the low (h 0) or high nibbles of quant bytes 32c .. 32c + 31,
+    and (Q5_K) bit s of the 32 high-bit bytes is sub-block s's fifth bit."""
     assert lay.scales is not None and lay.m is not None  # Q4_K's layout has both
     byte = [builder.zext(_load(builder, block, _const(I64, lay.scales + i), I8, 1), I32) for i in range(12)]
     d, dmin = _scale(builder, block, lay.d, table), _scale(builder, block, lay.m, table)
@@ -180,7 +189,10 @@ def _q4_k(builder: ir.IRBuilder, lay: Layout, block: ir.Value, fty: ir.Type, tab
         else:
             top = [builder.shl(six(byte[i], 3, 6), _const(I32, 4)) for i in (s - 4, s)]
             sc, mn = builder.or_(six(byte[s + 4], 15), top[0]), builder.or_(six(byte[s + 4], 15, 4), top[1])
-        q = builder.sitofp(_bits(builder, block, lay.q + 32 * (s // 2), 4 * (s % 2), 15), ir.VectorType(fty, 32))
+        q = _bits(builder, block, lay.q + 32 * (s // 2), 4 * (s % 2), 15)
+        if lay.qh is not None:
+            q = builder.or_(q, builder.shl(_bits(builder, block, lay.qh, s, 1), _const(q.type, [4] * 32)))
+        q = builder.sitofp(q, ir.VectorType(fty, 32))
         ds, dm = builder.fmul(d, builder.uitofp(sc, fty)), builder.fmul(dmin, builder.uitofp(mn, fty))
         out.append(builder.fsub(builder.fmul(_splat(builder, ds, 32), q), _splat(builder, dm, 32)))
     return out

@@ -9,6 +9,7 @@ K / 32 blocks along the input features (the Hugging Face (out, in) layout), one 
     Q5_0  fp16 d, 32 fifth bits, 16 B of 4-bit q          (22 B)   w = d * (q - 16)
     Q5_1  fp16 d, fp16 m, 32 fifth bits, 16 B of 4-bit q  (24 B)   w = d * q + m
     Q4_K  super-blocks of 256: fp16 d, dmin, 8 6-bit scale/min pairs, 4-bit q  (144 B)
+    Q5_K  as Q4_K, with 32 bytes of fifth bits                                 (176 B)
     Q6_K  super-blocks of 256: 4 + 2 bits of q, 16 int8 scales, fp16 d         (210 B)
 
 where byte j of the 4-bit quants holds element j in its low nibble and element j + 16 in its
