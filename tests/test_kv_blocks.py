@@ -89,7 +89,7 @@ def test_paged_attention_equals_attention_and_depends_on_the_row_alone(heads, kv
     kp, vp = _pool(rng, k, table, 6, bs, True), _pool(rng, v, table, 6, bs, False)
     tables = np.array([table], dtype=np.int64)
     out = np.empty_like(q)
-    paged_attention(q, kp, vp, tables, np.array([0]), np.array([L]), out)
+    paged_attention(q, kp, vp, tables, np.array([0]), np.array([L]), out, 0)
     g = heads // kv
     ref = Attention().forward(q.transpose(1, 0, 2), np.repeat(k, g, 0), np.repeat(v, g, 0), causal=True)
     assert np.max(np.abs(out - ref.transpose(1, 0, 2))) < 1e-13
@@ -102,7 +102,7 @@ def test_paged_attention_equals_attention_and_depends_on_the_row_alone(heads, kv
         both = np.concatenate([q[:2], q[lo:hi]])
         res = np.empty_like(both)
         paged_attention(both, kp2, vp2, np.concatenate([other, np.array([[2, 4, 1]])]),
-                        np.array([0, lo]), np.array([2, hi - lo]), res)
+                        np.array([0, lo]), np.array([2, hi - lo]), res, 0)
         got[lo:hi] = res[2:]
     assert np.array_equal(got, out)
 

@@ -4,7 +4,7 @@ that could never fit the cache is a 400, and the flags' errors.
 
 References: the same requests to a server with --no-prefix-cache (float64, --batch-invariant:
 text and logprobs equal), the block arithmetic of the pool (2 x layers x local KV heads x
-block size x head size x 8 bytes a block).
+block size x head size x 8, 4 or 2 bytes a block).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ MEMORY = 262144  # bytes per rank: 64 blocks (4096 bytes each) at one rank, 128 
 SMALL = 32768  # 8 blocks at one rank
 
 
-def pool_positions(ranks: int, memory: int = MEMORY) -> int:
-    block_bytes = 2 * LAYERS * (HEADS // ranks) * BLOCK * HEAD_SIZE * 8
+def pool_positions(ranks: int, memory: int = MEMORY, item: int = 8) -> int:
+    block_bytes = 2 * LAYERS * (HEADS // ranks) * BLOCK * HEAD_SIZE * item
     return memory // block_bytes * BLOCK
 
 
@@ -76,6 +76,25 @@ def test_prefix_cache_changes_no_bit_and_shows_in_metrics(ckpt, ranks):
         assert 7 <= metric(srv.url, "mpisplit_kv_blocks_cached") <= total
 
 
+def test_a_16_bit_cache_holds_twice_the_tokens_and_answers_alike(ckpt):
+    """--kv-cache-dtype float16 / bfloat16 at 2 ranks against the float32 cache at 1: twice the
+    blocks in the same --kv-cache-memory, every block back after the requests, and the same
+    greedy text with log-probabilities close (the keys and values rounded to 11 or 8 bits; the
+    exact check against rounded keys and values is tests/test_kv_format.py)."""
+    common = ["--ckpt", str(ckpt), "--dtype", "float32", "--kv-block-size", str(BLOCK),
+              "--kv-cache-memory", str(MEMORY)]
+    with Server(1, common) as plain:
+        want = answers(plain.url)[:3]
+        assert metric(plain.url, "mpisplit_kv_blocks_free") == pool_positions(1, item=4) // BLOCK
+    for name, tol in (("float16", 2e-3), ("bfloat16", 2e-2)):
+        with Server(2, [*common, "--kv-cache-dtype", name]) as srv:
+            got = answers(srv.url)[:3]
+            assert metric(srv.url, "mpisplit_kv_blocks_free") == pool_positions(2, item=2) // BLOCK
+        worst = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g[1], w[1]))
+        print(name, "largest log-prob difference", worst)
+        assert [g[0] for g in got] == [w[0] for w in want] and worst <= tol, (name, worst)
+
+
 def test_a_request_the_cache_can_never_hold_is_a_400(ckpt):
     """One rank: 8 blocks of 4 (32 positions) for a model of 64: 20 + 20 tokens is refused,
     naming the cache; 20 + 12 is served (and the pool then preempts nothing)."""
@@ -94,6 +113,7 @@ def test_a_request_the_cache_can_never_hold_is_a_400(ckpt):
     (["--kv-cache-memory", "lots"], "a memory size is a number"),
     (["--kv-cache-memory", "100"], "holds no block"),
     (["--kv-block-size", "0"], "--kv-block-size must be >= 1"),
+    (["--dtype", "float64", "--kv-cache-dtype", "float16"], "stores a float32 model's keys"),
 ])
 def test_bad_cache_flags_are_a_clear_error(ckpt, flags, message):
     cmd = [sys.executable, "-m", "mpisplit.serve", "--ckpt", str(ckpt), "--port", "0", *flags]

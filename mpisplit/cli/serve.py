@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="KV-cache memory per rank: bytes with a unit (2GiB, 512MiB) or a fraction below 1 of "
                         "the memory available to a rank (default: --max-batch full contexts, at most 0.5 of it)")
+    p.add_argument("--kv-cache-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="store the KV cache's keys and values in 16 bits (a float32 model's: half the bytes per "
+                        "token, twice the tokens in --kv-cache-memory; each rounded to nearest once, when written). "
+                        "Default: the model's --dtype")
     p.add_argument("--kv-block-size", type=int, default=16, help="token positions per KV-cache block")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="compute every prompt in full (default: full blocks of earlier prompts are reused)")
@@ -123,6 +127,10 @@ def _check(args: argparse.Namespace, world_size: int) -> int:
         raise ValueError("quantized blocks (--quantize) are computed on the CPU: not with --device gpu")
     if args.dequantize and args.gguf is None:
         raise ValueError("--dequantize applies to --gguf files")
+    if args.kv_cache_dtype is not None:
+        from mpisplit.serving.kv_format import kv_format
+
+        kv_format(args.kv_cache_dtype, args.dtype)  # a float32 model's cache only: said before loading
     args.lora = _adapters(args.lora)
     tp = world_size if args.tp is None else args.tp
     if tp <= 0 or world_size % tp:
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         max_batched_tokens=(args.max_batch + args.prefill_chunk if args.max_num_batched_tokens is None
                             else args.max_num_batched_tokens or None), chat_template=template,
         kv_cache_memory=args.kv_cache_memory, kv_block_size=args.kv_block_size, prefix_cache=not args.no_prefix_cache,
+        kv_cache_dtype=args.kv_cache_dtype,
         model_name=args.model_name or default_model_name(args.ckpt or args.hf or args.gguf),
         adapters=tuple(name for name, _ in args.lora),
         collective_timeout=args.collective_timeout, heartbeat_dir=args.heartbeat_dir,

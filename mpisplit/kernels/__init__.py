@@ -110,7 +110,8 @@ def warm_up(dtype: Any = np.float32) -> None:
     scatter.scatter_add_rows(out, np.array([1, 1, 0]), np.ones((3, 4), dtype=dtype))
     scatter.scatter_add_rows(out, np.array([1, 1, 0], np.int32), np.ones((3, 4), dtype=dtype))
     q, pool = np.ones((1, 2, 2), dtype=dtype), np.ones((1, 1, 2, 2), dtype=dtype)
-    paged_attention.paged_attention(q, pool, pool, np.zeros((1, 1), np.int64), np.zeros(1, np.int64),
-                                    np.ones(1, np.int64), np.empty_like(q))
+    for fmt, kv in ((0, pool), (1, pool.astype(np.uint16)), (2, pool.astype(np.uint16))):
+        paged_attention.paged_attention(q, kv, kv, np.zeros((1, 1), np.int64), np.zeros(1, np.int64),
+                                        np.ones(1, np.int64), np.empty_like(q), fmt)
     p, g, out = x.reshape(-1).copy(), g.reshape(-1), out.reshape(-1)  # AdamW runs on flat views
     adamw.adamw_update(p, g, out, np.ones_like(p), f(0.1), f(0.9), f(0.1), f(1.0), False, f(1.0), f(1e-8), f(1e-3))

@@ -1,6 +1,6 @@
 """Causal attention of new queries against keys and values in KV-cache blocks (serving).
 
-    paged_attention(q, k_pool, v_pool, tables, starts, counts, out)
+    paged_attention(q, k_pool, v_pool, tables, starts, counts, out, fmt)
 
 q (N, H, d): the queries of S sequences laid end to end, sequence s's `counts[s]` rows at
 positions starts[s] .. starts[s] + counts[s] - 1. k_pool (blocks, KV, d, bs) and v_pool
@@ -8,6 +8,8 @@ positions starts[s] .. starts[s] + counts[s] - 1. k_pool (blocks, KV, d, bs) and
 computed side by side); sequence s's position p is in block tables[s, p // bs] at offset
 p % bs (its own new keys included: they are written before this runs). Query head h reads key/value head
 h // (H / KV). out (N, H, d) receives softmax(q k^T / sqrt(d)) v over keys 0..p of a query at p.
+The pools hold floats (fmt 0) or 16-bit patterns as uint16 (fmt 1: float16, 2: bfloat16;
+serving/kv_format.py), each element widened exactly to float64 where it is read.
 
 Each query row is computed by itself, in one fixed order: the dot products over d, the
 maximum, exp, the sum over keys 0..p in order and the weighted sum of values in order, all
@@ -23,10 +25,52 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+
+@intrinsic
+def _half(typingctx, code):
+    """float16 bit pattern (uint16) -> float64 (LLVM's fpext: one instruction with F16C or on ARM)."""
+    if code != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+
+    return types.float64(code), codegen
+
+
+@intrinsic
+def _bfloat(typingctx, code):
+    """bfloat16 bit pattern (uint16) -> float64: the pattern is a float32's upper half."""
+    if code != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.fpext(builder.bitcast(bits, ir.FloatType()), ir.DoubleType())
+
+    return types.float64(code), codegen
+
+
+def widen(x, fmt):
+    """An element of a pool as float64 (fmt: 0 a float, 1 a float16 pattern, 2 a bfloat16 one)."""
+    raise NotImplementedError("compiled only (numba)")
+
+
+@overload(widen)
+def _widen(x, fmt):
+    if isinstance(x, types.Float):
+        return lambda x, fmt: np.float64(x)
+    if x == types.uint16:
+        return lambda x, fmt: _half(x) if fmt == 1 else _bfloat(x)
+    return None
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _scores(q, row, h0, group, k_pool, table, g, n, scale, scores, tile):
+def _scores(q, row, h0, group, k_pool, table, g, n, scale, scores, tile, fmt):
     """scores[hh, j] = q[row, h0 + hh] . k_j * scale for keys j < n of cache head g, in
     float64, summed over d in order; a block's keys side by side (vectorised across keys),
     each key row loaded once for the group's query heads."""
@@ -38,14 +82,14 @@ def _scores(q, row, h0, group, k_pool, table, g, n, scale, scores, tile):
             for hh in range(group):
                 qi = np.float64(q[row, h0 + hh, i])
                 for o in range(bs):
-                    tile[hh, o] += qi * np.float64(k_pool[b, g, i, o])
+                    tile[hh, o] += qi * widen(k_pool[b, g, i, o], fmt)
         for hh in range(group):
             for o in range(bs):
                 scores[hh, j0 + o] = tile[hh, o] * scale
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _weighted_values(scores, group, n, v_pool, table, g, acc, totals):
+def _weighted_values(scores, group, n, v_pool, table, g, acc, totals, fmt):
     """Softmax numerators exp(s - max) in place, their sums in key order, and acc[hh] = the
     numerators times the values, summed in key order."""
     bs, d = v_pool.shape[2], v_pool.shape[3]
@@ -66,11 +110,11 @@ def _weighted_values(scores, group, n, v_pool, table, g, acc, totals):
             for hh in range(group):
                 w = scores[hh, j0 + o]
                 for i in range(d):
-                    acc[hh, i] += w * np.float64(v_pool[b, g, o, i])
+                    acc[hh, i] += w * widen(v_pool[b, g, o, i], fmt)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def paged_attention(q, k_pool, v_pool, tables, starts, counts, out):
+def paged_attention(q, k_pool, v_pool, tables, starts, counts, out, fmt):
     H, d = q.shape[1], q.shape[2]
     kv = k_pool.shape[1]
     group = H // kv
@@ -88,8 +132,8 @@ def paged_attention(q, k_pool, v_pool, tables, starts, counts, out):
         for r in range(counts[s]):
             n = starts[s] + r + 1
             for g in range(kv):
-                _scores(q, row, g * group, group, k_pool, tables[s], g, n, scale, scores, tile)
-                _weighted_values(scores, group, n, v_pool, tables[s], g, acc, totals)
+                _scores(q, row, g * group, group, k_pool, tables[s], g, n, scale, scores, tile, fmt)
+                _weighted_values(scores, group, n, v_pool, tables[s], g, acc, totals, fmt)
                 for hh in range(group):
                     inv = 1.0 / totals[hh]
                     for i in range(d):

@@ -95,21 +95,22 @@ def _attention(attn: Any, x: Tensor, positions: Any, layer: int, kv: PagedKV, se
     xp = get_array_module(q)
     n = index.rows
     k_pool, v_pool = kv.k[layer], kv.v[layer]
-    k_pool[index.blocks, :, :, index.offsets] = k_new[0, :n]
-    v_pool[index.blocks, :, index.offsets] = v_new[0, :n]
+    k_pool[index.blocks, :, :, index.offsets] = kv.fmt.encode(k_new[0, :n])
+    v_pool[index.blocks, :, index.offsets] = kv.fmt.encode(v_new[0, :n])
     y = xp.zeros((1, q.shape[1], attn.local_heads * attn.head_size), dtype=q.dtype)  # padding rows stay 0
     qs = xp.ascontiguousarray(q[0, :n])
-    if kernels.applies(qs, k_pool, v_pool):
+    if kernels.applies(qs) and (kv.fmt.packed or kernels.applies(qs, k_pool, v_pool)):
         from mpisplit.kernels.paged_attention import paged_attention
 
         out = np.empty_like(qs)
-        paged_attention(qs, k_pool, v_pool, index.tables, index.starts, index.counts, out)
+        paged_attention(qs, k_pool, v_pool, index.tables, index.starts, index.counts, out, kv.fmt.code)
         y[0, :n] = out.reshape(n, -1)
         return attn.out_proj(Tensor(y))
     row = 0
     for seg in segments:
         end = seg.start + seg.count
-        k, v = _gathered(k_pool, seg.blocks, end, keys=True), _gathered(v_pool, seg.blocks, end, keys=False)
+        k, v = (kv.fmt.decode(_gathered(pool, seg.blocks, end, keys), q.dtype)
+                for pool, keys in ((k_pool, True), (v_pool, False)))
         out = grouped_decode(qs[None, row: row + seg.count], k, v, seg.start)  # (1, t, nh, hs)
         y[:, row: row + seg.count] = out.reshape(1, seg.count, -1)
         row += seg.count
@@ -200,7 +201,7 @@ def _head(model: Any, x: Tensor, picks: np.ndarray, per_call: int, n: int) -> np
 def check_batch_invariance(model: Any) -> bool:
     """Whether this machine computes a sequence's logits bit for bit alike alone and beside
     others (the property the padding above relies on). Collective; uses a scratch cache."""
-    kv = PagedKV(model, 6, 2)
+    kv = PagedKV(model, 6, 2)  # the model's dtype: the products' invariance is what is checked
     V = model.config.vocab_size
     prompt = np.arange(3, dtype=np.int64) % V
     alone = forward_segments(model, prompt, [Segment((0, 1), 0, 3)], kv)

@@ -32,6 +32,7 @@ from mpisplit.models.gpt import check_eos_ids
 from mpisplit.runtime.faults.injection import FaultInjector
 from mpisplit.serving.batch import Segment, forward_segments
 from mpisplit.serving.blocks import ROOT, BlockManager, block_digests
+from mpisplit.serving.kv_format import KVFormat
 from mpisplit.serving.kv_pool import PagedKV
 from mpisplit.serving.sampling import (
     SamplingParams,
@@ -115,7 +116,7 @@ class Engine:
     def __init__(self, model: Any, max_batch: int, prefill_chunk: int = 256,
                  eos_token_ids: tuple[int, ...] = (), *, max_batched_tokens: int | None = None,
                  batch_invariant: bool = True, kv_blocks: int | None = None, kv_block_size: int = 16,
-                 prefix_cache: bool = True, tokenizer: Any = None) -> None:
+                 prefix_cache: bool = True, tokenizer: Any = None, kv_format: KVFormat | None = None) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         if max_batched_tokens is not None and max_batched_tokens < 1:
@@ -125,7 +126,7 @@ class Engine:
         self.eos_token_ids = tuple(int(i) for i in check_eos_ids(eos_token_ids, model.config.vocab_size))
         if kv_blocks is None:
             kv_blocks = max_batch * -(-model.config.block_size // kv_block_size)
-        self.kv = PagedKV(model, kv_blocks, kv_block_size)
+        self.kv = PagedKV(model, kv_blocks, kv_block_size, kv_format)
         self.blocks = BlockManager(kv_blocks, kv_block_size, prefix_cache)
         self.running: dict[int, Sequence] = {}  # rid -> sequence, placed or preempted
         self.preempted: list[Sequence] = []  # waiting for blocks, oldest first

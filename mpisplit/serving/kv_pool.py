@@ -1,15 +1,15 @@
 """The paged KV cache's memory: one pool of blocks per layer, sized once at start.
 
-Per layer, v is a (num_blocks, kv_local, block_size, head_size) array in the model's dtype on
-its device (NumPy or CuPy), kv_local being the key/value heads this rank holds, and k the same
+Per layer, v is a (num_blocks, kv_local, block_size, head_size) array in the model's dtype (or
+16-bit patterns, `--kv-cache-dtype`: kv_format.py) on its device (NumPy or CuPy), kv_local being the key/value heads this rank holds, and k the same
 with each block transposed, (num_blocks, kv_local, head_size, block_size): the attention
 kernel computes a block's scores side by side. How
 many blocks: `--kv-cache-memory` bytes per rank (or a fraction of the memory available to
 each rank), else enough for max_batch full contexts, capped at half the memory available per
 rank. blocks.py decides which block holds what.
 
-    PagedKV(model, num_blocks, block_size)
-    kv_blocks(model, block_size, memory, max_batch, max_len)   # collective: the same on every rank
+    PagedKV(model, num_blocks, block_size, fmt=None)
+    kv_blocks(model, block_size, memory, max_batch, max_len, fmt=None)   # collective: the same on every rank
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpisplit.runtime.backend import get_array_module
+from mpisplit.serving.kv_format import KVFormat, kv_format
 
 DEFAULT_FRACTION = 0.5  # of the memory available per rank, when no size is given
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -47,19 +48,20 @@ def parse_memory(text: str) -> int | float:
 class PagedKV:
     """Keys and values of every layer's local key/value heads, in blocks."""
 
-    def __init__(self, model: Any, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: Any, num_blocks: int, block_size: int, fmt: KVFormat | None = None) -> None:
         attn = model.h[0].attn
         xp = get_array_module(attn.out_proj.weight.data)
         kv, hs = attn.local_kv_heads, attn.head_size
         zeros = _untouched_zeros if xp is np else xp.zeros
-        self.k = [zeros((num_blocks, kv, hs, block_size), dtype=model.dtype) for _ in model.h]
-        self.v = [zeros((num_blocks, kv, block_size, hs), dtype=model.dtype) for _ in model.h]
+        self.fmt = kv_format(None, model.dtype) if fmt is None else fmt
+        self.k = [zeros((num_blocks, kv, hs, block_size), dtype=self.fmt.storage) for _ in model.h]
+        self.v = [zeros((num_blocks, kv, block_size, hs), dtype=self.fmt.storage) for _ in model.h]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
-    def block_bytes(model: Any, block_size: int) -> int:
+    def block_bytes(model: Any, block_size: int, fmt: KVFormat | None = None) -> int:
         attn = model.h[0].attn
-        item = np.dtype(model.dtype).itemsize
+        item = (kv_format(None, model.dtype) if fmt is None else fmt).storage.itemsize
         return 2 * len(model.h) * attn.local_kv_heads * block_size * attn.head_size * item
 
     @property
@@ -93,12 +95,13 @@ def available_bytes(model: Any) -> int:
     return free // ranks
 
 
-def kv_blocks(model: Any, block_size: int, memory: float | None, max_batch: int, max_len: int) -> int:
+def kv_blocks(model: Any, block_size: int, memory: float | None, max_batch: int, max_len: int,
+              fmt: KVFormat | None = None) -> int:
     """How many blocks the pool holds (the smallest over the ranks, so every rank agrees).
     Collective over the model's world."""
     if block_size < 1:
         raise ValueError(f"--kv-block-size must be >= 1, got {block_size}")
-    per_block = PagedKV.block_bytes(model, block_size)
+    per_block = PagedKV.block_bytes(model, block_size, fmt)
     if isinstance(memory, int):
         budget = memory
     else:

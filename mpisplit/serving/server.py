@@ -21,6 +21,7 @@ from mpisplit.serving.batch import check_batch_invariance
 from mpisplit.serving.channel import SHUTDOWN, ControlChannel
 from mpisplit.serving.controller import Controller, follow
 from mpisplit.serving.engine import Engine
+from mpisplit.serving.kv_format import kv_format
 from mpisplit.serving.kv_pool import kv_blocks
 from mpisplit.serving.liveness import Liveness
 from mpisplit.serving.metrics import ServerMetrics
@@ -46,6 +47,7 @@ class ServeOptions:
     chat_template: Any = None  # a templates.ChatTemplate; None: /v1/chat/completions answers 400
     kv_cache_memory: int | float | None = None  # bytes per rank, a fraction of the available, None: default
     kv_block_size: int = 16
+    kv_cache_dtype: str | None = None  # float16 / bfloat16: 16-bit keys and values (kv_format.py); None: the model's
     prefix_cache: bool = True
     adapters: tuple[str, ...] = ()  # the names of the LoRA adapters attached to the model (attach_served_adapters)
     collective_timeout: float = 300.0  # seconds a lost rank may go unnoticed (serving/liveness.py); 0: off
@@ -58,11 +60,12 @@ def serve(model: Any, tokenizer: Any, opts: ServeOptions) -> int:
     model.eval()
     kernels.warm_up(model.dtype)  # compiled (or loaded) now, not during the first request
     invariant = check_batch_invariance(model) if opts.batch_invariant else True  # collective
-    blocks = kv_blocks(model, opts.kv_block_size, opts.kv_cache_memory, opts.max_batch, model.config.block_size)
+    fmt = kv_format(opts.kv_cache_dtype, model.dtype)
+    blocks = kv_blocks(model, opts.kv_block_size, opts.kv_cache_memory, opts.max_batch, model.config.block_size, fmt)
     engine = Engine(model, opts.max_batch, opts.prefill_chunk, opts.eos_token_ids,
                     max_batched_tokens=opts.max_batched_tokens, batch_invariant=opts.batch_invariant,
                     kv_blocks=blocks, kv_block_size=opts.kv_block_size, prefix_cache=opts.prefix_cache,
-                    tokenizer=tokenizer)
+                    tokenizer=tokenizer, kv_format=fmt)
     channel = ControlChannel(model.grid.world)
     liveness = Liveness(channel.comm, opts.collective_timeout, opts.heartbeat_dir)
     if channel.rank != 0:
