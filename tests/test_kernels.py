@@ -62,6 +62,8 @@ CASES = {
     "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, eps=1e-5), [(2, 5, 40), (40,), (40,)], 1.0),
     "attention": (attention_of, [(2, 9, 3, 2, 4)], 1.0),
     "cross_entropy": (lambda z: ops.cross_entropy(z, np.arange(12) % 17), [(12, 17)], 4.0),
+    "rms_norm": (lambda x, w: ops.rms_norm(x, w, eps=1e-5), [(2, 5, 40), (40,)], 1.0),
+    "swiglu": (ops.swiglu, [(7, 33), (7, 33)], 3.0),
 }
 
 
@@ -95,6 +97,20 @@ def test_the_kernels_are_what_runs():
     assert ops.gelu(x)._ctx.saved[1] is None  # fused: only x kept
     kernels.set_enabled(False)
     assert ops.gelu(x)._ctx.saved[1] is not None  # NumPy: x and tanh kept
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rope_rows_are_the_numpy_rotation_bit_for_bit(dtype):
+    """kernels/rope.py against autograd/rotary.py's NumPy form: contiguous rows and the strided
+    views of a fused q/k/v product, one and several sequences."""
+    from mpisplit.autograd.rotary import rotary_array
+
+    rng = np.random.default_rng(2)
+    cos, sin = (rng.standard_normal((5, 16)).astype(dtype) for _ in range(2))
+    fused = rng.standard_normal((2, 5, 3 * 4 * 16)).astype(dtype)
+    for x in (rng.standard_normal((1, 5, 3, 16)).astype(dtype), fused[..., 16: 16 + 4 * 16].reshape(2, 5, 4, 16)):
+        got, want = both_paths(lambda x=x: rotary_array(x, cos, sin))
+        assert got.dtype == dtype and np.array_equal(got, want)
 
 
 def test_gelu_float32_against_float64_formula():

@@ -112,14 +112,16 @@ def _rounded_through(model: ms.GPT, fmt) -> None:
         attn.rows_qkv = rows_qkv
 
 
-def _serve_steps(model: ms.GPT, kv: PagedKV) -> list[np.ndarray]:
-    """A prompt of 9 in two chunks beside another's prompt, then two decode steps of both."""
+def _serve_steps(model: ms.GPT, kv: PagedKV, lean: bool = False) -> list[np.ndarray]:
+    """A prompt of 9 in two chunks beside another's prompt, then two decode steps of both (through
+    the modules, whose projection the reference wraps, or the lean forward)."""
     a, b = np.arange(1, 10) * 5 % 61, np.arange(2, 8) * 7 % 61
-    out = [forward_segments(model, np.concatenate([a[:5], b]), [Segment((0, 1), 0, 5), Segment((2, 3), 0, 6)], kv)]
-    out.append(forward_segments(model, a[5:], [Segment((0, 1, 4), 5, 4)], kv))
+    out = [forward_segments(model, np.concatenate([a[:5], b]), [Segment((0, 1), 0, 5), Segment((2, 3), 0, 6)], kv,
+                            lean=lean)]
+    out.append(forward_segments(model, a[5:], [Segment((0, 1, 4), 5, 4)], kv, lean=lean))
     for t in range(2):
         out.append(forward_segments(model, np.array([7 + t, 11 + t]),
-                                    [Segment((0, 1, 4), 9 + t, 1), Segment((2, 3), 6 + t, 1)], kv))
+                                    [Segment((0, 1, 4), 9 + t, 1), Segment((2, 3), 6 + t, 1)], kv, lean=lean))
     return out
 
 
@@ -138,11 +140,12 @@ def test_serving_with_a_16_bit_cache_equals_rounded_keys_and_values(name: str, c
             packed = PagedKV(model, 6, 4, fmt)
             assert packed.k[0].dtype == np.uint16 and packed.nbytes * 2 == PagedKV(model, 6, 4).nbytes
             got = _serve_steps(model, packed)
+            got_lean = _serve_steps(model, PagedKV(model, 6, 4, fmt), lean=True)
             plain = _serve_steps(model, PagedKV(model, 6, 4))
             _rounded_through(model, fmt)
             want = _serve_steps(model, PagedKV(model, 6, 4))
     finally:
         kernels.set_enabled(before)
-    for g, w in zip(got, want):
-        assert np.array_equal(g, w)
+    for g, gl, w in zip(got, got_lean, want):
+        assert np.array_equal(g, w) and np.array_equal(gl, w)
     assert not all(np.array_equal(p, w) for p, w in zip(plain, want))  # the rounding shows

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mpisplit import kernels
 from mpisplit.autograd.tensor import Function, Tensor
 from mpisplit.runtime.backend import get_array_module
 
@@ -62,5 +63,13 @@ def rotary(x: Tensor, cos: Any, sin: Any) -> Tensor:
 
 
 def rotary_array(x: Any, cos: Any, sin: Any) -> Any:
-    """rope(x) on a raw array (decoding, no graph): x (..., T, n, d), tables (T, d)."""
+    """rope(x) on a raw array (decoding, no graph): x (..., T, n, d), tables (T, d). The compiled
+    kernel where it applies (kernels/rope.py: the same operations, the same bits)."""
+    if x.ndim >= 3 and kernels.takes(x, cos, sin):
+        from mpisplit.kernels.rope import rope_rows
+
+        x4 = x.reshape(-1, *x.shape[-3:])
+        out = np.empty(x4.shape, dtype=x.dtype)
+        rope_rows(x4, cos, sin, out)
+        return out.reshape(x.shape)
     return _rope(x, cos[:, None, :], sin[:, None, :], 1.0)

@@ -340,6 +340,14 @@ class Function:
         raise NotImplementedError
 
     @classmethod
+    def compute(cls, *arrays: Any, **options: Any) -> Any:
+        """The forward on arrays, with no Tensors and no graph: the array `apply` would wrap
+        (serving's lean forward, serving/lean.py, runs the same arithmetic this way)."""
+        fn = cls.__new__(cls)
+        fn.inputs, fn.needs_input_grad, fn.requires_grad, fn.saved = (), (), False, ()
+        return fn.forward(*arrays, **options)
+
+    @classmethod
     def apply(cls, *inputs: Tensor, **options: Any) -> Tensor:
         fn = cls(*inputs)
         out = fn.forward(*(t.data for t in inputs), **options)

@@ -75,6 +75,16 @@ def applies(*arrays: Any) -> bool:
     return first.dtype in (np.float32, np.float64)
 
 
+def takes(*arrays: Any) -> bool:
+    """True when the compiled kernels take these arrays in any layout (views of a fused product):
+    NumPy, one dtype, float32 or float64."""
+    if not enabled():
+        return False
+    first = arrays[0]
+    return all(type(a) is np.ndarray and a.dtype == first.dtype for a in arrays) and \
+        first.dtype in (np.float32, np.float64)
+
+
 def warm_up(dtype: Any = np.float32) -> None:
     """Compile (or load from numba's cache) every kernel for `dtype` now, on tiny arrays, so
     that neither the first step's time nor a memory baseline taken after this includes it."""
@@ -86,8 +96,11 @@ def warm_up(dtype: Any = np.float32) -> None:
         gelu,
         layernorm,
         paged_attention,
+        rmsnorm,
+        rope,
         scatter,
         softmax,
+        swiglu,
     )
 
     f = np.dtype(dtype).type
@@ -99,6 +112,12 @@ def warm_up(dtype: Any = np.float32) -> None:
     layernorm.layernorm_forward(x, x[0], x[0], 1e-5, out, mean, rstd)
     layernorm.layernorm_backward(x, x[0], mean, rstd, g, out, gw, gb)
     layernorm.layernorm_backward(x, x[0], mean, rstd, g, None, gw, gb)
+    rmsnorm.rmsnorm_forward(x, x[0], 1e-5, out, g.copy(), mean)
+    wide = np.ones((2, 8), dtype=dtype)
+    for gate in (x, wide[:, :4]):  # contiguous, and a view of a fused product
+        swiglu.swiglu_forward(gate, gate, out, out.copy())
+    for r in (wide.reshape(1, 2, 1, 8), wide.reshape(1, 2, 2, 4)[:, :, :, :2]):
+        rope.rope_rows(r, x[:, :r.shape[3]], x[:, :r.shape[3]], np.empty(r.shape, dtype=dtype))
     s = np.ones((1, 1, 2, 2), dtype=dtype)
     softmax.causal_softmax_forward(s, 1.0)
     softmax.causal_softmax_backward(s, s.copy(), 1.0)

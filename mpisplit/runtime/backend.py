@@ -100,7 +100,7 @@ def resolve_dtype(name_or_dtype: Any) -> np.dtype:
 def is_low_precision(dtype: Any) -> bool:
     """True for 16-bit floats (float16, bfloat16): compute dtypes whose reductions run in float32."""
     dtype = np.dtype(dtype)
-    return dtype.name in ("float16", "bfloat16")
+    return dtype.itemsize == 2 and dtype.name in ("float16", "bfloat16")  # .name is slow: sizes first
 
 
 def scatter_add(target: Any, index: Any, values: Any) -> None:

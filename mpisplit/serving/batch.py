@@ -38,6 +38,7 @@ from mpisplit.nn.gqa import grouped_decode
 from mpisplit.parallel.mappings import gather_from_tp
 from mpisplit.runtime.backend import get_array_module, to_numpy
 from mpisplit.serving.kv_pool import PagedKV
+from mpisplit.serving.lean import lean_blocks, lean_forward
 
 ROW_BLOCK = 8  # rows per matrix-product call in a batched forward
 
@@ -92,6 +93,14 @@ def _attention(attn: Any, x: Tensor, positions: Any, layer: int, kv: PagedKV, se
                index: _Index) -> Tensor:
     """The block's attention over the segments: x (1, P, h) -> (1, P, h), one all-reduce."""
     q, k_new, v_new = attn.rows_qkv(x, positions)  # (1, P, nh, hs), (1, P, kv, hs)
+    return attn.out_proj(Tensor(attend(attn, q, k_new, v_new, layer, kv, segments, index)))
+
+
+def attend(attn: Any, q: Any, k_new: Any, v_new: Any, layer: int, kv: PagedKV, segments: list[Segment],
+           index: _Index) -> Any:
+    """The rows' new keys and values written into their blocks, then each query row against its
+    own sequence's: q (1, P, nh, hs), k_new and v_new (1, P, kv, hs) -> (1, P, nh * hs) (padding
+    rows 0), before the output projection."""
     xp = get_array_module(q)
     n = index.rows
     k_pool, v_pool = kv.k[layer], kv.v[layer]
@@ -105,7 +114,7 @@ def _attention(attn: Any, x: Tensor, positions: Any, layer: int, kv: PagedKV, se
         out = np.empty_like(qs)
         paged_attention(qs, k_pool, v_pool, index.tables, index.starts, index.counts, out, kv.fmt.code)
         y[0, :n] = out.reshape(n, -1)
-        return attn.out_proj(Tensor(y))
+        return y
     row = 0
     for seg in segments:
         end = seg.start + seg.count
@@ -114,7 +123,7 @@ def _attention(attn: Any, x: Tensor, positions: Any, layer: int, kv: PagedKV, se
         out = grouped_decode(qs[None, row: row + seg.count], k, v, seg.start)  # (1, t, nh, hs)
         y[:, row: row + seg.count] = out.reshape(1, seg.count, -1)
         row += seg.count
-    return attn.out_proj(Tensor(y))
+    return y
 
 
 def _embed(model: Any, ids: np.ndarray, positions: np.ndarray) -> Tensor:
@@ -128,7 +137,7 @@ def _embed(model: Any, ids: np.ndarray, positions: np.ndarray) -> Tensor:
 
 def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv: PagedKV,
                      batch_invariant: bool = True, every_row: list[bool] | None = None,
-                     adapters: list[int] | None = None) -> Any:
+                     adapters: list[int] | None = None, lean: bool = True) -> Any:
     """tokens (N,) laid out as `segments` -> float64 logits (len(segments), vocab) at the last
     token of each segment, the same on every TP rank. Writes the new keys and values into
     their blocks of `kv`. Collective over the model's TP communicator. Without
@@ -138,7 +147,8 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv
     `every_row` (a flag per segment; prompt logprobs): also the logits of every row of the
     flagged segments, from the same pass; then (last-row logits, {segment index: (count, vocab)}).
     `adapters` (per segment; 0: the base model): the served LoRA adapter each segment's rows use
-    (models/lora.py attach_served_adapters)."""
+    (models/lora.py attach_served_adapters). `lean`: the blocks on plain arrays where
+    serving/lean.py takes the model (the same bits; False: through the modules)."""
     n = int(tokens.shape[0])
     if n != sum(s.count for s in segments) or n == 0:
         raise ValueError(f"{n} tokens do not fill segments of {[s.count for s in segments]}")
@@ -157,9 +167,13 @@ def forward_segments(model: Any, tokens: np.ndarray, segments: list[Segment], kv
     with no_grad(), row_blocks(ROW_BLOCK) if batch_invariant else contextlib.nullcontext(), \
             _row_adapters(model, segments, adapters, padded):
         x = _embed(model, ids, positions)  # (1, P, h)
-        for layer, block in enumerate(model.h):
-            x = x + _attention(block.attn, block.ln_1(x), positions, layer, kv, segments, index)
-            x = x + block.mlp(block.ln_2(x))
+        blocks = lean_blocks(model) if lean else None
+        if blocks is not None:  # the same arithmetic on arrays (serving/lean.py)
+            x = Tensor(lean_forward(blocks, x.data, positions, kv, segments, index, attend))
+        else:
+            for layer, block in enumerate(model.h):
+                x = x + _attention(block.attn, block.ln_1(x), positions, layer, kv, segments, index)
+                x = x + block.mlp(block.ln_2(x))
         x = model.ln_f(x)
         ends = np.cumsum([s.count for s in segments])
         last = _head(model, x, ends - 1, per_call, n)
