@@ -87,7 +87,12 @@ def _kernels(kind: str) -> tuple[Any, Any, Any]:
         for r in prange(out.shape[0]):
             unpack(blocks, r, out, r, table)
 
-    return matmul, matmul_threads, dequantize
+    @numba.njit(cache=True)
+    def dequantize_serial(blocks, table, out):
+        for r in range(out.shape[0]):
+            unpack(blocks, r, out, r, table)
+
+    return matmul, matmul_threads, dequantize, dequantize_serial
 
 
 _KERNELS = {kind: _kernels(kind) for kind in KINDS}
@@ -116,9 +121,12 @@ def block_matmul(x: np.ndarray, blocks: np.ndarray, kind: str) -> np.ndarray:
     return out
 
 
-def dequantize_rows(blocks: np.ndarray, kind: str, k: int, dtype: Any = np.float32) -> np.ndarray:
-    """W (R, K) as `dtype` from its blocks (what gguf.quants.dequantize gives, here in parallel)."""
+def dequantize_rows(blocks: np.ndarray, kind: str, k: int, dtype: Any = np.float32,
+                    threads: bool = True) -> np.ndarray:
+    """W (R, K) as `dtype` from its blocks (what gguf.quants.dequantize gives), over numba's
+    threads, or (`threads` False) on this one: a tile that BLAS multiplies next, whose own
+    threads would otherwise meet numba's spinning ones on the same cores."""
     _check(blocks, kind, k)
     out = np.empty((blocks.shape[0], k), dtype=dtype)
-    _KERNELS[kind][2](blocks, f16_table(out.dtype), out)
+    _KERNELS[kind][2 if threads else 3](blocks, f16_table(out.dtype), out)
     return out

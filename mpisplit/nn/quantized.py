@@ -56,7 +56,7 @@ class QuantizedSlab:
         out = np.empty((x.shape[0], self.rows), dtype=x.dtype)
         for lo in range(0, self.rows, TILE_ROWS):
             hi = min(self.rows, lo + TILE_ROWS)
-            tile = dequantize_rows(self.blocks[lo:hi], self.kind, self.features, x.dtype)
+            tile = dequantize_rows(self.blocks[lo:hi], self.kind, self.features, x.dtype, threads=False)
             np.matmul(x, tile.T, out=out[:, lo:hi])
         return out
 
