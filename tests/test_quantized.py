@@ -50,6 +50,7 @@ def test_dequantize_rows_equals_gguf(kind: str, rows: int, features: int) -> Non
     features = ref.shape[1]
     assert np.array_equal(dequantize_rows(blocks, kind, features), ref.astype(np.float32))
     assert np.array_equal(dequantize_rows(blocks, kind, features, np.float64), ref)
+    assert np.array_equal(dequantize_rows(blocks, kind, features, threads=False), ref.astype(np.float32))
 
 
 @world(sizes=(1,))
