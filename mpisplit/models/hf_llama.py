@@ -18,6 +18,7 @@ written (transformers ties it on load).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -31,6 +32,7 @@ from mpisplit.models.hf_gpt2 import _WRITE_CODES, _pwrite_all, _slab_extent, _We
 from mpisplit.models.hf_layout import hf_name
 from mpisplit.models.hf_llama_config import LLAMA_TYPES, config_from_dict, hf_config, parse_config
 from mpisplit.nn.module import Parameter
+from mpisplit.runtime.allocator import untouched_large_arrays
 from mpisplit.runtime.backend import get_array_module, resolve_dtype, to_numpy
 from mpisplit.runtime.errors import agree
 from mpisplit.runtime.files import fsync_dir
@@ -68,7 +70,9 @@ def from_pretrained(cls: type[GPT], folder: Any, grid: Any, dtype: Any = "float3
             gpt_config = config_from_dict(config, folder, max_model_len)
         gpt_config.validate(grid.tp)
         files = source if source is not None else _WeightFiles(folder)
-    model = cls(gpt_config, grid, dtype=model_dtype, init=False)
+    keep = getattr(files, "keep_quantized", False)
+    with untouched_large_arrays() if keep else contextlib.nullcontext():  # most arrays never written
+        model = cls(gpt_config, grid, dtype=model_dtype, init=False)
     with agree(grid.world):
         try:
             load_weights(model, files)
@@ -115,8 +119,8 @@ def _read_slab(files: Any, key: str, transposed: bool, p: Parameter) -> np.ndarr
 def load_weights(model: GPT, files: Any) -> None:
     """Fill every parameter of `model` (one pipeline stage or the whole) from `files`. A source
     that keeps quantized blocks (GGUFWeights(keep_quantized=True)) gives matrices their blocks
-    instead (`p.quantized`), their float arrays left unwritten; what it could not keep is listed
-    in model.quantized_report."""
+    instead (`p.quantized`), their float arrays replaced by read-only zeros that take no memory;
+    what it could not keep is listed in model.quantized_report."""
     keys = _check_tensors(model, files)
     params = dict(model.named_parameters())
     report: dict[str, Any] = {"kept": [], "bytes": 0, "dequantized": []}
@@ -126,6 +130,7 @@ def load_weights(model: GPT, files: Any) -> None:
             kept = _quantized_slab(files, key, transposed, p)
             if kept is not None:
                 p.quantized = kept
+                p.data = np.broadcast_to(np.zeros((), dtype=p.dtype), p.shape)  # zeros in no memory, read-only
                 report["kept"].append(name)
                 report["bytes"] += kept.nbytes
                 continue
