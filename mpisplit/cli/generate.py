@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="an mpisplit run folder (its latest checkpoint) or one step folder")
-    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank dequantizes its slices")
+    src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file (llama, qwen2): each rank keeps its slices "
+                     "of the matrices in their quantized blocks on the CPU")
     src.add_argument("--hf", help="a Hugging Face folder (config.json, model.safetensors, a tokenizer) of GPT-2 "
                      "or the Llama family (llama, qwen2, mistral)")
     p.add_argument("--prompt", default=None,
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the world size)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dequantize", action="store_true",
+                   help="--gguf: dequantize every matrix to --dtype instead of keeping the file's blocks")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate all --max-new-tokens, past the model's end-of-sequence ids")
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if (args.prompt is None) == (args.prompt_ids is None):
             raise ValueError("give exactly one of --prompt and --prompt-ids")
-    grid, model, tokenizer, eos = load_on_ranks(world, args)
+    grid, model, tokenizer, eos = load_on_ranks(world, args, "mpisplit generate")
     cfg = model.config
     with agree(world):
         if args.prompt is not None:

@@ -140,21 +140,6 @@ def _check(args: argparse.Namespace, world_size: int) -> int:
     return tp
 
 
-def _keep_blocks(args: argparse.Namespace, rank: int) -> bool:
-    """Whether a --gguf file's matrices stay in their blocks: on the CPU with the block kernels,
-    unless --dequantize; rank 0 says why when they cannot."""
-    if args.gguf is None or args.dequantize:
-        return False
-    from mpisplit import kernels
-
-    why = ("its block kernels run on the CPU" if args.device == "gpu" else
-           None if kernels.enabled() else "the block kernels are off: numba is not installed (pip install "
-           "'mpisplit[fast]') or MPISPLIT_KERNELS=numpy")
-    if why is not None and rank == 0:
-        print(f"mpisplit serve: the GGUF file's matrices are dequantized to {args.dtype} ({why})", flush=True)
-    return why is None
-
-
 def api_key(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
     """The key from --api-key, --api-key-file or MPISPLIT_API_KEY (at most one of them), or None."""
     given = [(name, value) for name, value in (
@@ -186,7 +171,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from mpisplit.models.peft_adapter import read_adapter
     from mpisplit.parallel.placement import warn_split_tp_groups
     from mpisplit.runtime.errors import agree, install_abort_on_exception
-    from mpisplit.serving.loading import load_model_and_tokenizer
+    from mpisplit.serving.loading import keep_gguf_blocks, load_model_and_tokenizer, report_blocks
     from mpisplit.serving.server import ServeOptions, default_model_name, serve
 
     world = MPI.COMM_WORLD
@@ -213,15 +198,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"mpisplit serve: {binding.summary()}", flush=True)
     model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
                                                      dtype=args.dtype, max_model_len=args.max_model_len,
-                                                     quantized=_keep_blocks(args, world.Get_rank()),
+                                                     quantized=keep_gguf_blocks(args, world.Get_rank(), "mpisplit serve"),
                                                      quantize=args.quantize)
-    report = getattr(model, "quantized_report", None)
-    if report is not None and world.Get_rank() == 0:
-        left = report["dequantized"]
-        how = f"quantized to {args.quantize.upper()} blocks" if args.quantize else "kept in their GGUF blocks"
-        print(f"mpisplit serve: {len(report['kept'])} matrices {how} "
-              f"({report['bytes'] / 2**20:.1f} MiB on rank 0)"
-              + (f"; dequantized to {args.dtype}: {', '.join(left)}" if left else ""), flush=True)
+    report_blocks(model, "mpisplit serve", args.dtype, args.quantize)
     model.to(args.device)
     with agree(world):  # after the move: the adapters' slabs are made where the weights are
         if args.lora:

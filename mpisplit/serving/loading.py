@@ -9,6 +9,7 @@ character-level checkpoint has no end-of-sequence token and generates to max_tok
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from mpisplit import kernels
@@ -119,10 +120,36 @@ def capped_context(cfg: GPTConfig, max_model_len: int | None) -> int:
     return min(cfg.block_size, max_model_len)
 
 
-def load_on_ranks(world: Any, args: Any) -> tuple[Any, GPT, Any, tuple[int, ...]]:
+def keep_gguf_blocks(args: Any, rank: int, prog: str) -> bool:
+    """Whether a --gguf file's matrices stay in their blocks: on the CPU with the block kernels,
+    unless --dequantize; rank 0 says why when they cannot."""
+    if getattr(args, "gguf", None) is None or getattr(args, "dequantize", True):
+        return False
+    why = ("its block kernels run on the CPU" if getattr(args, "device", "cpu") == "gpu" else
+           None if kernels.enabled() else "the block kernels are off: numba is not installed (pip install "
+           "'mpisplit[fast]') or MPISPLIT_KERNELS=numpy")
+    if why is not None and rank == 0:
+        print(f"{prog}: the GGUF file's matrices are dequantized to {args.dtype} ({why})", flush=True)
+    return why is None
+
+
+def report_blocks(model: Any, prog: str, dtype: str, quantize: str | None = None, file: Any = None) -> None:
+    """Rank 0's line on what stayed in (or was quantized to) blocks and what was dequantized."""
+    report = getattr(model, "quantized_report", None)
+    if report is None or model.grid.world.rank != 0:
+        return
+    left = report["dequantized"]
+    how = f"quantized to {quantize.upper()} blocks" if quantize else "kept in their GGUF blocks"
+    print(f"{prog}: {len(report['kept'])} matrices {how} ({report['bytes'] / 2**20:.1f} MiB on rank 0)"
+          + (f"; dequantized to {dtype}: {', '.join(left)}" if left else ""), file=file, flush=True)
+
+
+def load_on_ranks(world: Any, args: Any, prog: str | None = None) -> tuple[Any, GPT, Any, tuple[int, ...]]:
     """(grid, model, tokenizer, eos ids) for a command's --tp, --ckpt/--hf/--gguf, --dtype and
     --max-model-len: the TP degree checked on every rank alike, BLAS threads limited, the grid
-    made, the model loaded. Collective over `world`."""
+    made, the model loaded (a GGUF file's blocks kept where the command has --dequantize and it
+    is not given: `prog` names the command in the message saying why they cannot be). Collective
+    over `world`."""
     from mpisplit.parallel.grid import ProcessGrid
     from mpisplit.runtime.backend import limit_blas_threads
 
@@ -132,6 +159,8 @@ def load_on_ranks(world: Any, args: Any) -> tuple[Any, GPT, Any, tuple[int, ...]
             raise ValueError(f"--tp {tp} does not divide the world size {world.Get_size()}")
     limit_blas_threads(world)
     grid = ProcessGrid(tp=tp)
-    model, tokenizer, eos = load_model_and_tokenizer(grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf,
-                                                     dtype=args.dtype, max_model_len=args.max_model_len)
+    model, tokenizer, eos = load_model_and_tokenizer(
+        grid, ckpt=args.ckpt, hf=args.hf, gguf=args.gguf, dtype=args.dtype, max_model_len=args.max_model_len,
+        quantized=keep_gguf_blocks(args, world.Get_rank(), prog or "mpisplit"))
+    report_blocks(model, prog or "mpisplit", args.dtype, file=sys.stderr)  # stdout: the command's answers
     return grid, model, tokenizer, eos
