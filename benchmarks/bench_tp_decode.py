@@ -60,20 +60,13 @@ def write_file(path: Path) -> None:
     import gguf
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from _gguf_files import CONTROL, gpt2_vocab
+    from _gguf_files import CONTROL, add_shape, gpt2_vocab
 
     tokens, types, merges = gpt2_vocab()
     tokens = tokens + [f"tok{i}" for i in range(SHAPE["vocab"] - len(tokens))]
     types = types + [1] * (SHAPE["vocab"] - len(types))
     w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_block_count(SHAPE["layers"])
-    w.add_context_length(SHAPE["ctx"])
-    w.add_embedding_length(SHAPE["hidden"])
-    w.add_feed_forward_length(SHAPE["inter"])
-    w.add_head_count(SHAPE["heads"])
-    w.add_head_count_kv(SHAPE["kv_heads"])
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(500000.0)
+    add_shape(w, {**SHAPE, "eps": 1e-5, "theta": 500000.0})
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_merges(merges)

@@ -104,13 +104,8 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, cfg: dict[str, Any], arrays: dict[str, np.ndarray], qtype: str = "F32",
-               metadata: dict[str, Any] | None = None, extra_tensors: dict[str, tuple[np.ndarray, Any]] | None = None,
-               pre: str = "default") -> Path:
-    import gguf
-
-    arch = cfg["arch"]
-    w = gguf.GGUFWriter(str(path), arch=arch)
+def add_shape(w: Any, cfg: dict[str, Any]) -> None:
+    """The model's shape keys (llama.cpp's names) on a gguf.GGUFWriter."""
     w.add_block_count(cfg["layers"])
     w.add_context_length(cfg["ctx"])
     w.add_embedding_length(cfg["hidden"])
@@ -119,6 +114,16 @@ def write_gguf(path: Path, cfg: dict[str, Any], arrays: dict[str, np.ndarray], q
     w.add_head_count_kv(cfg["kv_heads"])
     w.add_layer_norm_rms_eps(cfg["eps"])
     w.add_rope_freq_base(cfg["theta"])
+
+
+def write_gguf(path: Path, cfg: dict[str, Any], arrays: dict[str, np.ndarray], qtype: str = "F32",
+               metadata: dict[str, Any] | None = None, extra_tensors: dict[str, tuple[np.ndarray, Any]] | None = None,
+               pre: str = "default") -> Path:
+    import gguf
+
+    arch = cfg["arch"]
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    add_shape(w, cfg)
     if cfg.get("tokenizer", "gpt2") == "gpt2":
         tokens, types, merges = gpt2_vocab()
         w.add_tokenizer_model("gpt2")

@@ -23,8 +23,8 @@ COMM = MPI.COMM_WORLD
 
 
 def _config(variant: str) -> ms.GPTConfig:
-    common = dict(vocab_size=67, block_size=32, n_layer=2, n_embd=32, family="llama", norm="rmsnorm",
-                  mlp="swiglu", positions="rotary", intermediate_size=48, out_bias=False, mlp_bias=False)
+    common = {"vocab_size": 67, "block_size": 32, "n_layer": 2, "n_embd": 32, "family": "llama", "norm": "rmsnorm",
+              "mlp": "swiglu", "positions": "rotary", "intermediate_size": 48, "out_bias": False, "mlp_bias": False}
     if variant == "grouped":  # Llama: 4 query heads over 2 key/value heads, untied head
         return ms.GPTConfig(**common, n_head=4, n_kv_head=2, qkv_bias=False, tie_embeddings=False)
     return ms.GPTConfig(**common, n_head=4, n_kv_head=4, qkv_bias=True, tie_embeddings=True)  # Qwen2-like

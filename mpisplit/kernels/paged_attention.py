@@ -65,7 +65,7 @@ def _widen(x, fmt):
     if isinstance(x, types.Float):
         return lambda x, fmt: np.float64(x)
     if x == types.uint16:
-        return lambda x, fmt: _half(x) if fmt == 1 else _bfloat(x)
+        return lambda x, fmt: _half(x) if fmt == 1 else _bfloat(x)  # type: ignore[call-arg]
     return None
 
 

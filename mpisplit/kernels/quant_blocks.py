@@ -56,8 +56,8 @@ def f16_table(dtype: np.dtype) -> np.ndarray:
     return _F16[key]
 
 
-def _kernels(kind: str) -> tuple[Any, Any, Any]:
-    """The serial and threaded products and the dequantization for one block kind."""
+def _kernels(kind: str) -> tuple[Any, Any, Any, Any]:
+    """The serial and threaded products and the threaded and serial dequantizations for one block kind."""
     dot, dot4, unpack = block_dot(kind), block_dot(kind, 4), block_unpack(kind)
 
     @numba.njit(inline="always")

@@ -99,7 +99,7 @@ def _takes(block: Any) -> bool:
     if not (type(block.ln_1) is RMSNorm and type(block.ln_2) is RMSNorm and type(a) is GroupedQueryAttention
             and type(mlp) is SwiGLUMLP and a.o_proj.input_is_parallel and mlp.down_proj.input_is_parallel):
         return False
-    layers = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    layers: list[Any] = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     return all(getattr(layer, "lora", None) is None and type(layer.weight.data) is np.ndarray for layer in layers)
 
 
