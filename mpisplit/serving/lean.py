@@ -33,13 +33,15 @@ from mpisplit.nn.quantized import fused_slab
 from mpisplit.nn.rmsnorm import RMSNorm
 
 
-def _linear(x: Any, layer: Any) -> Any:
-    """x @ W (+ b) of one layer, as ops.linear computes it (blocks or floats)."""
-    w, b = layer.weight, None if layer.bias is None else layer.bias.data
+def _linear(x: Any, layer: Any, bias: bool = True) -> Any:
+    """x @ W (+ b) of one layer, as ops.linear computes it (blocks or floats); `bias` False: the
+    product alone (a row-split layer adds its bias after the all-reduce)."""
+    w = layer.weight
+    b = () if layer.bias is None or not bias else (layer.bias.data,)
     slab = getattr(w, "quantized", None)
     if slab is not None:
-        return QuantizedLinear.compute(x, *(() if b is None else (b,)), slab=slab, padded=w.shape[1])
-    return Linear.compute(x, w.data, *(() if b is None else (b,)))
+        return QuantizedLinear.compute(x, *b, slab=slab, padded=w.shape[1])
+    return Linear.compute(x, w.data, *b)
 
 
 def _group(x: Any, layers: list) -> list:
@@ -59,18 +61,10 @@ def _group(x: Any, layers: list) -> list:
 
 def _row_parallel(x: Any, layer: Any) -> Any:
     """A row-split layer on its parallel input: partial product, all-reduce, bias."""
-    y = _linear_no_bias(x, layer)
+    y = _linear(x, layer, bias=False)
     if layer.comm.size > 1:
         y = layer.comm.allreduce(y)
     return y if layer.bias is None else y + layer.bias.data
-
-
-def _linear_no_bias(x: Any, layer: Any) -> Any:
-    w = layer.weight
-    slab = getattr(w, "quantized", None)
-    if slab is not None:
-        return QuantizedLinear.compute(x, slab=slab, padded=w.shape[1])
-    return Linear.compute(x, w.data)
 
 
 @dataclass
