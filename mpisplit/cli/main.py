@@ -21,8 +21,10 @@ from mpisplit import __version__
 # name -> (module with main(argv, prog) and USER_ERRORS, one line of help)
 COMMANDS = {
     "prepare": ("mpisplit.cli.prepare", "tokenize a corpus once into memory-mapped token shards"),
-    "train": ("mpisplit.cli.train", "train a GPT over MPI ranks (tensor and data parallel)"),
-    "generate": ("mpisplit.cli.generate", "generate text from a checkpoint or a Hugging Face GPT-2 folder"),
+    "train": ("mpisplit.cli.train", "train or fine-tune (LoRA, chat data) a GPT-2 or Llama-family model over "
+                                    "MPI ranks (dp x pp x tp)"),
+    "generate": ("mpisplit.cli.generate", "generate text from a checkpoint, a Hugging Face folder (GPT-2, Llama "
+                                          "family) or a GGUF file"),
     "serve": ("mpisplit.cli.serve", "serve a model over an OpenAI-compatible HTTP API from all ranks"),
     "chat": ("mpisplit.cli.chat", "a conversation with a model in the terminal, from all ranks"),
     "eval": ("mpisplit.cli.eval", "perplexity and bits per byte of a text under a model, from all ranks"),

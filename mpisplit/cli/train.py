@@ -58,7 +58,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--layers", type=int, default=D.layers, help="transformer blocks")
     g.add_argument("--hidden", type=int, default=D.hidden, help="hidden size (multiple of --heads)")
     g.add_argument("--heads", type=int, default=D.heads, help="attention heads (--tp must divide it)")
-    g.add_argument("--seq-len", type=int, default=D.seq_len, help="context length in characters")
+    g.add_argument("--seq-len", type=int, default=D.seq_len, help="context length in tokens (characters for the built-in character corpus)")
     g.add_argument("--dropout", type=float, default=D.dropout, help="dropout probability while training")
     g.add_argument("--kv-heads", type=int, default=D.kv_heads,
                    help="--arch llama: key/value heads (divides --heads; tp must divide it or be a multiple of it)")
