@@ -4,8 +4,8 @@
 file's block bytes (kernels/quant_blocks.py: Q8_0, Q4_0, Q4_1): a column-split layer's output
 rows, whole; a row-split layer's share of each row's blocks. A layer's weight Parameter keeps its
 shape and names and gets the slab as `.quantized`; `ops.linear` / `ops.linear_t` then compute with
-the blocks (autograd/quantized.py), and the Parameter's own float array is never written, so its
-pages are never touched (allocated zeroed, lazily, by the OS).
+the blocks (autograd/quantized.py), and the Parameter's own float array is replaced by read-only
+zeros that take no memory (models/hf_llama.py load_weights).
 
 A product of few rows (decode: one per sequence) runs the fused kernel, which reads each block
 once and dequantizes it in registers; a larger one (a prompt chunk) dequantizes the slab in
