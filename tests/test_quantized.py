@@ -233,11 +233,13 @@ def _tiny(family: str, tp: int):
 def _blocked(model, kind: str) -> int:
     """Every linear and embedding slab replaced by gguf's dequantize(quantize(rows)); how many."""
     from mpisplit.nn.embedding import VocabParallelEmbedding
+    from mpisplit.nn.attention import QKVProjection
+    from mpisplit.nn.gqa import HeadProjection
     from mpisplit.nn.linear import ColumnParallelLinear, Linear, RowParallelLinear
 
     qt, n = gguf.GGMLQuantizationType[kind.upper()], 0
     for m in model.modules():
-        linear = isinstance(m, (Linear, ColumnParallelLinear, RowParallelLinear))
+        linear = isinstance(m, (Linear, ColumnParallelLinear, RowParallelLinear, HeadProjection, QKVProjection))
         if linear or isinstance(m, VocabParallelEmbedding):
             rows = m.weight.data.T if linear else m.weight.data
             back = gguf.quants.dequantize(gguf.quants.quantize(rows.astype(np.float32), qt), qt)
@@ -261,7 +263,10 @@ def test_quantize_at_load_equals_the_dequantized_weights(family: str, kind: str)
     (model, grid), (ref, _) = _tiny(family, tp), _tiny(family, tp)
     report = quantize_model(model, kind)
     assert len(report["kept"]) == _blocked(ref, kind) and not report["dequantized"], report
-    assert all(not p.data.any() for _, p in model.named_parameters() if p.quantized is not None)
+    products = {name for name, p in model.named_parameters() if p.ndim == 2 and name != "wpe.weight"}
+    assert set(report["kept"]) == products  # every matrix of a product (GPT-2's position table is added)
+    assert all(not p.data.any() and set(p.data.strides) == {0} for _, p in model.named_parameters()
+               if p.quantized is not None)
     ids = np.array([[5, 70, 99, 3, 42, 14, 1, 60], [9, 8, 7, 6, 5, 4, 3, 2]])
     with ms.no_grad():
         want, got = ms.to_numpy(ref(ids)), ms.to_numpy(model(ids))

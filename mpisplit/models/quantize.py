@@ -26,13 +26,15 @@ def quantize_model(model: Any, kind: str) -> dict[str, Any]:
     """Every linear and embedding slab of `model` (NumPy arrays) kept as `kind` blocks; the
     report: {"kept": names, "bytes": blocks' bytes on this rank, "dequantized": names left as floats}."""
     from mpisplit.nn.embedding import VocabParallelEmbedding
+    from mpisplit.nn.attention import QKVProjection
+    from mpisplit.nn.gqa import HeadProjection
     from mpisplit.nn.linear import ColumnParallelLinear, Linear, RowParallelLinear
 
     check_kind(kind)
     names = {id(p): name for name, p in model.named_parameters()}
     report: dict[str, Any] = {"kept": [], "bytes": 0, "dequantized": []}
     for module in model.modules():
-        if isinstance(module, (Linear, ColumnParallelLinear, RowParallelLinear)):
+        if isinstance(module, (Linear, ColumnParallelLinear, RowParallelLinear, HeadProjection, QKVProjection)):
             transposed = True
         elif isinstance(module, VocabParallelEmbedding):
             transposed = False
@@ -49,7 +51,7 @@ def quantize_model(model: Any, kind: str) -> dict[str, Any]:
             report["dequantized"].append(f"{name} ({p.data.shape[0 if transposed else 1]} input features)")
             continue
         p.quantized = slab
-        p.data = np.zeros(p.data.shape, dtype=p.data.dtype)  # calloc'd: untouched pages, no memory
+        p.data = np.broadcast_to(np.zeros((), dtype=p.data.dtype), p.data.shape)  # zeros in no memory, read-only
         report["kept"].append(name)
         report["bytes"] += slab.nbytes
     return report

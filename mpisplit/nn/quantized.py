@@ -1,7 +1,7 @@
 """A weight slab kept in GGUF's quantized blocks (serving only).
 
 `QuantizedSlab` holds this rank's rows of a weight in the Hugging Face (out, in) layout as the
-file's block bytes (kernels/quant_blocks.py: Q8_0, Q4_0, Q4_1): a column-split layer's output
+file's block bytes (the types kernels/quant_blocks.py lists): a column-split layer's output
 rows, whole; a row-split layer's share of each row's blocks. A layer's weight Parameter keeps its
 shape and names and gets the slab as `.quantized`; `ops.linear` / `ops.linear_t` then compute with
 the blocks (autograd/quantized.py), and the Parameter's own float array is replaced by read-only
