@@ -88,6 +88,9 @@ def test_the_kernel_reads_16_bit_pools_as_their_values(name: str) -> None:
     paged_attention(q, *packed, tables, starts, counts, got, fmt.code)
     paged_attention(q, *floats, tables, starts, counts, want, 0)
     assert np.array_equal(got, want)
+    from mpisplit.kernels.paged_attention import widen  # its Python form, element by element
+
+    assert [widen(c, fmt.code) for c in packed[0].reshape(-1)] == floats[0].reshape(-1).astype(float).tolist()
 
 
 def _model(grid: ms.ProcessGrid) -> ms.GPT:

@@ -56,8 +56,12 @@ def _bfloat(typingctx, code):
 
 
 def widen(x, fmt):
-    """An element of a pool as float64 (fmt: 0 a float, 1 a float16 pattern, 2 a bfloat16 one)."""
-    raise NotImplementedError("compiled only (numba)")
+    """An element of a pool as float64 (fmt: 0 a float, 1 a float16 pattern, 2 a bfloat16 one);
+    in compiled code, the overload below."""
+    if fmt == 0:
+        return float(x)
+    bits = np.uint16(x)
+    return float(bits.view(np.float16) if fmt == 1 else (np.uint32(bits) << np.uint32(16)).view(np.float32))
 
 
 @overload(widen)
