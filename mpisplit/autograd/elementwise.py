@@ -244,10 +244,11 @@ class SwiGLU(Function):
     computed in float32 and cast back."""
 
     def forward(self, gate: Any, up: Any) -> Any:
-        if gate.shape == up.shape and kernels.takes(gate, up):  # one compiled pass (kernels/swiglu.py)
+        if gate.shape == up.shape and kernels.applies(gate, up, contiguous=False):  # one compiled pass (kernels/swiglu.py)
             from mpisplit.kernels.swiglu import swiglu_forward
 
-            out, s = np.empty(gate.shape, dtype=gate.dtype), np.empty(gate.shape, dtype=gate.dtype)
+            out = np.empty(gate.shape, dtype=gate.dtype)
+            s = np.empty_like(out) if self.requires_grad else out  # without a graph: written, then overwritten
             f = gate.shape[-1] if gate.ndim else 1
             swiglu_forward(gate.reshape(-1, f), up.reshape(-1, f), out.reshape(-1, f), s.reshape(-1, f))
             self.save(gate, up, s)

@@ -183,9 +183,11 @@ class RMSNorm(Function):
         from mpisplit.kernels.rmsnorm import rmsnorm_forward
 
         h = x.shape[-1]
-        out, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty(x.size // h)
+        out, rstd = np.empty_like(x), np.empty(x.size // h)
+        xhat = np.empty_like(x) if self.requires_grad else out  # without a graph: written, then overwritten
         rmsnorm_forward(x.reshape(-1, h), w, float(eps), out.reshape(-1, h), xhat.reshape(-1, h), rstd)
-        self.save(xhat, rstd.astype(x.dtype).reshape(*x.shape[:-1], 1), w)
+        if self.requires_grad:
+            self.save(xhat, rstd.astype(x.dtype).reshape(*x.shape[:-1], 1), w)
         return out
 
     def backward(self, g: Any) -> tuple[Any, Any]:

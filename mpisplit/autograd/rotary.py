@@ -65,7 +65,7 @@ def rotary(x: Tensor, cos: Any, sin: Any) -> Tensor:
 def rotary_array(x: Any, cos: Any, sin: Any) -> Any:
     """rope(x) on a raw array (decoding, no graph): x (..., T, n, d), tables (T, d). The compiled
     kernel where it applies (kernels/rope.py: the same operations, the same bits)."""
-    if x.ndim >= 3 and kernels.takes(x, cos, sin):
+    if x.ndim >= 3 and kernels.applies(x, cos, sin, contiguous=False):
         from mpisplit.kernels.rope import rope_rows
 
         x4 = x.reshape(-1, *x.shape[-3:])

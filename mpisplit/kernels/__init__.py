@@ -64,25 +64,16 @@ def backend_name() -> str:
     return "numba" if enabled() else "numpy"
 
 
-def applies(*arrays: Any) -> bool:
-    """True when the fused kernels take these arrays: NumPy, float32 or float64, C-contiguous."""
+def applies(*arrays: Any, contiguous: bool = True) -> bool:
+    """True when the fused kernels take these arrays: NumPy, float32 or float64, C-contiguous
+    (or, `contiguous` False, in any layout: the views of a fused product)."""
     if not enabled():
         return False
     first = arrays[0]
     for a in arrays:
-        if not isinstance(a, np.ndarray) or not a.flags.c_contiguous or a.dtype != first.dtype:
+        if not isinstance(a, np.ndarray) or (contiguous and not a.flags.c_contiguous) or a.dtype != first.dtype:
             return False
     return first.dtype in (np.float32, np.float64)
-
-
-def takes(*arrays: Any) -> bool:
-    """True when the compiled kernels take these arrays in any layout (views of a fused product):
-    NumPy, one dtype, float32 or float64."""
-    if not enabled():
-        return False
-    first = arrays[0]
-    return all(type(a) is np.ndarray and a.dtype == first.dtype for a in arrays) and \
-        first.dtype in (np.float32, np.float64)
 
 
 def warm_up(dtype: Any = np.float32) -> None:

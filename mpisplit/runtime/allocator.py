@@ -26,14 +26,18 @@ _applied: list[bool] = []
 _MMAP_THRESHOLD = 1 << 30
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library (OSError where it cannot be loaded)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def tune_malloc(mmap_threshold: int = _MMAP_THRESHOLD, trim_threshold: int = 1 << 31, top_pad: int = 64 << 20) -> bool:
     """Set glibc's mallopt thresholds; returns True when they were applied."""
     if _applied or os.environ.get("MPISPLIT_TUNE_MALLOC", "1") == "0":
         return bool(_applied and _applied[0])
     ok = False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
         ok = bool(
             mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
             and mallopt(_M_TRIM_THRESHOLD, trim_threshold)
@@ -50,8 +54,7 @@ def release_free_memory() -> bool:
     one-off release the tuned thresholds would otherwise keep resident (the parameters' first
     arrays once they are copied into one block). True when it ran."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):  # not glibc
         return False
 
@@ -66,7 +69,7 @@ def untouched_large_arrays(threshold: int = 1 << 20) -> Iterator[None]:
     if not (_applied and _applied[0]):
         yield
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     libc.mallopt(_M_MMAP_THRESHOLD, threshold)
     try:
         yield

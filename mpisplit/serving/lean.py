@@ -3,21 +3,20 @@ per-call cost.
 
 A decode step of a small model is mostly Python: each block's modules wrap every array in a
 Tensor, check shapes and dtypes, and dispatch through autograd Functions (about 17 a block),
-some 250 us a block on the CPU, as long as the products themselves for SmolLM2-135M. Here each
-block is prepared once (its weights, its fused quantized groups, its norms' epsilons), and a
-pass runs the same Functions' forwards on arrays (`Function.compute`): the same operations in
-the same order, so the logits are the same bits as through the modules (tested).
+some 250 us a block on the CPU, as long as the products themselves for SmolLM2-135M. Here a
+pass runs the same Functions' forwards on the blocks' arrays (`Function.compute`, the fused
+quantized groups as nn/linear.column_group forms them): the same operations in the same order,
+so the logits are the same bits as through the modules (tested).
 
 It takes Llama-family models (RMSNorm, rotary grouped-query attention, SwiGLU) on NumPy arrays
 without LoRA adapters; anything else goes through the modules (serving/batch.py).
 
-    blocks = lean_blocks(model)      # None where it does not apply; cached on the model
+    blocks = lean_blocks(model)      # None where it does not apply
     x = lean_forward(blocks, x, positions, kv, segments, index, attend)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -67,25 +66,19 @@ def _row_parallel(x: Any, layer: Any) -> Any:
     return y if layer.bias is None else y + layer.bias.data
 
 
-@dataclass
-class LeanBlock:
-    """One Llama-family block's parts, as the modules hold them."""
-
-    block: Any
-
-    def __call__(self, x: Any, positions: Any, layer: int, kv: Any, segments: list, index: Any, attend: Any) -> Any:
-        b = self.block
-        a, mlp = b.attn, b.mlp
-        h = RMSNormFn.compute(x, b.ln_1.weight.data, eps=b.ln_1.eps)
-        q, k, v = _group(h, [a.q_proj, a.k_proj, a.v_proj])
-        B, T, d = q.shape[0], q.shape[1], a.head_size
-        q, k, v = q.reshape(B, T, a.local_heads, d), k.reshape(B, T, a.local_kv_heads, d), v.reshape(B, T, -1, d)
-        cos, sin = a.rotary.at(positions, q)
-        y = attend(a, rotary_array(q, cos, sin), rotary_array(k, cos, sin), v, layer, kv, segments, index)
-        x = x + _row_parallel(y, a.o_proj)
-        h = RMSNormFn.compute(x, b.ln_2.weight.data, eps=b.ln_2.eps)
-        gate, up = _group(h, [mlp.gate_proj, mlp.up_proj])
-        return x + _row_parallel(SwiGLU.compute(gate, up), mlp.down_proj)
+def _block(b: Any, x: Any, positions: Any, layer: int, kv: Any, segments: list, index: Any, attend: Any) -> Any:
+    """One Llama-family block on x (1, P, h), as Block.forward and serving/batch.py compute it."""
+    a, mlp = b.attn, b.mlp
+    h = RMSNormFn.compute(x, b.ln_1.weight.data, eps=b.ln_1.eps)
+    q, k, v = _group(h, [a.q_proj, a.k_proj, a.v_proj])
+    B, T, d = q.shape[0], q.shape[1], a.head_size
+    q, k, v = q.reshape(B, T, a.local_heads, d), k.reshape(B, T, a.local_kv_heads, d), v.reshape(B, T, -1, d)
+    cos, sin = a.rotary.at(positions, q)
+    y = attend(a, rotary_array(q, cos, sin), rotary_array(k, cos, sin), v, layer, kv, segments, index)
+    x = x + _row_parallel(y, a.o_proj)
+    h = RMSNormFn.compute(x, b.ln_2.weight.data, eps=b.ln_2.eps)
+    gate, up = _group(h, [mlp.gate_proj, mlp.up_proj])
+    return x + _row_parallel(SwiGLU.compute(gate, up), mlp.down_proj)
 
 
 def _takes(block: Any) -> bool:
@@ -97,20 +90,17 @@ def _takes(block: Any) -> bool:
     return all(getattr(layer, "lora", None) is None and type(layer.weight.data) is np.ndarray for layer in layers)
 
 
-def lean_blocks(model: Any) -> list[LeanBlock] | None:
-    """The model's blocks prepared for lean_forward, or None where it does not apply (checked
-    at each call: adapters or a device move change the answer; cheap)."""
+def lean_blocks(model: Any) -> list[Any] | None:
+    """The model's blocks when lean_forward takes them all, else None (checked at each call:
+    attached adapters or a device move change the answer; cheap)."""
     if getattr(model, "served_adapters", None) is not None or not all(_takes(b) for b in model.h):
         return None
-    cached = getattr(model, "_lean_blocks", None)
-    if cached is None or len(cached) != len(model.h) or any(c.block is not b for c, b in zip(cached, model.h)):
-        cached = model._lean_blocks = [LeanBlock(b) for b in model.h]
-    return cached
+    return list(model.h)
 
 
-def lean_forward(blocks: list[LeanBlock], x: Any, positions: Any, kv: Any, segments: list, index: Any,
+def lean_forward(blocks: list[Any], x: Any, positions: Any, kv: Any, segments: list, index: Any,
                  attend: Any) -> Any:
     """x (1, P, h) through every block; `attend` is serving/batch.py's attention over the pool."""
     for layer, block in enumerate(blocks):
-        x = block(x, positions, layer, kv, segments, index, attend)
+        x = _block(block, x, positions, layer, kv, segments, index, attend)
     return x
